@@ -1,0 +1,1 @@
+"""Checkpoint formats: HF safetensors, Mistral-native consolidated files, Megatron torch_dist."""

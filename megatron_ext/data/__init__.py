@@ -1,0 +1,1 @@
+"""Data preparation for Devstral Audio (synthetic spoken coding instructions in `synth`)."""

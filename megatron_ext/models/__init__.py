@@ -1,0 +1,1 @@
+"""Megatron-Core models: Whisper encoder, audio projector, audio language model."""

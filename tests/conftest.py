@@ -1,0 +1,21 @@
+"""Shared fixtures: the tiny parent models are built once per test session into a temporary directory."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from megatron_ext.tiny import build_tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Directory holding voxtral-hf, devstral-hf, devstral2-hf, base-hf, *-native (seed 0)."""
+    out = tmp_path_factory.mktemp("tiny") / "models"
+    build_tiny_models(out, seed=0)
+    return out
