@@ -1,0 +1,111 @@
+"""Run the whole pipeline: validate, shard over worker processes, then pack, prepare and report."""
+
+import ctypes
+import json
+import multiprocessing
+import signal
+import sys
+from pathlib import Path
+
+from megatron_ext.data.synth.config import SynthConfig, claim_output
+from megatron_ext.data.synth.convert import RowConverter
+from megatron_ext.data.synth.conversation import parse_row
+from megatron_ext.data.synth.errors import InputError, SynthError
+from megatron_ext.data.synth.files import reserved, write_atomic
+from megatron_ext.data.synth.judge import HttpJudge, RuleJudge
+from megatron_ext.data.synth.report import build_report
+from megatron_ext.data.synth.shards import ShardPaths, process_shard, read_rows
+from megatron_ext.data.synth.tts import make_tts
+from megatron_ext.data.synth.voices import load_voices
+from megatron_ext.data.synth.webdataset import energon_prepare
+
+
+def check_rows(path: Path) -> int:
+    """Count rows; with the `fail` policy the first invalid row stops the run before any work."""
+    count = 0
+    for row, line in read_rows(path):
+        parse_row(line, str(path), row)
+        count = row
+    return count
+
+
+def count_rows(path: Path) -> int:
+    """Number of input rows (lines)."""
+    return sum(1 for _ in read_rows(path))
+
+
+def _work(cfg: SynthConfig, shards: list[int], total_rows: int, position: int) -> None:
+    """Build this process's engines once, then finish each of its shards."""
+    judge = HttpJudge(cfg.judge_url, cfg.judge_model, cfg.retry) if cfg.judge_url else RuleJudge()
+    tts = make_tts(cfg.tts_engine, cfg.tts_url, cfg.tts_model, cfg.retry)
+    voices = load_voices(cfg.voices)[0] if tts.clones_voice else []
+
+    def make_converter(cache: dict) -> RowConverter:
+        return RowConverter(str(cfg.input), judge, tts, voices, cfg.seed, cfg.max_chars, cache)
+
+    for index in shards:
+        paths = ShardPaths(cfg.output, index, cfg.num_shards)
+        process_shard(paths, cfg.input, total_rows, make_converter, cfg.concurrency, position)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker when its parent dies, so no orphan keeps a shard reserved."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _worker_main(cfg: SynthConfig, shards: list[int], total_rows: int, position: int) -> None:
+    _die_with_parent()
+    try:
+        _work(cfg, shards, total_rows, position)
+    except SynthError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _run_workers(cfg: SynthConfig, shards: list[int], total_rows: int) -> None:
+    """Split `shards` over `cfg.workers` spawned processes; raise if any of them did not finish."""
+    if cfg.workers == 1 or len(shards) == 1:
+        _work(cfg, shards, total_rows, 0)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_worker_main, args=(cfg, shards[w :: cfg.workers], total_rows, w))
+        for w in range(min(cfg.workers, len(shards)))
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    failed = [f"worker {w} exit code {p.exitcode}" for w, p in enumerate(procs) if p.exitcode != 0]
+    if failed:
+        raise SynthError(f"{'; '.join(failed)}; rerun the same command to resume")
+
+
+def finalize(cfg: SynthConfig, total_rows: int) -> dict:
+    """Write report.json; once every shard is complete, prepare the tar shards for Megatron-Energon."""
+    with reserved(cfg.output / ".locks" / "finalize") as mine:
+        report = build_report(cfg.output, cfg.num_shards, total_rows, cfg.identity())
+        wds = cfg.output / "wds"
+        report["energon_prepared"] = (wds / ".nv-meta" / "split.yaml").exists()
+        if mine and report["complete"] and any(wds.glob("*.tar")) and not report["energon_prepared"]:
+            energon_prepare(wds)
+            report["energon_prepared"] = True
+        if mine:
+            write_atomic(cfg.output / "report.json", json.dumps(report, indent=1).encode())
+    return report
+
+
+def run(cfg: SynthConfig) -> dict:
+    """Process (or resume) the configured shards and return the report; raises SynthError on bad input."""
+    cfg.validate()
+    try:
+        total_rows = check_rows(cfg.input) if cfg.on_bad_row == "fail" else count_rows(cfg.input)
+    except InputError as e:
+        raise SynthError(f"{e} (--on-bad-row fail)") from None
+    claim_output(cfg)
+    shards = [cfg.shard] if cfg.shard is not None else list(range(cfg.num_shards))
+    _run_workers(cfg, shards, total_rows)
+    return finalize(cfg, total_rows)
