@@ -1,0 +1,1 @@
+"""Compatibility shims for running Megatron-Core where it normally needs CUDA."""

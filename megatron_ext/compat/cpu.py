@@ -1,0 +1,180 @@
+"""Run Megatron-Core 0.16.1 on a CPU-only torch (gloo): every patch it needs, in one place.
+
+`apply_cpu_patches()` is a no-op when CUDA is available; otherwise it makes these paths work on CPU
+(checked by tests/test_model_compat.py and the model/SFT tests): GPTModel with the local spec
+(forward/backward, TP with and without sequence parallel, PP via `get_forward_backward_func`),
+Megatron DDP + `get_megatron_optimizer` with and without the distributed optimizer, gradient clipping,
+and `dist_checkpointing` save/load. What it patches, and why:
+
+- CUDA RNG tracker: `torch.cuda.{get,set}_rng_state/manual_seed` and the tracker's private state
+  helpers use the CPU generator, so `model_parallel_cuda_manual_seed` and `get_cuda_rng_tracker().fork()`
+  work (the CPU generator is the one that dropout and init draw from on CPU).
+- `torch.cuda.current_device()` returns 0, and a global `TorchFunctionMode` rewrites every CUDA device
+  argument (`device="cuda"`, `torch.device("cuda")`, an int index, `.cuda()`, `.to("cuda")`) to CPU:
+  Megatron has such literals in the causal mask, schedules, DDP buffers, optimizer and clip_grads.
+- `torch.cuda.synchronize/empty_cache` are no-ops; `Stream/Event/current_stream/default_stream/stream`
+  are inert stand-ins (timers and overlap code create them).
+- `Tensor.type()` without arguments reports `torch.cuda.*Tensor` names: the distributed optimizer and
+  clip_grads check parameter types by those strings.
+- `WrappedTorchNorm` (the local spec's norm without Apex) refuses sequence parallel; the patched one
+  builds the same torch norm and tags its parameters `sequence_parallel=True`, so
+  `finalize_model_grads` all-reduces their grads over the TP group as Megatron does for fused norms.
+
+`init_distributed()` starts a gloo process group (single process or from torchrun's env) and
+Megatron's `parallel_state`, seeding the RNG tracker; `destroy_distributed()` undoes it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+
+_PATCHED = False
+
+
+def cpu_only() -> bool:
+    """True when this torch has no usable CUDA device (the patches are needed)."""
+    return not torch.cuda.is_available()
+
+
+def _to_cpu_device(device: Any) -> Any:
+    if isinstance(device, int) and not isinstance(device, bool):
+        return torch.device("cpu")
+    if isinstance(device, str) and device.startswith("cuda"):
+        return torch.device("cpu")
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+_CUDA_TYPE_NAMES = {"torch.FloatTensor", "torch.HalfTensor", "torch.BFloat16Tensor", "torch.DoubleTensor",
+                    "torch.IntTensor", "torch.LongTensor", "torch.ByteTensor", "torch.BoolTensor"}
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments to CPU and reports CUDA tensor type names (see module docstring)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if name in _CUDA_TYPE_NAMES else name
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if func is torch.Tensor.to and len(args) > 1:
+            args = (args[0], _to_cpu_device(args[1]), *args[2:])
+        return func(*args, **kwargs)
+
+
+class _InertStream:
+    """Stand-in for torch.cuda.Stream/Event on CPU: every operation is synchronous already."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __enter__(self) -> _InertStream:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name == "elapsed_time":
+            return lambda *a, **k: 0.0
+        return lambda *a, **k: None
+
+
+def _patch_rng() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    mrandom._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+
+
+def _patch_norm() -> None:
+    import dataclasses
+
+    from megatron.core.transformer import torch_norm
+
+    original = torch_norm.WrappedTorchNorm.__new__
+
+    def new(cls, config, hidden_size, eps=1e-5, persist_layer_norm=False, zero_centered_gamma=False,
+            normalization="LayerNorm"):
+        sp = config.sequence_parallel
+        if sp:
+            config = dataclasses.replace(config, sequence_parallel=False)
+        norm = original(cls, config, hidden_size, eps, persist_layer_norm, zero_centered_gamma, normalization)
+        for p in norm.parameters():
+            p.sequence_parallel = sp
+        return norm
+
+    torch_norm.WrappedTorchNorm.__new__ = new
+
+
+def apply_cpu_patches() -> bool:
+    """Make Megatron-Core run on this CPU-only torch; returns True if patches are (now) active."""
+    global _PATCHED
+    if not cpu_only():
+        return False
+    if _PATCHED:
+        return True
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.empty_cache = lambda: None
+    torch.cuda.Stream = torch.cuda.Event = _InertStream
+    torch.cuda.current_stream = torch.cuda.default_stream = lambda *a, **k: _InertStream()
+    torch.cuda.stream = lambda *a, **k: _InertStream()
+    _patch_rng()
+    _patch_norm()
+    _CudaToCpuMode().__enter__()  # global for this thread: never exited
+    _PATCHED = True
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234, **parallel_kwargs: Any) -> None:
+    """Start gloo (from torchrun's RANK/WORLD_SIZE env, else a single process) and Megatron's parallel state."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    apply_cpu_patches()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(
+            "gloo" if cpu_only() else "nccl",
+            rank=int(os.environ.get("RANK", "0")),
+            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        )
+        if not cpu_only():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp, **parallel_kwargs
+    )
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    """Tear down Megatron's parallel state and the process group (safe to call twice)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
