@@ -1,0 +1,169 @@
+"""Sequence packing: whole documents side by side in `seq_length` tokens, with per-document attention.
+
+Each document contributes `tokens[:-1]` as inputs and `tokens[1:]` as labels (so no label ever crosses a
+document boundary), position ids restarting at 0, and its loss mask shifted the same way. The tail is
+padding, a document of its own with loss mask 0. Document lengths give `cu_seqlens` (Megatron's packed
+THD format, used by Transformer Engine) and, for the local CPU spec, an explicit block-diagonal causal
+mask. The packer's position is the mixture position plus the document waiting for the next sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from megatron_ext.data.chat import ChatEncoder, EncodedDoc
+from megatron_ext.data.mixture import DocRef, Mixture
+
+
+@dataclass
+class PackedSequence:
+    """One row of a micro-batch: `seq_length` positions holding whole documents plus padding."""
+
+    tokens: np.ndarray
+    labels: np.ndarray
+    loss_mask: np.ndarray
+    position_ids: np.ndarray
+    source_ids: np.ndarray  # source index per position, -1 on padding
+    doc_lens: list[int]  # lengths of the documents in order, padding last (sums to seq_length)
+    audio_chunks: list[np.ndarray] = field(default_factory=list)
+
+
+def pack(docs: list[EncodedDoc], source_ids: list[int], seq_length: int, pad_id: int) -> PackedSequence:
+    """Pack already-fitting documents (each `len(doc) - 1 <= seq_length` in total) into one sequence."""
+    tokens = np.full(seq_length, pad_id, dtype=np.int64)
+    labels = np.full(seq_length, pad_id, dtype=np.int64)
+    loss_mask = np.zeros(seq_length, dtype=np.float32)
+    position_ids = np.zeros(seq_length, dtype=np.int64)
+    sources = np.full(seq_length, -1, dtype=np.int64)
+    doc_lens, chunks, pos = [], [], 0
+    for doc, src in zip(docs, source_ids):
+        n = len(doc) - 1
+        if pos + n > seq_length:
+            raise ValueError(f"documents need {pos + n} positions, seq_length is {seq_length}")
+        tokens[pos:pos + n] = doc.tokens[:-1]
+        labels[pos:pos + n] = doc.tokens[1:]
+        loss_mask[pos:pos + n] = doc.loss_mask[1:]
+        position_ids[pos:pos + n] = np.arange(n)
+        sources[pos:pos + n] = src
+        doc_lens.append(n)
+        chunks.extend(doc.audio_chunks)
+        pos += n
+    if pos < seq_length:
+        doc_lens.append(seq_length - pos)
+    return PackedSequence(tokens, labels, loss_mask, position_ids, sources, doc_lens, chunks)
+
+
+class Packer:
+    """Draws documents from a mixture, encodes them and packs them greedily in arrival order."""
+
+    def __init__(self, mixture: Mixture, encoder: ChatEncoder, seq_length: int, pad_id: int,
+                 overlong: str = "truncate") -> None:
+        if overlong not in ("truncate", "drop"):
+            raise ValueError(f"overlong={overlong!r}: expected 'truncate' or 'drop'")
+        self.mixture, self.encoder = mixture, encoder
+        self.seq_length, self.pad_id, self.overlong = seq_length, pad_id, overlong
+        self.carry: DocRef | None = None  # drawn but did not fit into the previous sequence
+        self._carry_doc: EncodedDoc | None = None
+        self.dropped = 0
+
+    def _fit(self, doc: EncodedDoc) -> EncodedDoc | None:
+        """The document cut to seq_length + 1 tokens, or None when it cannot be trained on."""
+        limit = self.seq_length + 1
+        if len(doc) <= limit:
+            return doc
+        if self.overlong == "drop":
+            return None
+        audio_positions = np.flatnonzero(doc.tokens == self.encoder.audio_token_id) if doc.audio_chunks else []
+        if len(audio_positions) and audio_positions[-1] >= limit - 1:
+            return None  # the cut would split an audio chunk's embeddings
+        cut = EncodedDoc(doc.tokens[:limit], doc.loss_mask[:limit], doc.audio_chunks, doc.source)
+        return cut if cut.loss_mask[1:].any() else None
+
+    def _encode(self, ref: DocRef) -> EncodedDoc | None:
+        source = self.mixture.sources[ref.source]
+        doc = self.encoder.encode(source[ref.index], source.name, source.where(ref.index))
+        return self._fit(doc)
+
+    def __iter__(self) -> Packer:
+        return self
+
+    def __next__(self) -> PackedSequence:
+        docs: list[EncodedDoc] = []
+        refs: list[DocRef] = []
+        used = 0
+        while True:
+            if self.carry is not None:
+                ref, doc = self.carry, self._carry_doc
+                self.carry = self._carry_doc = None
+            else:
+                try:
+                    ref = next(self.mixture)
+                except StopIteration:
+                    if docs:
+                        break
+                    raise
+                doc = self._encode(ref)
+            if doc is None:
+                self.dropped += 1
+                continue
+            if docs and used + len(doc) - 1 > self.seq_length:
+                self.carry, self._carry_doc = ref, doc
+                break
+            docs.append(doc)
+            refs.append(ref)
+            used += len(doc) - 1
+        return pack(docs, [r.source for r in refs], self.seq_length, self.pad_id)
+
+    def state_dict(self) -> dict[str, Any]:
+        carry = None if self.carry is None else [self.carry.source, self.carry.index]
+        return {"mixture": self.mixture.state_dict(), "carry": carry, "dropped": self.dropped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.mixture.load_state_dict(state["mixture"])
+        self.carry = None if state["carry"] is None else DocRef(*state["carry"])
+        self._carry_doc = None if self.carry is None else self._encode(self.carry)
+        self.dropped = state["dropped"]
+
+
+def collate(rows: list[PackedSequence], mel: Callable[[np.ndarray], torch.Tensor] | None) -> dict[str, Any]:
+    """Stack packed rows into a micro-batch: [b, s] tensors, cu_seqlens over the flattened rows, mels."""
+    stack = lambda key, dtype: torch.from_numpy(np.stack([getattr(r, key) for r in rows])).to(dtype)  # noqa: E731
+    seq_length = len(rows[0].tokens)
+    lens = [n for r in rows for n in r.doc_lens]
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int32), 0)
+    doc_ids = torch.stack([
+        torch.repeat_interleave(torch.arange(len(r.doc_lens)), torch.tensor(r.doc_lens)) for r in rows
+    ])
+    chunks = [c for r in rows for c in r.audio_chunks]
+    return {
+        "tokens": stack("tokens", torch.long),
+        "labels": stack("labels", torch.long),
+        "loss_mask": stack("loss_mask", torch.float32),
+        "position_ids": stack("position_ids", torch.long),
+        "source_ids": stack("source_ids", torch.long),
+        "doc_ids": doc_ids,
+        "cu_seqlens": cu,
+        "max_seqlen": max(lens),
+        "mel": torch.stack([mel(c) for c in chunks]) if chunks and mel is not None else None,
+        "num_audio_chunks": len(chunks),
+        "seq_length": seq_length,
+    }
+
+
+def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[b, 1, s, s] bool, True = masked: a position sees only earlier positions of its own document.
+
+    For the local (non-TE) attention, which takes an explicit mask; its size is s^2 per row, so this is
+    for CPU and short sequences only (the TE path uses cu_seqlens instead).
+    """
+    s = doc_ids.shape[1]
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    return ~(same_doc & causal)[:, None]
+

@@ -1,0 +1,1 @@
+"""SFT on Megatron-Core: config schema, training loop, loss, checkpoints, logging."""

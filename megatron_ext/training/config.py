@@ -1,0 +1,233 @@
+"""SFT run configuration: a typed omegaconf schema, YAML + dotted overrides, one-line errors.
+
+`load_config(yaml, overrides)` merges the YAML and `key=value` overrides onto the schema; a key the
+schema does not know, or a value of the wrong type, is refused with a message naming it. The paper's
+recipe is `examples/configs/devstral_audio_sft.yaml`; `examples/configs/tiny_cpu.yaml` runs the same
+code on the tiny models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from megatron_ext.config import RopeConfig
+
+
+class TrainConfigError(ValueError):
+    """The training configuration is invalid (the message names the key)."""
+
+
+@dataclass
+class RopeSection:
+    """Rope/YaRN the run trains with; must equal the checkpoint's unless `model.rope_override`."""
+
+    type: str = "rope"
+    theta: float = 1e8
+    factor: Optional[float] = None
+    original_max_position_embeddings: Optional[int] = None
+    beta_fast: Optional[float] = None
+    beta_slow: Optional[float] = None
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
+    truncate: bool = True
+    llama4_scaling_beta: Optional[float] = None
+
+
+@dataclass
+class ModelSection:
+    checkpoint: str = "???"  # torch_dist checkpoint directory with metadata (converted or merged model)
+    tokenizer: Optional[str] = None  # tekken.json; default: the checkpoint's own
+    rope: Optional[RopeSection] = None  # None: take the checkpoint's rope metadata as it is
+    rope_override: bool = False  # train with `rope` even if the checkpoint metadata disagrees or lacks it
+    freeze_encoder: bool = True
+    freeze_projector: bool = False
+    transformer_impl: str = "auto"  # auto | local | transformer_engine
+
+
+@dataclass
+class ParallelSection:
+    tensor_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = True
+
+
+@dataclass
+class OptimizerSection:
+    lr: float = 1e-6
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.8
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 20.0
+    warmup_steps: int = 100
+    decay_style: str = "cosine"  # cosine | linear | constant
+    decay_steps: Optional[int] = None  # None: train_iters
+
+
+@dataclass
+class SourceSection:
+    name: str = "???"
+    path: str = "???"
+    format: str = "jsonl"  # jsonl | energon
+    ratio: float = 1.0
+    epochs: Optional[float] = None  # share of the source the run may use; None = cycle forever
+    modality: str = "text"  # text | audio: counted as such in the text:audio ratio
+
+
+@dataclass
+class DataSection:
+    sources: list[SourceSection] = field(default_factory=list)
+    validation: list[SourceSection] = field(default_factory=list)
+    shuffle_buffer: int = 16
+    overlong: str = "truncate"  # truncate | drop documents longer than seq_length
+    system_prompt_with_audio: str = "merge"  # merge into the first user turn | error
+
+
+@dataclass
+class TrainingSection:
+    seq_length: int = 131072
+    micro_batch_size: int = 1
+    global_batch_size: int = 32  # sequences per step (32 x 131072 ~ 4.2M tokens)
+    train_iters: int = 1000
+    seed: int = 1234
+    bf16: bool = True
+    fp8: Optional[str] = None  # None | hybrid | e4m3 (Transformer Engine on GPU only)
+    recompute: str = "none"  # none | full | selective
+    loss_chunk_tokens: int = 4096  # supervised tokens per LM-head/cross-entropy chunk
+    exit_after_iters: Optional[int] = None  # stop early (the schedule still spans train_iters)
+
+
+@dataclass
+class CheckpointSection:
+    save_dir: Optional[str] = None
+    save_interval: int = 100
+    keep_last: int = 3
+    async_save: bool = False
+    resume: bool = True  # continue from the newest checkpoint in save_dir if there is one
+
+
+@dataclass
+class LoggingSection:
+    tensorboard_dir: Optional[str] = None
+    log_interval: int = 1
+    eval_interval: int = 0  # 0 = never
+    eval_iters: int = 1
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    data: DataSection = field(default_factory=DataSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+
+_ABSENT = object()
+
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "model.transformer_impl": ("auto", "local", "transformer_engine"),
+    "optimizer.decay_style": ("cosine", "linear", "constant"),
+    "data.overlong": ("truncate", "drop"),
+    "data.system_prompt_with_audio": ("merge", "error"),
+    "training.fp8": (None, "hybrid", "e4m3"),
+    "training.recompute": ("none", "full", "selective"),
+}
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Schema <- YAML <- `a.b=value` overrides, validated; raises TrainConfigError naming the key."""
+    try:
+        cfg = OmegaConf.structured(TrainConfig)
+        if path is not None:
+            if not Path(path).is_file():
+                raise TrainConfigError(f"{path}: config file not found")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        for override in overrides:
+            key, sep, value = override.partition("=")
+            if not sep or not key:
+                raise TrainConfigError(f"override {override!r}: expected key=value")
+            if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+                raise TrainConfigError(f"{key}: unknown setting (override {override!r})")
+            OmegaConf.update(cfg, key, yaml.safe_load(value), merge=True)
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise TrainConfigError(f"{missing[0]}: required setting is missing")
+        obj: TrainConfig = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        msg = str(exc).splitlines()[0]
+        raise TrainConfigError(f"{key}: {msg}" if key else msg) from None
+    validate(obj)
+    return obj
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Value checks omegaconf's types cannot express."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise TrainConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+    positive = {
+        "training.seq_length": cfg.training.seq_length, "training.micro_batch_size": cfg.training.micro_batch_size,
+        "training.global_batch_size": cfg.training.global_batch_size, "training.train_iters": cfg.training.train_iters,
+        "training.loss_chunk_tokens": cfg.training.loss_chunk_tokens,
+        "parallel.tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
+        "parallel.context_parallel_size": cfg.parallel.context_parallel_size,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last, "checkpoint.save_interval": cfg.checkpoint.save_interval,
+        "logging.log_interval": cfg.logging.log_interval,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise TrainConfigError(f"{key}: must be >= 1, got {value}")
+    if not 0 <= cfg.optimizer.min_lr_ratio <= 1:
+        raise TrainConfigError(f"optimizer.min_lr_ratio: must be in [0, 1], got {cfg.optimizer.min_lr_ratio}")
+    if not cfg.data.sources:
+        raise TrainConfigError("data.sources: at least one training source is required")
+    for group in ("sources", "validation"):
+        names = [s.name for s in getattr(cfg.data, group)]
+        for i, src in enumerate(getattr(cfg.data, group)):
+            where = f"data.{group}[{i}]"
+            if src.format not in ("jsonl", "energon"):
+                raise TrainConfigError(f"{where}.format: {src.format!r} is not 'jsonl' or 'energon'")
+            if src.modality not in ("text", "audio"):
+                raise TrainConfigError(f"{where}.modality: {src.modality!r} is not 'text' or 'audio'")
+            if src.ratio < 0:
+                raise TrainConfigError(f"{where}.ratio: must be >= 0, got {src.ratio}")
+            if src.epochs is not None and src.epochs <= 0:
+                raise TrainConfigError(f"{where}.epochs: must be > 0 or null, got {src.epochs}")
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise TrainConfigError(f"data.{group}: duplicate source name {sorted(dupes)[0]!r}")
+    if not any(s.ratio > 0 for s in cfg.data.sources):
+        raise TrainConfigError("data.sources: every ratio is 0")
+    if cfg.parallel.sequence_parallel and cfg.parallel.tensor_model_parallel_size == 1:
+        raise TrainConfigError("parallel.sequence_parallel: needs tensor_model_parallel_size > 1")
+    if cfg.model.rope_override and cfg.model.rope is None:
+        raise TrainConfigError("model.rope_override: true needs a model.rope section")
+    if cfg.model.rope is not None:
+        rope_config(cfg.model.rope)
+
+
+def rope_config(section: RopeSection) -> RopeConfig:
+    """The `RopeConfig` a rope section describes (YaRN needs every field; checked by RopeConfig)."""
+    try:
+        return RopeConfig(**vars(section))
+    except ValueError as exc:
+        raise TrainConfigError(f"model.rope: {exc}") from None
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    """The resolved configuration as YAML (saved next to checkpoints and TensorBoard logs)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
