@@ -33,6 +33,7 @@ class SynthConfig:
     concurrency: int = 4
     max_chars: int = 4000
     on_bad_row: str = "keep"
+    energon_prepare: bool = True
     retry: RetryPolicy = RetryPolicy()
 
     def validate(self) -> None:

@@ -90,7 +90,8 @@ def finalize(cfg: SynthConfig, total_rows: int) -> dict:
         report = build_report(cfg.output, cfg.num_shards, total_rows, cfg.identity())
         wds = cfg.output / "wds"
         report["energon_prepared"] = (wds / ".nv-meta" / "split.yaml").exists()
-        if mine and report["complete"] and any(wds.glob("*.tar")) and not report["energon_prepared"]:
+        ready = report["complete"] and any(wds.glob("*.tar")) and not report["energon_prepared"]
+        if mine and ready and cfg.energon_prepare:
             energon_prepare(wds)
             report["energon_prepared"] = True
         if mine:
