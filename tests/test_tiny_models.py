@@ -13,7 +13,12 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
-from megatron_ext.checkpoint.mistral_native import config_from_params, convert_name, interleaved_to_half, rope_heads
+from megatron_ext.checkpoint.mistral_native import (
+    config_from_params,
+    convert_name,
+    interleaved_to_half,
+    rope_heads,
+)
 from megatron_ext.config import ConfigError, ModelConfig, RopeConfig
 from megatron_ext.tiny import DEVSTRAL, DEVSTRAL2, VOXTRAL, build_tiny_models
 
@@ -134,15 +139,15 @@ def test_tokenizers_round_trip_text_and_specials(tiny_dir: Path) -> None:
     assert vox.get_special_token("[TRANSCRIBE]") == 34
     assert (dev.get_special_token("[ARGS]"), dev.get_special_token("[CALL_ID]")) == (32, 33)
     assert dev.id_to_piece(24) == "<SPECIAL_24>"
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):
         dev.get_special_token("[AUDIO]")
 
 
 def test_voxtral_tokenizer_encodes_audio_chat(tiny_dir: Path) -> None:
+    from mistral_common.audio import Audio
     from mistral_common.protocol.instruct.chunk import AudioChunk, TextChunk
     from mistral_common.protocol.instruct.messages import UserMessage
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
-    from mistral_common.audio import Audio
 
     buf = io.BytesIO()
     sf.write(buf, (0.1 * np.random.default_rng(0).standard_normal(16000 * 31)).astype(np.float32), 16000, format="WAV")
