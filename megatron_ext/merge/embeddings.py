@@ -1,0 +1,60 @@
+"""Tokenizer-aware merge of the token embedding and LM head (same rules for both, row for row).
+
+Rows 0..S-1 are special tokens, laid out as in the merged tokenizer (Devstral's ranks plus Voxtral-only
+specials in their assigned slots, see `tokenizer/align.py`):
+- Voxtral-only specials: Voxtral's row, copied from its old rank;
+- common specials: Voxtral-weight-alpha average when both rows are non-trivial (row norm above a
+  threshold), else the non-trivial one; tokens in `verbatim_voxtral` (SLERP's transcription control rows)
+  are Voxtral's row as is;
+- Devstral-only specials and placeholders: Devstral's row.
+Rows S.. (the shared regular vocabulary, plus any padding) are merged by the method as one tensor.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from megatron_ext.merge.methods import Method, MergeParams, TensorContext, linear
+from megatron_ext.tokenizer.align import TokenizerAlignment
+
+
+def merge_vocab_rows(
+    dev: torch.Tensor,
+    vox: torch.Tensor,
+    base: torch.Tensor | None,
+    alignment: TokenizerAlignment,
+    method: Method,
+    params: MergeParams,
+    ctx: TensorContext,
+    min_row_norm: float,
+    verbatim_voxtral: frozenset[str] = frozenset(),
+) -> tuple[torch.Tensor, Counter]:
+    """The merged [vocab, hidden] matrix and a count of how each special row was produced."""
+    s = alignment.num_special_tokens
+    out = torch.empty_like(dev)
+    out[s:] = method.merge(dev[s:], vox[s:], None if base is None else base[s:], params, ctx)
+    out[:s] = dev[:s]
+    old_rank = {new: old for old, new in alignment.voxtral_to_merged.items()}
+    voxtral_only, common = set(alignment.voxtral_only), set(alignment.common)
+    stats: Counter = Counter()
+    for rank, token in alignment.merged_specials.items():
+        if token in voxtral_only or (token in common and token in verbatim_voxtral):
+            out[rank] = vox[old_rank[rank]]
+            stats["copied_from_voxtral"] += 1
+        elif token in common:
+            d, v = dev[rank], vox[old_rank[rank]]
+            d_ok = float(d.float().norm()) > min_row_norm
+            v_ok = float(v.float().norm()) > min_row_norm
+            if d_ok and v_ok:
+                out[rank] = linear([d, v], [1.0 - params.alpha, params.alpha])
+                stats["averaged"] += 1
+            elif v_ok:
+                out[rank] = v
+                stats["copied_from_voxtral"] += 1
+            else:
+                stats["kept_devstral"] += 1
+        else:
+            stats["kept_devstral"] += 1
+    return out, stats

@@ -1,0 +1,245 @@
+"""Merge methods: pure tensor functions (linear, SLERP, DELLA) and small method classes in a registry.
+
+Numerics follow mergekit 0.1.5 (the public reference, FACTS.md section 10) so outputs can be compared
+bit for bit: float32 compute (float64 inputs stay float64), result cast to the input dtype. Large
+tensors are processed in fixed 1 Mi-element chunks, which bounds scratch memory; elementwise steps are
+chunk-invariant and the SLERP reductions use the same chunking as mergekit.
+DELLA draws from a per-tensor generator seeded by (seed, tensor name), so a result does not depend on
+the order tensors are processed in (resumable, parallel-safe), unlike a global generator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+CHUNK = 1024 * 1024
+DOT_THRESHOLD = 0.9995
+NORM_EPS = 1e-8
+RescaleNorm = Literal["l1", "l2", "linf", "per_weight"]
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _chunks(n: int, size: int = CHUNK) -> Iterator[slice]:
+    return (slice(s, min(s + size, n)) for s in range(0, n, size))
+
+
+# ---- linear -----------------------------------------------------------------------------------------
+def linear(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """sum(w_i x_i) / sum(w_i), accumulated in float32 in the given order, cast to the first input's dtype."""
+    first = tensors[0]
+    dt = _compute_dtype(first)
+    w = torch.tensor(weights, dtype=dt)
+    total = w.sum()
+    flat = [t.reshape(-1) for t in tensors]
+    out = torch.empty(first.numel(), dtype=first.dtype)
+    for sl in _chunks(first.numel()):
+        acc = torch.zeros(sl.stop - sl.start, dtype=dt)
+        for x, c in zip(flat, w.unbind(0)):
+            acc.addcmul_(x[sl], c)
+        out[sl] = acc.div_(total)
+    return out.reshape(first.shape)
+
+
+# ---- SLERP ------------------------------------------------------------------------------------------
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation of two whole tensors (flattened); t=0 gives v0. Falls back to linear
+    interpolation when the normalized vectors are (anti)collinear (|cos| > 0.9995); norms below 1e-8
+    count as 1 (degenerate tensors then interpolate linearly in effect)."""
+    dt = _compute_dtype(v0)
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    tt = torch.tensor([t], dtype=dt).reshape(1, 1)
+    n = a.shape[1]
+    if n == 0:
+        return v0.clone()
+    step = max(1, CHUNK // a.shape[0])
+    na = torch.stack([torch.linalg.vector_norm(a[:, s].to(dt), dim=1, keepdim=True) for s in _chunks(n, step)])
+    nb = torch.stack([torch.linalg.vector_norm(b[:, s].to(dt), dim=1, keepdim=True) for s in _chunks(n, step)])
+    na, nb = torch.linalg.vector_norm(na, dim=0), torch.linalg.vector_norm(nb, dim=0)
+    na = torch.where(na > NORM_EPS, na, 1)
+    nb = torch.where(nb > NORM_EPS, nb, 1)
+    dots = [((a[:, s].to(dt) / na) * (b[:, s].to(dt) / nb)).sum(dim=1, keepdim=True) for s in _chunks(n, step)]
+    dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
+    lerp = dot.abs() > DOT_THRESHOLD
+    theta = torch.acos(torch.where(lerp, 0, dot))
+    sin_theta = torch.sin(theta)
+    ca = torch.where(lerp, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
+    cb = torch.where(lerp, tt, torch.sin(tt * theta) / sin_theta)
+    out = torch.empty_like(a)
+    for s in _chunks(n, step):
+        out[:, s] = ca * a[:, s].to(dt) + cb * b[:, s].to(dt)
+    return out.reshape(v0.shape)
+
+
+# ---- DELLA ------------------------------------------------------------------------------------------
+def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """MagPrune keep probability per element: within each row, magnitude rank r=1..n (ascending) maps
+    linearly onto [density-eps, density+eps]; 1-D tensors are one row."""
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32)
+    n = rows.shape[1]
+    frac = ranks / (n - 1) if n > 1 else torch.zeros_like(ranks)
+    return ((density - epsilon) + frac * (2 * epsilon)).reshape(delta.shape)
+
+
+def check_della_window(density: float, epsilon: float) -> None:
+    lo, hi = density - epsilon, density + epsilon
+    if not (0 < lo and hi <= 1):
+        raise ValueError(
+            f"density={density} epsilon={epsilon}: keep probabilities [{lo:g}, {hi:g}] must lie in (0, 1]"
+        )
+
+
+def magprune(
+    delta: torch.Tensor, density: float, epsilon: float, rescale: RescaleNorm | None, gen: torch.Generator
+) -> torch.Tensor:
+    """Drop delta elements at random with magnitude-ranked keep probabilities, then rescale survivors:
+    `per_weight` divides each by its own p (unbiased: E[result] = delta, the DELLA paper); l1/l2/linf scale
+    the whole tensor once so its norm matches the unpruned delta (mergekit 0.1.x uses l1).
+    Rows are processed in blocks (ranks are per row), so scratch memory stays bounded."""
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    out = torch.empty(rows.shape, dtype=torch.float32)
+    before = torch.zeros((), dtype=torch.float64)
+    after = torch.zeros((), dtype=torch.float64)
+    for sl in _chunks(rows.shape[0], max(1, CHUNK // max(1, rows.shape[1]))):
+        d = rows[sl].to(torch.float32)
+        p = keep_probabilities(d, density, epsilon)
+        kept = d * torch.bernoulli(p, generator=gen)
+        out[sl] = kept / p if rescale == "per_weight" else kept
+        if rescale in ("l1", "l2", "linf"):
+            before, after = _accumulate(before, d, rescale), _accumulate(after, kept, rescale)
+    if rescale in ("l1", "l2", "linf"):
+        if rescale == "l2":
+            before, after = before.sqrt(), after.sqrt()
+        if before >= 1e-7 and after >= 1e-7:
+            out.mul_((before / after).to(torch.float32))
+    return out.reshape(delta.shape)
+
+
+def _accumulate(acc: torch.Tensor, t: torch.Tensor, kind: str) -> torch.Tensor:
+    """Running l1 sum, squared-l2 sum or max, across row blocks."""
+    if kind == "l1":
+        return acc + t.abs().sum(dtype=torch.float64)
+    if kind == "l2":
+        return acc + t.double().square().sum()
+    return torch.maximum(acc, t.abs().max().double())
+
+
+def elect_and_fuse(deltas: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Sign election by summed weighted mass, then the weighted mean of the deltas agreeing with it."""
+    stacked = torch.stack([dl * w for dl, w in zip(deltas, weights)])
+    w = torch.tensor(weights, dtype=stacked.dtype).reshape(-1, *([1] * (stacked.dim() - 1)))
+    majority = torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0)
+    agree = (stacked.sign() == majority).to(stacked.dtype)
+    divisor = (w * agree).sum(dim=0)
+    divisor[divisor == 0] = 1
+    return (stacked * agree).sum(dim=0) / divisor
+
+
+def tensor_generator(seed: int, name: str) -> torch.Generator:
+    """A generator seeded by (seed, tensor name): results independent of processing order."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+# ---- method classes ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorContext:
+    """What a method may know about the tensor it merges: its name, decoder layer, MLP or not."""
+
+    name: str
+    layer: int | None = None
+    is_mlp: bool = False
+
+
+@dataclass(frozen=True)
+class MergeParams:
+    """Every method parameter; validated once (`validate`) before any tensor is read."""
+
+    method: str
+    alpha: float = 0.5
+    density: float = 0.5
+    epsilon: float = 0.1
+    lam: float = 1.0
+    rescale: RescaleNorm = "l1"
+    seed: int = 0
+    # DELLA "advanced schedule": MLP tensors keep more (density + mlp_density_boost); the first
+    # `early_layers` decoder blocks merge more conservatively (lambda * early_lambda_scale).
+    mlp_density_boost: float = 0.0
+    early_layers: int = 0
+    early_lambda_scale: float = 1.0
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}: expected one of {', '.join(METHODS)}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha={self.alpha}: must lie in [0, 1]")
+        if self.method == "della":
+            if self.rescale not in ("l1", "l2", "linf", "per_weight"):
+                raise ValueError(f"rescale={self.rescale!r}: expected l1, l2, linf or per_weight")
+            check_della_window(self.density, self.epsilon)
+            check_della_window(self.density + self.mlp_density_boost, self.epsilon)
+            if self.lam <= 0 or self.early_lambda_scale < 0 or self.early_layers < 0:
+                raise ValueError("lambda must be > 0, early_lambda_scale >= 0, early_layers >= 0")
+
+    def to_dict(self) -> dict:
+        keys = ["method", "alpha"]
+        if self.method == "della":
+            keys += ["density", "epsilon", "lam", "rescale", "seed", "mlp_density_boost", "early_layers",
+                     "early_lambda_scale"]
+        return {k: getattr(self, k) for k in keys}
+
+
+class Method:
+    """A merge method: combines Devstral's and Voxtral's version of one tensor (optionally with a base)."""
+
+    name: ClassVar[str]
+    uses_base: ClassVar[bool] = False
+
+    def merge(self, dev: torch.Tensor, vox: torch.Tensor, base: torch.Tensor | None, p: MergeParams,
+              ctx: TensorContext) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Linear(Method):
+    name = "linear"
+
+    def merge(self, dev, vox, base, p, ctx):
+        return linear([dev, vox], [1.0 - p.alpha, p.alpha])
+
+
+class Slerp(Method):
+    name = "slerp"
+
+    def merge(self, dev, vox, base, p, ctx):
+        return slerp(p.alpha, dev, vox)
+
+
+class Della(Method):
+    """Deltas against Devstral (one delta: Voxtral's), or against a common base (two deltas, weighted
+    1-alpha / alpha, sign-elected); lambda scales the fused delta."""
+
+    name = "della"
+    uses_base = True
+
+    def merge(self, dev, vox, base, p, ctx):
+        density = p.density + (p.mlp_density_boost if ctx.is_mlp else 0.0)
+        lam = p.lam * (p.early_lambda_scale if ctx.layer is not None and ctx.layer < p.early_layers else 1.0)
+        gen = tensor_generator(p.seed, ctx.name)
+        anchor = dev if base is None else base
+        a32 = anchor.to(torch.float32)
+        parents = [vox] if base is None else [dev, vox]
+        weights = [1.0] if base is None else [1.0 - p.alpha, p.alpha]
+        deltas = [magprune(x.to(torch.float32) - a32, density, p.epsilon, p.rescale, gen) for x in parents]
+        fused = deltas[0] if len(deltas) == 1 else elect_and_fuse(deltas, weights)
+        return (a32 + lam * fused).to(dev.dtype)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (Linear(), Slerp(), Della())}

@@ -1,0 +1,128 @@
+"""Streaming safetensors I/O with flat memory: read one tensor with a positioned read (no mmap, so
+resident memory does not grow with the file), write shards whose headers are planned up front.
+
+Format (public spec): 8-byte little-endian header length, JSON header {name: {dtype, shape,
+data_offsets}, "__metadata__": {str: str}}, then the raw little-endian tensor bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class SafetensorsError(ValueError):
+    """A safetensors file is unreadable or inconsistent."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where one tensor lives: file, dtype, shape, byte range."""
+
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
+    """Tensor entries and `__metadata__` of one safetensors file."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        size = path.stat().st_size
+    except (OSError, struct.error, ValueError) as exc:
+        raise SafetensorsError(f"{path}: not a readable safetensors file ({exc})") from None
+    base = 8 + n
+    meta = header.pop("__metadata__", {}) or {}
+    out = {}
+    for name, h in header.items():
+        if h["dtype"] not in DTYPES:
+            raise SafetensorsError(f"{path}: tensor {name} has unsupported dtype {h['dtype']}")
+        start, end = (base + o for o in h["data_offsets"])
+        if end > size:
+            raise SafetensorsError(f"{path}: tensor {name} extends past the end of the file (truncated?)")
+        out[name] = Entry(path, DTYPES[h["dtype"]], tuple(h["shape"]), start, end)
+    return out, meta
+
+
+def read_tensor(entry: Entry) -> torch.Tensor:
+    """Read one tensor into fresh memory with positioned reads."""
+    buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    fd = os.open(entry.path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < entry.nbytes:
+            got = os.preadv(fd, [view[done:]], entry.start + done)
+            if got <= 0:
+                raise SafetensorsError(f"{entry.path}: short read at byte {entry.start + done}")
+            done += got
+    finally:
+        os.close(fd)
+    return buf.view(entry.dtype).reshape(entry.shape)
+
+
+def header_bytes(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
+    """The length-prefixed JSON header for tensors written back to back in the given order."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape in tensors:
+        n = _nbytes(dtype, shape)
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    n = dtype.itemsize
+    for s in shape:
+        n *= s
+    return n
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor (contiguous, CPU) without a copy when possible."""
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def plan_shards(
+    tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], max_bytes: int
+) -> list[list[tuple[str, torch.dtype, tuple[int, ...]]]]:
+    """Split tensors (in order) into shards of at most max_bytes (a larger tensor gets its own shard)."""
+    shards: list[list] = [[]]
+    size = 0
+    for t in tensors:
+        n = _nbytes(t[1], t[2])
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += n
+    return shards
+
+
+def shard_names(count: int, stem: str = "model") -> list[str]:
+    if count == 1:
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
