@@ -169,7 +169,9 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def write_hf(out: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], tekken: dict, extra_cfg: dict | None = None) -> None:
+def write_hf(
+    out: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], tekken: dict, extra_cfg: dict | None = None
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file(dict(sorted(tensors.items())), str(out / "model.safetensors"), metadata={"format": "pt"})
     _write_json(out / "config.json", {**cfg.to_hf(), "dtype": "float32", **(extra_cfg or {})})

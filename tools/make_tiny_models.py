@@ -17,7 +17,8 @@ def main() -> None:
     args = parser.parse_args()
     digests = build_tiny_models(args.output, args.seed)
     for name in sorted({p.split("/")[0] for p in digests}):
-        print(f"{args.output / name}: {', '.join(sorted(p.split('/', 1)[1] for p in digests if p.startswith(name + '/')))}")
+        files = sorted(p.split("/", 1)[1] for p in digests if p.startswith(name + "/"))
+        print(f"{args.output / name}: {', '.join(files)}")
     print(f"manifest: {args.output / 'MANIFEST.json'} ({len(digests)} files, seed {args.seed})")
 
 

@@ -70,7 +70,8 @@ def build_tekken(spec: TekkenSpec) -> dict[str, Any]:
     """The `tekken.json` content for `spec`, regular vocabulary = first ranks of the bundled real one."""
     n_regular = spec.vocab_size - NUM_SPECIAL_TOKENS
     if n_regular < 256:
-        raise ValueError(f"vocab_size={spec.vocab_size}: need >= {NUM_SPECIAL_TOKENS + 256} (1000 specials + 256 bytes)")
+        need = NUM_SPECIAL_TOKENS + 256
+        raise ValueError(f"vocab_size={spec.vocab_size}: need >= {need} (1000 specials + 256 byte tokens)")
     real = json.loads(BUNDLED_VOCAB.read_text(encoding="utf-8"))
     data: dict[str, Any] = {
         "config": {
