@@ -1,0 +1,205 @@
+"""Convert between HF, Mistral-native and Megatron torch_dist checkpoints, streaming one tensor at a time.
+
+`convert()` detects the input format, validates the target TP/PP, maps names through
+`checkpoint.mapping`, and writes into a hidden temporary directory that is renamed only when complete.
+torch_dist stores global tensors, so one file set serves every TP/PP the model allows: `--tp/--pp`
+are validated and recorded, and torch_dist -> torch_dist "re-sharding" is a validated copy.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm import tqdm
+
+from megatron_ext.checkpoint import mapping
+from megatron_ext.checkpoint.atomic import CheckpointError, atomic_dir
+from megatron_ext.checkpoint.formats import InputCheckpoint, open_input
+from megatron_ext.checkpoint.metadata import TOKENIZER_FILE, CheckpointMeta, command_line, sha256_file, write_meta
+from megatron_ext.checkpoint.mistral_native import convert_name, half_to_interleaved, params_from_config, rope_heads
+from megatron_ext.checkpoint.safetensors_io import SafetensorsWriter
+from megatron_ext.checkpoint.torch_dist_io import TorchDistWriter
+from megatron_ext.config import ConfigError, ModelConfig
+
+Target = Literal["megatron", "hf", "mistral"]
+TARGETS = ("megatron", "hf", "mistral")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def allowed_tp(cfg: ModelConfig) -> list[int]:
+    """TP sizes that split whole KV groups (and, with audio, whole encoder heads) across ranks."""
+    g = cfg.decoder.num_query_groups
+    if cfg.encoder is not None:
+        g = math.gcd(g, cfg.encoder.num_attention_heads)
+    return _divisors(g)
+
+
+def validate_parallel(cfg: ModelConfig, tp: int, pp: int) -> None:
+    """One-line refusal when `tp`/`pp` do not fit the model, listing the allowed values."""
+    tps = allowed_tp(cfg)
+    if tp not in tps:
+        why = f"{cfg.decoder.num_query_groups} decoder KV groups"
+        if cfg.encoder is not None:
+            why += f" and {cfg.encoder.num_attention_heads} encoder heads"
+        raise CheckpointError(f"--tp {tp} not allowed: the model has {why}; allowed: {', '.join(map(str, tps))}")
+    pps = _divisors(cfg.decoder.num_layers)
+    if pp not in pps:
+        raise CheckpointError(
+            f"--pp {pp} not allowed: {cfg.decoder.num_layers} decoder layers; allowed: {', '.join(map(str, pps))}"
+        )
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did (printed by the CLI, used by the benchmark)."""
+
+    input_description: str
+    output: Path
+    target: str
+    tensors: int
+    bytes_written: int
+    seconds: float
+
+
+def _hf_stream(inp: InputCheckpoint) -> Iterator[tuple[str, torch.Tensor]]:
+    if inp.naming == "megatron":
+        yield from mapping.megatron_to_hf(inp.cfg, inp.get)
+    else:
+        for name in mapping.hf_names(inp.cfg):
+            yield name, inp.get(name)
+
+
+def _megatron_stream(inp: InputCheckpoint) -> Iterator[tuple[str, torch.Tensor]]:
+    if inp.naming == "megatron":
+        for name in mapping.megatron_names(inp.cfg):
+            yield name, inp.get(name)
+    else:
+        yield from mapping.hf_to_megatron(inp.cfg, inp.get)
+
+
+def _native_stream(inp: InputCheckpoint) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, t in _hf_stream(inp):
+        if name == mapping.HF_POSITIONS:
+            continue  # not stored in Mistral-native files
+        heads = rope_heads(name, inp.cfg)
+        yield convert_name(name, inp.cfg.hf_architecture, to_hf=False), (
+            half_to_interleaved(t, heads).contiguous() if heads else t
+        )
+
+
+class _Hasher(threading.Thread):
+    """sha256 of the source files in a background thread (hashlib releases the GIL)."""
+
+    def __init__(self, files: list[Path]) -> None:
+        super().__init__(daemon=True)
+        self.files, self.result, self.error = files, [], None
+
+    def run(self) -> None:
+        try:
+            self.result = [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in self.files]
+        except OSError as exc:
+            self.error = exc
+
+
+def _write_stream(stream: Iterator[tuple[str, torch.Tensor]], writer, total: int, progress: bool) -> int:
+    n = 0
+    with tqdm(total=total, unit="tensor", disable=not progress, dynamic_ncols=True, desc="convert") as bar:
+        start = time.perf_counter()
+        for name, t in stream:
+            writer.write(name, t)
+            n += 1
+            gb = writer.bytes_written / 1e9
+            bar.set_postfix_str(f"{gb:.2f} GB, {gb / max(time.perf_counter() - start, 1e-9):.2f} GB/s", refresh=False)
+            bar.update(1)
+            del t
+    return n
+
+
+def _hf_dtype_name(inp: InputCheckpoint) -> str:
+    first = mapping.hf_names(inp.cfg)[0] if inp.naming == "hf" else mapping.megatron_names(inp.cfg)[-1]
+    return str(inp.get(first).dtype).removeprefix("torch.")
+
+
+def convert(input_dir: Path, output_dir: Path, to: Target, tp: int = 1, pp: int = 1, overwrite: bool = False,
+            rope_from: Path | None = None, progress: bool = True, command: str | None = None) -> ConversionReport:
+    """Convert `input_dir` (any supported format) to `to` in `output_dir`; see the module docstring."""
+    if to not in TARGETS:
+        raise CheckpointError(f"--to {to!r}: expected one of {', '.join(TARGETS)}")
+    start = time.perf_counter()
+    inp = open_input(Path(input_dir), rope_from)
+    try:
+        validate_parallel(inp.cfg, tp, pp)
+        hasher = _Hasher(inp.files)
+        hasher.start()
+        with atomic_dir(Path(output_dir), overwrite) as tmp:
+            if to == "megatron":
+                writer = TorchDistWriter(tmp)
+                total = len(mapping.megatron_names(inp.cfg))
+                stream = _megatron_stream(inp)
+            else:
+                names = mapping.hf_names(inp.cfg)
+                if to == "mistral":
+                    names = [convert_name(n, inp.cfg.hf_architecture, to_hf=False)
+                             for n in names if n != mapping.HF_POSITIONS]
+                writer = SafetensorsWriter(tmp, names, single_name="model.safetensors" if to == "hf"
+                                           else "consolidated.safetensors",
+                                           max_shard_bytes=5 << 30 if to == "hf" else 1 << 62)
+                total = len(names)
+                stream = _hf_stream(inp) if to == "hf" else _native_stream(inp)
+            try:
+                n = _write_stream(stream, writer, total, progress)
+                writer.finish()
+            finally:
+                writer.close()
+            if inp.tokenizer is not None:
+                shutil.copyfile(inp.tokenizer, tmp / TOKENIZER_FILE)
+            hasher.join()
+            if hasher.error:
+                raise CheckpointError(f"hashing sources failed: {hasher.error}")
+            _write_config(tmp, to, inp, tp, pp, hasher.result, command)
+        return ConversionReport(inp.description, Path(output_dir), to, n, writer.bytes_written,
+                                time.perf_counter() - start)
+    finally:
+        inp.close()
+
+
+def _write_config(tmp: Path, to: str, inp: InputCheckpoint, tp: int, pp: int, sources: list, command: str | None) -> None:
+    import json
+
+    cfg = inp.cfg
+    if to == "hf":
+        try:
+            hf = cfg.to_hf()
+        except ConfigError as exc:
+            raise CheckpointError(f"cannot express this model as HF {cfg.hf_architecture}: {exc}") from None
+        hf["dtype"] = _hf_dtype_name(inp)
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    elif to == "mistral":
+        try:
+            params = params_from_config(cfg)
+        except ConfigError as exc:
+            raise CheckpointError(f"cannot express this model as Mistral-native params.json: {exc}") from None
+        (tmp / "params.json").write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
+    else:
+        tok = tmp / TOKENIZER_FILE
+        meta = CheckpointMeta(
+            model=cfg,
+            tokenizer_sha256=sha256_file(tok) if tok.is_file() else None,
+            sources=sources,
+            command=command or command_line(),
+            tool="convert",
+            parallel={"tp": tp, "pp": pp},
+            extra={"input_format": inp.kind, "input": str(inp.directory)},
+        )
+        write_meta(tmp, meta)

@@ -1,0 +1,146 @@
+"""Checkpoint metadata (`checkpoint_meta.json`) written with every Megatron checkpoint and read by every tool.
+
+It carries what the tensors alone cannot: the full `ModelConfig` (rope/YaRN and llama-4 query scaling
+included, so they never drop out of a merge), the tokenizer file and its sha256, which parts exist,
+the source files' sha256, the command that made it, and the list of files with their sizes. It is
+written last, so a directory without it (or with files that disagree with it) is not a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megatron_ext.checkpoint.atomic import PARTIAL_TAG, CheckpointError
+from megatron_ext.config import ConfigError, ModelConfig
+
+META_FILE = "checkpoint_meta.json"
+FORMAT_VERSION = 1
+TOKENIZER_FILE = "tekken.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    """Hex sha256 of a file, read in 16 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_parts(cfg: ModelConfig) -> dict[str, bool]:
+    """Which parts of `AudioLanguageModel` a checkpoint of `cfg` holds."""
+    return {"language_model": True, "audio_encoder": cfg.has_audio, "audio_projector": cfg.has_audio}
+
+
+def command_line() -> str:
+    """The current process's command line, shell-quoted (recorded in the metadata)."""
+    return shlex.join([Path(sys.executable).name, *sys.argv])
+
+
+@dataclass
+class CheckpointMeta:
+    """Everything a tool needs besides the tensors; `extra` holds tool-specific records (e.g. a merge recipe)."""
+
+    model: ModelConfig
+    tokenizer_sha256: str | None = None
+    sources: list[dict[str, Any]] = field(default_factory=list)  # [{path, sha256, bytes}]
+    command: str = ""
+    tool: str = "convert"
+    parallel: dict[str, int] = field(default_factory=lambda: {"tp": 1, "pp": 1})
+    files: dict[str, int] = field(default_factory=dict)  # file name -> size in bytes (filled by writers)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "complete": True,
+            "model": self.model.to_dict(),
+            "parts": model_parts(self.model),
+            "tokenizer": {"file": TOKENIZER_FILE, "sha256": self.tokenizer_sha256} if self.tokenizer_sha256 else None,
+            "sources": self.sources,
+            "command": self.command,
+            "tool": self.tool,
+            "parallel": self.parallel,
+            "files": self.files,
+            "extra": self.extra,
+        }
+
+
+def write_meta(directory: Path, meta: CheckpointMeta) -> None:
+    """Record every file already in `directory` with its size, then write the metadata file (last)."""
+    directory = Path(directory)
+    meta.files = {
+        p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != META_FILE
+    }
+    text = json.dumps(meta.to_dict(), indent=2, sort_keys=True) + "\n"
+    tmp = directory / (META_FILE + ".tmp")
+    tmp.write_text(text)
+    tmp.rename(directory / META_FILE)
+
+
+def _rope_missing_message(path: Path) -> str:
+    return (
+        f"{path}: checkpoint metadata has no rope settings (model.decoder.rope); supply them with "
+        f"`python tools/convert.py --input {path} --output NEW_DIR --to megatron --rope-from "
+        f"PARENT/config.json|params.json` (or re-convert from the parent checkpoint)"
+    )
+
+
+def read_meta(directory: Path, check_files: bool = True) -> CheckpointMeta:
+    """Read and validate a checkpoint's metadata; refuses partial directories and missing rope settings."""
+    directory = Path(directory)
+    path = directory / META_FILE
+    if PARTIAL_TAG in directory.name:
+        raise CheckpointError(f"{directory}: is a partial (interrupted) output, not a checkpoint; re-run the tool")
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no {META_FILE} (not a complete megatron_ext checkpoint)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not data.get("complete"):
+        raise CheckpointError(f"{path}: checkpoint is marked incomplete")
+    if "rope" not in data.get("model", {}).get("decoder", {}):
+        raise CheckpointError(_rope_missing_message(directory))
+    try:
+        model = ModelConfig.from_dict(data["model"])
+    except (ConfigError, KeyError) as exc:
+        raise CheckpointError(f"{path}: invalid model config: {exc}") from None
+    files = data.get("files", {})
+    if check_files:
+        for name, size in files.items():
+            f = directory / name
+            if not f.is_file() or f.stat().st_size != size:
+                have = f.stat().st_size if f.is_file() else "missing"
+                raise CheckpointError(f"{f}: expected {size} bytes, found {have} (incomplete or altered checkpoint)")
+    tok = data.get("tokenizer") or {}
+    return CheckpointMeta(
+        model=model,
+        tokenizer_sha256=tok.get("sha256"),
+        sources=data.get("sources", []),
+        command=data.get("command", ""),
+        tool=data.get("tool", ""),
+        parallel=data.get("parallel", {"tp": 1, "pp": 1}),
+        files=files,
+        extra=data.get("extra", {}),
+    )
+
+
+def load_model_config(directory: Path) -> ModelConfig:
+    """The `ModelConfig` of a Megatron checkpoint (validated as `read_meta` does)."""
+    return read_meta(directory).model
+
+
+def is_complete_checkpoint(directory: Path) -> bool:
+    """True when `read_meta` accepts `directory`."""
+    try:
+        read_meta(directory)
+    except CheckpointError:
+        return False
+    return True

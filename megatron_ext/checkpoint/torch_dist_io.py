@@ -1,0 +1,328 @@
+"""Stream Megatron-Core `torch_dist` checkpoints tensor by tensor, without building the model.
+
+A torch_dist checkpoint is a torch.distributed.checkpoint (DCP) directory: `.metadata` (pickled DCP
+`Metadata`: per key the GLOBAL shape and the chunks stored), `*.distcp` data files (one `torch.save`
+record per chunk), `common.pt` (non-sharded state) and `metadata.json` (backend tag). Keys are the
+global ones Megatron-Core 0.16's `sharded_state_dict` produces, so the layout is TP/PP-agnostic and a
+single process can write a checkpoint that Megatron loads at any TP/PP:
+
+- a transformer-layer tensor `P.layers.{i}.REST` is stored under `P.layers.REST` with a leading layer
+  axis [num_layers, ...] (one chunk per layer here; Megatron writes one per layer and TP rank);
+- the fused qkv and SwiGLU fc1 ([gate; up]) are stored whole; TP ranks read contiguous row ranges
+  (whole GQA groups) and the gate/up halves themselves;
+- each linear layer inside a transformer layer has an `_extra_state` object
+  (`P.layers.M._extra_state/shard_{i}_{L}`, a `torch.save([None])` record; Transformer Engine
+  accepts None as an empty extra state).
+
+Names in this module's API are the full per-layer names of the naming contract
+(`language_model.decoder.layers.3.mlp.linear_fc1.weight`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import torch
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+
+from megatron_ext.checkpoint.atomic import CheckpointError
+
+DCP_METADATA = ".metadata"
+DATA_FILE = "__0_0.distcp"
+COMMON_FILE = "common.pt"
+MCORE_CONFIG_FILE = "metadata.json"
+MCORE_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                "common_backend": "torch", "common_backend_version": 1}
+_LAYER = re.compile(r"^(?P<pre>.*\.layers\.)(?P<i>\d+)\.(?P<rest>.+)$")
+_STACKED = re.compile(r"^.*\.layers\.(?!\d+\.).+$")
+IGNORED_PREFIXES = ("optimizer.", "rng_state", "rerun_state")
+
+
+def split_layer_name(name: str) -> tuple[str, int | None]:
+    """Full name -> (torch_dist key, layer index or None): `a.layers.3.b` -> (`a.layers.b`, 3)."""
+    m = _LAYER.match(name)
+    if not m:
+        return name, None
+    return m["pre"] + m["rest"], int(m["i"])
+
+
+def extra_state_module(key: str) -> str | None:
+    """The linear module whose `_extra_state` Megatron stores next to stacked weight `key`, if any."""
+    if not key.endswith(".weight") or not _STACKED.match(key):
+        return None
+    module = key.removesuffix(".weight")
+    return module if module.rsplit(".", 1)[-1].startswith("linear_") else None
+
+
+def _properties(dtype: torch.dtype) -> TensorProperties:
+    return TensorProperties(dtype=dtype, requires_grad=False)
+
+
+def _fsync(f: IO[bytes]) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
+class TorchDistWriter:
+    """Write a torch_dist checkpoint into an existing (temporary) directory, one tensor at a time.
+
+    `write(name, tensor)` appends a `torch.save` record to the data file; `finish()` checks that every
+    layer stack is complete and uniform, then writes `.metadata`, `common.pt` and `metadata.json`.
+    Peak memory is one tensor: nothing is kept but shapes and file offsets.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self._file = open(self.directory / DATA_FILE, "wb")
+        self._tensors: dict[str, dict[int | None, tuple[tuple[int, ...], torch.dtype, _StorageInfo]]] = {}
+        self.bytes_written = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        key, layer = split_layer_name(name)
+        entries = self._tensors.setdefault(key, {})
+        if layer in entries:
+            raise CheckpointError(f"torch_dist writer: tensor {name!r} written twice")
+        t = tensor.detach().cpu()
+        if not t.is_contiguous() or t.untyped_storage().nbytes() != t.nbytes:
+            t = t.contiguous().clone()  # torch.save stores whole storages: never save a view
+        if layer is not None:
+            t = t.unsqueeze(0)
+        offset = self._file.tell()
+        torch.save(t, self._file)
+        length = self._file.tell() - offset
+        self.bytes_written += length
+        entries[layer] = (tuple(tensor.shape), tensor.dtype, _StorageInfo(DATA_FILE, offset, length))
+
+    def _write_object(self, unique_key: str, obj: object) -> _StorageInfo:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        offset = self._file.tell()
+        self._file.write(buf.getbuffer())
+        return _StorageInfo(DATA_FILE, offset, self._file.tell() - offset)
+
+    def finish(self) -> None:
+        """Write the DCP metadata, `common.pt` and Megatron's `metadata.json`."""
+        state: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
+        storage: dict[MetadataIndex, _StorageInfo] = {}
+        for key, entries in self._tensors.items():
+            if None in entries:  # plain tensor: one chunk covering it
+                shape, dtype, info = entries[None]
+                zero = torch.Size([0] * len(shape))
+                state[key] = TensorStorageMetadata(
+                    _properties(dtype), torch.Size(shape), [ChunkStorageMetadata(zero, torch.Size(shape))]
+                )
+                storage[MetadataIndex(key, zero)] = info
+                continue
+            n = len(entries)
+            missing = sorted(set(range(n)) - set(entries))
+            if missing:
+                raise CheckpointError(f"torch_dist writer: {key} is missing layers {missing}")
+            shapes = {(s, d) for s, d, _ in entries.values()}
+            if len(shapes) != 1:
+                raise CheckpointError(f"torch_dist writer: {key} has different shapes/dtypes across layers: {shapes}")
+            (shape, dtype), = shapes
+            chunks = []
+            for i in range(n):
+                offs = torch.Size([i] + [0] * len(shape))
+                chunks.append(ChunkStorageMetadata(offs, torch.Size([1, *shape])))
+                storage[MetadataIndex(key, offs)] = entries[i][2]
+            state[key] = TensorStorageMetadata(_properties(dtype), torch.Size([n, *shape]), chunks)
+            module = extra_state_module(key)
+            if module is not None:
+                for i in range(n):
+                    ukey = f"{module}._extra_state/shard_{i}_{n}"
+                    state[ukey] = BytesStorageMetadata()
+                    storage[MetadataIndex(ukey)] = self._write_object(ukey, [None])
+        _fsync(self._file)
+        self._file.close()
+        md = Metadata(state_dict_metadata=state, storage_data=storage)
+        with open(self.directory / DCP_METADATA, "wb") as f:
+            pickle.dump(md, f)
+            _fsync(f)
+        with open(self.directory / COMMON_FILE, "wb") as f:
+            torch.save({}, f)
+            _fsync(f)
+        (self.directory / MCORE_CONFIG_FILE).write_text(json.dumps(MCORE_CONFIG))
+
+    def close(self) -> None:
+        """Close the data file without finishing (on errors)."""
+        if not self._file.closed:
+            self._file.close()
+
+
+class _FileView(io.RawIOBase):
+    """A seekable read-only window [offset, offset + length) of an open file, for `torch.load`."""
+
+    def __init__(self, f: IO[bytes], offset: int, length: int) -> None:
+        self._f, self._start, self._len, self._pos = f, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._len}[whence]
+        self._pos = max(0, min(self._len, base + pos))
+        return self._pos
+
+    def readinto(self, buf) -> int:  # type: ignore[override]
+        n = min(len(buf), self._len - self._pos)
+        if n <= 0:
+            return 0
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(memoryview(buf)[:n])
+        self._pos += got
+        return got
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape and dtype of one full (per-layer) tensor in a torch_dist checkpoint."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class TorchDistReader:
+    """Read full per-layer tensors from a torch_dist checkpoint written by us or by Megatron at any TP/PP.
+
+    Only the chunks overlapping the requested layer are read (one `torch.load(weights_only=True)` record
+    at a time), so memory stays at about one tensor plus one chunk.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        md_path = self.directory / DCP_METADATA
+        if not md_path.is_file():
+            raise CheckpointError(f"{self.directory}: no {DCP_METADATA} (not a torch_dist checkpoint)")
+        try:
+            with open(md_path, "rb") as f:
+                self._md: Metadata = pickle.load(f)  # DCP's own format (torch's FileSystemReader does the same)
+        except (pickle.UnpicklingError, EOFError, AttributeError) as exc:
+            raise CheckpointError(f"{md_path}: unreadable DCP metadata ({exc})") from None
+        self._files: dict[str, IO[bytes]] = {}
+        self._names: dict[str, tuple[str, int | None]] = {}
+        for key, sm in self._md.state_dict_metadata.items():
+            if not isinstance(sm, TensorStorageMetadata) or key.startswith(IGNORED_PREFIXES):
+                continue
+            if _STACKED.match(key):
+                pre, rest = key.split(".layers.", 1)
+                for i in range(sm.size[0]):
+                    self._names[f"{pre}.layers.{i}.{rest}"] = (key, i)
+            else:
+                self._names[key] = (key, None)
+        self._by_offset = {(k.fqn, tuple(k.offset)): v for k, v in (self._md.storage_data or {}).items()
+                           if k.offset is not None}
+
+    def names(self) -> list[str]:
+        """Full per-layer tensor names (optimizer states and objects excluded)."""
+        return list(self._names)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def info(self, name: str) -> TensorInfo:
+        key, layer = self._lookup(name)
+        sm = self._md.state_dict_metadata[key]
+        shape = tuple(sm.size[1:] if layer is not None else sm.size)
+        return TensorInfo(shape, sm.properties.dtype)
+
+    def _lookup(self, name: str) -> tuple[str, int | None]:
+        try:
+            return self._names[name]
+        except KeyError:
+            raise CheckpointError(f"{self.directory}: no tensor {name!r} in the torch_dist checkpoint") from None
+
+    def _file(self, rel: str) -> IO[bytes]:
+        if rel not in self._files:
+            path = self.directory / rel
+            if not path.is_file():
+                raise CheckpointError(f"{path}: data file listed in {DCP_METADATA} is missing")
+            self._files[rel] = open(path, "rb")
+        return self._files[rel]
+
+    def _load_chunk(self, key: str, offsets: tuple[int, ...]) -> torch.Tensor:
+        info = self._by_offset.get((key, offsets))
+        if info is None:
+            raise CheckpointError(f"{self.directory}: no storage entry for {key} at {offsets}")
+        f = self._file(info.relative_path)
+        size = os.fstat(f.fileno()).st_size
+        if info.offset + info.length > size:
+            raise CheckpointError(
+                f"{self.directory / info.relative_path}: truncated ({size} bytes, {key} needs "
+                f"{info.offset + info.length})"
+            )
+        try:
+            return torch.load(_FileView(f, info.offset, info.length), map_location="cpu", weights_only=True)
+        except (RuntimeError, pickle.UnpicklingError, EOFError) as exc:
+            raise CheckpointError(f"{self.directory / info.relative_path}: corrupt record for {key} ({exc})") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        """The full tensor `name` (one layer of a stacked key), assembled from the chunks that cover it."""
+        key, layer = self._lookup(name)
+        sm: TensorStorageMetadata = self._md.state_dict_metadata[key]  # type: ignore[assignment]
+        lo = [0] * len(sm.size)
+        hi = list(sm.size)
+        if layer is not None:
+            lo[0], hi[0] = layer, layer + 1
+        parts = [c for c in sm.chunks
+                 if all(o < h and o + s > l for o, s, l, h in zip(c.offsets, c.sizes, lo, hi))]
+        if len(parts) == 1 and list(parts[0].offsets) == lo and [o + s for o, s in zip(parts[0].offsets, parts[0].sizes)] == hi:
+            out = self._load_chunk(key, tuple(parts[0].offsets))
+        else:
+            out = torch.empty([h - l for l, h in zip(lo, hi)], dtype=sm.properties.dtype)
+            covered = 0
+            for c in parts:
+                chunk = self._load_chunk(key, tuple(c.offsets))
+                src, dst = chunk, out
+                for d, (o, s, l, h) in enumerate(zip(c.offsets, c.sizes, lo, hi)):
+                    a, b = max(o, l), min(o + s, h)
+                    src, dst = src.narrow(d, a - o, b - a), dst.narrow(d, a - l, b - a)
+                dst.copy_(src)
+                covered += dst.numel()
+                del chunk
+            if covered != out.numel():
+                raise CheckpointError(f"{self.directory}: chunks of {key} do not cover layer {layer}")
+        return out[0] if layer is not None else out
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.names():
+            yield name, self.get(name)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def is_torch_dist(directory: Path) -> bool:
+    """True when `directory` looks like a torch_dist checkpoint (DCP metadata + Megatron backend tag)."""
+    d = Path(directory)
+    if not (d / DCP_METADATA).is_file():
+        return False
+    try:
+        cfg = json.loads((d / MCORE_CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return cfg.get("sharded_backend") == "torch_dist"
