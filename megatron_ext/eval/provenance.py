@@ -1,0 +1,23 @@
+"""Checkpoint provenance for result records: the metadata files a checkpoint directory carries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SKIP = {"tekken.json"}  # the tokenizer is large and says nothing about the recipe
+MAX_BYTES = 256 * 1024
+
+
+def checkpoint_provenance(checkpoint: str | Path) -> dict:
+    """Path plus every small JSON metadata file of the checkpoint (config, params, merge/training recipe)."""
+    path = Path(checkpoint).resolve()
+    files = {}
+    for file in sorted(path.glob("*.json")):
+        if file.name in SKIP or file.name.endswith(".index.json") or file.stat().st_size > MAX_BYTES:
+            continue
+        try:
+            files[file.name] = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue  # not metadata
+    return {"path": str(path), "metadata": files}

@@ -1,0 +1,141 @@
+"""Run one benchmark on one checkpoint: prompts -> batched greedy generation -> scores -> a result record.
+
+Predictions are appended per batch to a JSONL file, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from megatron_ext.eval.benchmarks import Benchmark, Sample, get_benchmark, load_samples
+from megatron_ext.eval.generation import Generator, load_generator
+from megatron_ext.eval.prompts import build_prompt, load_tokenizer
+from megatron_ext.eval.provenance import checkpoint_provenance
+from megatron_ext.eval.store import Record, checkpoint_identity, upsert, write_jsonl
+
+MAX_NEW_TOKENS = {"asr": 128, "spoken_qa": 64, "mcq": 16}
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def evaluate(
+    benchmark: str,
+    checkpoint: str | Path,
+    data: str | Path,
+    output: str | Path,
+    *,
+    name: str | None = None,
+    labels: dict | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    predictions: str | Path | None = None,
+    judge=None,
+    generator: Generator | None = None,
+    restart: bool = False,
+) -> Record:
+    """Score `checkpoint` on a local benchmark file and upsert the record into the `output` JSONL store.
+
+    `judge` (optional, spoken QA only) is an `AnswerJudge`; its verdict replaces the answer-contained match.
+    Predictions already in the predictions file are reused by sample id unless `restart` is set.
+    """
+    bench = get_benchmark(benchmark)
+    samples = load_samples(bench, data)
+    default_name, default_labels = checkpoint_identity(checkpoint)
+    name = name or default_name
+    output = Path(output)
+    predictions = Path(predictions) if predictions else output.parent / "predictions" / f"{_slug(name)}.{bench.name}.jsonl"
+    generator = generator or load_generator(checkpoint)
+    if bench.needs_audio and not generator.has_audio:
+        raise ValueError(f"{checkpoint}: no audio encoder, but benchmark {bench.name} needs audio")
+    tokenizer = load_tokenizer(checkpoint)
+    done = {} if restart else _resume(predictions, {s.id for s in samples})
+    write_jsonl(predictions, list(done.values()))  # drops rows of other ids and a torn last line
+    todo = [s for s in samples if s.id not in done]
+    limit = max_new_tokens or MAX_NEW_TOKENS[bench.kind]
+    with open(predictions, "a", encoding="utf-8") as sink, tqdm(total=len(samples), initial=len(done), desc=bench.name) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            outputs = generator.generate([build_prompt(tokenizer, bench, s) for s in batch], limit)
+            for sample, tokens in zip(batch, outputs):
+                row = _scored(bench, sample, tokenizer.decode(tokens), judge)
+                done[sample.id] = row
+                sink.write(json.dumps(row) + "\n")
+            sink.flush()
+            bar.update(len(batch))
+    scores = [done[s.id] for s in samples]
+    record = Record(
+        checkpoint=name, benchmark=bench.name, metric=bench.metric, value=bench.aggregate(scores),
+        higher_is_better=bench.higher_is_better, n=len(samples),
+        labels={**default_labels, **(labels or {})},
+        provenance=checkpoint_provenance(checkpoint),
+        source={
+            "data": str(Path(data).resolve()), "data_sha256": file_sha256(data), "predictions": str(predictions.resolve()),
+            "generator": generator.name, "max_new_tokens": limit, "judge": getattr(judge, "model", None),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+    )
+    upsert(output, record)
+    return record
+
+
+def _scored(bench: Benchmark, sample: Sample, prediction: str, judge) -> dict:
+    row = {"id": sample.id, "prediction": prediction, **bench.score(sample, prediction)}
+    if judge is not None and bench.kind == "spoken_qa":
+        row["contained"] = row["correct"]
+        row["correct"] = judge.correct(sample.fields.get("question", ""), sample.fields["answers"], prediction)
+    return row
+
+
+def _resume(predictions: Path, ids: set[str]) -> dict[str, dict]:
+    """Rows already predicted for this benchmark's ids (a torn last line from a crash is ignored)."""
+    if not predictions.exists():
+        return {}
+    done = {}
+    for line in predictions.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("id") in ids:
+            done[row["id"]] = row
+    return done
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def wer_of_files(references: str | Path, hypotheses: str | Path):
+    """Corpus WER of two `{"id", "text"}` JSONL files matched by id (every reference needs a hypothesis)."""
+    from megatron_ext.eval.metrics import corpus_wer
+
+    refs, hyps = _texts_by_id(references), _texts_by_id(hypotheses)
+    missing = sorted(set(refs) - set(hyps))
+    if missing:
+        raise ValueError(f"{hypotheses}: no hypothesis for {len(missing)} reference id(s), e.g. {missing[0]!r}")
+    ids = sorted(refs)
+    return corpus_wer([refs[i] for i in ids], [hyps[i] for i in ids])
+
+
+def _texts_by_id(path: str | Path) -> dict[str, str]:
+    texts = {}
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            texts[str(row["id"])] = str(row["text"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{number}: expected {{\"id\": ..., \"text\": ...}} ({type(e).__name__})") from e
+    return texts

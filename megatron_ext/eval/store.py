@@ -1,0 +1,126 @@
+"""Results store: JSONL files of records, one per (checkpoint, benchmark), each with its provenance.
+
+A record file holds one JSON object per line; writing a record replaces the line with the same
+(checkpoint, benchmark) key, through a temporary file renamed into place (never half-written).
+Reports read every `*.jsonl` file directly inside a results directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REQUIRED = ("checkpoint", "benchmark", "metric", "value", "higher_is_better")
+
+
+class StoreError(ValueError):
+    """A results file that cannot be read as records."""
+
+
+@dataclass
+class Record:
+    """One benchmark score of one checkpoint.
+
+    labels: what reports group by (role parent|merge|sft|final, method, alpha, config, mixture, step, ...).
+    provenance: the checkpoint's own metadata (config, merge/training recipe) as found beside its weights.
+    source: how the number was produced (data file and hash, predictions file, generator, time).
+    """
+
+    checkpoint: str
+    benchmark: str
+    metric: str
+    value: float
+    higher_is_better: bool
+    n: int = 0
+    labels: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.checkpoint, self.benchmark
+
+    @property
+    def percent(self) -> float:
+        """Accuracies as percentages (WER stays a fraction, as in the paper's tables)."""
+        return self.value * 100 if self.metric == "accuracy" else self.value
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """Records of one JSONL file; StoreError names the file and line of a bad one."""
+    path = Path(path)
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{path}:{number}: not JSON: {e.msg}") from e
+        missing = [k for k in REQUIRED if not isinstance(data, dict) or k not in data]
+        if missing:
+            raise StoreError(f"{path}:{number}: not a result record (missing {', '.join(missing)})")
+        known = {k: data[k] for k in Record.__dataclass_fields__ if k in data}
+        records.append(Record(**known))
+    return records
+
+
+def load_results(path: str | Path) -> list[Record]:
+    """All records of a results directory (its `*.jsonl` files) or of one file; later files win on a key."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"{path}: no such results file or directory")
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    merged: dict[tuple[str, str], Record] = {}
+    for file in files:
+        for record in read_records(file):
+            merged[record.key] = record
+    return list(merged.values())
+
+
+def upsert(path: str | Path, record: Record) -> None:
+    """Add `record` to a JSONL file, replacing any record with the same (checkpoint, benchmark)."""
+    path = Path(path)
+    kept = [r for r in read_records(path) if r.key != record.key] if path.exists() else []
+    write_jsonl(path, [asdict(r) for r in [*kept, record]])
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write rows as JSONL atomically (temporary file in the same directory, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def checkpoint_identity(checkpoint: str | Path) -> tuple[str, dict]:
+    """Default record name and step label of a checkpoint directory (`run/iter_0000050` -> `run@50`)."""
+    path = Path(checkpoint).resolve()
+    match = re.fullmatch(r"iter_(\d+)", path.name)
+    if match:
+        return f"{path.parent.name}@{int(match.group(1))}", {"step": int(match.group(1))}
+    return path.name, {}
+
+
+def parse_labels(pairs: list[str]) -> dict:
+    """`key=value` strings -> dict; numbers become numbers so reports can sort and plot them."""
+    labels = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"label {pair!r} is not key=value")
+        try:
+            labels[key] = json.loads(value)
+        except json.JSONDecodeError:
+            labels[key] = value
+    return labels
