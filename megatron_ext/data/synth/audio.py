@@ -2,23 +2,32 @@
 
 import base64
 import io
-from math import gcd
+import subprocess
 
 import numpy as np
 import soundfile as sf
-from scipy.signal import resample_poly
+
+from megatron_ext.data.synth.errors import SynthError
 
 SAMPLE_RATE = 16_000
 
 
+def _raw_f32(rate: int) -> list[str]:
+    return ["-t", "raw", "-e", "floating-point", "-b", "32", "-c", "1", "-r", str(rate)]
+
+
 def to_16k_mono(samples: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Downmix to mono and resample to 16 kHz (polyphase, deterministic), as float32 in [-1, 1]."""
+    """Downmix to mono and resample to 16 kHz with sox's (deterministic) resampler, float32 in [-1, 1]."""
     audio = np.asarray(samples, dtype=np.float32)
     if audio.ndim == 2:
-        audio = audio.mean(axis=1)
+        audio = audio.mean(axis=1, dtype=np.float32)
     if sample_rate != SAMPLE_RATE:
-        g = gcd(sample_rate, SAMPLE_RATE)
-        audio = resample_poly(audio, SAMPLE_RATE // g, sample_rate // g).astype(np.float32)
+        cmd = ["sox", "-V1", *_raw_f32(sample_rate), "-", *_raw_f32(SAMPLE_RATE), "-"]
+        try:
+            done = subprocess.run(cmd, input=audio.astype("<f4").tobytes(), capture_output=True, check=True)
+        except (OSError, subprocess.CalledProcessError) as e:
+            raise SynthError(f"sox resampling failed (is Debian sox installed? `make system-deps`): {e}") from e
+        audio = np.frombuffer(done.stdout, dtype="<f4").astype(np.float32)
     return np.clip(audio, -1.0, 1.0)
 
 

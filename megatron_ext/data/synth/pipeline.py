@@ -70,7 +70,7 @@ def _run_workers(cfg: SynthConfig, shards: list[int], total_rows: int) -> None:
     if cfg.workers == 1 or len(shards) == 1:
         _work(cfg, shards, total_rows, 0)
         return
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("fork")  # the parent holds no threads or engines; children start warm
     procs = [
         ctx.Process(target=_worker_main, args=(cfg, shards[w :: cfg.workers], total_rows, w))
         for w in range(min(cfg.workers, len(shards)))
