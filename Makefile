@@ -10,7 +10,7 @@ BUILD ?= build
 TINY ?= $(BUILD)/tiny
 APT_PACKAGES := espeak-ng sox pocketsphinx-testdata
 
-.PHONY: venv system-deps tiny demo test test-slow test-gpu lint clean
+.PHONY: venv system-deps tiny demo test test-slow test-gpu lint clean synth bench-synth
 
 # ---- environment ---------------------------------------------------------------------------------
 $(VENV)/.installed: requirements.txt requirements-test.txt constraints.txt
@@ -37,6 +37,14 @@ tiny: venv
 # ---- demo: the whole chain built so far, on the tiny models ----------------------------------------
 demo: tiny
 	@echo "demo: tiny parent models and tokenizers are in $(TINY) (see $(TINY)/MANIFEST.json)"
+
+# ---- synthetic spoken coding instructions (offline judge + piper TTS on the bundled sample) ------
+SYNTH_INPUT ?= examples/data/coding_trajectories.jsonl
+synth: venv
+	$(PYTHON) tools/synth_audio.py --input $(SYNTH_INPUT) --output $(BUILD)/synth --workers 2
+
+bench-synth: venv
+	$(PYTHON) tools/bench_synth.py --input $(SYNTH_INPUT) --workdir $(BUILD)/bench-synth
 
 # ---- tests ---------------------------------------------------------------------------------------
 test: venv
