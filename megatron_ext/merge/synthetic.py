@@ -1,0 +1,101 @@
+"""Synthetic parent pairs of any size (benchmarks, fault tests), generated and written block by block.
+
+Like the tiny models, both parents are a shared random base plus a per-parent delta (Devstral small,
+Voxtral larger), so merges have realistic geometry; unlike them, nothing is held whole in memory:
+every tensor is produced in blocks of rows from generators seeded by (seed, tensor, block), and the
+safetensors header is planned up front so data streams straight to disk.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from megatron_ext.config import DecoderConfig, EncoderConfig, ModelConfig
+from megatron_ext.merge.safetensors_io import header_bytes, read_header, read_tensor, tensor_bytes
+from megatron_ext.tiny import decoder_shapes, encoder_shapes, to_hf_names
+from megatron_ext.tokenizer.tekken_builder import build_tekken, devstral_spec, voxtral_spec, write_tekken
+
+BLOCK = 4 * 1024 * 1024
+DELTA = {"devstral": 0.05, "voxtral": 0.2}
+
+
+def _gen(*key: object) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _blocks(name: str, shape: tuple[int, ...], parent: str, seed: int, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """Rows of base + delta for one tensor, ~BLOCK elements at a time."""
+    rows, width = (shape[0], int(torch.Size(shape[1:]).numel())) if len(shape) > 1 else (1, shape[0])
+    scale = 1.0 if len(shape) == 1 or "embed" in name else width**-0.5
+    step = max(1, BLOCK // width)
+    for b, r in enumerate(range(0, rows, step)):
+        n = (min(rows, r + step) - r) * width
+        base = torch.randn(n, generator=_gen(seed, name, b)) * scale
+        if len(shape) == 1:
+            base += 1.0
+        delta = torch.randn(n, generator=_gen(seed, parent, name, b)) * (DELTA.get(parent, 0.0) * scale)
+        yield (base + delta).to(dtype)
+
+
+def write_streaming(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                    blocks: Callable[[str, tuple[int, ...], torch.dtype], Iterator[torch.Tensor]]) -> None:
+    """Write one safetensors file whose tensors arrive as blocks (header planned from `specs`)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header_bytes(specs, {"format": "pt"}))
+        for name, dtype, shape in specs:
+            for block in blocks(name, shape, dtype):
+                f.write(tensor_bytes(block))
+    tmp.replace(path)
+
+
+def write_parent(out: Path, cfg: ModelConfig, parent: str, seed: int, dtype: torch.dtype) -> Path:
+    """One synthetic HF checkpoint directory (`parent` is devstral or voxtral; layout from cfg)."""
+    out.mkdir(parents=True, exist_ok=True)
+    shapes = to_hf_names(decoder_shapes(cfg.decoder), cfg.hf_architecture)  # type: ignore[arg-type]
+    if cfg.encoder is not None:
+        shapes = {**encoder_shapes(cfg), **shapes}
+    specs = [(n, dtype, tuple(s)) for n, s in shapes.items()]
+
+    def blocks(name: str, shape: tuple[int, ...], dt: torch.dtype) -> Iterator[torch.Tensor]:
+        # The decoder is shared between parents up to the delta: generate it under its layout-free name.
+        key = name.removeprefix("language_model.").removeprefix("model.").replace("lm_head", "head")
+        return _blocks(key, shape, parent, seed, dt)
+
+    write_streaming(out / "model.safetensors", specs, blocks)
+    hf = {**cfg.to_hf(), "dtype": str(dtype).removeprefix("torch.")}
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    spec = voxtral_spec if cfg.has_audio else devstral_spec
+    write_tekken(build_tekken(spec(cfg.decoder.vocab_size)), out / "tekken.json")
+    return out
+
+
+def write_pair(out: Path, decoder: DecoderConfig, encoder: EncoderConfig, dtype: torch.dtype = torch.bfloat16,
+               seed: int = 0) -> tuple[Path, Path]:
+    """Devstral-like (MistralForCausalLM) and Voxtral-like (with audio stack) parents under `out`."""
+    dev = write_parent(out / "devstral", ModelConfig(decoder, hf_architecture="mistral"), "devstral", seed, dtype)
+    vox_cfg = ModelConfig(decoder, encoder, audio_token_id=24, projector_stack=4, hf_architecture="voxtral")
+    vox = write_parent(out / "voxtral", vox_cfg, "voxtral", seed, dtype)
+    return dev, vox
+
+
+def write_mistral_view(voxtral: Path, devstral: Path, out: Path) -> Path:
+    """Voxtral's decoder alone as a MistralForCausalLM checkpoint (for peers that only know that layout)."""
+    out.mkdir(parents=True, exist_ok=True)
+    entries, _ = read_header(voxtral / "model.safetensors")
+    rename = {n: ("lm_head.weight" if n == "language_model.lm_head.weight" else "model." + n.removeprefix("language_model.model."))
+              for n in entries if n.startswith("language_model.")}
+    specs = [(rename[n], entries[n].dtype, entries[n].shape) for n in rename]
+    by_new = {v: k for k, v in rename.items()}
+
+    def blocks(name: str, shape: tuple[int, ...], dt: torch.dtype) -> Iterator[torch.Tensor]:
+        yield read_tensor(entries[by_new[name]])
+
+    write_streaming(out / "model.safetensors", specs, blocks)
+    (out / "config.json").write_text((devstral / "config.json").read_text())
+    return out
