@@ -55,16 +55,36 @@ def until_eos(tokens: Sequence[int], eos_id: int = EOS_ID) -> list[int]:
 
 
 class HFGenerator:
-    """transformers model from an HF directory (VoxtralForConditionalGeneration or a causal LM), fp32 CPU."""
+    """A transformers model (VoxtralForConditionalGeneration or a causal LM) in fp32 on CPU."""
 
-    def __init__(self, checkpoint: str | Path):
+    def __init__(self, model: torch.nn.Module, name: str):
+        from transformers import VoxtralForConditionalGeneration
+
+        self.model = model.eval()
+        self.name = name
+        self.has_audio = isinstance(model, VoxtralForConditionalGeneration)
+
+    @classmethod
+    def from_hf_dir(cls, checkpoint: str | Path) -> HFGenerator:
+        """Load an HF checkpoint directory (config.json + safetensors)."""
         from transformers import AutoModelForCausalLM, VoxtralForConditionalGeneration
 
-        self.name = f"hf:{Path(checkpoint).name}"
         architectures = json.loads((Path(checkpoint) / "config.json").read_text()).get("architectures", [])
-        self.has_audio = "VoxtralForConditionalGeneration" in architectures
-        cls = VoxtralForConditionalGeneration if self.has_audio else AutoModelForCausalLM
-        self.model = cls.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+        model_cls = VoxtralForConditionalGeneration if "VoxtralForConditionalGeneration" in architectures else AutoModelForCausalLM
+        return cls(model_cls.from_pretrained(str(checkpoint), dtype=torch.float32), f"hf:{Path(checkpoint).name}")
+
+    @classmethod
+    def from_megatron_dir(cls, checkpoint: str | Path) -> HFGenerator:
+        """Export a Megatron torch_dist checkpoint to HF (the conversion tool, into a temporary directory) and load it."""
+        import tempfile
+
+        from megatron_ext.checkpoint.convert import convert
+
+        with tempfile.TemporaryDirectory(prefix="eval-hf-export-") as tmp:
+            convert(Path(checkpoint), Path(tmp) / "hf", "hf", progress=False)
+            generator = cls.from_hf_dir(Path(tmp) / "hf")
+        generator.name = f"hf-export:{Path(checkpoint).name}"
+        return generator
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[list[int]]:
@@ -83,8 +103,12 @@ class HFGenerator:
 
 
 def load_generator(checkpoint: str | Path) -> Generator:
-    """The generator for a checkpoint directory: HF layout (config.json + safetensors) for now."""
+    """The generator for a checkpoint directory: Megatron (checkpoint_meta.json) or HF (config.json)."""
+    from megatron_ext.checkpoint.metadata import META_FILE
+
     checkpoint = Path(checkpoint)
+    if (checkpoint / META_FILE).is_file():
+        return HFGenerator.from_megatron_dir(checkpoint)
     if (checkpoint / "config.json").is_file():
-        return HFGenerator(checkpoint)
-    raise ValueError(f"{checkpoint}: not a checkpoint directory this tool can load (no config.json)")
+        return HFGenerator.from_hf_dir(checkpoint)
+    raise ValueError(f"{checkpoint}: not a checkpoint directory (no {META_FILE} or config.json)")

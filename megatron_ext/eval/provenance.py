@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 SKIP = {"tekken.json"}  # the tokenizer is large and says nothing about the recipe
-MAX_BYTES = 256 * 1024
+MAX_BYTES = 1024 * 1024
+MERGE_FILE = "merge.json"  # written by tools/merge.py
+MERGE_PARAM_LABELS = {"alpha": "alpha", "density": "density", "epsilon": "epsilon", "lam": "lambda", "rescale": "rescale"}
 
 
 def checkpoint_provenance(checkpoint: str | Path) -> dict:
@@ -21,3 +23,14 @@ def checkpoint_provenance(checkpoint: str | Path) -> dict:
         except (json.JSONDecodeError, UnicodeDecodeError):
             continue  # not metadata
     return {"path": str(path), "metadata": files}
+
+
+def labels_from_provenance(provenance: dict) -> dict:
+    """Report labels a checkpoint's own metadata implies (a merge recipe -> role, method and its parameters)."""
+    merge = provenance.get("metadata", {}).get(MERGE_FILE)
+    if not isinstance(merge, dict):
+        return {}
+    params = merge.get("params", {})
+    labels = {"role": "merge", "method": merge.get("method", params.get("method"))}
+    labels |= {label: params[key] for key, label in MERGE_PARAM_LABELS.items() if key in params}
+    return labels

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from megatron_ext.eval.benchmarks import Benchmark, Sample, get_benchmark, load_samples
 from megatron_ext.eval.generation import Generator, load_generator
 from megatron_ext.eval.prompts import build_prompt, load_tokenizer
-from megatron_ext.eval.provenance import checkpoint_provenance
+from megatron_ext.eval.provenance import checkpoint_provenance, labels_from_provenance
 from megatron_ext.eval.store import Record, checkpoint_identity, upsert, write_jsonl
 
 MAX_NEW_TOKENS = {"asr": 128, "spoken_qa": 64, "mcq": 16}
@@ -74,11 +74,12 @@ def evaluate(
             sink.flush()
             bar.update(len(batch))
     scores = [done[s.id] for s in samples]
+    provenance = checkpoint_provenance(checkpoint)
     record = Record(
         checkpoint=name, benchmark=bench.name, metric=bench.metric, value=bench.aggregate(scores),
         higher_is_better=bench.higher_is_better, n=len(samples),
-        labels={**default_labels, **(labels or {})},
-        provenance=checkpoint_provenance(checkpoint),
+        labels={**default_labels, **labels_from_provenance(provenance), **(labels or {})},
+        provenance=provenance,
         source={
             "data": str(Path(data).resolve()), "data_sha256": file_sha256(data), "predictions": str(predictions.resolve()),
             "generator": generator.name, "max_new_tokens": limit, "judge": getattr(judge, "model", None),

@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from megatron_ext.eval.provenance import checkpoint_provenance
+from megatron_ext.eval.provenance import checkpoint_provenance, labels_from_provenance
 from megatron_ext.eval.runner import file_sha256
 from megatron_ext.eval.store import Record, checkpoint_identity, upsert
 
@@ -51,9 +51,11 @@ def ingest_swebench(
         raise ValueError(f"{report_path}: cannot read harness results: {e}") from e
     rate, resolved, instances = resolved_rate(report, total, str(report_path))
     default_name, default_labels = checkpoint_identity(checkpoint)
+    provenance = checkpoint_provenance(checkpoint)
     record = Record(
         checkpoint=name or default_name, benchmark="swebench", metric="accuracy", value=rate, higher_is_better=True,
-        n=instances, labels={**default_labels, **(labels or {})}, provenance=checkpoint_provenance(checkpoint),
+        n=instances, labels={**default_labels, **labels_from_provenance(provenance), **(labels or {})},
+        provenance=provenance,
         source={
             "data": str(report_path.resolve()), "data_sha256": file_sha256(report_path), "resolved": resolved,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
