@@ -1,0 +1,164 @@
+"""Megatron AudioLanguageModel vs HF transformers on the tiny parents: fp32, CPU, max-abs 1e-5 on logits."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from megatron_ext.checkpoint import mapping
+from megatron_ext.compat.cpu import destroy_distributed, init_distributed
+from megatron_ext.config import ModelConfig
+from megatron_ext.models.audio_features import audio_tokens_per_chunk, load_audio, log_mel_chunks
+from megatron_ext.models.audio_lm import AudioLanguageModel
+from megatron_ext.models.build import BuildConfig, build_model
+from megatron_ext.models.loading import load_full_tensors
+from megatron_ext.tiny import DEVSTRAL, DEVSTRAL2, VOXTRAL
+
+TOL = 1e-5  # fp32 max-abs on logits / encoder states
+LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox/sense_and_sensibility_01_austen_64kb-0930.wav")
+PER_CHUNK = audio_tokens_per_chunk()  # 375
+AUDIO, BEGIN_AUDIO, INST, END_INST = 24, 25, 3, 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def dist() -> None:
+    init_distributed(tp=1, pp=1)
+    yield
+    destroy_distributed()
+
+
+def _dequantized(path: Path) -> dict[str, torch.Tensor]:
+    raw = load_file(str(path / "model.safetensors"))
+    out = {}
+    for name, t in raw.items():
+        if name.endswith("weight_scale_inv"):
+            continue
+        scale = raw.get(name.removesuffix("weight") + "weight_scale_inv")
+        out[name] = t.float() * scale if scale is not None else t
+    return out
+
+
+def _megatron(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> AudioLanguageModel:
+    model = build_model(cfg, BuildConfig(init_weights=False))
+    load_full_tensors(model, dict(mapping.hf_to_megatron(cfg, hf.__getitem__)).__getitem__)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def voxtral(tiny_dir: Path):
+    hf = transformers.VoxtralForConditionalGeneration.from_pretrained(tiny_dir / "voxtral-hf", dtype=torch.float32)
+    return _megatron(VOXTRAL, load_file(str(tiny_dir / "voxtral-hf" / "model.safetensors"))), hf.eval()
+
+
+def _text_ids(n: int, seed: int, batch: int = 1) -> torch.Tensor:
+    return torch.randint(1000, 2048, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _audio_prompt(chunks_per_clip: list[int]) -> torch.Tensor:
+    ids = [1, INST]
+    for chunks in chunks_per_clip:
+        ids += [BEGIN_AUDIO] + [AUDIO] * (PER_CHUNK * chunks)
+    return torch.tensor([ids + [END_INST, 1100, 1500, 1999]])
+
+
+@torch.no_grad()
+def _max_diff(model: AudioLanguageModel, hf, ids: torch.Tensor, features: torch.Tensor | None = None) -> float:
+    ours = model(ids, torch.arange(ids.shape[1]).expand_as(ids), audio_features=features)
+    ref = hf(input_ids=ids, input_features=features).logits if features is not None else hf(input_ids=ids).logits
+    assert ours.shape == ref.shape
+    return (ours - ref).abs().max().item()
+
+
+def test_voxtral_text_only(voxtral) -> None:
+    assert _max_diff(*voxtral, _text_ids(24, 0, batch=2)) < TOL
+
+
+def test_voxtral_one_clip(voxtral) -> None:
+    features = log_mel_chunks(load_audio(LIBRIVOX))
+    assert features.shape == (1, 128, 3000)
+    assert _max_diff(*voxtral, _audio_prompt([1]), features) < TOL
+
+
+def test_voxtral_two_clips(voxtral) -> None:
+    speech = load_audio(LIBRIVOX)
+    features = torch.cat([log_mel_chunks(speech), log_mel_chunks(speech.flip(0))])
+    assert _max_diff(*voxtral, _audio_prompt([1, 1]), features) < TOL
+
+
+def test_voxtral_clips_in_a_batch_follow_row_order(voxtral) -> None:
+    speech = load_audio(LIBRIVOX)
+    features = torch.cat([log_mel_chunks(speech), log_mel_chunks(-speech)])
+    ids = torch.cat([_audio_prompt([1]), _audio_prompt([1])])
+    ids[1, -1] = 1234
+    assert _max_diff(*voxtral, ids, features) < TOL
+
+
+def test_voxtral_31s_clip_is_two_chunks(voxtral) -> None:
+    speech = load_audio(LIBRIVOX)
+    clip = speech.repeat(31 * 16000 // speech.numel() + 1)[: 31 * 16000]
+    features = log_mel_chunks(clip)
+    assert features.shape == (2, 128, 3000)
+    assert _max_diff(*voxtral, _audio_prompt([2]), features) < TOL
+
+
+@torch.no_grad()
+def test_encoder_alone_matches_hf(voxtral) -> None:
+    model, hf = voxtral
+    features = torch.randn(2, 128, 3000, generator=torch.Generator().manual_seed(3))
+    ours = model.audio_encoder(features).transpose(0, 1)  # [1500, chunks, d] -> [chunks, 1500, d]
+    ref = hf.model.audio_tower(features).last_hidden_state
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max().item() < TOL
+
+
+def test_devstral_text(tiny_dir: Path) -> None:
+    hf = transformers.MistralForCausalLM.from_pretrained(tiny_dir / "devstral-hf", dtype=torch.float32).eval()
+    model = _megatron(DEVSTRAL, load_file(str(tiny_dir / "devstral-hf" / "model.safetensors")))
+    assert _max_diff(model, hf, _text_ids(40, 1, batch=2)) < TOL
+
+
+@pytest.fixture(scope="module")
+def devstral2(tiny_dir: Path):
+    """Devstral-2 (YaRN factor 48 over 32 positions, llama-4 scaling); FP8 weights dequantised for both sides."""
+    weights = _dequantized(tiny_dir / "devstral2-hf")
+    hf_cfg = json.loads((tiny_dir / "devstral2-hf" / "config.json").read_text())
+    hf_cfg.pop("quantization_config")
+    hf = transformers.Ministral3ForCausalLM(transformers.Ministral3Config(**hf_cfg)).eval()
+    hf.load_state_dict(weights)
+    return _megatron(DEVSTRAL2, weights), hf
+
+
+def test_devstral2_yarn_and_query_scaling_past_original_context(devstral2) -> None:
+    model, hf = devstral2
+    ids = _text_ids(100, 2, batch=2)  # > original_max_position_embeddings (32): YaRN and llama-4 scale active
+    assert DEVSTRAL2.decoder.rope.original_max_position_embeddings < ids.shape[1]
+    assert _max_diff(model, hf, ids) < TOL
+    # The query scaling is really exercised: without it the logits move well past the tolerance.
+    rope = model.language_model.rope
+    model.language_model.rope = dataclasses.replace(rope, llama4_scaling_beta=None)
+    try:
+        assert _max_diff(model, hf, ids) > 100 * TOL
+    finally:
+        model.language_model.rope = rope
+
+
+@torch.no_grad()
+def test_devstral2_packed_rows_use_true_positions(devstral2) -> None:
+    """Two samples packed in one row (positions restart, block-causal mask) == each sample alone."""
+    model, _ = devstral2
+    a, b = _text_ids(40, 4), _text_ids(60, 5)
+    packed = torch.cat([a, b], dim=1)
+    positions = torch.cat([torch.arange(40), torch.arange(60)])[None]
+    seg = torch.cat([torch.zeros(40), torch.ones(60)])
+    causal = torch.ones(100, 100).tril().bool()
+    mask = ~(causal & (seg[:, None] == seg[None, :]))[None, None]  # True = masked (Megatron convention)
+    out = model(packed, positions, attention_mask=mask)
+    alone_a, alone_b = model(a, torch.arange(40)[None]), model(b, torch.arange(60)[None])
+    assert (out[:, :40] - alone_a).abs().max().item() < TOL
+    assert (out[:, 40:] - alone_b).abs().max().item() < TOL
