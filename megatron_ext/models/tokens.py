@@ -1,0 +1,28 @@
+"""Special token ids the model needs, read from the checkpoint's tokenizer (never hard-coded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron_ext.config import ConfigError, ModelConfig
+
+
+def audio_token_id(tekken_path: str | Path) -> int:
+    """Id of `[AUDIO]` in a tekken.json (mistral-common); ConfigError if the tokenizer has none."""
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    tokenizer = MistralTokenizer.from_file(str(tekken_path)).instruct_tokenizer.tokenizer
+    try:
+        return int(tokenizer.get_special_token("[AUDIO]"))
+    except ValueError:
+        raise ConfigError(f"{tekken_path}: tokenizer has no [AUDIO] special token") from None
+
+
+def check_audio_token(cfg: ModelConfig, tekken_path: str | Path) -> ModelConfig:
+    """The config with its audio_token_id confirmed by the tokenizer (error naming both on a mismatch)."""
+    if cfg.encoder is None:
+        return cfg
+    token = audio_token_id(tekken_path)
+    if cfg.audio_token_id != token:
+        raise ConfigError(f"audio_token_id={cfg.audio_token_id} in the config but [AUDIO] is {token} in {tekken_path}")
+    return cfg
