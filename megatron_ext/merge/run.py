@@ -2,7 +2,7 @@
 
 The output is Voxtral's layout (it carries the audio stack): the audio tower and projector are copied
 byte for byte from Voxtral, decoder tensors are merged by the method, embeddings and LM head by the
-tokenizer-aware rules. Shards are written into `<output>.partial/` and renamed when complete; a
+tokenizer-aware rules. Shards are written into `.<output>.partial-merge/` and renamed when complete; a
 re-run with the same plan resumes after the last finished shard (DELLA draws are seeded per tensor,
 so a resumed result is identical). Reads run one tensor ahead in a thread and writes behind in another,
 so disk and compute overlap while at most a few tensors are in memory.
@@ -258,7 +258,7 @@ def run_merge(job: MergeJob) -> Summary:
             log.info("%s already holds this merge; nothing to do", final)
             return Summary(final)
         raise MergeError(f"{final} already exists (remove it or choose another --output)")
-    tmp = final.with_name(final.name + ".partial")
+    tmp = final.with_name(f".{final.name}.partial-merge")  # hidden; loaders refuse ".partial-" names
     summary = Summary(final)
     _prepare_tmp(tmp, plan_id)
     try:

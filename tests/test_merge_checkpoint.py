@@ -1,0 +1,217 @@
+"""Merged checkpoints on the tiny parents: audio stack verbatim, tokenizer-aware rows, rope and provenance
+metadata, HF loadability, DELLA with a base, the grid, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from megatron_ext.merge.methods import MergeParams, linear
+from megatron_ext.merge.run import MergeJob, run_merge
+from megatron_ext.tokenizer.align import TokenizerAlignment
+
+ROOT = Path(__file__).resolve().parents[1]
+EMB, HEAD = "language_model.model.embed_tokens.weight", "language_model.lm_head.weight"
+
+
+def _merge(tiny: Path, out: Path, **kw) -> Path:
+    params = MergeParams(**{"method": "linear", "alpha": 0.1, **kw.pop("params", {})})
+    run_merge(MergeJob(tiny / "devstral-hf", tiny / "voxtral-hf", out, params, **{"rope_from": "devstral", **kw},
+                       progress=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def linear_out(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _merge(tiny_dir, tmp_path_factory.mktemp("lin") / "out")
+
+
+def test_audio_stack_copied_bit_for_bit(tiny_dir: Path, linear_out: Path) -> None:
+    vox = load_file(tiny_dir / "voxtral-hf/model.safetensors")
+    out = load_file(linear_out / "model.safetensors")
+    audio = [n for n in vox if n.startswith(("audio_tower.", "multi_modal_projector."))]
+    assert len(audio) == 39 and set(out) == set(vox)
+    for n in audio:
+        assert out[n].dtype == vox[n].dtype and out[n].view(torch.uint8).equal(vox[n].view(torch.uint8)), n
+
+
+@pytest.mark.parametrize("method", ["linear", "slerp"])
+def test_embedding_and_head_rows_follow_tokenizer_rules(tiny_dir: Path, tmp_path: Path, method: str) -> None:
+    out = load_file(_merge(tiny_dir, tmp_path / "o", params={"method": method, "alpha": 0.3}) / "model.safetensors")
+    dev = load_file(tiny_dir / "devstral-hf/model.safetensors")
+    vox = load_file(tiny_dir / "voxtral-hf/model.safetensors")
+    alignment = TokenizerAlignment.load(tmp_path / "o/tokenizer_map.json")
+    for name, dname in ((EMB, "model.embed_tokens.weight"), (HEAD, "lm_head.weight")):
+        m, d, v = out[name], dev[dname], vox[name]
+        for rank in (24, 25, 34):  # Voxtral-only: copied from Voxtral's old rank (same rank under our rule)
+            assert torch.equal(m[alignment.voxtral_to_merged[rank]], v[rank])
+        for rank in (32, 33, 100):  # Devstral-only and a placeholder: Devstral's row
+            assert torch.equal(m[rank], d[rank])
+        for rank in (1, 3, 9):  # common, both rows non-trivial: Voxtral-weight-alpha average
+            assert torch.equal(m[rank], linear([d[rank], v[rank]], [0.7, 0.3]))
+        if method == "linear":
+            assert torch.equal(m[1000:], linear([d[1000:], v[1000:]], [0.7, 0.3]))
+    assert json.loads((tmp_path / "o/config.json").read_text())["audio_token_id"] == 24
+
+
+def test_output_loads_in_transformers_with_rope_and_tokenizer(tiny_dir: Path, linear_out: Path) -> None:
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+    from transformers import VoxtralForConditionalGeneration
+
+    model, info = VoxtralForConditionalGeneration.from_pretrained(linear_out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ref = load_file(linear_out / "model.safetensors")
+    assert torch.equal(model.get_input_embeddings().weight, ref[EMB])
+    cfg = json.loads((linear_out / "config.json").read_text())
+    assert cfg["text_config"]["rope_parameters"] == {"rope_theta": 1e8, "rope_type": "default"}
+    assert cfg["merge"]["method"] == "linear" and cfg["merge"]["rope_from"] == "devstral"
+    tok = MistralTokenizer.from_file(str(linear_out / "tekken.json")).instruct_tokenizer.tokenizer
+    assert tok.get_special_token("[AUDIO]") == 24 and tok.get_special_token("[ARGS]") == 32
+
+
+def test_provenance(tiny_dir: Path, linear_out: Path) -> None:
+    prov = json.loads((linear_out / "merge.json").read_text())
+    assert prov["method"] == "linear" and prov["params"] == {"method": "linear", "alpha": 0.1}
+    assert set(prov["parents"]) == {"devstral", "voxtral"}
+    assert all(len(p["content_sha256"]) == 64 for p in prov["parents"].values())
+    alignment = TokenizerAlignment.load(linear_out / "tokenizer_map.json")
+    assert prov["tokenizer_map_sha256"] == alignment.sha256()
+    assert prov["rope"]["theta"] == 1e8 and "seed" in prov
+
+
+def test_explicit_yarn_rope_is_stored(tiny_dir: Path, tmp_path: Path) -> None:
+    from megatron_ext.config import ModelConfig, RopeConfig
+
+    rope = RopeConfig(theta=1e8, type="yarn", factor=48.0, original_max_position_embeddings=8192, beta_fast=32.0,
+                      beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)
+    out = _merge(tiny_dir, tmp_path / "o", rope=rope, rope_from=None)
+    cfg = ModelConfig.from_hf(json.loads((out / "config.json").read_text()))
+    assert cfg.decoder.rope == rope
+
+
+def test_della_with_common_base_and_schedule(tiny_dir: Path, tmp_path: Path) -> None:
+    params = {"method": "della", "alpha": 0.5, "density": 0.4, "epsilon": 0.1, "lam": 1.0, "rescale": "per_weight",
+              "mlp_density_boost": 0.3, "early_layers": 1, "early_lambda_scale": 0.0}
+    out = load_file(_merge(tiny_dir, tmp_path / "o", base=tiny_dir / "base-hf", params=params) / "model.safetensors")
+    base = load_file(tiny_dir / "base-hf/model.safetensors")
+    # early_lambda_scale 0: layer 0 is exactly the base; layer 1 moved away from it
+    for n in ("self_attn.q_proj.weight", "mlp.up_proj.weight"):
+        assert torch.equal(out[f"language_model.model.layers.0.{n}"], base[f"model.layers.0.{n}"])
+        assert not torch.equal(out[f"language_model.model.layers.1.{n}"], base[f"model.layers.1.{n}"])
+
+
+def test_grid_runs_every_configuration_and_resumes(tiny_dir: Path, tmp_path: Path) -> None:
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("defaults: {seed: 0}\nruns:\n  - {name: lin, method: linear, alpha: 0.1}\n"
+                    "  - {name: sl, method: slerp, alpha: 0.5}\n"
+                    "  - {name: della, method: della, density: 0.35, epsilon: 0.12, lambda: 1.05}\n")
+    cmd = [sys.executable, ROOT / "tools/merge.py", "--devstral", tiny_dir / "devstral-hf", "--voxtral",
+           tiny_dir / "voxtral-hf", "--output", tmp_path / "grid", "--rope-from", "devstral", "--grid", grid, "--no-progress"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    manifest = json.loads((tmp_path / "grid/manifest.json").read_text())
+    assert [r["name"] for r in manifest["runs"]] == ["lin", "sl", "della"]
+    assert manifest["runs"][2]["params"]["lam"] == 1.05
+    mtime = (tmp_path / "grid/lin/model.safetensors").stat().st_mtime_ns
+    subprocess.run(cmd, check=True, capture_output=True)  # re-run: finished configurations are kept as they are
+    assert (tmp_path / "grid/lin/model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_shape_mismatch_is_logged_and_skipped(tiny_dir: Path, tmp_path: Path, caplog) -> None:
+    vox = tmp_path / "vox"
+    shutil.copytree(tiny_dir / "voxtral-hf", vox)
+    sd = load_file(vox / "model.safetensors")
+    name = "language_model.model.layers.1.self_attn.o_proj.weight"
+    sd[name] = torch.randn(96, 96)
+    save_file(sd, str(vox / "model.safetensors"))
+    summary = run_merge(MergeJob(tiny_dir / "devstral-hf", vox, tmp_path / "o", MergeParams(method="linear"),
+                                 rope_from="voxtral", progress=False))
+    assert summary.skipped_shape_mismatch == [name]
+    assert torch.equal(load_file(tmp_path / "o/model.safetensors")[name], sd[name])
+    assert name in caplog.text
+
+
+# ---- bad input: one-line errors, non-zero exit, no output --------------------------------------------
+def _variant(tiny: Path, tmp: Path, which: str, edit) -> Path:
+    d = tmp / f"{which}-bad"
+    shutil.copytree(tiny / f"{which}-hf", d)
+    sd = load_file(d / "model.safetensors")
+    cfg = json.loads((d / "config.json").read_text())
+    edit(sd, cfg, d)
+    save_file(sd, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def _drop_layer(sd, cfg, d):
+    for n in [n for n in sd if ".layers.1." in n]:
+        del sd[n]
+    cfg["num_hidden_layers"] = 1
+
+
+def _drop_tensor(sd, cfg, d):
+    del sd["model.layers.0.mlp.down_proj.weight"]
+
+
+def _nan(sd, cfg, d):
+    sd["model.layers.1.self_attn.k_proj.weight"][3, 5] = float("nan")
+
+
+def _other_vocab(sd, cfg, d):
+    from megatron_ext.tokenizer.tekken_builder import build_tekken, devstral_spec, write_tekken
+
+    write_tekken(build_tekken(devstral_spec(2304)), d / "tekken.json")
+
+
+BAD = {
+    "layers": (_drop_layer, [], "decoder.num_layers"),
+    "missing": (_drop_tensor, [], "missing tensors"),
+    "nan": (_nan, [], "model.layers.1.self_attn.k_proj.weight contains NaN"),
+    "vocab": (_other_vocab, [], "num_vocab_tokens differs"),
+    "alpha": (None, ["--alpha", "1.5"], "alpha=1.5"),
+    "window": (None, ["--method", "della", "--density", "0.5", "--epsilon", "0.6"], "must lie in (0, 1]"),
+    "rope": (None, [], "rope settings must be chosen"),
+}
+
+
+def _run_tool(argv: list) -> str:
+    """Run tools/merge.py's main() in this process; returns its exit message (it must exit non-zero)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("merge_tool", ROOT / "tools/merge.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    old = sys.argv
+    sys.argv = ["merge.py", *map(str, argv)]
+    try:
+        with pytest.raises(SystemExit) as exc:
+            tool.main()
+    finally:
+        sys.argv = old
+    return str(exc.value.code)
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_one_line_error(tiny_dir: Path, tmp_path: Path, case: str) -> None:
+    edit, extra, message = BAD[case]
+    dev = _variant(tiny_dir, tmp_path, "devstral", edit) if edit else tiny_dir / "devstral-hf"
+    args = ["--method", "linear", "--rope-from", "devstral"] + extra
+    if case == "rope":
+        args = ["--method", "linear"]
+    msg = _run_tool(["--devstral", dev, "--voxtral", tiny_dir / "voxtral-hf", "--output", tmp_path / "out",
+                     "--no-progress", *args])
+    assert msg.startswith("error: ") and "\n" not in msg and message in msg, msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_exit_status_and_stderr(tiny_dir: Path, tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, ROOT / "tools/merge.py", "--devstral", tiny_dir / "devstral-hf", "--voxtral",
+                          tiny_dir / "voxtral-hf", "--output", tmp_path / "out", "--method", "slerp", "--alpha", "-0.1",
+                          "--rope-from", "voxtral"], capture_output=True, text=True)
+    assert res.returncode == 1 and res.stderr.strip() == "error: alpha=-0.1: must lie in [0, 1]"
