@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_ext.data.synth.bench import bench_rows_per_s  # noqa: E402
+from megatron_ext.data.synth.bench import bench_run  # noqa: E402
 from megatron_ext.data.synth.tts import OFFLINE_ENGINES  # noqa: E402
 
 
@@ -21,12 +21,13 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2, help="worker count compared with 1")
     a = p.parse_args()
     shutil.rmtree(a.workdir, ignore_errors=True)
-    one = bench_rows_per_s(a.input, a.workdir, 1, a.copies, a.tts_engine)
-    many = bench_rows_per_s(a.input, a.workdir, a.workers, a.copies, a.tts_engine)
-    print(f"engine={a.tts_engine} rows/run={sum(1 for _ in a.input.open()) * a.copies}")
-    print(f"1 worker:  {one:.3f} rows/s")
-    print(f"{a.workers} workers: {many:.3f} rows/s")
-    print(f"speed-up:  {many / one:.2f}x (goal >= 1.8x for 2 workers)")
+    one = bench_run(a.input, a.workdir, 1, a.copies, a.tts_engine)
+    many = bench_run(a.input, a.workdir, a.workers, a.copies, a.tts_engine)
+    print(f"engine={a.tts_engine} rows/run={one.rows}")
+    for n, r in ((1, one), (a.workers, many)):
+        print(f"{n} worker(s): {r.rows_per_s:.3f} rows/s ({r.wall_s:.1f} s wall, {r.cpu_s:.1f} CPU-s: "
+              f"{r.cpu_s / r.wall_s:.2f} cores busy)")
+    print(f"speed-up: {many.rows_per_s / one.rows_per_s:.2f}x (goal >= 1.8x for 2 workers)")
     return 0
 
 
