@@ -13,11 +13,12 @@ from safetensors.torch import load_file
 
 from megatron_ext.checkpoint import mapping
 from megatron_ext.compat.cpu import destroy_distributed, init_distributed
-from megatron_ext.config import ModelConfig
+from megatron_ext.config import ConfigError, ModelConfig
 from megatron_ext.models.audio_features import audio_tokens_per_chunk, load_audio, log_mel_chunks
-from megatron_ext.models.audio_lm import AudioLanguageModel
+from megatron_ext.models.audio_lm import AudioLanguageModel, AudioTokenMismatch
 from megatron_ext.models.build import BuildConfig, build_model
 from megatron_ext.models.loading import load_full_tensors
+from megatron_ext.models.tokens import audio_token_id, check_audio_token
 from megatron_ext.tiny import DEVSTRAL, DEVSTRAL2, VOXTRAL
 
 TOL = 1e-5  # fp32 max-abs on logits / encoder states
@@ -162,3 +163,23 @@ def test_devstral2_packed_rows_use_true_positions(devstral2) -> None:
     alone_a, alone_b = model(a, torch.arange(40)[None]), model(b, torch.arange(60)[None])
     assert (out[:, :40] - alone_a).abs().max().item() < TOL
     assert (out[:, 40:] - alone_b).abs().max().item() < TOL
+
+
+def test_audio_token_count_mismatch_is_an_error(voxtral) -> None:
+    model, _ = voxtral
+    features = torch.zeros(1, 128, 3000)
+    ids = _audio_prompt([1])
+    ids[0, 10] = 1500  # one [AUDIO] token fewer than the chunk's 375 embeddings
+    with pytest.raises(AudioTokenMismatch, match=r"374 \[AUDIO\] tokens \(id 24\) .* 375 audio embeddings"):
+        model(ids, audio_features=features)
+    with pytest.raises(AudioTokenMismatch, match=r"375 \[AUDIO\] tokens .* but 0 audio embeddings"):
+        model(_audio_prompt([1]))
+
+
+def test_audio_token_id_comes_from_the_tokenizer(tiny_dir: Path) -> None:
+    assert audio_token_id(tiny_dir / "voxtral-hf" / "tekken.json") == VOXTRAL.audio_token_id
+    with pytest.raises(ConfigError, match="no \\[AUDIO\\]"):
+        audio_token_id(tiny_dir / "devstral-hf" / "tekken.json")
+    wrong = dataclasses.replace(VOXTRAL, audio_token_id=25)
+    with pytest.raises(ConfigError, match="audio_token_id=25 in the config but \\[AUDIO\\] is 24"):
+        check_audio_token(wrong, tiny_dir / "voxtral-hf" / "tekken.json")

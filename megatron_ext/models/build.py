@@ -76,15 +76,6 @@ def _divisors(n: int) -> list[int]:
 
 def validate_parallelism(cfg: ModelConfig, tp: int, cp: int = 1, pp: int = 1, with_audio: bool = True) -> None:
     """Refuse layouts the model cannot run, with one line naming the setting, value and allowed values."""
-    dec = cfg.decoder
-    if dec.num_query_groups % tp:
-        raise ConfigError(
-            f"tensor_model_parallel_size={tp}: the decoder's {dec.num_query_groups} KV groups need TP in "
-            f"{_divisors(dec.num_query_groups)}"
-        )
-    for name, size in (("vocab_size", dec.vocab_size), ("ffn_hidden_size", dec.ffn_hidden_size)):
-        if size % tp:
-            raise ConfigError(f"tensor_model_parallel_size={tp}: decoder.{name}={size} is not divisible by it")
     audio = with_audio and cfg.encoder is not None
     if audio:
         heads = cfg.encoder.num_attention_heads
@@ -95,6 +86,15 @@ def validate_parallelism(cfg: ModelConfig, tp: int, cp: int = 1, pp: int = 1, wi
             )
         if cp != 1:
             raise ConfigError(f"context_parallel_size={cp}: must be 1 while the audio encoder is active (allowed: 1)")
+    dec = cfg.decoder
+    if dec.num_query_groups % tp:
+        raise ConfigError(
+            f"tensor_model_parallel_size={tp}: the decoder's {dec.num_query_groups} KV groups need TP in "
+            f"{_divisors(dec.num_query_groups)}"
+        )
+    for name, size in (("vocab_size", dec.vocab_size), ("ffn_hidden_size", dec.ffn_hidden_size)):
+        if size % tp:
+            raise ConfigError(f"tensor_model_parallel_size={tp}: decoder.{name}={size} is not divisible by it")
     if dec.num_layers % pp:
         raise ConfigError(
             f"pipeline_model_parallel_size={pp}: the decoder's {dec.num_layers} layers need PP in "
