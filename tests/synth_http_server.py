@@ -49,8 +49,12 @@ def _chat(body: dict, break_schema: bool) -> tuple[int, bytes, str]:
         return 400, b'{"error": "json_schema response_format required"}', "application/json"
     decision, spoken = rules.classify(body["messages"][-1]["content"])
     content = json.dumps({"decision": "MAYBE"} if break_schema else {"decision": decision, "spoken_text": spoken})
-    reply = {"id": "chatcmpl-test", "object": "chat.completion", "model": body["model"],
-             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}
+    reply = {
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "model": body["model"],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+    }
     return 200, json.dumps(reply).encode(), "application/json"
 
 
@@ -59,9 +63,10 @@ def _speech(body: dict) -> tuple[int, bytes, str]:
     prefix = "data:audio/wav;base64,"
     if not ref.startswith(prefix) or not body.get("ref_text") or not body.get("input"):
         return 400, b'{"error": "input, ref_audio (wav data URL) and ref_text required"}', "application/json"
-    sf.info(io.BytesIO(base64.b64decode(ref[len(prefix):])))  # the reference must be real audio
-    wav = subprocess.run(["espeak-ng", "-v", "en-us", "--stdout"], input=body["input"].encode(),
-                         capture_output=True, check=True).stdout
+    sf.info(io.BytesIO(base64.b64decode(ref[len(prefix) :])))  # the reference must be real audio
+    wav = subprocess.run(
+        ["espeak-ng", "-v", "en-us", "--stdout"], input=body["input"].encode(), capture_output=True, check=True
+    ).stdout
     return 200, wav, "audio/wav"
 
 

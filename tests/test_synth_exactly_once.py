@@ -25,9 +25,23 @@ def _input(tmp_path: Path, copies: int = 3) -> Path:
 
 
 def _command(inp: Path, out: Path) -> list[str]:
-    return [sys.executable, str(ROOT / "tools" / "synth_audio.py"), "--input", str(inp), "--output", str(out),
-            "--workers", "2", "--num-shards", "3", "--tts-engine", "espeak", "--concurrency", "2",
-            "--skip-energon-prepare"]
+    return [
+        sys.executable,
+        str(ROOT / "tools" / "synth_audio.py"),
+        "--input",
+        str(inp),
+        "--output",
+        str(out),
+        "--workers",
+        "2",
+        "--num-shards",
+        "3",
+        "--tts-engine",
+        "espeak",
+        "--concurrency",
+        "2",
+        "--skip-energon-prepare",
+    ]
 
 
 def _outputs(out: Path) -> dict[str, bytes]:
@@ -35,8 +49,9 @@ def _outputs(out: Path) -> dict[str, bytes]:
     files = {p.name: p.read_bytes() for p in [*out.glob("samples-*.jsonl"), *out.glob("wds/*.tar")]}
     for p in out.glob("judgments-*.jsonl"):
         records = [json.loads(line) for line in p.read_text().splitlines()]
-        files[p.name] = json.dumps(sorted(({**r, "latency_s": 0} for r in records),
-                                          key=lambda r: (r["row"], r["message"]))).encode()
+        files[p.name] = json.dumps(
+            sorted(({**r, "latency_s": 0} for r in records), key=lambda r: (r["row"], r["message"]))
+        ).encode()
     return files
 
 

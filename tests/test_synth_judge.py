@@ -31,14 +31,13 @@ def test_rewrite_drops_formatting_keeps_tokens_and_turns_lists_into_prose():
     text = "## Bug 🐛\nPlease fix `load_cfg()` in src/app/config.py:\n1. read **port** 8080\n2. keep 'db_url'"
     decision, spoken = rules.classify(text)
     assert decision == "REWRITE"
-    assert spoken == ("Bug. Please fix load_cfg() in src/app/config.py: "
-                      "First, read port 8080. Finally, keep 'db_url'.")
+    assert spoken == ("Bug. Please fix load_cfg() in src/app/config.py: First, read port 8080. Finally, keep 'db_url'.")
     assert lost_tokens(text, spoken) == []
 
 
 def test_direct_and_no_decisions():
     assert RuleJudge().judge("Please run the tests again.").decision == "DIRECT"
-    assert RuleJudge().judge("Traceback (most recent call last):\n  File \"a.py\", line 1").decision == "NO"
+    assert RuleJudge().judge('Traceback (most recent call last):\n  File "a.py", line 1').decision == "NO"
     assert rules.classify("🙏 🎉")[0] == "NO"  # nothing left to say once the emoji are gone
 
 
@@ -57,7 +56,8 @@ def test_http_judge_uses_json_schema_and_retries_server_errors():
         path, headers, body = server.requests[-1]
     assert len(server.requests) == 3 and path == "/v1/chat/completions"
     assert body["response_format"]["type"] == "json_schema" and body["model"] == "judge-test"
-    assert (verdict.decision, verdict.spoken_text, verdict.error) == ("REWRITE", "Please add a cache to get_user().", None)
+    expected = ("REWRITE", "Please add a cache to get_user().", None)
+    assert (verdict.decision, verdict.spoken_text, verdict.error) == expected
 
 
 def test_http_judge_timeouts_become_a_logged_error_not_a_crash(monkeypatch):

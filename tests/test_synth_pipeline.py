@@ -38,10 +38,10 @@ def test_cli_offline_run_keeps_structure_and_prepares_energon_shards(tmp_path, c
     inputs = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
     got = samples(out)
     assert [s["synth"]["row"] for s in got] == list(range(1, len(inputs) + 1))
-    for src, dst in zip(inputs, got):
+    for src, dst in zip(inputs, got, strict=True):
         assert dst["tools"] == src["tools"] and dst["id"] == src["id"]
         assert [m["role"] for m in dst["messages"]] == [m["role"] for m in src["messages"]]
-        for a, b in zip(src["messages"], dst["messages"]):
+        for a, b in zip(src["messages"], dst["messages"], strict=True):
             if a["role"] != "user":
                 assert a == b  # system prompt, tool calls and tool results untouched
         for turn in dst["synth"]["turns"]:
@@ -74,8 +74,15 @@ def test_http_endpoints_with_faults_keep_every_sample(tmp_path):
     with FakeEndpoints() as server:
         server.faults["/v1/chat/completions"].append("500")
         server.faults["/v1/audio/speech"].extend(["500", "500"])
-        cfg = offline(tmp_path, judge_url=server.base_url, judge_model="judge", tts_url=server.base_url,
-                      tts_model="clone", concurrency=4, retry=RetryPolicy(timeout_s=5, retries=0))
+        cfg = offline(
+            tmp_path,
+            judge_url=server.base_url,
+            judge_model="judge",
+            tts_url=server.base_url,
+            tts_model="clone",
+            concurrency=4,
+            retry=RetryPolicy(timeout_s=5, retries=0),
+        )
         report = run(cfg)
     assert report["rows_done"] == 16 and report["judge_errors"] == 1 and report["tts_failures"] == 2
     assert report["voiced"] in (7, 8)  # 10 speakable turns, 2 TTS failures, the judge error may hit one of them
@@ -106,10 +113,17 @@ def test_bad_rows_are_reported_with_row_numbers_and_kept(tmp_path, capsys):
     report = run(cfg)
     assert report["rows_done"] == len(BAD_ROWS) and report["voiced"] == 1
     assert [(r["row"], r["error"].split(": ")[1]) for r in report["invalid_rows"]] == [
-        (2, "json"), (3, "messages[0].role"), (4, "messages"), (5, "messages[0].content"), (8, "line")]
-    assert report["skipped_turns"] == {"empty content": {"count": 1, "rows": [7]},
-                                       "non-string content": {"count": 1, "rows": [9]},
-                                       "too long": {"count": 1, "rows": [6]}}
+        (2, "json"),
+        (3, "messages[0].role"),
+        (4, "messages"),
+        (5, "messages[0].content"),
+        (8, "line"),
+    ]
+    assert report["skipped_turns"] == {
+        "empty content": {"count": 1, "rows": [7]},
+        "non-string content": {"count": 1, "rows": [9]},
+        "too long": {"count": 1, "rows": [6]},
+    }
     got = samples(cfg.output)
     assert [s["raw"] for s in got if "raw" in s] == [BAD_ROWS[i] for i in (1, 2, 3, 4, 7)]
     assert json.loads(BAD_ROWS[5])["messages"] == got[5]["messages"]  # huge message kept as text

@@ -25,8 +25,10 @@ def main() -> int:
     many = bench_run(a.input, a.workdir, a.workers, a.copies, a.tts_engine)
     print(f"engine={a.tts_engine} rows/run={one.rows}")
     for n, r in ((1, one), (a.workers, many)):
-        print(f"{n} worker(s): {r.rows_per_s:.3f} rows/s ({r.wall_s:.1f} s wall, {r.cpu_s:.1f} CPU-s: "
-              f"{r.cpu_s / r.wall_s:.2f} cores busy)")
+        print(
+            f"{n} worker(s): {r.rows_per_s:.3f} rows/s ({r.wall_s:.1f} s wall, {r.cpu_s:.1f} CPU-s: "
+            f"{r.cpu_s / r.wall_s:.2f} cores busy)"
+        )
     print(f"speed-up: {many.rows_per_s / one.rows_per_s:.2f}x (goal >= 1.8x for 2 workers)")
     return 0
 

@@ -39,17 +39,36 @@ def parse_args(argv: list[str] | None = None) -> SynthConfig:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP request")
     p.add_argument("--retries", type=int, default=3, help="retries per HTTP request (exponential backoff)")
     p.add_argument("--max-chars", type=int, default=4000, help="longer user messages stay text")
-    p.add_argument("--on-bad-row", choices=BAD_ROW_POLICIES, default="keep",
-                   help="keep: invalid rows are logged and kept raw; fail: stop at the first one")
-    p.add_argument("--skip-energon-prepare", action="store_true",
-                   help="do not run `energon prepare` on DIR/wds when all shards are done")
+    p.add_argument(
+        "--on-bad-row",
+        choices=BAD_ROW_POLICIES,
+        default="keep",
+        help="keep: invalid rows are logged and kept raw; fail: stop at the first one",
+    )
+    p.add_argument(
+        "--skip-energon-prepare",
+        action="store_true",
+        help="do not run `energon prepare` on DIR/wds when all shards are done",
+    )
     a = p.parse_args(argv)
     return SynthConfig(
-        input=a.input, output=a.output, workers=a.workers, num_shards=a.num_shards or a.workers, shard=a.shard,
-        judge_url=a.judge_url, judge_model=a.judge_model, tts_url=a.tts_url, tts_model=a.tts_model,
-        tts_engine=a.tts_engine, voices=a.voices, seed=a.seed, concurrency=a.concurrency,
-        max_chars=a.max_chars, on_bad_row=a.on_bad_row,
-        energon_prepare=not a.skip_energon_prepare, retry=RetryPolicy(timeout_s=a.timeout, retries=a.retries),
+        input=a.input,
+        output=a.output,
+        workers=a.workers,
+        num_shards=a.num_shards or a.workers,
+        shard=a.shard,
+        judge_url=a.judge_url,
+        judge_model=a.judge_model,
+        tts_url=a.tts_url,
+        tts_model=a.tts_model,
+        tts_engine=a.tts_engine,
+        voices=a.voices,
+        seed=a.seed,
+        concurrency=a.concurrency,
+        max_chars=a.max_chars,
+        on_bad_row=a.on_bad_row,
+        energon_prepare=not a.skip_energon_prepare,
+        retry=RetryPolicy(timeout_s=a.timeout, retries=a.retries),
     )
 
 

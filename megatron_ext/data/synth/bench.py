@@ -33,8 +33,15 @@ def bench_run(sample: Path, workdir: Path, workers: int, copies: int, engine: st
     workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / "input.jsonl"
     data.write_text(sample.read_text() * copies)
-    cfg = SynthConfig(input=data, output=workdir / f"workers{workers}", workers=workers, num_shards=workers,
-                      tts_engine=engine, concurrency=1, energon_prepare=False)
+    cfg = SynthConfig(
+        input=data,
+        output=workdir / f"workers{workers}",
+        workers=workers,
+        num_shards=workers,
+        tts_engine=engine,
+        concurrency=1,
+        energon_prepare=False,
+    )
     start, cpu = time.perf_counter(), _cpu_s()
     report = run(cfg)
     return BenchResult(report["rows_done"], time.perf_counter() - start, _cpu_s() - cpu)

@@ -77,4 +77,3 @@ def claim_output(cfg: SynthConfig) -> None:
     if changed:
         diffs = ", ".join(f"{k} was {recorded.get(k)!r} now {identity[k]!r}" for k in changed)
         raise SynthError(f"{cfg.output} holds a run with other settings ({diffs}); use a new --output")
-

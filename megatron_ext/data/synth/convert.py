@@ -28,7 +28,13 @@ class RowConverter:
     """Judge + TTS for rows of one input file; `cache` holds judgments logged by an earlier attempt."""
 
     def __init__(
-        self, input_name: str, judge: Judge, tts: TTS, voices: list[RefVoice], seed: int, max_chars: int,
+        self,
+        input_name: str,
+        judge: Judge,
+        tts: TTS,
+        voices: list[RefVoice],
+        seed: int,
+        max_chars: int,
         cache: dict[tuple[int, int], dict],
     ):
         self.input_name, self.judge, self.tts, self.voices = input_name, judge, tts, voices

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -45,7 +44,7 @@ def post_json(url: str, payload: dict, policy: RetryPolicy, key: str | None = No
             last = f"HTTP {e.code}"
             if e.code not in RETRYABLE_STATUS:
                 break
-        except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError) as e:
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
             reason = getattr(e, "reason", e)
-            last = "timeout" if isinstance(reason, (TimeoutError, socket.timeout)) else f"{type(e).__name__}: {reason}"
+            last = "timeout" if isinstance(reason, TimeoutError) else f"{type(e).__name__}: {reason}"
     raise EndpointError(f"POST {url} failed after {attempt + 1} attempt(s): {last}")

@@ -37,5 +37,5 @@ def score_wer(samples_files: list[Path], cpu_threads: int = 2) -> dict:
         hyps.append(normalize(" ".join(s.text for s in segments)))
     if not refs:
         return {"turns": 0, "wer": None, "worst": []}
-    worst = sorted(((jiwer.wer(r, h), r, h) for r, h in zip(refs, hyps)), reverse=True)[:3]
+    worst = sorted(((jiwer.wer(r, h), r, h) for r, h in zip(refs, hyps, strict=True)), reverse=True)[:3]
     return {"turns": len(refs), "wer": round(jiwer.wer(refs, hyps), 4), "worst": worst}

@@ -21,8 +21,7 @@ _CODE_LINE = re.compile(r"^(?: {4}|\t)\S|[;{}]\s*$|^\s*(?:def|class|import|from|
 _EMOJI = re.compile("[\U0001f000-\U0001faff\u2600-\u27bf\u2b50\u2b55\ufe0f\u200d]")
 _ENGLISH = set(
     "the a an to of and in is it for on with this that be are not can please i you we my our me "
-    "fix add make why how what when should does do but so if from by at as or use"
-    .split()
+    "fix add make why how what when should does do but so if from by at as or use".split()
 )
 _LIST_ITEM = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+(.*)$")
 _HEADER = re.compile(r"^\s*#{1,6}\s+")

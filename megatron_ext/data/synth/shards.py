@@ -86,8 +86,12 @@ def ordered_map(fn: Callable[..., Converted], items: Iterable[tuple], concurrenc
 
 
 def process_shard(
-    paths: ShardPaths, input_path: Path, total_rows: int, make_converter: Callable[[dict], RowConverter],
-    concurrency: int, position: int = 0,
+    paths: ShardPaths,
+    input_path: Path,
+    total_rows: int,
+    make_converter: Callable[[dict], RowConverter],
+    concurrency: int,
+    position: int = 0,
 ) -> bool:
     """Finish one shard (resuming if needed); False if another process holds it."""
     with reserved(paths.lock) as mine:
@@ -105,8 +109,15 @@ def process_shard(
         with (
             open(paths.samples, "a", encoding="utf-8") as samples,
             open(paths.judgments, "a", encoding="utf-8") as judgments,
-            tqdm(total=size, initial=done, desc=f"shard {paths.tag}", unit="row", position=position,
-                 leave=False, file=sys.stderr) as bar,
+            tqdm(
+                total=size,
+                initial=done,
+                desc=f"shard {paths.tag}",
+                unit="row",
+                position=position,
+                leave=False,
+                file=sys.stderr,
+            ) as bar,
         ):
             for result in ordered_map(converter.convert, todo, concurrency):
                 if result.warning:

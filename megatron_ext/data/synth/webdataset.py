@@ -60,8 +60,20 @@ def write_tar(samples_jsonl: Path, tar_path: Path) -> int:
 def energon_prepare(wds_dir: Path) -> None:
     """Run `energon prepare` non-interactively (all data in the train split, CrudeWebdataset samples)."""
     exe = shutil.which("energon") or str(Path(sys.executable).with_name("energon"))
-    cmd = [exe, "prepare", str(wds_dir), "--non-interactive", "--split-ratio", "1,0,0", "--force-overwrite",
-           "--sample-type", "CrudeWebdataset", "--no-progress", "--num-workers", "1"]
+    cmd = [
+        exe,
+        "prepare",
+        str(wds_dir),
+        "--non-interactive",
+        "--split-ratio",
+        "1,0,0",
+        "--force-overwrite",
+        "--sample-type",
+        "CrudeWebdataset",
+        "--no-progress",
+        "--num-workers",
+        "1",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
