@@ -62,7 +62,8 @@ def test_gqa_order_and_zero_k_bias(tiny_dir: Path) -> None:
     block = (r + 2) * hd
     g = 1  # second group: q heads 4..7, then k_1, then v_1
     assert torch.equal(qkv[g * block : g * block + r * hd], hf[pre + "q_proj.weight"][g * r * hd : (g + 1) * r * hd])
-    assert torch.equal(qkv[g * block + r * hd : g * block + (r + 1) * hd], hf[pre + "k_proj.weight"][g * hd : (g + 1) * hd])
+    k_rows = qkv[g * block + r * hd : g * block + (r + 1) * hd]
+    assert torch.equal(k_rows, hf[pre + "k_proj.weight"][g * hd : (g + 1) * hd])
     assert torch.equal(qkv[(g + 1) * block - hd : (g + 1) * block], hf[pre + "v_proj.weight"][g * hd : (g + 1) * hd])
     fc1 = meg["language_model.decoder.layers.0.mlp.linear_fc1.weight"]
     assert torch.equal(fc1[: d.ffn_hidden_size], hf["language_model.model.layers.0.mlp.gate_proj.weight"])
@@ -80,3 +81,20 @@ def test_bad_shape_names_the_tensor(tiny_dir: Path) -> None:
     hf["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(5, 96)
     with pytest.raises(mapping.MappingError, match="layers.1.self_attention.linear_qkv.weight"):
         dict(mapping.hf_to_megatron(DEVSTRAL, hf.__getitem__))
+
+
+def test_megatron_getter_reads_only_what_it_needs(tiny_dir: Path) -> None:
+    hf = _read(tiny_dir / "voxtral-hf")
+    reads: list[str] = []
+
+    def get(name: str) -> torch.Tensor:
+        reads.append(name)
+        return hf[name]
+
+    full = dict(mapping.hf_to_megatron(VOXTRAL, hf.__getitem__))
+    one = mapping.megatron_getter(VOXTRAL, get)
+    name = "audio_encoder.decoder.layers.1.self_attention.linear_qkv.bias"
+    assert torch.equal(one(name), full[name])
+    assert reads == ["audio_tower.layers.1.self_attn.q_proj.bias", "audio_tower.layers.1.self_attn.v_proj.bias"]
+    with pytest.raises(KeyError):
+        one("language_model.no.such.tensor")

@@ -116,7 +116,9 @@ def _decoder_rules(cfg: ModelConfig) -> list[Rule]:
 def _encoder_rules() -> list[Rule]:
     m, h = "audio_encoder.decoder.layers.{i}.", "audio_tower.layers.{i}."
     qkv = m + "self_attention.linear_qkv."
-    rules = [Rule(f"audio_encoder.conv{c}.{p}", (f"audio_tower.conv{c}.{p}",)) for c in (1, 2) for p in ("weight", "bias")]
+    rules = [
+        Rule(f"audio_encoder.conv{c}.{p}", (f"audio_tower.conv{c}.{p}",)) for c in (1, 2) for p in ("weight", "bias")
+    ]
     for p in ("weight", "bias"):
         rules += [
             Rule(qkv + f"layer_norm_{p}", (h + f"self_attn_layer_norm.{p}",)),
@@ -165,11 +167,20 @@ def _apply(rule: Rule, fn: Callable, arg, cfg: ModelConfig):
         raise MappingError(f"{rule.megatron}: {rule.transform.name} failed on {list(rule.hf)}: {exc}") from None
 
 
+def _to_megatron(rule: Rule, cfg: ModelConfig, get: Getter) -> torch.Tensor:
+    return _apply(rule, rule.transform.to_megatron, [get(name) for name in rule.hf], cfg)
+
+
 def hf_to_megatron(cfg: ModelConfig, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (Megatron name, tensor) for every Megatron tensor, reading HF tensors lazily with `get`."""
     for rule in rules(cfg):
-        parts = [get(name) for name in rule.hf]
-        yield rule.megatron, _apply(rule, rule.transform.to_megatron, parts, cfg)
+        yield rule.megatron, _to_megatron(rule, cfg, get)
+
+
+def megatron_getter(cfg: ModelConfig, get: Getter) -> Getter:
+    """Random access by Megatron name over an HF source: reads only that tensor's HF parts (KeyError if unknown)."""
+    table = {rule.megatron: rule for rule in rules(cfg)}
+    return lambda name: _to_megatron(table[name], cfg, get)
 
 
 def megatron_to_hf(cfg: ModelConfig, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
