@@ -83,8 +83,10 @@ def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> t
     """MagPrune keep probability per element: within each row, magnitude rank r=1..n (ascending) maps
     linearly onto [density-eps, density+eps]; 1-D tensors are one row."""
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32)
+    order = rows.abs().argsort(dim=1)
     n = rows.shape[1]
+    ranks = torch.empty(order.shape, dtype=torch.float32)
+    ranks.scatter_(1, order, torch.arange(n, dtype=torch.float32).expand(order.shape))  # rank of each element
     frac = ranks / (n - 1) if n > 1 else torch.zeros_like(ranks)
     return ((density - epsilon) + frac * (2 * epsilon)).reshape(delta.shape)
 

@@ -259,7 +259,7 @@ def run_merge(job: MergeJob) -> Summary:
             return Summary(final)
         raise MergeError(f"{final} already exists (remove it or choose another --output)")
     tmp = final.with_name(f".{final.name}.partial-merge")  # hidden; loaders refuse ".partial-" names
-    summary = Summary(final)
+    summary = Summary(final, tensors=Counter(it.kind for it in items))
     _prepare_tmp(tmp, plan_id)
     try:
         _write_shards(tmp, items, job, dev, vox, base, alignment, summary)
@@ -287,9 +287,9 @@ def _write_shards(tmp: Path, items: list[Item], job: MergeJob, dev: HFParent, vo
     names = shard_names(len(shards))
     todo: list[tuple[Path, list]] = []
     for fname, shard in zip(names, shards):
-        if (tmp / fname).is_file() and (tmp / f"{fname}.crc.json").is_file():
+        if (tmp / fname).is_file() and (tmp / f"{fname}.state.json").is_file():
             summary.resumed_shards += 1
-            _restore_crc(tmp / f"{fname}.crc.json", dev, vox, base)
+            _restore_state(tmp / f"{fname}.state.json", dev, vox, base, summary)
             continue
         todo.append((tmp / fname, shard))
     index = {n: fname for fname, shard in zip(names, shards) for n, _, _ in shard}
@@ -322,7 +322,6 @@ def _write_shards(tmp: Path, items: list[Item], job: MergeJob, dev: HFParent, vo
                     out = _produce(it, fut.result(), job, alignment, summary)
                     if out.dtype != dtype or tuple(out.shape) != tuple(shape):
                         raise MergeError(f"{name}: produced {out.dtype} {list(out.shape)}, planned {dtype} {list(shape)}")
-                    summary.tensors[it.kind] += 1
                     if last_write is not None:
                         last_write.result()
                     last_write = writer.submit(f.write, tensor_bytes(out))
@@ -330,7 +329,11 @@ def _write_shards(tmp: Path, items: list[Item], job: MergeJob, dev: HFParent, vo
                 if last_write is not None:
                     last_write.result()
                 f.flush()
-            _write_json(path.with_name(path.name + ".crc.json"), _crc_by_parent(shard, by_name, dev, vox, base))
+            state = {"crc": _crc_by_parent(shard, by_name, dev, vox, base),
+                     "special_rows": {k: v for k, v in summary.special_rows.items() if k.split(":")[0] in index
+                                      and index[k.split(":")[0]] == path.name},
+                     "skipped": [n for n in summary.skipped_shape_mismatch if index[n] == path.name]}
+            _write_json(path.with_name(path.name + ".state.json"), state)
             part.rename(path)
     bar.close()
 
@@ -348,11 +351,14 @@ def _crc_by_parent(shard: list, by_name: dict[str, Item], dev: HFParent, vox: HF
     return out
 
 
-def _restore_crc(path: Path, dev: HFParent, vox: HFParent, base: HFParent | None) -> None:
+def _restore_state(path: Path, dev: HFParent, vox: HFParent, base: HFParent | None, summary: Summary) -> None:
+    """Checksums and row statistics of a shard finished by an earlier (interrupted) run."""
     data = json.loads(path.read_text())
     for label, p in (("devstral", dev), ("voxtral", vox), ("base", base)):
         if p is not None:
-            p.crc.update(data.get(label, {}))
+            p.crc.update(data["crc"].get(label, {}))
+    summary.special_rows.update(data["special_rows"])
+    summary.skipped_shape_mismatch += data["skipped"]
 
 
 def _output_config(vox_cfg: ModelConfig, rope: RopeConfig, alignment: TokenizerAlignment) -> ModelConfig:
@@ -402,8 +408,8 @@ def _write_metadata(tmp: Path, cfg: ModelConfig, vox: HFParent, merged_tok: dict
         index_tmp.rename(tmp / "model.safetensors.index.json")
     else:
         index_tmp.unlink()
-    for crc in tmp.glob("*.crc.json"):
-        crc.unlink()
+    for state in tmp.glob("*.state.json"):
+        state.unlink()
 
 
 def _write_json(path: Path, data: Any) -> None:
