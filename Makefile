@@ -10,7 +10,7 @@ BUILD ?= build
 TINY ?= $(BUILD)/tiny
 APT_PACKAGES := espeak-ng sox pocketsphinx-testdata
 
-.PHONY: venv system-deps tiny demo test test-slow test-gpu lint clean synth bench-synth
+.PHONY: venv system-deps tiny demo test test-slow test-gpu lint clean synth bench-synth eval eval-data eval-model eval-sft report
 
 # ---- environment ---------------------------------------------------------------------------------
 $(VENV)/.installed: requirements.txt requirements-test.txt constraints.txt
@@ -37,6 +37,8 @@ tiny: venv
 # ---- demo: the whole chain built so far, on the tiny models ----------------------------------------
 demo: tiny
 	@echo "demo: tiny parent models and tokenizers are in $(TINY) (see $(TINY)/MANIFEST.json)"
+	$(MAKE) eval report
+	@echo "demo: eval records in $(EVAL_RESULTS)/records.jsonl; tables and figures in $(REPORT_DIR) (index: $(REPORT_DIR)/REPORT.md)"
 
 # ---- synthetic spoken coding instructions (offline judge + piper TTS on the bundled sample) ------
 SYNTH_INPUT ?= examples/data/coding_trajectories.jsonl
@@ -45,6 +47,58 @@ synth: venv
 
 bench-synth: venv
 	$(PYTHON) tools/bench_synth.py --input $(SYNTH_INPUT) --workdir $(BUILD)/bench-synth
+
+# ---- evaluation and report (tiny models; example benchmarks in examples/eval, voiced with espeak-ng) ----
+# `make eval` scores EVAL_MODEL (default: the tiny linear alpha=0.1 merge, built here) on every benchmark,
+# plus the tiny parents; `make eval-sft EVAL_SFT_RUN=DIR` scores each DIR/iter_* checkpoint of an SFT run;
+# `make report` regenerates all tables and figures from the results store.
+EVAL_DIR ?= $(BUILD)/eval
+EVAL_DATA := $(EVAL_DIR)/data
+EVAL_RESULTS ?= $(EVAL_DIR)/results
+EVAL_MODEL ?= $(EVAL_DIR)/models/linear-0.1
+EVAL_SFT_RUN ?=
+EVAL_SFT_LABELS ?= --label base=$(notdir $(EVAL_MODEL))
+REPORT_DIR ?= $(BUILD)/report
+REPORT_TENSORBOARD ?=
+EVAL_ARGS ?= --max-new-tokens 32
+EVALUATE := $(PYTHON) tools/evaluate.py
+EVAL_STORE := --output $(EVAL_RESULTS)/records.jsonl
+SWEBENCH_EXAMPLE := examples/eval/swebench_report.json
+AUDIO_BENCHES := librispeech fleurs llama_questions mmlu_audio
+
+eval-data: venv
+	@mkdir -p $(EVAL_DATA)
+	$(PYTHON) tools/voice_benchmark.py fleurs --data examples/eval/fleurs_text.jsonl --output $(EVAL_DATA)/fleurs.jsonl
+	$(PYTHON) tools/voice_benchmark.py llama_questions --data examples/eval/llama_questions_text.jsonl --output $(EVAL_DATA)/llama_questions.jsonl
+	$(PYTHON) tools/voice_benchmark.py mmlu_audio --data examples/eval/mmlu_text.jsonl --output $(EVAL_DATA)/mmlu_audio.jsonl
+	cp examples/eval/librispeech.jsonl examples/eval/mmlu_text.jsonl $(EVAL_DATA)/
+
+eval-model: tiny
+	test -e $(EVAL_MODEL) || $(PYTHON) tools/merge.py --devstral $(TINY)/devstral-hf --voxtral $(TINY)/voxtral-hf \
+	  --output $(EVAL_MODEL) --method linear --alpha 0.1 --rope-from devstral --no-progress
+
+eval: eval-data eval-model
+	for b in $(AUDIO_BENCHES) mmlu_text; do \
+	  $(EVALUATE) $$b --checkpoint $(EVAL_MODEL) --data $(EVAL_DATA)/$$b.jsonl $(EVAL_ARGS) $(EVAL_STORE) || exit 1; done
+	$(EVALUATE) swebench --checkpoint $(EVAL_MODEL) --data $(SWEBENCH_EXAMPLE) $(EVAL_STORE)
+	for b in $(AUDIO_BENCHES) mmlu_text; do $(EVALUATE) $$b --checkpoint $(TINY)/voxtral-hf --name voxtral \
+	  --label role=parent --label "display=Voxtral (tiny)" --data $(EVAL_DATA)/$$b.jsonl $(EVAL_ARGS) $(EVAL_STORE) || exit 1; done
+	$(EVALUATE) mmlu_text --checkpoint $(TINY)/devstral-hf --name devstral --label role=parent \
+	  --label "display=Devstral (tiny)" --data $(EVAL_DATA)/mmlu_text.jsonl $(EVAL_ARGS) $(EVAL_STORE)
+	$(EVALUATE) swebench --checkpoint $(TINY)/devstral-hf --name devstral --label role=parent \
+	  --label "display=Devstral (tiny)" --data $(SWEBENCH_EXAMPLE) $(EVAL_STORE)
+	@echo "eval: records in $(EVAL_RESULTS)/records.jsonl, per-sample predictions in $(EVAL_RESULTS)/predictions/"
+
+eval-sft: eval-data
+	test -n "$(EVAL_SFT_RUN)" || { echo "set EVAL_SFT_RUN=DIR (an SFT run with iter_* checkpoints)"; exit 1; }
+	for ckpt in $(EVAL_SFT_RUN)/iter_*; do \
+	  for b in mmlu_audio llama_questions mmlu_text; do $(EVALUATE) $$b --checkpoint $$ckpt --label role=sft \
+	    --label config=$(notdir $(EVAL_SFT_RUN)) $(EVAL_SFT_LABELS) --data $(EVAL_DATA)/$$b.jsonl $(EVAL_ARGS) $(EVAL_STORE) || exit 1; done; \
+	  $(EVALUATE) swebench --checkpoint $$ckpt --label role=sft --label config=$(notdir $(EVAL_SFT_RUN)) \
+	    $(EVAL_SFT_LABELS) --data $(SWEBENCH_EXAMPLE) $(EVAL_STORE) || exit 1; done
+
+report: venv
+	$(PYTHON) tools/report.py --results $(EVAL_RESULTS) --output $(REPORT_DIR) $(foreach d,$(REPORT_TENSORBOARD),--tensorboard $(d))
 
 # ---- tests ---------------------------------------------------------------------------------------
 test: venv
