@@ -85,6 +85,7 @@ def test_ddp_optimizer_schedule_with_and_without_distributed_optimizer(dist1: No
     assert plain == pytest.approx(sharded, abs=1e-6)
 
 
+@pytest.mark.slow  # a torch_dist save spawns its async writer: ~8 s
 def test_dist_checkpointing_round_trip(dist1: None, tmp_path: Path) -> None:
     from megatron.core import dist_checkpointing
 

@@ -149,19 +149,19 @@ def _free_port() -> int:
 
 
 def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234, **parallel_kwargs: Any) -> None:
-    """Start gloo (from torchrun's RANK/WORLD_SIZE env, else a single process) and Megatron's parallel state."""
+    """Start gloo (from torchrun's RANK/WORLD_SIZE env, else a single process) and Megatron's parallel state.
+
+    Re-entrant: with a process group already up it only re-initialises parallel_state (new TP/PP/CP sizes)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     apply_cpu_patches()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group(
-            "gloo" if cpu_only() else "nccl",
-            rank=int(os.environ.get("RANK", "0")),
-            world_size=int(os.environ.get("WORLD_SIZE", "1")),
-        )
+        backend = "gloo" if cpu_only() else "nccl"
+        if "WORLD_SIZE" in os.environ:  # torchrun or a test spawning ranks: MASTER_ADDR/PORT come from the env
+            dist.init_process_group(backend, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        else:  # a lone process: a private port, nothing written to the environment (children may start their own)
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
         if not cpu_only():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     parallel_state.destroy_model_parallel()
