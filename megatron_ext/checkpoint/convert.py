@@ -174,7 +174,9 @@ def convert(input_dir: Path, output_dir: Path, to: Target, tp: int = 1, pp: int 
         inp.close()
 
 
-def _write_config(tmp: Path, to: str, inp: InputCheckpoint, tp: int, pp: int, sources: list, command: str | None) -> None:
+def _write_config(
+    tmp: Path, to: str, inp: InputCheckpoint, tp: int, pp: int, sources: list, command: str | None
+) -> None:
     import json
 
     cfg = inp.cfg

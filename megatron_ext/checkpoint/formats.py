@@ -127,7 +127,9 @@ def _hf_input(directory: Path, native_cfg: ModelConfig | None) -> InputCheckpoin
         raise CheckpointError(f"{directory}: scales without a weight: {', '.join(o + SCALE_SUFFIX for o in orphans)}")
     for name, shape in shapes.items():
         if src.shape(name) != shape:
-            raise CheckpointError(f"{directory}: tensor {name} has shape {list(src.shape(name))}, config says {list(shape)}")
+            raise CheckpointError(
+                f"{directory}: tensor {name} has shape {list(src.shape(name))}, config says {list(shape)}"
+            )
         dt = src.dtype(name)
         if name in fp8:
             if dt not in (torch.float8_e4m3fn, torch.float8_e5m2):
@@ -183,7 +185,8 @@ def _native_input(directory: Path) -> InputCheckpoint:
     for name, shape in stored.items():
         if src.shape(to_hf[name]) != shape:
             raise CheckpointError(
-                f"{directory}: tensor {to_hf[name]} has shape {list(src.shape(to_hf[name]))}, params.json says {list(shape)}"
+                f"{directory}: tensor {to_hf[name]} has shape {list(src.shape(to_hf[name]))}, "
+                f"params.json says {list(shape)}"
             )
 
     def get(name: str) -> torch.Tensor:

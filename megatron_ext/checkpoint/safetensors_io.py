@@ -189,7 +189,7 @@ class SafetensorsWriter:
             names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
         weight_map: dict[str, str] = {}
         total = 0
-        for (tmp, header), final in zip(self._shards, names):
+        for (tmp, header), final in zip(self._shards, names, strict=True):
             tmp.rename(self.directory / final)
             for tensor in header:
                 weight_map[tensor] = final

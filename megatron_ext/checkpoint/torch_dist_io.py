@@ -204,6 +204,12 @@ class TensorInfo:
     dtype: torch.dtype
 
 
+def _overlap(chunk: ChunkStorageMetadata, lo: list[int], hi: list[int]) -> list[tuple[int, int]] | None:
+    """Per-dimension [start, end) where `chunk` meets the box [lo, hi), or None when they are disjoint."""
+    spans = [(max(o, a), min(o + n, b)) for o, n, a, b in zip(chunk.offsets, chunk.sizes, lo, hi, strict=True)]
+    return spans if all(a < b for a, b in spans) else None
+
+
 class TorchDistReader:
     """Read full per-layer tensors from a torch_dist checkpoint written by us or by Megatron at any TP/PP.
 
@@ -286,22 +292,19 @@ class TorchDistReader:
         hi = list(sm.size)
         if layer is not None:
             lo[0], hi[0] = layer, layer + 1
-        parts = [c for c in sm.chunks
-                 if all(o < h and o + s > l for o, s, l, h in zip(c.offsets, c.sizes, lo, hi))]
-        if len(parts) == 1 and list(parts[0].offsets) == lo and [o + s for o, s in zip(parts[0].offsets, parts[0].sizes)] == hi:
+        parts = [c for c in sm.chunks if _overlap(c, lo, hi) is not None]
+        box = [b - a for a, b in zip(lo, hi, strict=True)]
+        if len(parts) == 1 and list(parts[0].offsets) == lo and list(parts[0].sizes) == box:
             out = self._load_chunk(key, tuple(parts[0].offsets))
         else:
-            out = torch.empty([h - l for l, h in zip(lo, hi)], dtype=sm.properties.dtype)
+            out = torch.empty(box, dtype=sm.properties.dtype)
             covered = 0
             for c in parts:
-                chunk = self._load_chunk(key, tuple(c.offsets))
-                src, dst = chunk, out
-                for d, (o, s, l, h) in enumerate(zip(c.offsets, c.sizes, lo, hi)):
-                    a, b = max(o, l), min(o + s, h)
-                    src, dst = src.narrow(d, a - o, b - a), dst.narrow(d, a - l, b - a)
+                src, dst = self._load_chunk(key, tuple(c.offsets)), out
+                for d, (a, b) in enumerate(_overlap(c, lo, hi)):  # type: ignore[arg-type]
+                    src, dst = src.narrow(d, a - c.offsets[d], b - a), dst.narrow(d, a - lo[d], b - a)
                 dst.copy_(src)
                 covered += dst.numel()
-                del chunk
             if covered != out.numel():
                 raise CheckpointError(f"{self.directory}: chunks of {key} do not cover layer {layer}")
         return out[0] if layer is not None else out
