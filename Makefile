@@ -10,7 +10,7 @@ BUILD ?= build
 TINY ?= $(BUILD)/tiny
 APT_PACKAGES := espeak-ng sox pocketsphinx-testdata
 
-.PHONY: venv system-deps tiny demo test test-slow test-gpu lint clean synth bench-synth eval eval-data eval-model eval-sft report
+.PHONY: venv system-deps tiny demo demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint clean synth bench-synth eval eval-data eval-model eval-sft report
 
 # ---- environment ---------------------------------------------------------------------------------
 $(VENV)/.installed: requirements.txt requirements-test.txt constraints.txt
@@ -37,8 +37,49 @@ tiny: venv
 # ---- demo: the whole chain built so far, on the tiny models ----------------------------------------
 demo: tiny
 	@echo "demo: tiny parent models and tokenizers are in $(TINY) (see $(TINY)/MANIFEST.json)"
+	$(MAKE) demo-merge
+	$(MAKE) logits
 	$(MAKE) eval report
 	@echo "demo: eval records in $(EVAL_RESULTS)/records.jsonl; tables and figures in $(REPORT_DIR) (index: $(REPORT_DIR)/REPORT.md)"
+
+# ---- merge: tokenizer alignment + decoder merge (linear | slerp | della); see tools/merge.py --help ----
+MERGE_DEVSTRAL ?= $(TINY)/devstral-hf
+MERGE_VOXTRAL ?= $(TINY)/voxtral-hf
+MERGE_METHOD ?= linear
+MERGE_ALPHA ?= 0.1
+MERGE_ROPE_FROM ?= devstral
+MERGE_FORMAT ?= hf
+MERGE_ARGS ?=
+MERGE_OUT ?= $(BUILD)/merge/$(MERGE_METHOD)-$(MERGE_ALPHA)
+MERGE_GRID ?= examples/merge_grid.yaml
+MERGE_GRID_OUT ?= $(BUILD)/merge-grid
+MERGE_COMMON = --devstral $(MERGE_DEVSTRAL) --voxtral $(MERGE_VOXTRAL) --rope-from $(MERGE_ROPE_FROM) --format $(MERGE_FORMAT)
+merge: venv
+	$(PYTHON) tools/merge.py $(MERGE_COMMON) --method $(MERGE_METHOD) --alpha $(MERGE_ALPHA) --output $(MERGE_OUT) $(MERGE_ARGS)
+
+# The paper's Table 1 grid (8 DELLA, 5 linear, 5 SLERP): one checkpoint per configuration + manifest.json.
+merge-grid: venv
+	$(PYTHON) tools/merge.py $(MERGE_COMMON) --grid $(MERGE_GRID) --output $(MERGE_GRID_OUT) $(MERGE_ARGS)
+
+# Ours vs mergekit vs disk floor on synthetic Mistral-Small-shaped parents (~3.8 GB each, deleted afterwards).
+bench-merge: venv
+	$(PYTHON) tools/bench_merge.py --dir $(BUILD)/bench --json $(BUILD)/bench_merge.json
+
+# Demo step: align the tiny parents' tokenizers, then merge them (linear, alpha 0.1) under build/demo/.
+demo-merge: tiny
+	rm -rf $(BUILD)/demo/tokenizer $(BUILD)/demo/merge-linear-0.1
+	$(PYTHON) tools/align_tokenizer.py --devstral $(TINY)/devstral-hf --voxtral $(TINY)/voxtral-hf --output $(BUILD)/demo/tokenizer
+	$(PYTHON) tools/merge.py --devstral $(TINY)/devstral-hf --voxtral $(TINY)/voxtral-hf --method linear --alpha 0.1 \
+	  --rope-from devstral --tokenizer-map $(BUILD)/demo/tokenizer/tokenizer_map.json --output $(BUILD)/demo/merge-linear-0.1 --no-progress
+
+# ---- model check: Megatron logits vs HF transformers on the tiny parents (CPU, fp32, real speech clip) ----
+LOGITS_DIR ?= $(BUILD)/logits
+LOGITS_CLIP ?= /usr/share/pocketsphinx/test/data/librivox/sense_and_sensibility_01_austen_64kb-0930.wav
+logits: tiny
+	$(PYTHON) tools/logits.py --checkpoint $(TINY)/voxtral-hf --tokens 1,3,25,24,4,1100,1200 --audio $(LOGITS_CLIP) \
+	  --output $(LOGITS_DIR)/voxtral.safetensors --compare-hf
+	$(PYTHON) tools/logits.py --checkpoint $(TINY)/devstral2-hf --tokens $$(seq -s, 1000 1063) \
+	  --output $(LOGITS_DIR)/devstral2.safetensors --compare-hf
 
 # ---- synthetic spoken coding instructions (offline judge + piper TTS on the bundled sample) ------
 SYNTH_INPUT ?= examples/data/coding_trajectories.jsonl
