@@ -120,8 +120,6 @@ class ChatEncoder:
                 raise SampleError(f"{where}: assistant message {idx} not found in its own encoding")
             mask[start:start + len(span)] = True
             pos = start + len(span)
-        if not mask.any():
-            raise SampleError(f"{where}: no assistant tokens to train on")
         return mask
 
     def _audio_chunks(self, audios: list, tokens: np.ndarray, where: str) -> list[np.ndarray]:

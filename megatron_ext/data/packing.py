@@ -70,6 +70,7 @@ class Packer:
         self.carry: DocRef | None = None  # drawn but did not fit into the previous sequence
         self._carry_doc: EncodedDoc | None = None
         self.dropped = 0
+        self._max_drop_streak = sum(len(s) for s in mixture.sources)
 
     def _fit(self, doc: EncodedDoc) -> EncodedDoc | None:
         """The document cut to seq_length + 1 tokens, or None when it cannot be trained on."""
@@ -95,7 +96,7 @@ class Packer:
     def __next__(self) -> PackedSequence:
         docs: list[EncodedDoc] = []
         refs: list[DocRef] = []
-        used = 0
+        used = streak = 0
         while True:
             if self.carry is not None:
                 ref, doc = self.carry, self._carry_doc
@@ -110,7 +111,12 @@ class Packer:
                 doc = self._encode(ref)
             if doc is None:
                 self.dropped += 1
+                streak += 1
+                if streak > self._max_drop_streak:
+                    raise ValueError(f"{streak} documents in a row do not fit seq_length={self.seq_length} "
+                                     f"(overlong={self.overlong!r}); raise training.seq_length")
                 continue
+            streak = 0
             if docs and used + len(doc) - 1 > self.seq_length:
                 self.carry, self._carry_doc = ref, doc
                 break

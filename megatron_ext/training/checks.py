@@ -1,0 +1,84 @@
+"""Startup refusals: each returns the model config to train with or raises a one-line `StartupError`.
+
+The paper lost SWE-Bench points by training the merged model without its YaRN settings, so the rope
+in the checkpoint metadata must exist and equal the run's (unless explicitly overridden); the rest are
+layout limits of the audio model (TP must divide the Whisper heads and the decoder's KV groups; the
+Whisper encoder has no context parallelism) and tokenizer/checkpoint consistency.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from megatron_ext.checkpoint.atomic import CheckpointError
+from megatron_ext.checkpoint.metadata import CheckpointMeta, read_meta, sha256_file
+from megatron_ext.config import ModelConfig
+from megatron_ext.training.config import TrainConfig, rope_config
+
+
+class StartupError(RuntimeError):
+    """The run cannot start with this configuration/checkpoint (one line naming the setting)."""
+
+
+def read_checkpoint_meta(directory: str | Path) -> CheckpointMeta:
+    """The checkpoint's metadata; a missing rope section is refused (by `read_meta`) as a StartupError."""
+    try:
+        return read_meta(Path(directory))
+    except CheckpointError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def resolve_rope(cfg: TrainConfig, meta: CheckpointMeta) -> ModelConfig:
+    """The checkpoint's model config with the run's rope; refuses a disagreement unless overridden."""
+    model = meta.model
+    if cfg.model.rope is None:
+        return model
+    wanted = rope_config(cfg.model.rope)
+    have = model.decoder.rope
+    if wanted != have and not cfg.model.rope_override:
+        diff = [f.name for f in dataclasses.fields(wanted) if getattr(wanted, f.name) != getattr(have, f.name)]
+        raise StartupError(
+            f"model.rope disagrees with {cfg.model.checkpoint} metadata on {', '.join(diff)} "
+            f"(config {', '.join(f'{k}={getattr(wanted, k)}' for k in diff)}; checkpoint "
+            f"{', '.join(f'{k}={getattr(have, k)}' for k in diff)}); set model.rope_override=true to train with the config's"
+        )
+    return dataclasses.replace(model, decoder=dataclasses.replace(model.decoder, rope=wanted))
+
+
+def check_parallel_layout(cfg: TrainConfig, model: ModelConfig) -> None:
+    tp, cp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.context_parallel_size
+    dec = model.decoder
+    if dec.num_query_groups % tp:
+        raise StartupError(f"parallel.tensor_model_parallel_size={tp} does not divide the decoder's "
+                           f"{dec.num_query_groups} KV groups")
+    if dec.num_attention_heads % tp:
+        raise StartupError(f"parallel.tensor_model_parallel_size={tp} does not divide the decoder's "
+                           f"{dec.num_attention_heads} attention heads")
+    if model.encoder is not None and model.encoder.num_attention_heads % tp:
+        raise StartupError(f"parallel.tensor_model_parallel_size={tp} does not divide the audio encoder's "
+                           f"{model.encoder.num_attention_heads} heads (Whisper-large-v3: 20 -> TP in 1, 2, 4)")
+    if model.encoder is not None and cp > 1:
+        raise StartupError(f"parallel.context_parallel_size={cp}: the Whisper audio encoder does not support "
+                           f"context parallelism; use 1")
+
+
+def check_tokenizer(tokenizer_path: Path, meta: CheckpointMeta, checkpoint: str) -> None:
+    if meta.tokenizer_sha256 is None:
+        raise StartupError(f"{checkpoint}: checkpoint metadata records no tokenizer sha256")
+    got = sha256_file(tokenizer_path)
+    if got != meta.tokenizer_sha256:
+        raise StartupError(f"{tokenizer_path}: sha256 {got[:12]}... differs from the checkpoint's tokenizer "
+                           f"{meta.tokenizer_sha256[:12]}... ({checkpoint})")
+
+
+def startup_checks(cfg: TrainConfig) -> tuple[ModelConfig, CheckpointMeta, Path]:
+    """Run every refusal; returns (model config to train, checkpoint metadata, tokenizer path)."""
+    meta = read_checkpoint_meta(cfg.model.checkpoint)
+    model = resolve_rope(cfg, meta)
+    check_parallel_layout(cfg, model)
+    tokenizer = Path(cfg.model.tokenizer) if cfg.model.tokenizer else Path(cfg.model.checkpoint) / "tekken.json"
+    if not tokenizer.is_file():
+        raise StartupError(f"{tokenizer}: tokenizer file not found")
+    check_tokenizer(tokenizer, meta, cfg.model.checkpoint)
+    return model, meta, tokenizer
