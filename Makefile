@@ -10,7 +10,7 @@ BUILD ?= build
 TINY ?= $(BUILD)/tiny
 APT_PACKAGES := espeak-ng sox pocketsphinx-testdata
 
-.PHONY: venv system-deps tiny demo demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint clean synth bench-synth eval eval-data eval-model eval-sft report
+.PHONY: venv system-deps tiny demo demo-convert convert bench-convert demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint clean synth bench-synth eval eval-data eval-model eval-sft report
 
 # ---- environment ---------------------------------------------------------------------------------
 $(VENV)/.installed: requirements.txt requirements-test.txt constraints.txt
@@ -37,10 +37,31 @@ tiny: venv
 # ---- demo: the whole chain built so far, on the tiny models ----------------------------------------
 demo: tiny
 	@echo "demo: tiny parent models and tokenizers are in $(TINY) (see $(TINY)/MANIFEST.json)"
+	$(MAKE) demo-convert
 	$(MAKE) demo-merge
 	$(MAKE) logits
 	$(MAKE) eval report
 	@echo "demo: eval records in $(EVAL_RESULTS)/records.jsonl; tables and figures in $(REPORT_DIR) (index: $(REPORT_DIR)/REPORT.md)"
+
+# ---- convert: HF / Mistral-native / torch_dist <-> megatron (torch_dist) | hf | mistral; see tools/convert.py --help ----
+IN ?=
+OUT ?=
+TO ?= megatron
+TP ?= 1
+PP ?= 1
+convert: venv
+	@test -n "$(IN)" -a -n "$(OUT)" || { echo "usage: make convert IN=dir OUT=dir [TO=megatron|hf|mistral] [TP=1] [PP=1]"; exit 2; }
+	$(PYTHON) tools/convert.py --input $(IN) --output $(OUT) --to $(TO) --tp $(TP) --pp $(PP)
+
+# Synthetic Mistral-Small-shaped checkpoint (~4.9 GB, 2 layers) in build/bench: ours vs disk floor; deleted afterwards.
+bench-convert: venv
+	$(PYTHON) tools/bench_convert.py --workdir $(BUILD)/bench/convert
+
+# Demo step: the tiny Voxtral and Devstral (HF) -> Megatron torch_dist under build/demo/.
+demo-convert: tiny
+	rm -rf $(BUILD)/demo/voxtral-torch_dist $(BUILD)/demo/devstral-torch_dist
+	$(PYTHON) tools/convert.py --input $(TINY)/voxtral-hf --output $(BUILD)/demo/voxtral-torch_dist --to megatron --tp 2 --no-progress
+	$(PYTHON) tools/convert.py --input $(TINY)/devstral-hf --output $(BUILD)/demo/devstral-torch_dist --to megatron --tp 2 --no-progress
 
 # ---- merge: tokenizer alignment + decoder merge (linear | slerp | della); see tools/merge.py --help ----
 MERGE_DEVSTRAL ?= $(TINY)/devstral-hf
@@ -80,6 +101,10 @@ logits: tiny
 	  --output $(LOGITS_DIR)/voxtral.safetensors --compare-hf
 	$(PYTHON) tools/logits.py --checkpoint $(TINY)/devstral2-hf --tokens $$(seq -s, 1000 1063) \
 	  --output $(LOGITS_DIR)/devstral2.safetensors --compare-hf
+
+# On one GPU (CUDA torch + requirements-gpu.txt): TE spec BF16 and FP8 on full-width layers, TFLOP/s + peak memory.
+gpu-check:
+	$(PYTHON) tools/gpu_check.py
 
 # ---- synthetic spoken coding instructions (offline judge + piper TTS on the bundled sample) ------
 SYNTH_INPUT ?= examples/data/coding_trajectories.jsonl
