@@ -16,7 +16,7 @@ from megatron_ext.compat.cpu import destroy_distributed, init_distributed
 from megatron_ext.config import ConfigError, ModelConfig
 from megatron_ext.models.audio_features import audio_tokens_per_chunk, load_audio, log_mel_chunks
 from megatron_ext.models.audio_lm import AudioLanguageModel, AudioTokenMismatch
-from megatron_ext.models.build import BuildConfig, build_model
+from megatron_ext.models.build import BuildConfig, FP8Config, build_model
 from megatron_ext.models.loading import load_full_tensors
 from megatron_ext.models.tokens import audio_token_id, check_audio_token
 from megatron_ext.tiny import DEVSTRAL, DEVSTRAL2, VOXTRAL
@@ -183,3 +183,27 @@ def test_audio_token_id_comes_from_the_tokenizer(tiny_dir: Path) -> None:
     wrong = dataclasses.replace(VOXTRAL, audio_token_id=25)
     with pytest.raises(ConfigError, match="audio_token_id=25 in the config but \\[AUDIO\\] is 24"):
         check_audio_token(wrong, tiny_dir / "voxtral-hf" / "tekken.json")
+
+
+def test_freeze_flags(tiny_dir: Path) -> None:
+    hf = load_file(str(tiny_dir / "voxtral-hf" / "model.safetensors"))
+    full = mapping.megatron_getter(VOXTRAL, hf.__getitem__)
+    features = torch.randn(1, 128, 3000, generator=torch.Generator().manual_seed(1))
+    ids = _audio_prompt([1])
+    for freeze_encoder, freeze_projector in ((True, False), (False, True)):
+        model = build_model(VOXTRAL, BuildConfig(init_weights=False, freeze_encoder=freeze_encoder,
+                                                 freeze_projector=freeze_projector))
+        load_full_tensors(model, full)
+        model(ids, labels=torch.roll(ids, -1, 1), audio_features=features).mean().backward()
+        encoder_grads = [p.grad for p in model.audio_encoder.parameters()]
+        projector_grads = [p.grad for p in model.audio_projector.parameters()]
+        assert all(g is None for g in encoder_grads) == freeze_encoder
+        assert all(g is None for g in projector_grads) == freeze_projector
+        assert all(g is not None and g.abs().sum() > 0 for g in (encoder_grads if not freeze_encoder else
+                                                                 projector_grads))
+
+
+def test_fp8_request_on_the_local_spec_is_reported_off(caplog: pytest.LogCaptureFixture) -> None:
+    model = build_model(DEVSTRAL, BuildConfig(backend="local", fp8=FP8Config()))
+    assert model.config.fp8 is None
+    assert "FP8 is off" in caplog.text
