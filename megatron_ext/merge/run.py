@@ -16,6 +16,8 @@ import json
 import logging
 import shutil
 from collections import Counter
+from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +26,14 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
+from megatron_ext.checkpoint.atomic import CheckpointError
+from megatron_ext.checkpoint.metadata import TOKENIZER_FILE, CheckpointMeta, command_line, sha256_file, write_meta
+from megatron_ext.checkpoint.torch_dist_io import TorchDistWriter
 from megatron_ext.config import ConfigError, ModelConfig, RopeConfig
 from megatron_ext.merge.embeddings import merge_vocab_rows
 from megatron_ext.merge.methods import METHODS, MergeParams, TensorContext
 from megatron_ext.merge.names import classify, num_layers
-from megatron_ext.merge.parents import HFParent, ParentError, open_parent
+from megatron_ext.merge.parents import Parent, ParentError, detect_naming, open_parent
 from megatron_ext.merge.safetensors_io import header_bytes, plan_shards, shard_names, tensor_bytes
 from megatron_ext.tokenizer.align import AlignmentError, TokenizerAlignment, align_tokenizers
 from megatron_ext.tokenizer.tekken_builder import write_tekken
@@ -88,7 +93,7 @@ class Summary:
 
 
 # ---- validation ------------------------------------------------------------------------------------
-def _check_configs(dev: HFParent, vox: HFParent, base: HFParent | None) -> None:
+def _check_configs(dev: Parent, vox: Parent, base: Parent | None) -> None:
     for other, label in ((vox, "voxtral"), (base, "base")):
         if other is None:
             continue
@@ -100,7 +105,7 @@ def _check_configs(dev: HFParent, vox: HFParent, base: HFParent | None) -> None:
         raise MergeError(f"{vox.path}: the Voxtral parent has no audio encoder")
 
 
-def _choose_rope(job: MergeJob, dev: HFParent, vox: HFParent) -> RopeConfig:
+def _choose_rope(job: MergeJob, dev: Parent, vox: Parent) -> RopeConfig:
     if job.rope is not None and job.rope_from is not None:
         raise MergeError("give either --rope-from or explicit rope values, not both")
     if job.rope is not None:
@@ -112,7 +117,7 @@ def _choose_rope(job: MergeJob, dev: HFParent, vox: HFParent) -> RopeConfig:
     raise MergeError("rope settings must be chosen explicitly: --rope-from devstral|voxtral or explicit --rope-* values")
 
 
-def _alignment(job: MergeJob, dev: HFParent, vox: HFParent) -> tuple[TokenizerAlignment, dict[str, Any]]:
+def _alignment(job: MergeJob, dev: Parent, vox: Parent) -> tuple[TokenizerAlignment, dict[str, Any]]:
     try:
         computed, merged_tok = align_tokenizers(dev.tokenizer_path, vox.tokenizer_path)
     except AlignmentError as exc:
@@ -139,7 +144,7 @@ def _special_list(alignment: TokenizerAlignment) -> list[dict]:
 
 
 # ---- planning --------------------------------------------------------------------------------------
-def plan(dev: HFParent, vox: HFParent, base: HFParent | None) -> list[Item]:
+def plan(dev: Parent, vox: Parent, base: Parent | None) -> list[Item]:
     """Output tensors in Voxtral's order; missing tensors on either side are one error listing them."""
     dev_by_key = {classify(n).key: n for n in dev.names if classify(n).role != "audio"}
     base_by_key = {} if base is None else {classify(n).key: n for n in base.names}
@@ -197,12 +202,12 @@ def _produce(item: Item, tensors: dict[str, torch.Tensor], job: MergeJob, alignm
     return method.merge(tensors["dev"], vox, base, job.params, ctx)
 
 
-def _reader(item: Item, dev: HFParent, vox: HFParent, base: HFParent | None) -> dict[str, torch.Tensor]:
-    out = {"vox": vox.read(item.vox_name)}
+def _read_inputs(item: Item, parents: dict[str, Parent]) -> dict[str, torch.Tensor]:
+    out = {"vox": parents["voxtral"].read(item.vox_name)}
     if item.kind in ("merge", "vocab"):
-        out["dev"] = dev.read(item.dev_name)
-        if base is not None and item.base_name:
-            out["base"] = base.read(item.base_name)
+        out["dev"] = parents["devstral"].read(item.dev_name)
+        if "base" in parents and item.base_name:
+            out["base"] = parents["base"].read(item.base_name)
     return out
 
 
@@ -215,30 +220,58 @@ def _in_flight_bytes(item: Item) -> int:
     return _out_bytes(item) * (1 if item.kind in ("copy", "skip_shape") else 3)
 
 
-def _plan_id(job: MergeJob, items: list[Item], parents: dict[str, HFParent]) -> str:
-    """Identity of a merge for resuming: parameters + output table + parents' tensor tables (no content)."""
+def _stream(queue: list[Item], job: MergeJob, parents: dict[str, Parent], alignment: TokenizerAlignment,
+            summary: Summary) -> Iterator[tuple[Item, torch.Tensor]]:
+    """Produced output tensors in order; inputs are read ahead in a thread up to `job.lookahead_bytes`."""
+    bar = tqdm(total=sum(_out_bytes(it) for it in queue), unit="B", unit_scale=True, desc="merge",
+               disable=not job.progress)
+    pending: deque[tuple[Item, Future]] = deque()
+    nxt, budget = 0, 0
+    with ThreadPoolExecutor(1) as reader:
+        while nxt < len(queue) or pending:
+            while nxt < len(queue) and (not pending or budget < job.lookahead_bytes):
+                pending.append((queue[nxt], reader.submit(_read_inputs, queue[nxt], parents)))
+                budget += _in_flight_bytes(queue[nxt])
+                nxt += 1
+            item, fut = pending.popleft()
+            budget -= _in_flight_bytes(item)
+            out = _produce(item, fut.result(), job, alignment, summary)
+            if out.dtype != item.dtype or tuple(out.shape) != tuple(item.shape):
+                raise MergeError(f"{item.out_name}: produced {out.dtype} {list(out.shape)}, planned "
+                                 f"{item.dtype} {list(item.shape)}")
+            bar.update(_out_bytes(item))
+            yield item, out
+    bar.close()
+
+
+def _plan_id(job: MergeJob, items: list[Item], parents: dict[str, Parent]) -> str:
+    """Identity of a merge for resuming: parameters, output table, parents' files (names, sizes, mtimes)."""
     h = hashlib.sha256(json.dumps(job.params.to_dict(), sort_keys=True).encode())
+    h.update(f"{job.out_format}|{job.min_row_norm}\n".encode())
     for it in items:
         h.update(f"{it.out_name}|{it.kind}|{it.dtype}|{list(it.shape)}\n".encode())
     for label, p in parents.items():
         h.update(f"{label}|{p.path.resolve()}\n".encode())
-        for e in p.entries.values():
-            h.update(f"{e.path.name}|{e.start}|{e.end}|{e.path.stat().st_size}|{e.path.stat().st_mtime_ns}\n".encode())
-    h.update(str(job.min_row_norm).encode())
+        for f in sorted(p.path.iterdir()):
+            if f.is_file():
+                st = f.stat()
+                h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
 def run_merge(job: MergeJob) -> Summary:
     """Merge `job.devstral` and `job.voxtral` into `job.output` (see module docstring)."""
-    if job.out_format != "hf":
-        raise MergeError("--format megatron needs the torch_dist writer (megatron_ext/checkpoint/torch_dist_io.py)")
     try:
         job.params.validate()
     except ValueError as exc:
         raise MergeError(str(exc)) from None
+    paths = [job.devstral, job.voxtral] + ([job.base] if job.base is not None else [])
+    naming = detect_naming(paths, job.out_format)
+    if naming == "megatron" and job.out_format == "hf":
+        raise MergeError("torch_dist parents: use --format megatron (convert the result to HF with tools/convert.py)")
     try:
-        dev, vox = open_parent(job.devstral), open_parent(job.voxtral)
-        base = open_parent(job.base) if job.base is not None else None
+        dev, vox = open_parent(job.devstral, naming), open_parent(job.voxtral, naming)
+        base = open_parent(job.base, naming) if job.base is not None else None
     except ParentError as exc:
         raise MergeError(str(exc)) from None
     if base is not None and not METHODS[job.params.method].uses_base:
@@ -260,103 +293,101 @@ def run_merge(job: MergeJob) -> Summary:
         raise MergeError(f"{final} already exists (remove it or choose another --output)")
     tmp = final.with_name(f".{final.name}.partial-merge")  # hidden; loaders refuse ".partial-" names
     summary = Summary(final, tensors=Counter(it.kind for it in items))
-    _prepare_tmp(tmp, plan_id)
+    _prepare_tmp(tmp, plan_id, resumable=job.out_format == "hf")
     try:
-        _write_shards(tmp, items, job, dev, vox, base, alignment, summary)
+        if job.out_format == "hf":
+            _write_shards(tmp, items, job, parents, alignment, summary)
+        else:
+            _write_torch_dist(tmp, items, job, parents, alignment, summary)
         provenance = _provenance(job, plan_id, parents, alignment, rope, summary)
-        _write_metadata(tmp, out_cfg, vox, merged_tok, alignment, provenance)
+        _write_metadata(tmp, out_cfg, vox, merged_tok, alignment, provenance, job.out_format)
     except ParentError as exc:
         raise MergeError(str(exc)) from None
     (tmp / "plan_id").unlink()
+    if job.out_format == "megatron":
+        _write_megatron_meta(tmp, out_cfg, parents, provenance)
     tmp.rename(final)
     return summary
 
 
-def _prepare_tmp(tmp: Path, plan_id: str) -> None:
+def _prepare_tmp(tmp: Path, plan_id: str, resumable: bool) -> None:
     marker = tmp / "plan_id"
-    if tmp.exists() and not (marker.is_file() and marker.read_text() == plan_id):
-        shutil.rmtree(tmp)  # a partial output of another merge: start over
+    if tmp.exists() and not (resumable and marker.is_file() and marker.read_text() == plan_id):
+        shutil.rmtree(tmp)  # a partial output of another merge (or not resumable): start over
     tmp.mkdir(parents=True, exist_ok=True)
     marker.write_text(plan_id)
 
 
-def _write_shards(tmp: Path, items: list[Item], job: MergeJob, dev: HFParent, vox: HFParent,
-                  base: HFParent | None, alignment: TokenizerAlignment, summary: Summary) -> None:
+def _write_shards(tmp: Path, items: list[Item], job: MergeJob, parents: dict[str, Parent],
+                  alignment: TokenizerAlignment, summary: Summary) -> None:
+    """HF output: planned shards, each written as `.tmp` and renamed with a state file when complete."""
     by_name = {it.out_name: it for it in items}
     shards = plan_shards([(it.out_name, it.dtype, it.shape) for it in items], job.shard_bytes)
     names = shard_names(len(shards))
-    todo: list[tuple[Path, list]] = []
+    index = {n: fname for fname, shard in zip(names, shards) for n, _, _ in shard}
+    todo = []
     for fname, shard in zip(names, shards):
         if (tmp / fname).is_file() and (tmp / f"{fname}.state.json").is_file():
             summary.resumed_shards += 1
-            _restore_state(tmp / f"{fname}.state.json", dev, vox, base, summary)
-            continue
-        todo.append((tmp / fname, shard))
-    index = {n: fname for fname, shard in zip(names, shards) for n, _, _ in shard}
-    (tmp / "model.safetensors.index.json.tmp").write_text(json.dumps({"metadata": {}, "weight_map": index}))
-    queue = [by_name[n] for _, shard in todo for n, _, _ in shard]
-    total = sum(_out_bytes(it) for it in queue)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not job.progress)
-    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
-        pending: list[tuple[Item, Future]] = []
-        nxt = 0
-
-        def fill() -> None:
-            nonlocal nxt
-            budget = sum(_in_flight_bytes(it) for it, _ in pending)
-            while nxt < len(queue) and (not pending or budget < job.lookahead_bytes):
-                it = queue[nxt]
-                pending.append((it, reader.submit(_reader, it, dev, vox, base)))
-                budget += _in_flight_bytes(it)
-                nxt += 1
-
+            _restore_state(tmp / f"{fname}.state.json", parents, summary)
+        else:
+            todo.append((tmp / fname, shard))
+    _write_json(tmp / "model.safetensors.index.json.tmp", {"metadata": {}, "weight_map": index})
+    stream = _stream([by_name[n] for _, shard in todo for n, _, _ in shard], job, parents, alignment, summary)
+    with ThreadPoolExecutor(1) as writer:
         for path, shard in todo:
             part = path.with_name(path.name + ".tmp")
             with open(part, "wb") as f:
                 f.write(header_bytes(shard, {"format": "pt"}))
-                last_write: Future | None = None
-                for name, dtype, shape in shard:
-                    fill()
-                    it, fut = pending.pop(0)
-                    assert it.out_name == name
-                    out = _produce(it, fut.result(), job, alignment, summary)
-                    if out.dtype != dtype or tuple(out.shape) != tuple(shape):
-                        raise MergeError(f"{name}: produced {out.dtype} {list(out.shape)}, planned {dtype} {list(shape)}")
-                    if last_write is not None:
-                        last_write.result()
-                    last_write = writer.submit(f.write, tensor_bytes(out))
-                    bar.update(out.numel() * out.element_size())
-                if last_write is not None:
-                    last_write.result()
-                f.flush()
-            state = {"crc": _crc_by_parent(shard, by_name, dev, vox, base),
-                     "special_rows": {k: v for k, v in summary.special_rows.items() if k.split(":")[0] in index
-                                      and index[k.split(":")[0]] == path.name},
-                     "skipped": [n for n in summary.skipped_shape_mismatch if index[n] == path.name]}
-            _write_json(path.with_name(path.name + ".state.json"), state)
+                last: Future | None = None
+                for _ in shard:
+                    _, out = next(stream)
+                    if last is not None:
+                        last.result()
+                    last = writer.submit(f.write, tensor_bytes(out))
+                if last is not None:
+                    last.result()
+            _write_json(path.with_name(path.name + ".state.json"), _shard_state(shard, by_name, index, path.name,
+                                                                                 parents, summary))
             part.rename(path)
-    bar.close()
 
 
-def _crc_by_parent(shard: list, by_name: dict[str, Item], dev: HFParent, vox: HFParent,
-                   base: HFParent | None) -> dict[str, dict[str, int]]:
-    out: dict[str, dict[str, int]] = {"devstral": {}, "voxtral": {}, "base": {}}
+def _write_torch_dist(tmp: Path, items: list[Item], job: MergeJob, parents: dict[str, Parent],
+                      alignment: TokenizerAlignment, summary: Summary) -> None:
+    """Megatron output through the conversion module's streaming torch_dist writer (restarts if killed)."""
+    writer = TorchDistWriter(tmp)
+    try:
+        for item, out in _stream(items, job, parents, alignment, summary):
+            writer.write(item.out_name, out)
+        writer.finish()
+    except CheckpointError as exc:
+        raise MergeError(str(exc)) from None
+    finally:
+        writer.close()
+
+
+def _shard_state(shard: list, by_name: dict[str, Item], index: dict[str, str], fname: str,
+                 parents: dict[str, Parent], summary: Summary) -> dict[str, Any]:
+    """What a resumed run needs from a finished shard: input checksums, row statistics, skipped tensors."""
+    crc: dict[str, dict[str, int]] = {label: {} for label in parents}
     for n, _, _ in shard:
         it = by_name[n]
-        out["voxtral"][it.vox_name] = vox.crc[it.vox_name]
+        sources = {"voxtral": it.vox_name}
         if it.kind in ("merge", "vocab"):
-            out["devstral"][it.dev_name] = dev.crc[it.dev_name]
-            if base is not None and it.base_name:
-                out["base"][it.base_name] = base.crc[it.base_name]
-    return out
+            sources |= {"devstral": it.dev_name, "base": it.base_name}
+        for label, src in sources.items():
+            if label in parents and src:
+                crc[label][src] = parents[label].crc[src]
+    return {"crc": crc,
+            "special_rows": {k: v for k, v in summary.special_rows.items() if index[k.split(":")[0]] == fname},
+            "skipped": [n for n in summary.skipped_shape_mismatch if index[n] == fname]}
 
 
-def _restore_state(path: Path, dev: HFParent, vox: HFParent, base: HFParent | None, summary: Summary) -> None:
+def _restore_state(path: Path, parents: dict[str, Parent], summary: Summary) -> None:
     """Checksums and row statistics of a shard finished by an earlier (interrupted) run."""
     data = json.loads(path.read_text())
-    for label, p in (("devstral", dev), ("voxtral", vox), ("base", base)):
-        if p is not None:
-            p.crc.update(data["crc"].get(label, {}))
+    for label, p in parents.items():
+        p.crc.update(data["crc"].get(label, {}))
     summary.special_rows.update(data["special_rows"])
     summary.skipped_shape_mismatch += data["skipped"]
 
@@ -370,7 +401,7 @@ def _output_config(vox_cfg: ModelConfig, rope: RopeConfig, alignment: TokenizerA
     return dataclasses.replace(vox_cfg, decoder=decoder, audio_token_id=audio_id)
 
 
-def _provenance(job: MergeJob, plan_id: str, parents: dict[str, HFParent], alignment: TokenizerAlignment,
+def _provenance(job: MergeJob, plan_id: str, parents: dict[str, Parent], alignment: TokenizerAlignment,
                 rope: RopeConfig, summary: Summary) -> dict[str, Any]:
     return {
         "plan_id": plan_id,
@@ -386,22 +417,25 @@ def _provenance(job: MergeJob, plan_id: str, parents: dict[str, HFParent], align
         "tensors": dict(summary.tensors),
         "special_rows": dict(summary.special_rows),
         "skipped_shape_mismatch": summary.skipped_shape_mismatch,
-        "hash_note": "content_sha256 = sha256(config.json, tekken.json, tensor table with per-tensor CRC32)",
+        "hash_note": "content_sha256 = sha256(config, tekken.json, tensor table with per-tensor CRC32)",
     }
 
 
-def _write_metadata(tmp: Path, cfg: ModelConfig, vox: HFParent, merged_tok: dict, alignment: TokenizerAlignment,
-                    provenance: dict) -> None:
+def _write_metadata(tmp: Path, cfg: ModelConfig, vox: Parent, merged_tok: dict, alignment: TokenizerAlignment,
+                    provenance: dict, out_format: str) -> None:
+    """Tokenizer, map and provenance for every format; config.json (rope_parameters) for HF output."""
+    write_tekken(merged_tok, tmp / TOKENIZER_FILE)
+    (tmp / "tokenizer_map.json").write_text(alignment.model_dump_json(indent=2) + "\n")
+    _write_json(tmp / PROVENANCE_FILE, provenance)
+    if out_format != "hf":
+        return
     try:
         hf = cfg.to_hf()
     except ConfigError as exc:
         raise MergeError(f"chosen rope cannot be stored in the Voxtral HF layout: {exc}") from None
-    hf["dtype"] = vox.hf_config.get("dtype", "bfloat16")
+    hf["dtype"] = str(vox.dtype(next(n for n in vox.names if classify(n).role == "decoder"))).removeprefix("torch.")
     hf["merge"] = {k: provenance[k] for k in ("method", "params", "rope_from", "tokenizer_map_sha256")}
     _write_json(tmp / "config.json", hf)
-    write_tekken(merged_tok, tmp / "tekken.json")
-    (tmp / "tokenizer_map.json").write_text(alignment.model_dump_json(indent=2) + "\n")
-    _write_json(tmp / PROVENANCE_FILE, provenance)
     index_tmp = tmp / "model.safetensors.index.json.tmp"
     index = json.loads(index_tmp.read_text())
     if len(set(index["weight_map"].values())) > 1:
@@ -410,6 +444,15 @@ def _write_metadata(tmp: Path, cfg: ModelConfig, vox: HFParent, merged_tok: dict
         index_tmp.unlink()
     for state in tmp.glob("*.state.json"):
         state.unlink()
+
+
+def _write_megatron_meta(tmp: Path, cfg: ModelConfig, parents: dict[str, Parent], provenance: dict) -> None:
+    """checkpoint_meta.json (ModelConfig with rope, tokenizer hash, sources, merge record), written last."""
+    sources = [{"path": str(p.path), "role": k, "content_sha256": provenance["parents"][k]["content_sha256"]}
+               for k, p in parents.items()]
+    meta = CheckpointMeta(model=cfg, tokenizer_sha256=sha256_file(tmp / TOKENIZER_FILE), sources=sources,
+                          command=command_line(), tool="merge", extra={"merge": provenance})
+    write_meta(tmp, meta)
 
 
 def _write_json(path: Path, data: Any) -> None:

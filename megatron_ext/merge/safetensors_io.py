@@ -1,5 +1,7 @@
 """Streaming safetensors I/O with flat memory: read one tensor with a positioned read (no mmap, so
-resident memory does not grow with the file), write shards whose headers are planned up front.
+resident memory does not grow with the file), write shards whose headers are planned up front (so a
+finished shard is final and an interrupted merge resumes shard by shard; `checkpoint/safetensors_io.py`
+writes headers last and mmaps on read, which suits conversion but not these two needs).
 
 Format (public spec): 8-byte little-endian header length, JSON header {name: {dtype, shape,
 data_offsets}, "__metadata__": {str: str}}, then the raw little-endian tensor bytes.
@@ -15,13 +17,7 @@ from pathlib import Path
 
 import torch
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
+from megatron_ext.checkpoint.safetensors_io import DTYPE_NAMES, DTYPES
 
 class SafetensorsError(ValueError):
     """A safetensors file is unreadable or inconsistent."""

@@ -28,18 +28,35 @@ def _gen(*key: object) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
-def _blocks(name: str, shape: tuple[int, ...], parent: str, seed: int, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+class Noise:
+    """Standard-normal blocks keyed by (seed, tensor, block): exact draws (`fast=False`), or windows of one
+    shared 16 Mi-value pool at keyed offsets (`fast=True`, memory-bound: multi-GB benchmark parents in
+    seconds; values then repeat across tensors, which only matters for statistics, not for speed)."""
+
+    POOL = 16 * 1024 * 1024
+
+    def __init__(self, seed: int, fast: bool):
+        self.seed, self.fast = seed, fast
+        self.pool = torch.randn(self.POOL + BLOCK, generator=_gen(seed, "pool")) if fast else None
+
+    def __call__(self, n: int, *key: object) -> torch.Tensor:
+        if self.pool is None:
+            return torch.randn(n, generator=_gen(self.seed, *key))
+        start = zlib.crc32(repr(key).encode()) % self.POOL
+        return self.pool[start : start + n]
+
+
+def _blocks(name: str, shape: tuple[int, ...], parent: str, noise: Noise, dtype: torch.dtype) -> Iterator[torch.Tensor]:
     """Rows of base + delta for one tensor, ~BLOCK elements at a time."""
     rows, width = (shape[0], int(torch.Size(shape[1:]).numel())) if len(shape) > 1 else (1, shape[0])
     scale = 1.0 if len(shape) == 1 or "embed" in name else width**-0.5
     step = max(1, BLOCK // width)
     for b, r in enumerate(range(0, rows, step)):
         n = (min(rows, r + step) - r) * width
-        base = torch.randn(n, generator=_gen(seed, name, b)) * scale
+        base = noise(n, name, b) * scale
         if len(shape) == 1:
             base += 1.0
-        delta = torch.randn(n, generator=_gen(seed, parent, name, b)) * (DELTA.get(parent, 0.0) * scale)
-        yield (base + delta).to(dtype)
+        yield (base + noise(n, parent, name, b) * (DELTA.get(parent, 0.0) * scale)).to(dtype)
 
 
 def write_streaming(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
@@ -54,7 +71,7 @@ def write_streaming(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, .
     tmp.replace(path)
 
 
-def write_parent(out: Path, cfg: ModelConfig, parent: str, seed: int, dtype: torch.dtype) -> Path:
+def write_parent(out: Path, cfg: ModelConfig, parent: str, noise: Noise, dtype: torch.dtype) -> Path:
     """One synthetic HF checkpoint directory (`parent` is devstral or voxtral; layout from cfg)."""
     out.mkdir(parents=True, exist_ok=True)
     shapes = to_hf_names(decoder_shapes(cfg.decoder), cfg.hf_architecture)  # type: ignore[arg-type]
@@ -65,7 +82,7 @@ def write_parent(out: Path, cfg: ModelConfig, parent: str, seed: int, dtype: tor
     def blocks(name: str, shape: tuple[int, ...], dt: torch.dtype) -> Iterator[torch.Tensor]:
         # The decoder is shared between parents up to the delta: generate it under its layout-free name.
         key = name.removeprefix("language_model.").removeprefix("model.").replace("lm_head", "head")
-        return _blocks(key, shape, parent, seed, dt)
+        return _blocks(key, shape, parent, noise, dt)
 
     write_streaming(out / "model.safetensors", specs, blocks)
     hf = {**cfg.to_hf(), "dtype": str(dtype).removeprefix("torch.")}
@@ -76,11 +93,12 @@ def write_parent(out: Path, cfg: ModelConfig, parent: str, seed: int, dtype: tor
 
 
 def write_pair(out: Path, decoder: DecoderConfig, encoder: EncoderConfig, dtype: torch.dtype = torch.bfloat16,
-               seed: int = 0) -> tuple[Path, Path]:
+               seed: int = 0, fast: bool = False) -> tuple[Path, Path]:
     """Devstral-like (MistralForCausalLM) and Voxtral-like (with audio stack) parents under `out`."""
-    dev = write_parent(out / "devstral", ModelConfig(decoder, hf_architecture="mistral"), "devstral", seed, dtype)
+    noise = Noise(seed, fast)
+    dev = write_parent(out / "devstral", ModelConfig(decoder, hf_architecture="mistral"), "devstral", noise, dtype)
     vox_cfg = ModelConfig(decoder, encoder, audio_token_id=24, projector_stack=4, hf_architecture="voxtral")
-    vox = write_parent(out / "voxtral", vox_cfg, "voxtral", seed, dtype)
+    vox = write_parent(out / "voxtral", vox_cfg, "voxtral", noise, dtype)
     return dev, vox
 
 

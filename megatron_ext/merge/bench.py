@@ -1,0 +1,128 @@
+"""Merge benchmark: our linear/SLERP vs mergekit on one synthetic pair with Mistral-Small tensor shapes,
+and vs the disk floor (read both inputs + write the output once). Each measurement runs in a fresh
+child process that reports its own wall time (work only, interpreter start excluded) and peak RSS
+(`ru_maxrss`); a second, larger pair checks that our peak RSS stays flat in model size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_ext.config import DecoderConfig, EncoderConfig
+from megatron_ext.merge.methods import MergeParams
+from megatron_ext.merge.run import MergeJob, run_merge
+from megatron_ext.merge.synthetic import write_mistral_view, write_pair
+
+GB = 1024**3
+
+
+def mistral_small(layers: int) -> DecoderConfig:
+    """Mistral Small 3 decoder shapes (hidden 5120, q 4096, kv 1024, ffn 32768, vocab 131072), fewer layers."""
+    return DecoderConfig(num_layers=layers, hidden_size=5120, ffn_hidden_size=32768, num_attention_heads=32,
+                         num_query_groups=8, kv_channels=128, vocab_size=131072)
+
+
+SMALL_ENCODER = EncoderConfig(num_layers=1, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4)
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.rglob("*.safetensors"))
+
+
+def disk_floor(inputs: list[Path], out: Path, out_bytes: int, block: int = 64 * 1024 * 1024) -> None:
+    """Read every input safetensors file once and write `out_bytes` to `out`, in 64 MiB blocks."""
+    buf = bytearray(block)
+    view = memoryview(buf)
+    for d in inputs:
+        for f in sorted(d.glob("*.safetensors")):
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(view):
+                    pass
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "floor.bin", "wb", buffering=0) as fh:
+        left = out_bytes
+        while left > 0:
+            left -= fh.write(view[: min(block, left)])
+
+
+def child(kind: str, root: Path) -> dict[str, Any]:
+    """Run one measurement in this process (called in a fresh child)."""
+    dev, vox, view, out = root / "devstral", root / "voxtral", root / "view", root / "out"
+    t0 = time.time()
+    if kind == "floor":
+        disk_floor([dev, vox], out, _dir_bytes(vox))
+    elif kind.startswith("ours-"):
+        run_merge(MergeJob(dev, vox, out, MergeParams(method=kind.removeprefix("ours-"), alpha=0.1),
+                           rope_from="devstral", progress=False))
+    elif kind.startswith("mergekit-"):
+        from megatron_ext.merge.reference import mergekit_config, run_mergekit
+
+        params = MergeParams(method=kind.removeprefix("mergekit-"), alpha=0.1)
+        run_mergekit(mergekit_config(params, dev, view, "bfloat16"), out)
+    else:
+        raise ValueError(kind)
+    wall = time.time() - t0
+    return {"kind": kind, "wall_s": wall, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB}
+
+
+def _measure(kind: str, root: Path, tool: Path) -> dict[str, Any]:
+    shutil.rmtree(root / "out", ignore_errors=True)
+    res = subprocess.run([sys.executable, str(tool), "--child", kind, "--dir", str(root)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{kind} failed: {res.stderr.strip().splitlines()[-1:]}")
+    shutil.rmtree(root / "out", ignore_errors=True)
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    print(f"  {kind:16s} wall {result['wall_s']:7.1f} s   peak RSS {result['peak_rss_gb']:5.2f} GB", flush=True)
+    return result
+
+
+def run_benchmark(root: Path, layers: int, big_layers: int, tool: Path, keep: bool = False) -> dict[str, Any]:
+    """Generate the pairs under `root`, measure, print ratios; deletes generated data unless `keep`."""
+    results: dict[str, Any] = {"cpu_count": os.cpu_count(), "layers": layers}
+    try:
+        for n_layers, kinds in ((layers, ["floor", "ours-linear", "mergekit-linear", "ours-slerp", "mergekit-slerp"]),
+                                (big_layers, ["ours-linear"])):
+            d = root / f"pair{n_layers}"
+            t0 = time.time()
+            dev, vox = write_pair(d, mistral_small(n_layers), SMALL_ENCODER, torch.bfloat16, fast=True)
+            if any(k.startswith("mergekit") for k in kinds):
+                write_mistral_view(vox, dev, d / "view")
+            size = _dir_bytes(dev)
+            print(f"pair with {n_layers} layer(s): {size / GB:.2f} GB per parent (bf16), generated in "
+                  f"{time.time() - t0:.0f} s", flush=True)
+            results[f"layers{n_layers}"] = {"parent_gb": size / GB,
+                                           **{k: _measure(k, d, tool) for k in kinds}}
+            shutil.rmtree(d)
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+    small, big = results[f"layers{layers}"], results[f"layers{big_layers}"]
+    largest = 131072 * 5120 * 2 / GB
+    ratios = {
+        "linear_vs_mergekit": small["ours-linear"]["wall_s"] / small["mergekit-linear"]["wall_s"],
+        "slerp_vs_mergekit": small["ours-slerp"]["wall_s"] / small["mergekit-slerp"]["wall_s"],
+        "linear_vs_floor": small["ours-linear"]["wall_s"] / small["floor"]["wall_s"],
+        "slerp_vs_floor": small["ours-slerp"]["wall_s"] / small["floor"]["wall_s"],
+        "rss_budget_gb": 2 + 3 * largest,
+        "rss_growth_gb": big["ours-linear"]["peak_rss_gb"] - small["ours-linear"]["peak_rss_gb"],
+    }
+    results["ratios"] = ratios
+    print(f"ours/mergekit wall: linear {ratios['linear_vs_mergekit']:.2f}x, slerp {ratios['slerp_vs_mergekit']:.2f}x "
+          "(goal <= 0.5x)")
+    print(f"ours/disk floor wall: linear {ratios['linear_vs_floor']:.2f}x, slerp {ratios['slerp_vs_floor']:.2f}x "
+          "(goal <= 1.5x)")
+    print(f"peak RSS budget 2 GB + 3 x largest tensor ({largest:.2f} GB) = {ratios['rss_budget_gb']:.2f} GB; ours: "
+          f"linear {small['ours-linear']['peak_rss_gb']:.2f}, slerp {small['ours-slerp']['peak_rss_gb']:.2f} GB; "
+          f"growth {layers}->{big_layers} layers ({big['parent_gb'] - small['parent_gb']:.1f} GB more per parent): "
+          f"{ratios['rss_growth_gb']:+.2f} GB")
+    return results

@@ -1,0 +1,32 @@
+#!/usr/bin/env python
+"""Benchmark our linear/SLERP merge against mergekit and the disk floor on synthetic Mistral-Small-shaped parents."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_ext.merge.bench import child, run_benchmark  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--dir", type=Path, default=Path("build/bench"), help="scratch directory (deleted afterwards)")
+    p.add_argument("--layers", type=int, default=1, help="decoder layers of the main pair (1: ~3.8 GB per parent)")
+    p.add_argument("--big-layers", type=int, default=2, help="layers of the second pair (peak-RSS flatness check)")
+    p.add_argument("--keep", action="store_true", help="keep the generated parents")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.dir)))
+        return
+    results = run_benchmark(args.dir, args.layers, args.big_layers, Path(__file__).resolve(), args.keep)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
