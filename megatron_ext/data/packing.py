@@ -156,6 +156,7 @@ def collate(rows: list[PackedSequence], mel: Callable[[np.ndarray], torch.Tensor
         "doc_ids": doc_ids,
         "cu_seqlens": cu,
         "max_seqlen": max(lens),
+        "doc_lengths": [n for r in rows for n in (r.doc_lens[:-1] if r.source_ids[-1] < 0 else r.doc_lens)],
         "mel": torch.stack([mel(c) for c in chunks]) if chunks and mel is not None else None,
         "num_audio_chunks": len(chunks),
         "seq_length": seq_length,

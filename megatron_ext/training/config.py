@@ -193,6 +193,10 @@ def validate(cfg: TrainConfig) -> None:
             raise TrainConfigError(f"{key}: must be >= 1, got {value}")
     if not 0 <= cfg.optimizer.min_lr_ratio <= 1:
         raise TrainConfigError(f"optimizer.min_lr_ratio: must be in [0, 1], got {cfg.optimizer.min_lr_ratio}")
+    decay = cfg.optimizer.decay_steps or cfg.training.train_iters
+    if cfg.optimizer.warmup_steps >= decay:
+        raise TrainConfigError(f"optimizer.warmup_steps={cfg.optimizer.warmup_steps} must be below the decay "
+                               f"steps ({decay}: optimizer.decay_steps, else training.train_iters)")
     if not cfg.data.sources:
         raise TrainConfigError("data.sources: at least one training source is required")
     for group in ("sources", "validation"):

@@ -1,0 +1,156 @@
+"""Training checkpoints: model, optimizer, scheduler, RNG and data position in one torch_dist directory.
+
+`SAVE_DIR/iter_NNNNNNN/` is a Megatron-Core `dist_checkpointing` (torch_dist) checkpoint whose model keys
+are the naming contract's, plus `tekken.json` and `checkpoint_meta.json` (tool "sft"), so every saved step
+is also a model checkpoint the other tools (convert, eval) read. It is written under a hidden
+`.iter_NNNNNNN.partial-PID` name and renamed when complete; `SAVE_DIR/latest` names the newest, and only
+the newest `keep_last` are kept. With `async_save` the tensor writing runs in Megatron-Core's background
+writer and the rename/metadata/cleanup happen when the save is finalised (next steps or at exit).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+from megatron_ext.checkpoint.atomic import PARTIAL_TAG, fsync_dir
+from megatron_ext.checkpoint.metadata import CheckpointMeta, write_meta
+
+ITER_RE = re.compile(r"^iter_(\d{7})$")
+LATEST = "latest"
+# Distributed-optimizer state as Megatron-LM saves it by default: one tensor per DP buffer, written and read
+# in parallel without gathering; resumable at another DP size, not another TP size.
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def iter_dir(save_dir: Path, step: int) -> Path:
+    return save_dir / f"iter_{step:07d}"
+
+
+def latest_checkpoint(save_dir: str | Path | None) -> Path | None:
+    """The newest complete `iter_*` directory under save_dir (per the `latest` file), or None."""
+    if save_dir is None:
+        return None
+    pointer = Path(save_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(save_dir) / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def _rng_object() -> ShardedObject:
+    tp, dp = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_data_parallel_rank()
+    tp_n, dp_n = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_data_parallel_world_size()
+    state = {
+        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    return ShardedObject("rng_state", state, (tp_n, dp_n), (tp, dp), replica_id=0)
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _state(model: Any, optimizer: Any, scheduler: Any, loading: bool) -> dict[str, Any]:
+    model_sd = model.sharded_state_dict()
+    return {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=OPTIMIZER_FORMAT),
+        "rng_state": _rng_object(),
+        "scheduler": scheduler.state_dict(),
+    }
+
+
+class Checkpointer:
+    """Saves (sync or async) with keep-last-N, and loads the newest checkpoint to resume."""
+
+    def __init__(self, save_dir: str | None, keep_last: int, async_save: bool,
+                 meta: Callable[[], CheckpointMeta], tokenizer: Path) -> None:
+        self.save_dir = Path(save_dir) if save_dir else None
+        self.keep_last, self.async_save = keep_last, async_save
+        self.meta, self.tokenizer = meta, tokenizer
+        self.queue = AsyncCallsQueue() if async_save else None
+
+    def save(self, step: int, model: Any, optimizer: Any, scheduler: Any, extra: dict[str, Any]) -> None:
+        """Write step `step`; `extra` (data position, counters) goes in as common, rank-0 state."""
+        assert self.save_dir is not None
+        final = iter_dir(self.save_dir, step)
+        tmp = self.save_dir / f".{final.name}{PARTIAL_TAG}{_rank0_pid()}"
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        state = {**_state(model, optimizer, scheduler, loading=False), "extra": extra}
+        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=self.async_save)
+
+        def finalize() -> None:
+            dist.barrier()
+            if dist.get_rank() == 0:
+                self._publish(tmp, final)
+            dist.barrier()
+
+        if self.queue is None:
+            finalize()
+        else:
+            request.add_finalize_fn(finalize)
+            self.queue.schedule_async_request(request)
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        shutil.copyfile(self.tokenizer, tmp / "tekken.json")
+        write_meta(tmp, self.meta())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        latest = self.save_dir / (LATEST + ".tmp")
+        latest.write_text(final.name + "\n")
+        os.replace(latest, self.save_dir / LATEST)
+        fsync_dir(self.save_dir)
+        steps = sorted(p for p in self.save_dir.iterdir() if ITER_RE.match(p.name))
+        for old in steps[:-self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def poll(self, blocking: bool = False) -> None:
+        """Finalise async saves that finished (all of them when blocking)."""
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls(blocking=blocking)
+
+    def close(self) -> None:
+        if self.queue is not None:
+            self.queue.close()
+
+    @staticmethod
+    def load(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+        """Restore everything from `path`; returns its `extra` (data position, step, counters)."""
+        template = _state(model, optimizer, scheduler, loading=True)
+        template["extra"] = None
+        loaded = dist_checkpointing.load(template, str(path))
+        model.load_state_dict(loaded["model"])
+        optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(loaded["scheduler"])
+        _restore_rng(loaded["rng_state"])
+        return loaded["extra"]
+
+
+def _rank0_pid() -> int:
+    """Rank 0's pid, shared so every rank writes into the same partial directory."""
+    pid = torch.tensor([os.getpid() if dist.get_rank() == 0 else 0], dtype=torch.long)
+    dist.broadcast(pid, 0)
+    return int(pid.item())

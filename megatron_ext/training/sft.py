@@ -1,0 +1,373 @@
+"""Supervised fine-tuning of the audio language model on Megatron-Core, readable top to bottom.
+
+`train(cfg)`: start gloo/NCCL and Megatron's parallel state -> refuse bad setups (`checks`) -> build the
+model (encoder frozen), load the start checkpoint -> Megatron DDP, `get_megatron_optimizer` (distributed
+optimizer), `OptimizerParamScheduler` (warmup + cosine to min-lr ratio) -> resume from the newest
+checkpoint in save_dir if any -> loop: one global batch through `get_forward_backward_func`
+(micro-batches from `num_microbatches_calculator`), optimizer step, scheduler step, TensorBoard scalars,
+periodic validation and checkpoints. The loss (one `loss_func`) is the mean cross entropy over the global
+batch's supervised (assistant) tokens, computed chunk by chunk (see `loss.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.num_microbatches_calculator import (
+    destroy_num_microbatches_calculator,
+    get_num_microbatches,
+    init_num_microbatches_calculator,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_ext.checkpoint.metadata import CheckpointMeta, command_line
+from megatron_ext.checkpoint.torch_dist_io import TorchDistReader
+from megatron_ext.compat.cpu import destroy_distributed, init_distributed
+from megatron_ext.config import ModelConfig
+from megatron_ext.data.chat import ChatEncoder, load_tokenizer
+from megatron_ext.data.loader import SFTData
+from megatron_ext.data.packing import document_causal_mask
+from megatron_ext.models.audio_features import audio_tokens_per_chunk, log_mel_chunks
+from megatron_ext.models.build import BuildConfig, FP8Config, build_model
+from megatron_ext.models.loading import load_full_tensors
+from megatron_ext.models.tokens import check_audio_token
+from megatron_ext.training.checkpointing import Checkpointer, latest_checkpoint
+from megatron_ext.training.checks import StartupError, startup_checks
+from megatron_ext.training.config import TrainConfig, to_yaml
+from megatron_ext.training.loss import supervised_token_losses
+from megatron_ext.training.metrics import TensorBoard, step_flops
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a run did: per-step training loss (global mean over supervised tokens) and validation losses."""
+
+    losses: dict[int, float]
+    validation: dict[int, float]
+    resumed_from: int | None
+
+
+# ---- model / optimizer -------------------------------------------------------------------------------
+def _build(cfg: TrainConfig, model_cfg: ModelConfig) -> torch.nn.Module:
+    on_gpu = torch.cuda.is_available()
+    build = BuildConfig(
+        backend={"auto": "auto", "local": "local", "transformer_engine": "te"}[cfg.model.transformer_impl],
+        params_dtype="bfloat16" if cfg.training.bf16 else "float32",
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        freeze_encoder=cfg.model.freeze_encoder, freeze_projector=cfg.model.freeze_projector,
+        fp8=FP8Config(format=cfg.training.fp8) if cfg.training.fp8 else None,
+        init_weights=False,
+        recompute_granularity=None if cfg.training.recompute == "none" else cfg.training.recompute,
+        gradient_accumulation_fusion=False,
+        extra={"calculate_per_token_loss": True},
+    )
+    model = build_model(model_cfg, build)
+    if on_gpu:
+        model.cuda(torch.cuda.current_device())
+    reader = TorchDistReader(Path(cfg.model.checkpoint))
+    try:
+        load_full_tensors(model, reader.get)
+    finally:
+        reader.close()
+    return model
+
+
+def _optimizer(cfg: TrainConfig, ddp: DistributedDataParallel) -> tuple[Any, OptimizerParamScheduler]:
+    o = cfg.optimizer
+    opt = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.lr * o.min_lr_ratio, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
+        bf16=cfg.training.bf16, params_dtype=torch.bfloat16 if cfg.training.bf16 else torch.float32,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    ), [ddp])
+    scheduler = OptimizerParamScheduler(
+        opt, init_lr=0.0, max_lr=o.lr, min_lr=o.lr * o.min_lr_ratio, lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=o.decay_steps or cfg.training.train_iters, lr_decay_style=o.decay_style,
+        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=cfg.training.train_iters,
+        wd_incr_style="constant",
+    )
+    return opt, scheduler
+
+
+# ---- one micro-batch -----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _decoder_hidden_states(language_model: torch.nn.Module) -> Iterator[None]:
+    """Make GPTModel.forward return the final-norm hidden states [s, b, h] instead of logits.
+
+    The LM head then runs only on supervised tokens, in chunks (loss.py); GPTModel 0.16 has no flag for
+    this, so its `_postprocess` is bypassed on this instance for the duration of the call.
+    """
+    language_model._postprocess = lambda hidden_states, **_: hidden_states
+    try:
+        yield
+    finally:
+        del language_model._postprocess
+
+
+def _attention_inputs(batch: dict[str, Any], backend: str) -> tuple[torch.Tensor | None, PackedSeqParams | None]:
+    """Per-document attention: THD cu_seqlens for Transformer Engine, an explicit mask for the local spec."""
+    if backend == "te":
+        dev = torch.cuda.current_device()
+        cu = batch["cu_seqlens"].to(dev)
+        return None, PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                     max_seqlen_q=batch["max_seqlen"], max_seqlen_kv=batch["max_seqlen"])
+    return document_causal_mask(batch["doc_ids"]), None
+
+
+def _device(batch: dict[str, Any]) -> dict[str, Any]:
+    if not torch.cuda.is_available():
+        return batch
+    dev = torch.cuda.current_device()
+    return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _loss_func(batch: dict[str, Any], n_sources: int, token_losses: torch.Tensor):
+    """(summed loss, supervised tokens, {name: [sum, count]}) -- Megatron's per-token loss protocol."""
+    mask = batch["loss_mask"].reshape(-1)
+    src = batch["source_ids"].reshape(-1)[mask.nonzero().squeeze(1)]
+    total = token_losses.sum()
+    per_source = torch.zeros(n_sources, 2, dtype=torch.float64, device=token_losses.device)
+    per_source[:, 0].index_add_(0, src, token_losses.detach().double())
+    per_source[:, 1].index_add_(0, src, torch.ones_like(src, dtype=torch.float64))
+    count = torch.tensor(token_losses.numel(), dtype=torch.int, device=token_losses.device)
+    return total, count, {"lm": torch.stack([total.detach().double(), count.double()]), "sources": per_source}
+
+
+def _forward_step(cfg: TrainConfig, n_sources: int, data_iterator: Iterator[dict[str, Any]], model: torch.nn.Module):
+    batch = _device(next(data_iterator))
+    core = model.module if isinstance(model, DistributedDataParallel) else model
+    attention_mask, packed = _attention_inputs(batch, core.backend)
+    mel = batch["mel"]
+    if mel is not None:
+        mel = mel.to(next(core.parameters()).dtype)
+    with _decoder_hidden_states(core.language_model):
+        hidden = model(batch["tokens"], batch["position_ids"], attention_mask, audio_features=mel,
+                       packed_seq_params=packed)
+    losses = supervised_token_losses(hidden, core.language_model.output_layer.weight, batch["labels"],
+                                     batch["loss_mask"], cfg.training.loss_chunk_tokens, core.config.sequence_parallel)
+    return losses, partial(_loss_func, batch, n_sources)
+
+
+def _reduce(outputs: list[dict[str, torch.Tensor]], n_sources: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum [loss, tokens] and per-source [loss, tokens] over micro-batches and data-parallel ranks."""
+    lm = torch.zeros(2, dtype=torch.float64)
+    sources = torch.zeros(n_sources, 2, dtype=torch.float64)
+    for out in outputs:
+        lm += out["lm"].cpu()
+        sources += out["sources"].cpu()
+    packed = torch.cat([lm, sources.reshape(-1)])
+    if torch.cuda.is_available():
+        packed = packed.cuda()
+    dist.all_reduce(packed, group=parallel_state.get_data_parallel_group())
+    packed = packed.cpu()
+    return packed[:2], packed[2:].reshape(n_sources, 2)
+
+
+def _batch_counts(batches: list[dict[str, Any]], audio_token_id: int | None) -> dict[str, int]:
+    """Token bookkeeping for this rank's batches (documents, padding excluded)."""
+    tokens = sum(int((b["source_ids"] >= 0).sum()) for b in batches)
+    audio = sum(int(((b["tokens"] == audio_token_id) & (b["source_ids"] >= 0)).sum()) for b in batches) \
+        if audio_token_id is not None else 0
+    sup = sum(int(b["loss_mask"].sum()) for b in batches)
+    chunks = sum(b["num_audio_chunks"] for b in batches)
+    return {"tokens": tokens, "audio": audio, "supervised": sup, "chunks": chunks}
+
+
+def _memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return psutil.Process().memory_info().rss / 2**30
+
+
+# ---- the run -------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run SFT as configured (call under torchrun for several ranks); returns the losses seen."""
+    t = cfg.training
+    init_distributed(tp=cfg.parallel.tensor_model_parallel_size, cp=cfg.parallel.context_parallel_size, seed=t.seed)
+    try:
+        return _train(cfg)
+    finally:
+        destroy_num_microbatches_calculator()
+        destroy_distributed()
+
+
+def _train(cfg: TrainConfig) -> TrainResult:
+    t = cfg.training
+    rank = dist.get_rank()
+    model_cfg, meta, tokenizer_path = startup_checks(cfg)
+    model_cfg = check_audio_token(model_cfg, tokenizer_path)
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise StartupError(f"training.global_batch_size={t.global_batch_size} is not a multiple of "
+                           f"micro_batch_size x data-parallel size = {t.micro_batch_size * dp}")
+    init_num_microbatches_calculator(rank, None, t.global_batch_size, t.micro_batch_size, dp)
+
+    model = _build(cfg, model_cfg)
+    if rank == 0 and cfg.training.fp8 and model.backend != "te":
+        log.warning("training.fp8=%s is OFF: the local (CPU) spec has no FP8; it needs Transformer Engine", t.fp8)
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    ), model)
+    optimizer, scheduler = _optimizer(cfg, ddp)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.grad_scale_func = optimizer.scale_loss
+    model.config.no_sync_func = ddp.no_sync
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    per_chunk = audio_tokens_per_chunk(model_cfg.encoder.max_source_positions, model_cfg.projector_stack) \
+        if model_cfg.encoder is not None else None
+    encoder = ChatEncoder(tokenizer, per_chunk, model_cfg.audio_token_id, cfg.data.system_prompt_with_audio)
+    mel = (lambda wave: log_mel_chunks(wave)[0]) if model_cfg.encoder is not None else None
+    data = SFTData(cfg.data, t.seq_length, t.seed, encoder, mel, dp_rank, dp)
+    n_sources = len(data.source_names)
+
+    def sft_meta() -> CheckpointMeta:
+        return CheckpointMeta(model=model_cfg, tokenizer_sha256=meta.tokenizer_sha256, command=command_line(),
+                              tool="sft", sources=[{"path": cfg.model.checkpoint}],
+                              extra={"sft_config": to_yaml(cfg)})
+
+    ckpt = Checkpointer(cfg.checkpoint.save_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save,
+                        sft_meta, tokenizer_path)
+    start, resumed_from = 0, None
+    resume = latest_checkpoint(cfg.checkpoint.save_dir) if cfg.checkpoint.resume else None
+    if resume is not None:
+        extra = Checkpointer.load(resume, model, optimizer, scheduler)
+        data.load_state_dict(extra["data"])
+        start = resumed_from = extra["step"]
+        if rank == 0:
+            log.info("resumed from %s (step %d)", resume, start)
+
+    board = TensorBoard(cfg.logging.tensorboard_dir, rank)
+    forward_backward = get_forward_backward_func()
+    step_fn = partial(_forward_step, cfg, n_sources)
+    result = TrainResult({}, {}, resumed_from)
+    last = min(t.train_iters, t.exit_after_iters or t.train_iters)
+    for step in range(start + 1, last + 1):
+        started = time.perf_counter()
+        try:
+            batches = data.step_batches(get_num_microbatches(), t.micro_batch_size)
+        except StopIteration:
+            if rank == 0:
+                log.info("data exhausted after step %d", step - 1)
+            break
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        outputs = forward_backward(
+            forward_step_func=step_fn, data_iterator=iter(batches), model=[ddp],
+            num_microbatches=len(batches), seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
+            forward_only=False,
+        )
+        _, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+        lm, per_source = _reduce(outputs, n_sources)
+        loss = float(lm[0] / lm[1].clamp(min=1))
+        result.losses[step] = loss
+        elapsed = time.perf_counter() - started
+
+        if step % cfg.logging.log_interval == 0 or step == last:
+            counts = _batch_counts(batches, model_cfg.audio_token_id)
+            totals = torch.tensor([counts["tokens"], counts["audio"], counts["supervised"]], dtype=torch.float64)
+            doc_lens = [n for b in batches for n in b["doc_lengths"]]
+            flops = torch.tensor([step_flops(model_cfg, doc_lens, counts["supervised"], counts["chunks"],
+                                             not cfg.model.freeze_encoder, not cfg.model.freeze_projector)],
+                                 dtype=torch.float64)
+            both = torch.cat([totals, flops])
+            both = both.cuda() if torch.cuda.is_available() else both
+            dist.all_reduce(both, group=parallel_state.get_data_parallel_group())
+            tokens, audio, supervised, total_flops = both.cpu().tolist()
+            world = dist.get_world_size()
+            scalars = {
+                "train/loss": loss, "train/lr": scheduler.get_lr(optimizer.param_groups[0]),
+                "train/grad_norm": float(grad_norm or 0.0), "train/tokens_per_s": tokens / elapsed,
+                "train/tflops_per_gpu": total_flops / elapsed / world / 1e12,
+                "train/memory_gb": _memory_gb(), "train/audio_tokens": audio, "train/text_tokens": tokens - audio,
+                "train/supervised_tokens": supervised,
+            }
+            for i, name in enumerate(data.source_names):
+                if per_source[i, 1] > 0:
+                    scalars[f"train/loss_{name}"] = float(per_source[i, 0] / per_source[i, 1])
+            board.scalars(step, scalars)
+            if rank == 0:
+                log.info("step %d/%d loss %.5f lr %.3g grad-norm %.3f tokens/s %.0f", step, t.train_iters, loss,
+                         scalars["train/lr"], scalars["train/grad_norm"], scalars["train/tokens_per_s"])
+
+        if cfg.logging.eval_interval and (step % cfg.logging.eval_interval == 0 or step == last):
+            val = _validate(cfg, data, ddp, forward_backward, step_fn, n_sources)
+            if val is not None:
+                result.validation[step] = val
+                board.scalars(step, {"val/loss": val})
+        if cfg.checkpoint.save_dir and (step % cfg.checkpoint.save_interval == 0 or step == last):
+            ckpt.save(step, model, optimizer, scheduler, {"data": data.state_dict(), "step": step})
+        ckpt.poll()
+    ckpt.poll(blocking=True)
+    ckpt.close()
+    board.close()
+    return result
+
+
+def _validate(cfg: TrainConfig, data: SFTData, ddp: DistributedDataParallel, forward_backward, step_fn,
+              n_sources: int) -> float | None:
+    """Mean loss over the fixed validation batches (no gradients)."""
+    batches = data.validation_batches(cfg.logging.eval_iters, cfg.training.micro_batch_size)
+    if not batches:
+        return None
+    ddp.eval()
+    with torch.no_grad():
+        outputs = forward_backward(
+            forward_step_func=step_fn, data_iterator=iter(batches), model=[ddp], num_microbatches=len(batches),
+            seq_length=cfg.training.seq_length, micro_batch_size=cfg.training.micro_batch_size, forward_only=True,
+        )
+    ddp.train()
+    lm, _ = _reduce(outputs, n_sources)
+    return float(lm[0] / lm[1].clamp(min=1))
+
+
+def dry_run(cfg: TrainConfig, world_size: int) -> list[str]:
+    """Validate a run without starting it (no process group, no model): config, refusals, batch layout,
+    data sources and one encoded sample per source. Returns a short summary; raises on the first problem."""
+    t, p = cfg.training, cfg.parallel
+    model_cfg, _, tokenizer_path = startup_checks(cfg)
+    model_cfg = check_audio_token(model_cfg, tokenizer_path)
+    model_parallel = p.tensor_model_parallel_size * p.context_parallel_size
+    if world_size % model_parallel:
+        raise StartupError(f"world size {world_size} is not a multiple of TP x CP = {model_parallel}")
+    dp = world_size // model_parallel
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise StartupError(f"training.global_batch_size={t.global_batch_size} is not a multiple of "
+                           f"micro_batch_size x data-parallel size = {t.micro_batch_size * dp}")
+    per_chunk = audio_tokens_per_chunk(model_cfg.encoder.max_source_positions, model_cfg.projector_stack) \
+        if model_cfg.encoder is not None else None
+    encoder = ChatEncoder(load_tokenizer(tokenizer_path), per_chunk, model_cfg.audio_token_id,
+                          cfg.data.system_prompt_with_audio)
+    lines = [f"model {cfg.model.checkpoint}: rope {model_cfg.decoder.rope.type} theta {model_cfg.decoder.rope.theta:g}"
+             + (f" factor {model_cfg.decoder.rope.factor:g}" if model_cfg.decoder.rope.type == "yarn" else ""),
+             f"layout: world {world_size} = TP {p.tensor_model_parallel_size} x CP {p.context_parallel_size} x DP {dp}; "
+             f"{t.global_batch_size // (t.micro_batch_size * dp)} micro-batches of {t.micro_batch_size} x {t.seq_length} "
+             f"tokens per rank; {t.global_batch_size * t.seq_length / 1e6:.2f}M tokens per step"]
+    from megatron_ext.data.sources import open_source
+
+    for group in (cfg.data.sources, cfg.data.validation):
+        for s in group:
+            source = open_source(s.path, s.format, s.name)
+            doc = encoder.encode(source[0], s.name, source.where(0))
+            lines.append(f"source {s.name} ({s.format}, ratio {s.ratio:g}, epochs {s.epochs}): {len(source)} samples; "
+                         f"first has {len(doc)} tokens, {int(doc.loss_mask.sum())} supervised, "
+                         f"{len(doc.audio_chunks)} audio chunks")
+    return lines
