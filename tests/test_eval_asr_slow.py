@@ -38,10 +38,20 @@ def test_faster_whisper_tiny_en_on_librivox_wer_below_20_percent(tmp_path, capsy
     # and the CLI reads the same files to the same number
     import tools.evaluate as cli
 
-    (tmp_path / "refs.jsonl").write_text("".join(json.dumps({"id": s.id, "text": s.fields["text"]}) + "\n" for s in samples))
-    (tmp_path / "hyps.jsonl").write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in hypotheses.items()))
+    (tmp_path / "refs.jsonl").write_text(
+        "".join(json.dumps({"id": s.id, "text": s.fields["text"]}) + "\n" for s in samples)
+    )
+    (tmp_path / "hyps.jsonl").write_text(
+        "".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in hypotheses.items())
+    )
     capsys.readouterr()
-    assert cli.main(["wer", "--references", str(tmp_path / "refs.jsonl"), "--hypotheses", str(tmp_path / "hyps.jsonl")]) == 0
+    assert (
+        cli.main(["wer", "--references", str(tmp_path / "refs.jsonl"), "--hypotheses", str(tmp_path / "hyps.jsonl")])
+        == 0
+    )
     assert capsys.readouterr().out.strip() == f"wer={result.wer:.6f}"
     with capsys.disabled():
-        print(f"\nfaster-whisper tiny.en on LibriVox: WER {result.wer:.4f} ({result.errors}/{result.reference_words} words)")
+        print(
+            f"\nfaster-whisper tiny.en on LibriVox: WER {result.wer:.4f} "
+            f"({result.errors}/{result.reference_words} words)"
+        )

@@ -35,7 +35,7 @@ def test_wer_matches_jiwer_per_pair(pair):
 
 
 def test_corpus_wer_matches_jiwer_over_the_set():
-    refs, hyps = zip(*TRICKY)
+    refs, hyps = zip(*TRICKY, strict=True)
     ours = metrics.corpus_wer(refs, hyps)
     assert ours.wer == pytest.approx(_jiwer_wer(refs, hyps), abs=1e-12)
     # corpus WER weights pairs by length: it is not the mean of per-pair WERs
@@ -81,11 +81,19 @@ def test_answer_contained(prediction, answers, expected):
 @pytest.mark.parametrize(
     "text, n, expected",
     [
-        ("B", 4, "B"), ("B.", 4, "B"), ("(C) Paris", 4, "C"), ("  D) queue", 4, "D"),
-        ("The answer is D", 4, "D"), ("Answer: (A) def", 4, "A"), ("I think (B) is right", 4, "B"),
+        ("B", 4, "B"),
+        ("B.", 4, "B"),
+        ("(C) Paris", 4, "C"),
+        ("  D) queue", 4, "D"),
+        ("The answer is D", 4, "D"),
+        ("Answer: (A) def", 4, "A"),
+        ("I think (B) is right", 4, "B"),
         ("A dog barks", 4, None),  # the article is not a choice
         ("answer: b", 4, None),  # lower-case letters are never choices
-        ("E", 4, None), ("E", 5, "E"), ("no idea", 4, None), ("", 4, None),
+        ("E", 4, None),
+        ("E", 5, "E"),
+        ("no idea", 4, None),
+        ("", 4, None),
     ],
 )
 def test_extract_choice(text, n, expected):

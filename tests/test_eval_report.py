@@ -16,42 +16,87 @@ from megatron_ext.eval.tables import group_checkpoints, table1_merge_grid
 from megatron_ext.eval.tensorboard import read_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
-HIGHER = {"swebench": True, "mmlu_text": True, "fleurs": False, "librispeech": False, "llama_questions": True,
-          "mmlu_audio": True}
+HIGHER = {
+    "swebench": True,
+    "mmlu_text": True,
+    "fleurs": False,
+    "librispeech": False,
+    "llama_questions": True,
+    "mmlu_audio": True,
+}
 
 # (checkpoint, labels, {benchmark: value}) shaped like the paper's grid and sweeps.
 CHECKPOINTS = [
     ("devstral", {"role": "parent", "display": "Devstral 2 Small"}, {"swebench": 0.68, "mmlu_text": 0.798}),
-    ("voxtral", {"role": "parent", "display": "Voxtral 24B"},
-     {"mmlu_text": 0.74, "fleurs": 0.62, "librispeech": 0.015, "llama_questions": 0.713, "mmlu_audio": 0.743}),
-    ("linear-0.1", {"role": "merge", "method": "linear", "alpha": 0.1},
-     {"swebench": 0.617, "mmlu_text": 0.806, "fleurs": 1.186, "librispeech": 1.795, "llama_questions": 0.67,
-      "mmlu_audio": 0.383}),
-    ("linear-0.5", {"role": "merge", "method": "linear", "alpha": 0.5},
-     {"swebench": 0.30, "mmlu_text": 0.813, "fleurs": 0.905, "llama_questions": 0.73, "mmlu_audio": 0.763}),
-    ("della-a", {"role": "merge", "method": "della", "density": 0.35, "epsilon": 0.12, "lambda": 1.0},
-     {"mmlu_text": 0.749, "fleurs": 1.166, "librispeech": 0.879, "llama_questions": 0.693, "mmlu_audio": 0.661}),
+    (
+        "voxtral",
+        {"role": "parent", "display": "Voxtral 24B"},
+        {"mmlu_text": 0.74, "fleurs": 0.62, "librispeech": 0.015, "llama_questions": 0.713, "mmlu_audio": 0.743},
+    ),
+    (
+        "linear-0.1",
+        {"role": "merge", "method": "linear", "alpha": 0.1},
+        {
+            "swebench": 0.617,
+            "mmlu_text": 0.806,
+            "fleurs": 1.186,
+            "librispeech": 1.795,
+            "llama_questions": 0.67,
+            "mmlu_audio": 0.383,
+        },
+    ),
+    (
+        "linear-0.5",
+        {"role": "merge", "method": "linear", "alpha": 0.5},
+        {"swebench": 0.30, "mmlu_text": 0.813, "fleurs": 0.905, "llama_questions": 0.73, "mmlu_audio": 0.763},
+    ),
+    (
+        "della-a",
+        {"role": "merge", "method": "della", "density": 0.35, "epsilon": 0.12, "lambda": 1.0},
+        {"mmlu_text": 0.749, "fleurs": 1.166, "librispeech": 0.879, "llama_questions": 0.693, "mmlu_audio": 0.661},
+    ),
 ]
 SFT = {  # config -> (labels, {step: {benchmark: value}})
-    "mix-80-20": ({"mixture": "80:20", "audio_epochs": 1.0, "base": "linear-0.1"},
-                  {50: {"swebench": 0.600, "mmlu_audio": 0.739, "llama_questions": 0.65},
-                   100: {"swebench": 0.576, "mmlu_audio": 0.750, "llama_questions": 0.66},
-                   150: {"swebench": 0.568, "mmlu_audio": 0.740, "llama_questions": 0.64}}),
-    "mix-95-5": ({"mixture": "95:5", "audio_epochs": 0.25, "base": "linear-0.1"},
-                 {50: {"swebench": 0.670, "mmlu_audio": 0.740}, 100: {"swebench": 0.650, "mmlu_audio": 0.750}}),
-    "a05-text": ({"mixture": "100:0", "audio_epochs": 0, "base": "linear-0.5"},
-                 {50: {"swebench": 0.40, "mmlu_audio": 0.7872, "mmlu_text": 0.80}}),
+    "mix-80-20": (
+        {"mixture": "80:20", "audio_epochs": 1.0, "base": "linear-0.1"},
+        {
+            50: {"swebench": 0.600, "mmlu_audio": 0.739, "llama_questions": 0.65},
+            100: {"swebench": 0.576, "mmlu_audio": 0.750, "llama_questions": 0.66},
+            150: {"swebench": 0.568, "mmlu_audio": 0.740, "llama_questions": 0.64},
+        },
+    ),
+    "mix-95-5": (
+        {"mixture": "95:5", "audio_epochs": 0.25, "base": "linear-0.1"},
+        {50: {"swebench": 0.670, "mmlu_audio": 0.740}, 100: {"swebench": 0.650, "mmlu_audio": 0.750}},
+    ),
+    "a05-text": (
+        {"mixture": "100:0", "audio_epochs": 0, "base": "linear-0.5"},
+        {50: {"swebench": 0.40, "mmlu_audio": 0.7872, "mmlu_text": 0.80}},
+    ),
 }
 
 
 def _records() -> list[Record]:
     out = []
     for name, labels, scores in CHECKPOINTS:
-        out += [Record(name, b, "wer" if not HIGHER[b] else "accuracy", v, HIGHER[b], 10, dict(labels)) for b, v in scores.items()]
+        out += [
+            Record(name, b, "wer" if not HIGHER[b] else "accuracy", v, HIGHER[b], 10, dict(labels))
+            for b, v in scores.items()
+        ]
     for config, (labels, steps) in SFT.items():
         for step, scores in steps.items():
-            out += [Record(f"{config}@{step}", b, "accuracy", v, True, 10,
-                           {**labels, "role": "sft", "config": config, "step": step}) for b, v in scores.items()]
+            out += [
+                Record(
+                    f"{config}@{step}",
+                    b,
+                    "accuracy",
+                    v,
+                    True,
+                    10,
+                    {**labels, "role": "sft", "config": config, "step": step},
+                )
+                for b, v in scores.items()
+            ]
     return out
 
 
@@ -161,8 +206,13 @@ def test_tensorboard_scalars_are_read_exactly(tensorboard_dir):
 def test_figures_without_data_are_skipped_not_drawn(tmp_path):
     upsert(tmp_path / "r.jsonl", Record("voxtral", "mmlu_audio", "accuracy", 0.5, True, 4, {"role": "parent"}))
     done = build_report(tmp_path, tmp_path / "out")
-    assert set(done["skipped"]) == {"pareto_configs.png", "pareto_checkpoints.png", "mmlu_audio_recovery.png",
-                                    "eval_curves.png", TRAINING_FIGURE}
+    assert set(done["skipped"]) == {
+        "pareto_configs.png",
+        "pareto_checkpoints.png",
+        "mmlu_audio_recovery.png",
+        "eval_curves.png",
+        TRAINING_FIGURE,
+    }
     assert (tmp_path / "out" / "parents_vs_merged.png").is_file()
     assert not (tmp_path / "out" / "pareto_configs.png").exists()
 
@@ -182,10 +232,17 @@ def test_report_cli_and_bad_store(tmp_path, capsys):
 
     (tmp_path / "bad.jsonl").write_text(json.dumps({"checkpoint": "x"}) + "\n")
     assert cli.main(["--results", str(tmp_path), "--output", str(tmp_path / "out")]) == 1
-    assert "bad.jsonl:1: not a result record (missing benchmark, metric, value, higher_is_better)" in capsys.readouterr().err
+    assert (
+        "bad.jsonl:1: not a result record (missing benchmark, metric, value, higher_is_better)"
+        in capsys.readouterr().err
+    )
     (tmp_path / "bad.jsonl").unlink()
-    upsert(tmp_path / "ok.jsonl", Record("linear-0.1", "swebench", "accuracy", 0.614, True, 500,
-                                         {"role": "merge", "method": "linear", "alpha": 0.1}))
+    upsert(
+        tmp_path / "ok.jsonl",
+        Record(
+            "linear-0.1", "swebench", "accuracy", 0.614, True, 500, {"role": "merge", "method": "linear", "alpha": 0.1}
+        ),
+    )
     assert cli.main(["--results", str(tmp_path), "--output", str(tmp_path / "out")]) == 0
     assert "| Linear (α=0.10) | 61.4 |" in (tmp_path / "out" / "table1_merge_grid.md").read_text()
 

@@ -35,9 +35,25 @@ def merged(tiny_dir, tmp_path_factory) -> Path:
     """The tiny linear alpha=0.1 merge, made by the project's merge tool."""
     out = tmp_path_factory.mktemp("merge") / "linear-0.1"
     subprocess.run(
-        [sys.executable, str(ROOT / "tools/merge.py"), "--devstral", str(tiny_dir / "devstral-hf"), "--voxtral",
-         str(tiny_dir / "voxtral-hf"), "--output", str(out), "--method", "linear", "--alpha", "0.1",
-         "--rope-from", "devstral", "--no-progress"], check=True, capture_output=True,
+        [
+            sys.executable,
+            str(ROOT / "tools/merge.py"),
+            "--devstral",
+            str(tiny_dir / "devstral-hf"),
+            "--voxtral",
+            str(tiny_dir / "voxtral-hf"),
+            "--output",
+            str(out),
+            "--method",
+            "linear",
+            "--alpha",
+            "0.1",
+            "--rope-from",
+            "devstral",
+            "--no-progress",
+        ],
+        check=True,
+        capture_output=True,
     )
     return out
 
@@ -53,8 +69,11 @@ def data(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("data")
     tts = EspeakTTS()
     files = {"librispeech": EXAMPLES / "librispeech.jsonl", "mmlu_text": EXAMPLES / "mmlu_text.jsonl"}
-    for bench, source in (("fleurs", "fleurs_text"), ("llama_questions", "llama_questions_text"),
-                          ("mmlu_audio", "mmlu_text")):
+    for bench, source in (
+        ("fleurs", "fleurs_text"),
+        ("llama_questions", "llama_questions_text"),
+        ("mmlu_audio", "mmlu_text"),
+    ):
         files[bench] = out / f"{bench}.jsonl"
         assert voice_benchmark(bench, EXAMPLES / f"{source}.jsonl", files[bench], tts) > 0
     return files
@@ -64,21 +83,28 @@ def data(tmp_path_factory) -> dict[str, Path]:
 def test_every_benchmark_end_to_end(merged, generator, data, tmp_path):
     results = tmp_path / "results.jsonl"
     for bench in BENCHMARKS:
-        record = evaluate(bench, merged, data[bench], results, generator=generator, batch_size=4, max_new_tokens=12)
+        record = evaluate(bench, merged, data[bench], results, generator=generator, batch_size=8, max_new_tokens=8)
         assert record.n == len(load_samples(BENCHMARKS[bench], data[bench]))
         rows = [json.loads(line) for line in Path(record.source["predictions"]).read_text().splitlines()]
         samples = {s.id: s for s in load_samples(BENCHMARKS[bench], data[bench])}
         assert sorted(r["id"] for r in rows) == sorted(samples)
         # the headline number equals the metric recomputed from the saved predictions
         if bench in ("fleurs", "librispeech"):
-            expected = metrics.corpus_wer([samples[r["id"]].fields["text"] for r in rows], [r["prediction"] for r in rows]).wer
+            expected = metrics.corpus_wer(
+                [samples[r["id"]].fields["text"] for r in rows], [r["prediction"] for r in rows]
+            ).wer
         elif bench == "llama_questions":
-            expected = metrics.mean([metrics.answer_contained(r["prediction"], samples[r["id"]].fields["answers"]) for r in rows])
+            expected = metrics.mean(
+                [metrics.answer_contained(r["prediction"], samples[r["id"]].fields["answers"]) for r in rows]
+            )
         else:
-            expected = metrics.mean([
-                metrics.extract_choice(r["prediction"], len(samples[r["id"]].fields["choices"])) == samples[r["id"]].fields["answer"]
-                for r in rows
-            ])
+            expected = metrics.mean(
+                [
+                    metrics.extract_choice(r["prediction"], len(samples[r["id"]].fields["choices"]))
+                    == samples[r["id"]].fields["answer"]
+                    for r in rows
+                ]
+            )
         assert record.value == pytest.approx(expected, abs=1e-12), bench
     ingest_swebench(EXAMPLES / "swebench_report.json", merged, results)
     stored = {r.benchmark: r for r in load_results(results)}
@@ -90,24 +116,12 @@ def test_every_benchmark_end_to_end(merged, generator, data, tmp_path):
         assert record.provenance["metadata"]["merge.json"]["params"] == {"alpha": 0.1, "method": "linear"}
 
 
-def test_batched_generation_equals_one_at_a_time(merged, generator, data):
-    """Left-padded batches with audio give the same greedy tokens as single prompts."""
-    tokenizer = load_tokenizer(merged)
-    for benches in (("mmlu_audio", "llama_questions", "fleurs"), ("mmlu_text",)):
-        prompts = [build_prompt(tokenizer, get_benchmark(b), s) for b in benches
-                   for s in load_samples(get_benchmark(b), data[b])[:2]]
-        assert len({len(p.tokens) for p in prompts}) > 1  # really padded
-        batched = generator.generate(prompts, 8)
-        assert batched == [generator.generate([p], 8)[0] for p in prompts]
-        assert all(len(t) > 0 for t in batched)
-
-
 def test_audio_prompt_layout(merged, data):
     tokenizer = load_tokenizer(merged)
     sample = load_samples(get_benchmark("mmlu_audio"), data["mmlu_audio"])[0]
     prompt = build_prompt(tokenizer, get_benchmark("mmlu_audio"), sample)
     audio_id = 24
-    assert len(prompt.audio_chunks) == 1 and prompt.audio_chunks[0].shape == (480_000,)
+    assert len(prompt.audio) == 1 and prompt.audio[0].shape == (480_000,)  # padded to 30 s
     assert prompt.tokens.count(audio_id) == 375  # 12.5 Hz x 30 s per chunk
     assert "What is the value" not in tokenizer.decode(prompt.tokens)  # the question is spoken, not written
     asr = build_prompt(tokenizer, get_benchmark("fleurs"), load_samples(get_benchmark("fleurs"), data["fleurs"])[0])
@@ -140,16 +154,56 @@ def test_resume_generates_only_missing_samples(merged, generator, data, tmp_path
     assert counting.prompts == 2 * len(lines) - 2
 
 
-def test_megatron_checkpoint_generates_like_its_hf_source(tiny_dir, tmp_path, data):
-    """A torch_dist checkpoint (conversion tool) goes through the HF export path and gives the same tokens."""
+def _mixed_prompts(checkpoint: Path, data: dict[str, Path], benches: tuple[str, ...], per_bench: int = 2) -> list:
+    tokenizer = load_tokenizer(checkpoint)
+    return [
+        build_prompt(tokenizer, get_benchmark(b), s)
+        for b in benches
+        for s in load_samples(get_benchmark(b), data[b])[:per_bench]
+    ]
+
+
+def test_megatron_greedy_equals_hf_on_the_merged_model(merged, generator, data):
+    """Our AudioLanguageModel on Megatron-Core's KV cache gives the transformers reference's greedy tokens,
+    batched with left padding, with and without audio; the no-cache path agrees too."""
+    reference = load_generator(merged, "hf")
+    prompts = _mixed_prompts(merged, data, ("mmlu_audio", "mmlu_text", "llama_questions"), per_bench=1)
+    prompts += _mixed_prompts(merged, data, ("mmlu_text",), per_bench=3)[1:]
+    expected = reference.generate(prompts, 12)
+    assert generator.name.startswith("megatron:") and generator.use_cache
+    assert generator.generate(prompts, 12) == expected
+    assert len({len(p.tokens) for p in prompts}) > 1  # the batch really is left-padded
+    assert [generator.generate([p], 12)[0] for p in prompts[::2]] == expected[::2]  # batched = one at a time
+    generator.use_cache = False
+    try:
+        assert generator.generate(prompts, 12) == expected
+    finally:
+        generator.use_cache = True
+
+
+@pytest.mark.parametrize("parent", ["devstral-hf", "devstral2-hf"])
+def test_megatron_greedy_equals_hf_on_text_parents(tiny_dir, data, parent):
+    """Devstral (plain rope) uses the KV cache; Devstral-2 (YaRN + llama-4 query scaling, FP8 weights)
+    recomputes over true positions."""
+    megatron, reference = load_generator(tiny_dir / parent), load_generator(tiny_dir / parent, "hf")
+    assert megatron.use_cache is (parent == "devstral-hf")
+    prompts = _mixed_prompts(tiny_dir / parent, data, ("mmlu_text",))
+    assert megatron.generate(prompts, 40) == reference.generate(prompts, 40)  # past YaRN's original context of 32
+
+
+def test_torch_dist_checkpoint_generates_like_its_hf_source(tiny_dir, tmp_path, data):
+    """A torch_dist checkpoint (conversion tool) on both backends gives the HF source's tokens."""
     from megatron_ext.checkpoint.convert import convert
 
     convert(tiny_dir / "voxtral-hf", tmp_path / "mg", "megatron", progress=False)
-    reference, exported = load_generator(tiny_dir / "voxtral-hf"), load_generator(tmp_path / "mg")
+    expected = load_generator(tiny_dir / "voxtral-hf", "hf").generate(
+        _mixed_prompts(tiny_dir / "voxtral-hf", data, ("fleurs",)), 10
+    )
+    prompts = _mixed_prompts(tmp_path / "mg", data, ("fleurs",))
+    exported = load_generator(tmp_path / "mg", "hf")
     assert exported.name.startswith("hf-export:")
-    tokenizer = load_tokenizer(tmp_path / "mg")
-    prompts = [build_prompt(tokenizer, get_benchmark("fleurs"), s) for s in load_samples(get_benchmark("fleurs"), data["fleurs"])[:2]]
-    assert exported.generate(prompts, 10) == reference.generate(prompts, 10)
+    assert exported.generate(prompts, 10) == expected
+    assert load_generator(tmp_path / "mg").generate(prompts, 10) == expected
 
 
 class _JudgeHandler(BaseHTTPRequestHandler):
@@ -203,8 +257,15 @@ def test_judge_replaces_the_match_in_records(merged, generator, data, tmp_path, 
     from megatron_ext.data.synth.http import RetryPolicy
 
     judge = AnswerJudge(f"http://127.0.0.1:{judge_server.server_address[1]}/v1", "grader", RetryPolicy(2.0, 0, 0.01))
-    record = evaluate("llama_questions", merged, data["llama_questions"], tmp_path / "r.jsonl", generator=generator,
-                      max_new_tokens=6, judge=judge)
+    record = evaluate(
+        "llama_questions",
+        merged,
+        data["llama_questions"],
+        tmp_path / "r.jsonl",
+        generator=generator,
+        max_new_tokens=6,
+        judge=judge,
+    )
     rows = [json.loads(line) for line in Path(record.source["predictions"]).read_text().splitlines()]
     assert all("contained" in r for r in rows) and record.source["judge"] == "grader"
     assert len(judge_server.requests) == len(rows)
@@ -230,8 +291,11 @@ def test_swebench_ingest_forms(tmp_path, merged):
         ('{"id": 1, "question": "q", "choices": ["a", "b"]}', "missing field 'answer'"),
         ('{"id": 1, "question": "q", "choices": ["a", "b"], "answer": "C"}', "field 'answer' must be one of"),
         ('{"id": 1, "question": "q", "choices": "ab", "answer": "A"}', "field 'choices' must be a list"),
-        ('{"id": 1, "question": "q", "choices": ["a", "b"], "answer": "A"}\n'
-         '{"id": 1, "question": "q", "choices": ["a", "b"], "answer": 1}', ":2: duplicate id '1'"),
+        (
+            '{"id": 1, "question": "q", "choices": ["a", "b"], "answer": "A"}\n'
+            '{"id": 1, "question": "q", "choices": ["a", "b"], "answer": 1}',
+            ":2: duplicate id '1'",
+        ),
         ("not json", ":1: not JSON"),
     ],
 )
@@ -262,8 +326,12 @@ def test_inline_audio_equals_file_audio(tmp_path):
     import base64
 
     b64 = base64.b64encode((tmp_path / "clip.wav").read_bytes()).decode()
-    (tmp_path / "a.jsonl").write_text(json.dumps({"id": "f", "audio": "clip.wav", "text": "t"}) + "\n"
-                                      + json.dumps({"id": "i", "audio_b64": b64, "text": "t"}) + "\n")
+    (tmp_path / "a.jsonl").write_text(
+        json.dumps({"id": "f", "audio": "clip.wav", "text": "t"})
+        + "\n"
+        + json.dumps({"id": "i", "audio_b64": b64, "text": "t"})
+        + "\n"
+    )
     by_file, inline = load_samples(get_benchmark("librispeech"), tmp_path / "a.jsonl")
     assert by_file.audio().shape == (47840,)  # 16 kHz file: no resampling
     assert (by_file.audio() == inline.audio()).all()
@@ -282,6 +350,8 @@ def test_cli_wer_and_errors(tmp_path, capsys):
     assert "no hypothesis for 1 reference id(s), e.g. 'a'" in capsys.readouterr().err
     bad = tmp_path / "b.jsonl"
     bad.write_text('{"id": 1}\n')
-    code = cli.main(["mmlu_text", "--checkpoint", str(tmp_path), "--data", str(bad), "--output", str(tmp_path / "r.jsonl")])
+    code = cli.main(
+        ["mmlu_text", "--checkpoint", str(tmp_path), "--data", str(bad), "--output", str(tmp_path / "r.jsonl")]
+    )
     assert code == 1 and f"{bad}:1: missing field 'question'" in capsys.readouterr().err
     assert not (tmp_path / "r.jsonl").exists()

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_ext.data.synth.errors import EndpointError  # noqa: E402
 from megatron_ext.data.synth.http import RetryPolicy  # noqa: E402
 from megatron_ext.eval.benchmarks import BENCHMARKS  # noqa: E402
+from megatron_ext.eval.generation import BACKENDS  # noqa: E402
 from megatron_ext.eval.judge import AnswerJudge  # noqa: E402
 from megatron_ext.eval.runner import evaluate, wer_of_files  # noqa: E402
 from megatron_ext.eval.store import parse_labels  # noqa: E402
@@ -28,8 +29,13 @@ def _record_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory (weights + tekken.json)")
     p.add_argument("--output", type=Path, required=True, help="results JSONL (record upserted by checkpoint+benchmark)")
     p.add_argument("--name", help="checkpoint name in the results (default: directory name, run@step for iter_N)")
-    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
-                   help="report label, repeatable: role=parent|merge|sft|final, method, alpha, config, mixture, step...")
+    p.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="report label, repeatable: role=parent|merge|sft|final, method, alpha, config, mixture, step...",
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,11 +44,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, bench in BENCHMARKS.items():
         p = sub.add_parser(name, help=f"{bench.kind} benchmark, metric {bench.metric}")
         _record_args(p)
-        p.add_argument("--data", type=Path, required=True, help="benchmark JSONL (format: megatron_ext/eval/benchmarks.py)")
+        p.add_argument(
+            "--data", type=Path, required=True, help="benchmark JSONL (format: megatron_ext/eval/benchmarks.py)"
+        )
         p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
         p.add_argument("--max-new-tokens", type=int, help="generation limit (default: 128 ASR, 64 QA, 16 MCQ)")
         p.add_argument("--predictions", type=Path, help="per-sample predictions JSONL (resumed if present)")
         p.add_argument("--restart", action="store_true", help="discard earlier predictions instead of resuming")
+        p.add_argument(
+            "--backend",
+            choices=BACKENDS,
+            default="megatron",
+            help="megatron: our AudioLanguageModel with a KV cache (default); hf: transformers reference",
+        )
         if bench.kind == "spoken_qa":
             p.add_argument("--judge-url", help="OpenAI-compatible base URL of an LLM judge (default: answer match)")
             p.add_argument("--judge-model", help="judge model name (required with --judge-url)")
@@ -67,13 +81,28 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         labels = parse_labels(args.label)
         if args.bench == "swebench":
-            record = ingest_swebench(args.data, args.checkpoint, args.output, name=args.name, labels=labels, total=args.total)
+            record = ingest_swebench(
+                args.data, args.checkpoint, args.output, name=args.name, labels=labels, total=args.total
+            )
         else:
-            judge = AnswerJudge(args.judge_url, args.judge_model, RetryPolicy()) if getattr(args, "judge_url", None) else None
+            judge = (
+                AnswerJudge(args.judge_url, args.judge_model, RetryPolicy())
+                if getattr(args, "judge_url", None)
+                else None
+            )
             record = evaluate(
-                args.bench, args.checkpoint, args.data, args.output, name=args.name, labels=labels,
-                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, predictions=args.predictions,
-                judge=judge, restart=args.restart,
+                args.bench,
+                args.checkpoint,
+                args.data,
+                args.output,
+                name=args.name,
+                labels=labels,
+                batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens,
+                predictions=args.predictions,
+                judge=judge,
+                backend=args.backend,
+                restart=args.restart,
             )
     except (ValueError, OSError, EndpointError) as e:
         print(f"error: {e}", file=sys.stderr)

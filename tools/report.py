@@ -22,8 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", type=Path, required=True, help="results directory (*.jsonl record files) or one file")
     p.add_argument("--output", type=Path, required=True, help="report directory (files are overwritten)")
-    p.add_argument("--tensorboard", type=Path, action="append", default=[],
-                   help="TensorBoard log directory for training curves (repeatable)")
+    p.add_argument(
+        "--tensorboard",
+        type=Path,
+        action="append",
+        default=[],
+        help="TensorBoard log directory for training curves (repeatable)",
+    )
     args = p.parse_args(argv)
     try:
         done = build_report(args.results, args.output, args.tensorboard)

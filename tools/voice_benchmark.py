@@ -23,8 +23,12 @@ from megatron_ext.eval.voice import voice_benchmark  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bench", choices=[n for n, b in BENCHMARKS.items() if b.needs_audio], metavar="BENCH",
-                   help="spoken benchmark to produce: %(choices)s")
+    p.add_argument(
+        "bench",
+        choices=[n for n, b in BENCHMARKS.items() if b.needs_audio],
+        metavar="BENCH",
+        help="spoken benchmark to produce: %(choices)s",
+    )
     p.add_argument("--data", type=Path, required=True, help="text benchmark JSONL (the same fields, no audio)")
     p.add_argument("--output", type=Path, required=True, help="spoken benchmark JSONL to write")
     p.add_argument("--engine", choices=OFFLINE_ENGINES, default="espeak", help="offline TTS engine")

@@ -30,13 +30,21 @@ def _save(fig, path: Path) -> Path:
 
 def parents_vs_merged(ckpts: list[Checkpoint], path: Path) -> Path | None:
     """Grouped bars of SWE-Bench and MMLU Audio (%) for the parents, the base merge and the final model."""
-    rows = [(t, c) for t, c in final_comparison(ckpts) if c.value("swebench") is not None or c.value("mmlu_audio") is not None]
+    rows = [
+        (t, c)
+        for t, c in final_comparison(ckpts)
+        if c.value("swebench") is not None or c.value("mmlu_audio") is not None
+    ]
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(1.9 * len(rows) + 2, 4))
     width = 0.38
-    for k, (bench, label, color) in enumerate((("swebench", "SWE-Bench", "#4C72B0"), ("mmlu_audio", "MMLU Audio", "#DD8452"))):
-        bars = [(i + (k - 0.5) * width, c.value(bench) * 100) for i, (_, c) in enumerate(rows) if c.value(bench) is not None]
+    for k, (bench, label, color) in enumerate(
+        (("swebench", "SWE-Bench", "#4C72B0"), ("mmlu_audio", "MMLU Audio", "#DD8452"))
+    ):
+        bars = [
+            (i + (k - 0.5) * width, c.value(bench) * 100) for i, (_, c) in enumerate(rows) if c.value(bench) is not None
+        ]
         ax.bar([x for x, _ in bars], [v for _, v in bars], width, color=color, label=label)
         for x, v in bars:
             ax.text(x, v + 1, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
@@ -59,7 +67,9 @@ def _scatter(points: list[tuple[float, float, float | None, str]], title: str, p
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
     alphas = [a for _, _, a, _ in points if a is not None]
-    norm = matplotlib.colors.Normalize(min(alphas, default=0), max(alphas, default=1) if len(set(alphas)) > 1 else min(alphas, default=0) + 1)
+    norm = matplotlib.colors.Normalize(
+        min(alphas, default=0), max(alphas, default=1) if len(set(alphas)) > 1 else min(alphas, default=0) + 1
+    )
     cmap = plt.get_cmap("viridis")
     for x, y, a, label in points:
         ax.scatter(x, y, color=cmap(norm(a)) if a is not None else "grey", edgecolor="black", s=45, zorder=3)
@@ -96,8 +106,14 @@ def pareto_configs(ckpts: list[Checkpoint], path: Path) -> Path | None:
 def pareto_checkpoints(ckpts: list[Checkpoint], path: Path) -> Path | None:
     """Every checkpoint scored on both SWE-Bench and MMLU Audio (merges and SFT steps), colored by alpha."""
     points = [
-        (c.value("swebench") * 100, c.value("mmlu_audio") * 100, _alpha(c.labels), c.display if c.role == "merge" else c.name)
-        for c in ckpts if c.value("swebench") is not None and c.value("mmlu_audio") is not None
+        (
+            c.value("swebench") * 100,
+            c.value("mmlu_audio") * 100,
+            _alpha(c.labels),
+            c.display if c.role == "merge" else c.name,
+        )
+        for c in ckpts
+        if c.value("swebench") is not None and c.value("mmlu_audio") is not None
     ]
     return _scatter(points, "SWE-Bench vs MMLU Audio, all checkpoints", path)
 
@@ -146,7 +162,7 @@ def eval_curves(ckpts: list[Checkpoint], path: Path) -> Path | None:
     if not configs:
         return None
     fig, axes = plt.subplots(1, len(configs), figsize=(4.5 * len(configs), 3.8), squeeze=False, sharey=True)
-    for ax, config in zip(axes[0], configs):
+    for ax, config in zip(axes[0], configs, strict=True):
         for bench, title in EVAL_CURVE_BENCHMARKS.items():
             points = per_bench[bench].get(config)
             if points:
@@ -161,11 +177,13 @@ def eval_curves(ckpts: list[Checkpoint], path: Path) -> Path | None:
 
 def training_curves(runs: dict[str, dict[str, list[tuple[int, float]]]], path: Path, max_tags: int = 4) -> Path | None:
     """One panel per scalar tag (loss tags first), one line per TensorBoard run."""
-    tags = sorted({t for series in runs.values() for t in series}, key=lambda t: ("loss" not in t.lower(), t))[:max_tags]
+    tags = sorted({t for series in runs.values() for t in series}, key=lambda t: ("loss" not in t.lower(), t))[
+        :max_tags
+    ]
     if not tags:
         return None
     fig, axes = plt.subplots(1, len(tags), figsize=(4.5 * len(tags), 3.6), squeeze=False)
-    for ax, tag in zip(axes[0], tags):
+    for ax, tag in zip(axes[0], tags, strict=True):
         for run, series in runs.items():
             if tag in series:
                 ax.plot([s for s, _ in series[tag]], [v for _, v in series[tag]], label=run)

@@ -1,20 +1,23 @@
 """Greedy, batched generation for text and audio prompts behind one interface.
 
-`HFGenerator` (transformers on an HF checkpoint directory) is the reference implementation; the Megatron
-path implements the same `Generator` protocol and is tested against it token for token.
+`HFGenerator` (transformers on an HF directory, or on a Megatron checkpoint exported to HF) is the
+reference; `MegatronGenerator` runs our `AudioLanguageModel` (Megatron-Core) with a static KV cache and
+is tested against it token for token. Prompts are left-padded into one batch; audio goes through the
+model engineer's log-mel front-end (one clip at a time, as Voxtral prepares audio).
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 
 from megatron_ext.eval.prompts import Prompt
+from megatron_ext.models.audio_features import log_mel_chunks
 
 EOS_ID = 2
 PAD_ID = 11
@@ -29,12 +32,10 @@ class Generator(Protocol):
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[list[int]]: ...
 
 
-def log_mel(chunks: Sequence[np.ndarray]) -> torch.Tensor:
-    """Whisper log-mel features [chunks, 128, 3000] of 30 s, 16 kHz chunks (transformers' extractor)."""
-    from transformers import WhisperFeatureExtractor
-
-    extractor = WhisperFeatureExtractor(feature_size=128)
-    return extractor(list(chunks), sampling_rate=16_000, return_tensors="pt").input_features
+def audio_features(prompts: Sequence[Prompt]) -> torch.Tensor | None:
+    """Log-mel chunks [chunks, 128, 3000] of every clip of the batch, in [AUDIO] order; None without audio."""
+    clips = [clip for p in prompts for clip in p.audio]
+    return torch.cat([log_mel_chunks(clip) for clip in clips]) if clips else None
 
 
 def left_pad(prompts: Sequence[Prompt], pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +56,7 @@ def until_eos(tokens: Sequence[int], eos_id: int = EOS_ID) -> list[int]:
 
 
 class HFGenerator:
-    """A transformers model (VoxtralForConditionalGeneration or a causal LM) in fp32 on CPU."""
+    """A transformers model (VoxtralForConditionalGeneration or a causal LM) in fp32; the reference path."""
 
     def __init__(self, model: torch.nn.Module, name: str):
         from transformers import VoxtralForConditionalGeneration
@@ -70,14 +71,13 @@ class HFGenerator:
         from transformers import AutoModelForCausalLM, VoxtralForConditionalGeneration
 
         architectures = json.loads((Path(checkpoint) / "config.json").read_text()).get("architectures", [])
-        model_cls = VoxtralForConditionalGeneration if "VoxtralForConditionalGeneration" in architectures else AutoModelForCausalLM
+        audio = "VoxtralForConditionalGeneration" in architectures
+        model_cls = VoxtralForConditionalGeneration if audio else AutoModelForCausalLM
         return cls(model_cls.from_pretrained(str(checkpoint), dtype=torch.float32), f"hf:{Path(checkpoint).name}")
 
     @classmethod
     def from_megatron_dir(cls, checkpoint: str | Path) -> HFGenerator:
-        """Export a Megatron torch_dist checkpoint to HF (the conversion tool, into a temporary directory) and load it."""
-        import tempfile
-
+        """Export a Megatron torch_dist checkpoint to HF (the conversion tool, in a temporary dir) and load it."""
         from megatron_ext.checkpoint.convert import convert
 
         with tempfile.TemporaryDirectory(prefix="eval-hf-export-") as tmp:
@@ -89,24 +89,131 @@ class HFGenerator:
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[list[int]]:
         ids, mask = left_pad(prompts)
-        extra = {}
-        chunks = [c for p in prompts for c in p.audio_chunks]
-        if chunks:
-            if not self.has_audio:
-                raise ValueError(f"{self.name} has no audio encoder but the prompts contain audio")
-            extra["input_features"] = log_mel(chunks)
+        features = audio_features(prompts)
+        if features is not None and not self.has_audio:
+            raise ValueError(f"{self.name} has no audio encoder but the prompts contain audio")
+        extra = {} if features is None else {"input_features": features}
         out = self.model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=EOS_ID, pad_token_id=PAD_ID, **extra,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=EOS_ID,
+            pad_token_id=PAD_ID,
+            **extra,
         )
         return [until_eos(row) for row in out[:, ids.shape[1] :].tolist()]
 
 
-def load_generator(checkpoint: str | Path) -> Generator:
-    """The generator for a checkpoint directory: Megatron (checkpoint_meta.json) or HF (config.json)."""
+def _attention_mask(key_padding: torch.Tensor, queries: int) -> torch.Tensor:
+    """Megatron's boolean mask [b, 1, queries, keys] (True = masked): causal over the last `queries`
+    positions plus the left padding of every row."""
+    keys = key_padding.shape[1]
+    causal = torch.ones(queries, keys, dtype=torch.bool).triu(keys - queries + 1)
+    return causal[None, None] | key_padding[:, None, None, :]
+
+
+class MegatronGenerator:
+    """Our `AudioLanguageModel` (Megatron-Core, local spec, TP=1) from any checkpoint `open_input` reads.
+
+    Decoding runs on Megatron-Core's static KV cache (`StaticInferenceContext`): one prefill over the
+    left-padded prompts with an explicit causal + padding mask, then one token per step. Rope there is
+    indexed by position in the padded row, which leaves attention unchanged (rope is relative); the
+    llama-4 query scaling is absolute, so a model with it decodes without the cache, recomputing the
+    decoder over true per-row positions each step.
+    """
+
+    def __init__(self, checkpoint: str | Path):
+        from megatron.core import parallel_state
+
+        from megatron_ext.checkpoint.formats import open_input
+        from megatron_ext.checkpoint.mapping import megatron_getter
+        from megatron_ext.compat.cpu import init_distributed
+        from megatron_ext.models.build import BuildConfig, build_model
+        from megatron_ext.models.loading import load_full_tensors
+
+        inp = open_input(Path(checkpoint))
+        try:
+            if not parallel_state.model_parallel_is_initialized():
+                init_distributed(tp=1, pp=1)
+            self.cfg = inp.cfg
+            build = BuildConfig(backend="local", init_weights=False, parallel_output=False)
+            self.model = build_model(self.cfg, build).eval()
+            load_full_tensors(self.model, inp.get if inp.naming == "megatron" else megatron_getter(inp.cfg, inp.get))
+        finally:
+            inp.close()
+        self.name = f"megatron:{Path(checkpoint).name}"
+        self.has_audio = self.cfg.has_audio
+        self.use_cache = self.cfg.decoder.rope.llama4_scaling_beta is None
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[list[int]]:
+        ids, mask = left_pad(prompts)
+        features = audio_features(prompts)
+        if features is not None and not self.has_audio:
+            raise ValueError(f"{self.name} has no audio encoder but the prompts contain audio")
+        device = next(self.model.parameters()).device
+        ids, padding = ids.to(device), (mask == 0).to(device)
+        prompt_embeddings = self.model.embed(ids, None if features is None else features.to(device))  # [s, b, h]
+        step = self._cached_steps if self.use_cache else self._recomputed_steps
+        out = torch.full((ids.shape[0], 0), PAD_ID, dtype=torch.long, device=device)
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+        for next_token in step(ids, padding, prompt_embeddings, max_new_tokens):
+            next_token = torch.where(done, torch.full_like(next_token, PAD_ID), next_token)
+            out = torch.cat([out, next_token[:, None]], dim=1)
+            done |= next_token == EOS_ID
+            if bool(done.all()):
+                break
+        return [until_eos(row) for row in out.tolist()]
+
+    def _logits(self, ids, positions, mask, embeddings, context=None) -> torch.Tensor:
+        return self.model.language_model(
+            ids, positions, mask, decoder_input=embeddings, inference_context=context, runtime_gather_output=True
+        )
+
+    def _cached_steps(self, ids, padding, embeddings, max_new_tokens):
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        batch, length = ids.shape
+        context = StaticInferenceContext(batch, length + max_new_tokens)
+        logits = self._logits(ids, None, _attention_mask(padding, length), embeddings, context)
+        context.sequence_len_offset = length
+        for _ in range(max_new_tokens):
+            token = logits[:, -1].argmax(-1)
+            yield token
+            padding = torch.cat([padding, torch.zeros_like(padding[:, :1])], dim=1)
+            embedded = self.model.language_model.embedding(input_ids=token[:, None], position_ids=None)
+            logits = self._logits(token[:, None], None, _attention_mask(padding, 1), embedded, context)
+            context.sequence_len_offset += 1
+
+    def _recomputed_steps(self, ids, padding, embeddings, max_new_tokens):
+        for _ in range(max_new_tokens):
+            positions = ((~padding).long().cumsum(1) - 1).clamp(min=0)
+            logits = self._logits(ids, positions, _attention_mask(padding, ids.shape[1]), embeddings)
+            token = logits[:, -1].argmax(-1)
+            yield token
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            padding = torch.cat([padding, torch.zeros_like(padding[:, :1])], dim=1)
+            new = self.model.language_model.embedding(input_ids=token[:, None], position_ids=None)
+            embeddings = torch.cat([embeddings, new], dim=0)
+
+
+BACKENDS = ("megatron", "hf")
+
+
+def load_generator(checkpoint: str | Path, backend: str = "megatron") -> Generator:
+    """The generator for a checkpoint directory (Megatron torch_dist, HF or Mistral-native).
+
+    backend "megatron": our AudioLanguageModel; "hf": transformers on the HF layout (a Megatron checkpoint
+    is exported to HF first) — the reference.
+    """
     from megatron_ext.checkpoint.metadata import META_FILE
 
     checkpoint = Path(checkpoint)
+    if backend == "megatron":
+        return MegatronGenerator(checkpoint)
+    if backend != "hf":
+        raise ValueError(f"unknown generation backend {backend!r}; known: {', '.join(BACKENDS)}")
     if (checkpoint / META_FILE).is_file():
         return HFGenerator.from_megatron_dir(checkpoint)
     if (checkpoint / "config.json").is_file():

@@ -51,7 +51,9 @@ class AnswerJudge:
         try:
             verdict = json.loads(json.loads(body)["choices"][0]["message"]["content"])["correct"]
         except (KeyError, IndexError, TypeError, json.JSONDecodeError) as e:
-            raise EndpointError(f"{self.url}: judge response does not follow the schema ({type(e).__name__}: {e})") from e
+            raise EndpointError(
+                f"{self.url}: judge response does not follow the schema ({type(e).__name__}: {e})"
+            ) from e
         if not isinstance(verdict, bool):
             raise EndpointError(f"{self.url}: judge returned correct={verdict!r}, not a boolean")
         return verdict

@@ -57,7 +57,7 @@ def corpus_wer(references: Sequence[str], hypotheses: Sequence[str], normalize: 
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
     errors = words = 0
-    for ref, hyp in zip(references, hypotheses):
+    for ref, hyp in zip(references, hypotheses, strict=True):
         ref_words = (normalize_english(ref) if normalize else ref).split()
         hyp_words = (normalize_english(hyp) if normalize else hyp).split()
         errors += word_edit_distance(ref_words, hyp_words)

@@ -21,15 +21,14 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from megatron_ext.data.synth.audio import SAMPLE_RATE
 from megatron_ext.eval.benchmarks import Benchmark, Sample, mcq_text
 
-CHUNK_SAMPLES = 30 * SAMPLE_RATE
-
 
 @dataclass(frozen=True)
 class Prompt:
-    """Token ids plus the 30 s audio chunks whose embeddings replace its [AUDIO] tokens, in order."""
+    """Token ids plus the audio clips (16 kHz, padded to 30 s multiples) whose embeddings replace its
+    [AUDIO] tokens, in order."""
 
     tokens: list[int]
-    audio_chunks: list[np.ndarray]
+    audio: list[np.ndarray]
 
 
 def load_tokenizer(checkpoint: str | Path) -> MistralTokenizer:
@@ -54,15 +53,8 @@ def build_prompt(tokenizer: MistralTokenizer, bench: Benchmark, sample: Sample) 
         elif sample.fields.get("instruction"):
             content.append(TextChunk(text=sample.fields["instruction"]))
         encoded = tokenizer.encode_chat_completion(ChatCompletionRequest(messages=[UserMessage(content=content)]))
-    return Prompt(list(encoded.tokens), [c for a in encoded.audios for c in _chunks(a.audio_array)])
+    return Prompt(list(encoded.tokens), [a.audio_array for a in encoded.audios])
 
 
 def _raw_audio(sample: Sample) -> RawAudio:
     return RawAudio.from_audio(Audio(sample.audio(), SAMPLE_RATE, format="wav"))
-
-
-def _chunks(audio: np.ndarray) -> list[np.ndarray]:
-    """Split mistral-common's padded waveform into the 30 s chunks the encoder sees independently."""
-    if len(audio) % CHUNK_SAMPLES:
-        raise ValueError(f"audio of {len(audio)} samples is not padded to 30 s chunks")
-    return [audio[i : i + CHUNK_SAMPLES] for i in range(0, len(audio), CHUNK_SAMPLES)]

@@ -8,7 +8,13 @@ from pathlib import Path
 SKIP = {"tekken.json"}  # the tokenizer is large and says nothing about the recipe
 MAX_BYTES = 1024 * 1024
 MERGE_FILE = "merge.json"  # written by tools/merge.py
-MERGE_PARAM_LABELS = {"alpha": "alpha", "density": "density", "epsilon": "epsilon", "lam": "lambda", "rescale": "rescale"}
+MERGE_PARAM_LABELS = {
+    "alpha": "alpha",
+    "density": "density",
+    "epsilon": "epsilon",
+    "lam": "lambda",
+    "rescale": "rescale",
+}
 
 
 def checkpoint_provenance(checkpoint: str | Path) -> dict:

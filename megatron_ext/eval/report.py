@@ -21,7 +21,9 @@ FIGURES = {
 TRAINING_FIGURE = "training_curves.png"
 
 
-def build_report(results: str | Path, output: str | Path, tensorboard: Sequence[str | Path] = ()) -> dict[str, list[str]]:
+def build_report(
+    results: str | Path, output: str | Path, tensorboard: Sequence[str | Path] = ()
+) -> dict[str, list[str]]:
     """Write tables (Markdown + CSV), figures (PNG) and REPORT.md; returns {"written": [...], "skipped": [...]}.
 
     Training curves come from TensorBoard event files under `tensorboard` dirs (default: under `results`).
@@ -44,7 +46,9 @@ def build_report(results: str | Path, output: str | Path, tensorboard: Sequence[
         (written if make(ckpts, output / name) else skipped).append(name)
     runs = {}
     for root in tensorboard or [results]:
-        runs |= {f"{Path(root).name}/{run}" if run != "." else Path(root).name: s for run, s in read_scalars(root).items()}
+        runs |= {
+            f"{Path(root).name}/{run}" if run != "." else Path(root).name: s for run, s in read_scalars(root).items()
+        }
     (written if figures.training_curves(runs, output / TRAINING_FIGURE) else skipped).append(TRAINING_FIGURE)
     pngs = [n for n in written if n.endswith(".png")]
     index = ["# Evaluation report", "", f"{len(records)} records, {len(ckpts)} checkpoints, from `{results}`.", ""]

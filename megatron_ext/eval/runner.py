@@ -42,20 +42,25 @@ def evaluate(
     predictions: str | Path | None = None,
     judge=None,
     generator: Generator | None = None,
+    backend: str = "megatron",
     restart: bool = False,
 ) -> Record:
     """Score `checkpoint` on a local benchmark file and upsert the record into the `output` JSONL store.
 
     `judge` (optional, spoken QA only) is an `AnswerJudge`; its verdict replaces the answer-contained match.
-    Predictions already in the predictions file are reused by sample id unless `restart` is set.
+    `backend` picks the generator (megatron: our model with a KV cache; hf: the transformers reference)
+    unless a ready `generator` is passed. Predictions already in the predictions file are reused by sample
+    id unless `restart` is set.
     """
     bench = get_benchmark(benchmark)
     samples = load_samples(bench, data)
     default_name, default_labels = checkpoint_identity(checkpoint)
     name = name or default_name
     output = Path(output)
-    predictions = Path(predictions) if predictions else output.parent / "predictions" / f"{_slug(name)}.{bench.name}.jsonl"
-    generator = generator or load_generator(checkpoint)
+    predictions = (
+        Path(predictions) if predictions else output.parent / "predictions" / f"{_slug(name)}.{bench.name}.jsonl"
+    )
+    generator = generator or load_generator(checkpoint, backend)
     if bench.needs_audio and not generator.has_audio:
         raise ValueError(f"{checkpoint}: no audio encoder, but benchmark {bench.name} needs audio")
     tokenizer = load_tokenizer(checkpoint)
@@ -63,11 +68,14 @@ def evaluate(
     write_jsonl(predictions, list(done.values()))  # drops rows of other ids and a torn last line
     todo = [s for s in samples if s.id not in done]
     limit = max_new_tokens or MAX_NEW_TOKENS[bench.kind]
-    with open(predictions, "a", encoding="utf-8") as sink, tqdm(total=len(samples), initial=len(done), desc=bench.name) as bar:
+    with (
+        open(predictions, "a", encoding="utf-8") as sink,
+        tqdm(total=len(samples), initial=len(done), desc=bench.name) as bar,
+    ):
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             outputs = generator.generate([build_prompt(tokenizer, bench, s) for s in batch], limit)
-            for sample, tokens in zip(batch, outputs):
+            for sample, tokens in zip(batch, outputs, strict=True):
                 row = _scored(bench, sample, tokenizer.decode(tokens), judge)
                 done[sample.id] = row
                 sink.write(json.dumps(row) + "\n")
@@ -76,13 +84,21 @@ def evaluate(
     scores = [done[s.id] for s in samples]
     provenance = checkpoint_provenance(checkpoint)
     record = Record(
-        checkpoint=name, benchmark=bench.name, metric=bench.metric, value=bench.aggregate(scores),
-        higher_is_better=bench.higher_is_better, n=len(samples),
+        checkpoint=name,
+        benchmark=bench.name,
+        metric=bench.metric,
+        value=bench.aggregate(scores),
+        higher_is_better=bench.higher_is_better,
+        n=len(samples),
         labels={**default_labels, **labels_from_provenance(provenance), **(labels or {})},
         provenance=provenance,
         source={
-            "data": str(Path(data).resolve()), "data_sha256": file_sha256(data), "predictions": str(predictions.resolve()),
-            "generator": generator.name, "max_new_tokens": limit, "judge": getattr(judge, "model", None),
+            "data": str(Path(data).resolve()),
+            "data_sha256": file_sha256(data),
+            "predictions": str(predictions.resolve()),
+            "generator": generator.name,
+            "max_new_tokens": limit,
+            "judge": getattr(judge, "model", None),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     )
@@ -138,5 +154,5 @@ def _texts_by_id(path: str | Path) -> dict[str, str]:
             row = json.loads(line)
             texts[str(row["id"])] = str(row["text"])
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}:{number}: expected {{\"id\": ..., \"text\": ...}} ({type(e).__name__})") from e
+            raise ValueError(f'{path}:{number}: expected {{"id": ..., "text": ...}} ({type(e).__name__})') from e
     return texts

@@ -53,11 +53,18 @@ def ingest_swebench(
     default_name, default_labels = checkpoint_identity(checkpoint)
     provenance = checkpoint_provenance(checkpoint)
     record = Record(
-        checkpoint=name or default_name, benchmark="swebench", metric="accuracy", value=rate, higher_is_better=True,
-        n=instances, labels={**default_labels, **labels_from_provenance(provenance), **(labels or {})},
+        checkpoint=name or default_name,
+        benchmark="swebench",
+        metric="accuracy",
+        value=rate,
+        higher_is_better=True,
+        n=instances,
+        labels={**default_labels, **labels_from_provenance(provenance), **(labels or {})},
         provenance=provenance,
         source={
-            "data": str(report_path.resolve()), "data_sha256": file_sha256(report_path), "resolved": resolved,
+            "data": str(report_path.resolve()),
+            "data_sha256": file_sha256(report_path),
+            "resolved": resolved,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     )

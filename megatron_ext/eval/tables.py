@@ -64,7 +64,8 @@ class Checkpoint:
         if self.role == "merge" and method:
             if method == "della":
                 params = ", ".join(
-                    f"{sym}={self.labels[k]:.2f}" for k, sym in (("density", "d"), ("epsilon", "ε"), ("lambda", "λ"))
+                    f"{sym}={self.labels[k]:.2f}"
+                    for k, sym in (("density", "d"), ("epsilon", "ε"), ("lambda", "λ"))
                     if k in self.labels
                 )
             else:
@@ -143,7 +144,9 @@ def table1_merge_grid(ckpts: list[Checkpoint]) -> Table:
     )
     header = ["Checkpoint"] + [f"{TITLES[b]} {_arrow(b)}" for b in TABLE1_BENCHMARKS]
     return Table(
-        "table1_merge_grid", "Table 1: merge evaluation grid (WER lower is better; SWE-Bench in %)", header,
+        "table1_merge_grid",
+        "Table 1: merge evaluation grid (WER lower is better; SWE-Bench in %)",
+        header,
         [[c.display] + [fmt(b, c.value(b), percent=False) for b in TABLE1_BENCHMARKS] for c in rows],
         ["checkpoint", "display", "role"] + TABLE1_BENCHMARKS,
         [[c.name, c.display, c.role] + [c.value(b) for b in TABLE1_BENCHMARKS] for c in rows],
@@ -171,7 +174,9 @@ def best_by_config(ckpts: list[Checkpoint], benchmarks: list[str]) -> dict[str, 
 def _sft_table(ckpts, name, title, label_cols, benchmarks, bold: bool) -> Table:
     configs = best_by_config(ckpts, benchmarks)
     best_overall = {
-        b: (max if higher_is_better(b) else min)((e["best"][b][0] for e in configs.values() if b in e["best"]), default=None)
+        b: (max if higher_is_better(b) else min)(
+            (e["best"][b][0] for e in configs.values() if b in e["best"]), default=None
+        )
         for b in benchmarks
     }
     rows, csv_rows = [], []
@@ -185,9 +190,11 @@ def _sft_table(ckpts, name, title, label_cols, benchmarks, bold: bool) -> Table:
             raw += [value, step]
         rows.append(cells)
         csv_rows.append(raw)
-    header = ["Config"] + [t for _, t in label_cols] + [
-        f"{TITLES[b]}{'' if b == 'swebench' else ' (%)'} {_arrow(b)}" for b in benchmarks
-    ]
+    header = (
+        ["Config"]
+        + [t for _, t in label_cols]
+        + [f"{TITLES[b]}{'' if b == 'swebench' else ' (%)'} {_arrow(b)}" for b in benchmarks]
+    )
     csv_header = ["config"] + [k for k, _ in label_cols] + [x for b in benchmarks for x in (b, f"{b}_step")]
     note = "Best score over all checkpoints of each config (each column independently)."
     return Table(name, title, header, rows, csv_header, csv_rows, note + (" Best per column in bold." if bold else ""))
@@ -195,15 +202,26 @@ def _sft_table(ckpts, name, title, label_cols, benchmarks, bold: bool) -> Table:
 
 def table2_sft_mixtures(ckpts: list[Checkpoint]) -> Table:
     """SFT data-mixture ablations (paper Table 2): best checkpoint per config."""
-    return _sft_table(ckpts, "table2_sft_mixtures", "Table 2: SFT data mixture ablations",
-                      [("mixture", "Text : Audio")], ["swebench", "mmlu_audio"], bold=False)
+    return _sft_table(
+        ckpts,
+        "table2_sft_mixtures",
+        "Table 2: SFT data mixture ablations",
+        [("mixture", "Text : Audio")],
+        ["swebench", "mmlu_audio"],
+        bold=False,
+    )
 
 
 def table3_sft_hyperparams(ckpts: list[Checkpoint]) -> Table:
     """SFT hyperparameter experiments (paper Table 3): best score per config and column, best in bold."""
-    return _sft_table(ckpts, "table3_sft_hyperparams", "Table 3: best scores across checkpoints per SFT config",
-                      [("alpha", "α"), ("audio_epochs", "Audio Epochs")],
-                      ["mmlu_audio", "swebench", "llama_questions", "mmlu_text"], bold=True)
+    return _sft_table(
+        ckpts,
+        "table3_sft_hyperparams",
+        "Table 3: best scores across checkpoints per SFT config",
+        [("alpha", "α"), ("audio_epochs", "Audio Epochs")],
+        ["mmlu_audio", "swebench", "llama_questions", "mmlu_text"],
+        bold=True,
+    )
 
 
 def select_final(ckpts: list[Checkpoint]) -> Checkpoint | None:
@@ -211,7 +229,9 @@ def select_final(ckpts: list[Checkpoint]) -> Checkpoint | None:
     finals = [c for c in ckpts if c.role == "final"]
     if finals:
         return finals[-1]
-    both = [c for c in ckpts if c.role == "sft" and c.value("swebench") is not None and c.value("mmlu_audio") is not None]
+    both = [
+        c for c in ckpts if c.role == "sft" and c.value("swebench") is not None and c.value("mmlu_audio") is not None
+    ]
     return max(both, key=lambda c: c.value("swebench") + c.value("mmlu_audio"), default=None)
 
 
@@ -244,7 +264,9 @@ def table4_final_vs_parents(ckpts: list[Checkpoint]) -> Table:
     rows = final_comparison(ckpts)
     header = ["Model"] + [f"{TITLES[b]}{'' if b == 'swebench' else ' (%)'} {_arrow(b)}" for b in TABLE4_BENCHMARKS]
     return Table(
-        "table4_final_vs_parents", "Table 4: final model vs parents and base merge", header,
+        "table4_final_vs_parents",
+        "Table 4: final model vs parents and base merge",
+        header,
         [[title] + [fmt(b, c.value(b), percent=True) for b in TABLE4_BENCHMARKS] for title, c in rows],
         ["row", "checkpoint"] + TABLE4_BENCHMARKS,
         [[title, c.name] + [c.value(b) for b in TABLE4_BENCHMARKS] for title, c in rows],
@@ -264,12 +286,17 @@ def table_super_parent(ckpts: list[Checkpoint]) -> Table:
         for c in ckpts:
             v = c.value(b)
             if c.role != "parent" and v is not None and (v > best_value if better else v < best_value):
-                rows.append([c.display, TITLES[b], fmt(b, v, True), f"{fmt(b, best_value, True)} ({best_parent.display})"])
+                rows.append(
+                    [c.display, TITLES[b], fmt(b, v, True), f"{fmt(b, best_value, True)} ({best_parent.display})"]
+                )
                 csv_rows.append([c.name, b, v, best_parent.name, best_value])
     return Table(
-        "super_parent", "Checkpoints above both parents (Section 7)",
-        ["Checkpoint", "Benchmark", "Score", "Best parent"], rows,
-        ["checkpoint", "benchmark", "value", "best_parent", "best_parent_value"], csv_rows,
+        "super_parent",
+        "Checkpoints above both parents (Section 7)",
+        ["Checkpoint", "Benchmark", "Score", "Best parent"],
+        rows,
+        ["checkpoint", "benchmark", "value", "best_parent", "best_parent_value"],
+        csv_rows,
     )
 
 

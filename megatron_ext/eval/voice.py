@@ -34,8 +34,14 @@ def spoken_text(kind: str, sample: Sample) -> str:
 
 
 def voice_benchmark(
-    benchmark: str, data: str | Path, output: str | Path, tts: TTS, *,
-    voices: list[RefVoice] | None = None, inline: bool = False, seed: int = 0,
+    benchmark: str,
+    data: str | Path,
+    output: str | Path,
+    tts: TTS,
+    *,
+    voices: list[RefVoice] | None = None,
+    inline: bool = False,
+    seed: int = 0,
 ) -> int:
     """Speak every sample of a text benchmark file into `output` (a benchmark file with audio); returns the count."""
     bench = get_benchmark(benchmark)
