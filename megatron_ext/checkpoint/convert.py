@@ -140,7 +140,7 @@ def convert(input_dir: Path, output_dir: Path, to: Target, tp: int = 1, pp: int 
     inp = open_input(Path(input_dir), rope_from)
     try:
         validate_parallel(inp.cfg, tp, pp)
-        hasher = _Hasher(inp.files)
+        hasher = _Hasher(inp.files if to == "megatron" else [])  # only torch_dist outputs record sources
         hasher.start()
         with atomic_dir(Path(output_dir), overwrite) as tmp:
             if to == "megatron":

@@ -1,7 +1,8 @@
 """Lazy safetensors reading (single file or sharded with an index) and streaming safetensors writing.
 
 Reading: headers are parsed up front (names, dtypes, shapes, byte ranges checked against the file size,
-so a truncated shard fails before any work); tensors come one at a time through `safe_open` (mmap).
+so a truncated shard fails before any work); each tensor is read with one `readinto` straight into its
+own buffer (no mmap: pages of a mapped file would count in the reader's RSS as the model streams by).
 Writing: a header area is reserved, tensors are appended as raw bytes as they arrive, and the header is
 written last (padded with spaces, which the format allows), so no file is ever held in memory.
 """
@@ -13,9 +14,9 @@ import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
-from safetensors import safe_open
 
 from megatron_ext.checkpoint.atomic import CheckpointError
 
@@ -68,21 +69,26 @@ class SafetensorsSource:
                 files = [SINGLE_FILE]
         self.files = [self.directory / f for f in files]
         self._where: dict[str, Path] = {}
-        self._meta: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self._meta: dict[str, tuple[str, tuple[int, ...], int]] = {}  # dtype code, shape, absolute offset
         for path in self.files:
             if not path.is_file():
                 raise CheckpointError(f"{path}: missing shard")
-            for name, h in read_header(path).items():
+            header = read_header(path)
+            with open(path, "rb") as f:
+                base = 8 + struct.unpack("<Q", f.read(8))[0]
+            for name, h in header.items():
                 if name in self._where:
                     raise CheckpointError(f"{path}: tensor {name!r} also in {self._where[name].name}")
+                if h["dtype"] not in DTYPES:
+                    raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {h['dtype']}")
                 self._where[name] = path
-                self._meta[name] = (h["dtype"], tuple(h["shape"]))
+                self._meta[name] = (h["dtype"], tuple(h["shape"]), base + h["data_offsets"][0])
         if index.is_file() and files is not None:
             listed = json.loads(index.read_text()).get("weight_map", {})
             absent = sorted(set(listed) - set(self._where))
             if absent:
                 raise CheckpointError(f"{index}: tensors listed but in no shard: {', '.join(absent[:8])}")
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, BinaryIO] = {}
 
     def names(self) -> list[str]:
         return list(self._where)
@@ -107,10 +113,19 @@ class SafetensorsSource:
         if path is None:
             raise CheckpointError(f"{self.directory}: tensor {name!r} not found")
         if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt")
-        return self._handles[path].get_tensor(name)  # type: ignore[attr-defined]
+            self._handles[path] = open(path, "rb")
+        f = self._handles[path]
+        code, shape, offset = self._meta[name]
+        t = torch.empty(shape, dtype=DTYPES[code])
+        if t.nbytes:
+            f.seek(offset)
+            if f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy())) != t.nbytes:
+                raise CheckpointError(f"{path}: truncated while reading {name!r}")
+        return t
 
     def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
         self._handles.clear()
 
 
