@@ -13,7 +13,7 @@ from megatron_ext.merge.bench import child, run_benchmark  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--dir", type=Path, default=Path("build/bench"), help="scratch directory (deleted afterwards)")
+    p.add_argument("--dir", type=Path, default=Path("build/bench/merge"), help="scratch directory (deleted afterwards)")
     p.add_argument("--layers", type=int, default=1, help="decoder layers of the main pair (1: ~3.8 GB per parent)")
     p.add_argument("--big-layers", type=int, default=2, help="layers of the second pair (peak-RSS flatness check)")
     p.add_argument("--keep", action="store_true", help="keep the generated parents")

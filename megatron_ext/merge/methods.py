@@ -18,6 +18,7 @@ from typing import ClassVar, Literal
 import torch
 
 CHUNK = 1024 * 1024
+LINEAR_CHUNK = 64 * 1024  # elementwise only: any chunking gives the same bits; small chunks stay in cache
 DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8
 RescaleNorm = Literal["l1", "l2", "linf", "per_weight"]
@@ -33,16 +34,18 @@ def _chunks(n: int, size: int = CHUNK) -> Iterator[slice]:
 
 # ---- linear -----------------------------------------------------------------------------------------
 def linear(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """sum(w_i x_i) / sum(w_i), accumulated in float32 in the given order, cast to the first input's dtype."""
+    """sum(w_i x_i) / sum(w_i), accumulated in float32 in the given order, cast to the first input's dtype.
+    Same roundings as accumulating from zero with addcmul (the `+ 0.0` turns a -0 first product into +0)."""
     first = tensors[0]
     dt = _compute_dtype(first)
     w = torch.tensor(weights, dtype=dt)
     total = w.sum()
     flat = [t.reshape(-1) for t in tensors]
+    coef = w.unbind(0)
     out = torch.empty(first.numel(), dtype=first.dtype)
-    for sl in _chunks(first.numel()):
-        acc = torch.zeros(sl.stop - sl.start, dtype=dt)
-        for x, c in zip(flat, w.unbind(0)):
+    for sl in _chunks(first.numel(), LINEAR_CHUNK):
+        acc = flat[0][sl].to(dt, copy=True).mul_(coef[0]).add_(0.0)
+        for x, c in zip(flat[1:], coef[1:]):
             acc.addcmul_(x[sl], c)
         out[sl] = acc.div_(total)
     return out.reshape(first.shape)
@@ -65,7 +68,8 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     na, nb = torch.linalg.vector_norm(na, dim=0), torch.linalg.vector_norm(nb, dim=0)
     na = torch.where(na > NORM_EPS, na, 1)
     nb = torch.where(nb > NORM_EPS, nb, 1)
-    dots = [((a[:, s].to(dt) / na) * (b[:, s].to(dt) / nb)).sum(dim=1, keepdim=True) for s in _chunks(n, step)]
+    dots = [a[:, s].to(dt, copy=True).div_(na).mul_(b[:, s].to(dt, copy=True).div_(nb)).sum(dim=1, keepdim=True)
+            for s in _chunks(n, step)]
     dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
     lerp = dot.abs() > DOT_THRESHOLD
     theta = torch.acos(torch.where(lerp, 0, dot))
@@ -74,7 +78,7 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     cb = torch.where(lerp, tt, torch.sin(tt * theta) / sin_theta)
     out = torch.empty_like(a)
     for s in _chunks(n, step):
-        out[:, s] = ca * a[:, s].to(dt) + cb * b[:, s].to(dt)
+        out[:, s] = a[:, s].to(dt, copy=True).mul_(ca).add_(b[:, s].to(dt, copy=True).mul_(cb))
     return out.reshape(v0.shape)
 
 

@@ -211,7 +211,9 @@ def check_finite(t: torch.Tensor, what: str) -> None:
         return
     flat = t.reshape(-1)
     for s in range(0, flat.numel(), FINITE_CHUNK):
-        if not torch.isfinite(flat[s : s + FINITE_CHUNK]).all():
+        chunk = flat[s : s + FINITE_CHUNK]
+        # A NaN/Inf makes the float32 sum non-finite; an overflowing sum of finite values is re-checked exactly.
+        if not torch.isfinite(chunk.sum(dtype=torch.float32)) and not torch.isfinite(chunk).all():
             raise ParentError(f"{what} contains NaN or Inf")
 
 
