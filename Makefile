@@ -10,7 +10,7 @@ BUILD ?= build
 TINY ?= $(BUILD)/tiny
 APT_PACKAGES := espeak-ng sox pocketsphinx-testdata
 
-.PHONY: venv system-deps tiny demo demo-convert convert bench-convert demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint clean synth bench-synth eval eval-data eval-model eval-sft report
+.PHONY: venv system-deps tiny demo demo-convert convert bench-convert demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint clean synth bench-synth eval eval-data eval-model eval-sft report demo-eval
 
 # ---- environment ---------------------------------------------------------------------------------
 $(VENV)/.installed: requirements.txt requirements-test.txt constraints.txt
@@ -40,8 +40,7 @@ demo: tiny
 	$(MAKE) demo-convert
 	$(MAKE) demo-merge
 	$(MAKE) logits
-	$(MAKE) eval report
-	@echo "demo: eval records in $(EVAL_RESULTS)/records.jsonl; tables and figures in $(REPORT_DIR) (index: $(REPORT_DIR)/REPORT.md)"
+	$(MAKE) demo-eval
 
 # ---- convert: HF / Mistral-native / torch_dist <-> megatron (torch_dist) | hf | mistral; see tools/convert.py --help ----
 IN ?=
@@ -84,14 +83,20 @@ merge-grid: venv
 
 # Ours vs mergekit vs disk floor on synthetic Mistral-Small-shaped parents (~3.8 GB each, deleted afterwards).
 bench-merge: venv
-	$(PYTHON) tools/bench_merge.py --dir $(BUILD)/bench --json $(BUILD)/bench_merge.json
+	$(PYTHON) tools/bench_merge.py --dir $(BUILD)/bench/merge --json $(BUILD)/bench_merge.json
 
-# Demo step: align the tiny parents' tokenizers, then merge them (linear, alpha 0.1) under build/demo/.
+# Demo step: align the tiny parents' tokenizers, then merge them (linear, alpha 0.1) under build/demo/
+# (HF in, HF out; and torch_dist in, torch_dist out when demo-convert ran first, as in `make demo`).
 demo-merge: tiny
 	rm -rf $(BUILD)/demo/tokenizer $(BUILD)/demo/merge-linear-0.1
 	$(PYTHON) tools/align_tokenizer.py --devstral $(TINY)/devstral-hf --voxtral $(TINY)/voxtral-hf --output $(BUILD)/demo/tokenizer
 	$(PYTHON) tools/merge.py --devstral $(TINY)/devstral-hf --voxtral $(TINY)/voxtral-hf --method linear --alpha 0.1 \
 	  --rope-from devstral --tokenizer-map $(BUILD)/demo/tokenizer/tokenizer_map.json --output $(BUILD)/demo/merge-linear-0.1 --no-progress
+	@# the same merge on the torch_dist checkpoints of demo-convert, written as torch_dist
+	rm -rf $(BUILD)/demo/merge-linear-0.1-torch_dist
+	test ! -d $(BUILD)/demo/devstral-torch_dist || $(PYTHON) tools/merge.py --devstral $(BUILD)/demo/devstral-torch_dist \
+	  --voxtral $(BUILD)/demo/voxtral-torch_dist --method linear --alpha 0.1 --rope-from devstral --format megatron \
+	  --output $(BUILD)/demo/merge-linear-0.1-torch_dist --no-progress
 
 # ---- model check: Megatron logits vs HF transformers on the tiny parents (CPU, fp32, real speech clip) ----
 LOGITS_DIR ?= $(BUILD)/logits
@@ -123,7 +128,7 @@ EVAL_DATA := $(EVAL_DIR)/data
 EVAL_RESULTS ?= $(EVAL_DIR)/results
 EVAL_MODEL ?= $(EVAL_DIR)/models/linear-0.1
 EVAL_SFT_RUN ?=
-EVAL_SFT_LABELS ?= --label base=$(notdir $(EVAL_MODEL))
+EVAL_SFT_LABELS ?=
 REPORT_DIR ?= $(BUILD)/report
 REPORT_TENSORBOARD ?=
 EVAL_ARGS ?= --max-new-tokens 32
@@ -159,12 +164,26 @@ eval-sft: eval-data
 	test -n "$(EVAL_SFT_RUN)" || { echo "set EVAL_SFT_RUN=DIR (an SFT run with iter_* checkpoints)"; exit 1; }
 	for ckpt in $(EVAL_SFT_RUN)/iter_*; do \
 	  for b in mmlu_audio llama_questions mmlu_text; do $(EVALUATE) $$b --checkpoint $$ckpt --label role=sft \
-	    --label config=$(notdir $(EVAL_SFT_RUN)) $(EVAL_SFT_LABELS) --data $(EVAL_DATA)/$$b.jsonl $(EVAL_ARGS) $(EVAL_STORE) || exit 1; done; \
-	  $(EVALUATE) swebench --checkpoint $$ckpt --label role=sft --label config=$(notdir $(EVAL_SFT_RUN)) \
-	    $(EVAL_SFT_LABELS) --data $(SWEBENCH_EXAMPLE) $(EVAL_STORE) || exit 1; done
+	    $(EVAL_SFT_LABELS) --data $(EVAL_DATA)/$$b.jsonl $(EVAL_ARGS) $(EVAL_STORE) || exit 1; done; \
+	  $(EVALUATE) swebench --checkpoint $$ckpt --label role=sft $(EVAL_SFT_LABELS) --data $(SWEBENCH_EXAMPLE) \
+	    $(EVAL_STORE) || exit 1; done
 
 report: venv
 	$(PYTHON) tools/report.py --results $(EVAL_RESULTS) --output $(REPORT_DIR) $(foreach d,$(REPORT_TENSORBOARD),--tensorboard $(d))
+
+# Demo step (keep it last in `demo`): evaluate the demo's merged model (the SFT's torch_dist start point
+# when present, else the HF merge) and the parents, then every saved SFT step, then the report with the
+# SFT TensorBoard curves. Labels (role, alpha, run, mixture, base) come from the checkpoints' metadata.
+DEMO_EVAL := $(BUILD)/demo/eval
+demo-eval: tiny
+	model=$(BUILD)/demo/merged-torch_dist; test -e $$model || model=$(BUILD)/demo/merge-linear-0.1; \
+	  $(MAKE) eval EVAL_MODEL=$$model EVAL_RESULTS=$(DEMO_EVAL)/results EVAL_DIR=$(DEMO_EVAL)
+	if ls -d $(BUILD)/demo/sft/iter_* >/dev/null 2>&1; then \
+	  $(MAKE) eval-sft EVAL_SFT_RUN=$(BUILD)/demo/sft EVAL_RESULTS=$(DEMO_EVAL)/results EVAL_DIR=$(DEMO_EVAL); fi
+	$(MAKE) report EVAL_RESULTS=$(DEMO_EVAL)/results REPORT_DIR=$(BUILD)/demo/report \
+	  REPORT_TENSORBOARD="$(wildcard $(BUILD)/demo/sft/tensorboard)"
+	@echo "demo: eval records $(DEMO_EVAL)/results/records.jsonl (predictions in $(DEMO_EVAL)/results/predictions/);" \
+	  "tables + figures $(BUILD)/demo/report (index $(BUILD)/demo/report/REPORT.md)"
 
 # ---- tests ---------------------------------------------------------------------------------------
 test: venv

@@ -129,17 +129,7 @@ def test_audio_prompt_layout(merged, data):
 
 
 def test_resume_generates_only_missing_samples(merged, generator, data, tmp_path):
-    class Counting:
-        name, has_audio = generator.name, generator.has_audio
-
-        def __init__(self):
-            self.prompts = 0
-
-        def generate(self, prompts, max_new_tokens):
-            self.prompts += len(prompts)
-            return generator.generate(prompts, max_new_tokens)
-
-    results, counting = tmp_path / "r.jsonl", Counting()
+    results, counting = tmp_path / "r.jsonl", Counting(generator)
     first = evaluate("mmlu_text", merged, data["mmlu_text"], results, generator=counting, max_new_tokens=6)
     predictions = Path(first.source["predictions"])
     lines = predictions.read_text().splitlines()
@@ -204,6 +194,17 @@ def test_torch_dist_checkpoint_generates_like_its_hf_source(tiny_dir, tmp_path, 
     assert exported.name.startswith("hf-export:")
     assert exported.generate(prompts, 10) == expected
     assert load_generator(tmp_path / "mg").generate(prompts, 10) == expected
+
+
+class Counting:
+    """Wraps a generator and counts the prompts it is asked to generate for."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.has_audio, self.prompts = inner, inner.name, inner.has_audio, 0
+
+    def generate(self, prompts, max_new_tokens):
+        self.prompts += len(prompts)
+        return self.inner.generate(prompts, max_new_tokens)
 
 
 class _JudgeHandler(BaseHTTPRequestHandler):
@@ -355,3 +356,59 @@ def test_cli_wer_and_errors(tmp_path, capsys):
     )
     assert code == 1 and f"{bad}:1: missing field 'question'" in capsys.readouterr().err
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_labels_follow_conversion_and_sft_metadata(merged, tmp_path, monkeypatch):
+    """A torch_dist copy of the merge keeps its recipe labels (via checkpoint_meta sources); an SFT step
+    checkpoint gets role, run, mixture, audio epochs and base from the saved SFT config."""
+    from megatron_ext.checkpoint.convert import convert
+    from megatron_ext.checkpoint.metadata import CheckpointMeta, read_meta, write_meta
+    from megatron_ext.eval.provenance import checkpoint_provenance, labels_from_provenance
+    from megatron_ext.eval.store import checkpoint_identity
+    from megatron_ext.training.config import load_config, to_yaml
+
+    convert(merged, tmp_path / "merged-torch_dist", "megatron", progress=False)
+    assert labels_from_provenance(checkpoint_provenance(tmp_path / "merged-torch_dist")) == {
+        "role": "merge",
+        "method": "linear",
+        "alpha": 0.1,
+    }
+    cfg = load_config(
+        ROOT / "examples/configs/tiny_cpu.yaml",
+        [f"model.checkpoint={tmp_path / 'merged-torch_dist'}", f"checkpoint.save_dir={tmp_path / 'run-80-20'}"],
+    )
+    step = tmp_path / "run-80-20" / "iter_0000025"
+    step.mkdir(parents=True)
+    model = read_meta(tmp_path / "merged-torch_dist").model
+    write_meta(
+        step,
+        CheckpointMeta(
+            model=model,
+            tool="sft",
+            sources=[{"path": str(tmp_path / "merged-torch_dist")}],
+            extra={"sft_config": to_yaml(cfg)},
+        ),
+    )
+    labels = labels_from_provenance(checkpoint_provenance(step))
+    assert labels == {
+        "role": "sft",
+        "method": "linear",
+        "alpha": 0.1,
+        "config": "run-80-20",
+        "base": "merged-torch_dist",
+        "mixture": "80:20",
+        "audio_epochs": 1.0,
+    }
+    assert checkpoint_identity(step) == ("run-80-20@25", {"step": 25})
+
+
+def test_predictions_of_other_settings_are_not_resumed(merged, generator, data, tmp_path):
+    results = tmp_path / "r.jsonl"
+    first = evaluate("mmlu_text", merged, data["mmlu_text"], results, generator=generator, max_new_tokens=4)
+    path = Path(first.source["predictions"])
+    first_keys = {json.loads(line)["run"] for line in path.read_text().splitlines()}
+    counting = Counting(generator)
+    evaluate("mmlu_text", merged, data["mmlu_text"], results, generator=counting, max_new_tokens=5)
+    second_keys = {json.loads(line)["run"] for line in path.read_text().splitlines()}
+    assert counting.prompts == first.n  # nothing reused: the generation limit changed
+    assert len(first_keys) == len(second_keys) == 1 and first_keys != second_keys

@@ -64,10 +64,12 @@ def evaluate(
     if bench.needs_audio and not generator.has_audio:
         raise ValueError(f"{checkpoint}: no audio encoder, but benchmark {bench.name} needs audio")
     tokenizer = load_tokenizer(checkpoint)
-    done = {} if restart else _resume(predictions, {s.id for s in samples})
-    write_jsonl(predictions, list(done.values()))  # drops rows of other ids and a torn last line
-    todo = [s for s in samples if s.id not in done]
     limit = max_new_tokens or MAX_NEW_TOKENS[bench.kind]
+    data_sha256 = file_sha256(data)
+    run = _run_key(checkpoint, data_sha256, generator.name, limit)
+    done = {} if restart else _resume(predictions, {s.id for s in samples}, run)
+    write_jsonl(predictions, list(done.values()))  # drops stale rows, other ids and a torn last line
+    todo = [s for s in samples if s.id not in done]
     with (
         open(predictions, "a", encoding="utf-8") as sink,
         tqdm(total=len(samples), initial=len(done), desc=bench.name) as bar,
@@ -76,7 +78,7 @@ def evaluate(
             batch = todo[start : start + batch_size]
             outputs = generator.generate([build_prompt(tokenizer, bench, s) for s in batch], limit)
             for sample, tokens in zip(batch, outputs, strict=True):
-                row = _scored(bench, sample, tokenizer.decode(tokens), judge)
+                row = {"run": run, **_scored(bench, sample, tokenizer.decode(tokens), judge)}
                 done[sample.id] = row
                 sink.write(json.dumps(row) + "\n")
             sink.flush()
@@ -94,7 +96,7 @@ def evaluate(
         provenance=provenance,
         source={
             "data": str(Path(data).resolve()),
-            "data_sha256": file_sha256(data),
+            "data_sha256": data_sha256,
             "predictions": str(predictions.resolve()),
             "generator": generator.name,
             "max_new_tokens": limit,
@@ -114,8 +116,18 @@ def _scored(bench: Benchmark, sample: Sample, prediction: str, judge) -> dict:
     return row
 
 
-def _resume(predictions: Path, ids: set[str]) -> dict[str, dict]:
-    """Rows already predicted for this benchmark's ids (a torn last line from a crash is ignored)."""
+def _run_key(checkpoint: str | Path, data_sha256: str, generator: str, max_new_tokens: int) -> str:
+    """What a prediction depends on: the checkpoint's files (names, sizes, mtimes), data, generator, limit.
+
+    Rows of another key (a re-trained checkpoint at the same path, other settings) are never resumed.
+    """
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(checkpoint).iterdir() if p.is_file())
+    key = json.dumps([files, data_sha256, generator, max_new_tokens])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _resume(predictions: Path, ids: set[str], run: str) -> dict[str, dict]:
+    """Rows already predicted in this run for this benchmark's ids (a torn last line from a crash is ignored)."""
     if not predictions.exists():
         return {}
     done = {}
@@ -124,7 +136,7 @@ def _resume(predictions: Path, ids: set[str]) -> dict[str, dict]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(row, dict) and row.get("id") in ids:
+        if isinstance(row, dict) and row.get("id") in ids and row.get("run") == run:
             done[row["id"]] = row
     return done
 
