@@ -1,8 +1,10 @@
 """Load a converted text-only torch_dist checkpoint into Megatron-Core GPTModel and compare logits with HF.
 
 Used in-process at TP=1 by tests/test_convert_megatron.py and under `torchrun --nproc_per_node 2` for
-TP=2 (run as a script: prints `MAXDIFF <value>` on rank 0; an optional 4th argument re-saves the loaded
-model there with Megatron's own torch_dist writer). The GPTModel is built with the local spec
+TP=2 (run as a script: `gpt CKPT HF_DIR TP [RESAVE_DIR]` or `audio_lm CKPT TP`; prints `MAXDIFF <value>`
+on rank 0; RESAVE_DIR re-saves the loaded model with Megatron's own torch_dist writer).
+`audio_lm_logit_diff` does the same with the project's AudioLanguageModel (Voxtral with audio, YaRN).
+The GPTModel is built with the local spec
 and loaded through `model.sharded_state_dict(prefix="language_model.")` + `dist_checkpointing.load`,
 exactly as an `AudioLanguageModel` without audio stores its language model.
 """
@@ -90,13 +92,48 @@ def max_logit_diff(ckpt: Path, hf_dir: Path, resave: Path | None = None) -> floa
     return diff
 
 
+def audio_lm_logit_diff(ckpt: Path) -> float:
+    """Max |logits| difference: AudioLanguageModel (local spec, loaded strictly from `ckpt`) vs the HF class of
+    the checkpoint's layout holding the same weights (exported by `megatron_to_hf`); Voxtral gets one
+    30 s chunk of random log-mel features spliced at its [AUDIO] tokens."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    from megatron_ext.checkpoint import mapping
+    from megatron_ext.checkpoint.torch_dist_io import TorchDistReader
+    from megatron_ext.models.build import BuildConfig, build_model
+    from megatron_ext.models.logits import hf_reference_model
+
+    cfg = load_model_config(ckpt)
+    model = build_model(cfg, BuildConfig(backend="local", init_weights=False)).eval()
+    loaded = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt), strict=StrictHandling.RAISE_ALL)
+    model.load_state_dict(loaded)
+    ids = tokens(cfg.decoder.vocab_size, 40)
+    features, kwargs = None, {}
+    if cfg.encoder is not None:
+        e = cfg.encoder
+        per_chunk = e.max_source_positions // cfg.projector_stack
+        ids = torch.cat([ids[:, :3], torch.full((1, per_chunk), cfg.audio_token_id), ids[:, 3:]], 1)
+        features = torch.randn(1, e.num_mel_bins, e.mel_frames, generator=torch.Generator().manual_seed(5))
+        kwargs = {"input_features": features}
+    with torch.no_grad():
+        ours = model(ids, torch.arange(ids.shape[1])[None], audio_features=features, runtime_gather_output=True)[0]
+        reader = TorchDistReader(ckpt)
+        ref = hf_reference_model(cfg, dict(mapping.megatron_to_hf(cfg, reader.get)))(input_ids=ids, **kwargs)
+    return float((ours.float() - ref.logits[0].float()).abs().max())
+
+
 def main() -> None:
     from megatron_ext.compat.cpu import destroy_distributed, init_distributed
 
-    ckpt, hf_dir, tp = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
-    resave = Path(sys.argv[4]) if len(sys.argv) > 4 else None
-    init_distributed(tp=tp, pp=1)
-    diff = max_logit_diff(ckpt, hf_dir, resave)
+    if sys.argv[1] == "audio_lm":  # audio_lm CKPT TP
+        init_distributed(tp=int(sys.argv[3]), pp=1)
+        diff = audio_lm_logit_diff(Path(sys.argv[2]))
+    else:  # gpt CKPT HF_DIR TP [RESAVE_DIR]
+        ckpt, hf_dir, tp = Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+        resave = Path(sys.argv[5]) if len(sys.argv) > 5 else None
+        init_distributed(tp=tp, pp=1)
+        diff = max_logit_diff(ckpt, hf_dir, resave)
     if torch.distributed.get_rank() == 0:
         print(f"MAXDIFF {diff:.3e}", flush=True)
     destroy_distributed()

@@ -1,10 +1,12 @@
 """Converted torch_dist checkpoints load into Megatron-Core at TP=1 and TP=2 and reproduce HF's logits.
 
-The tiny Devstral (HF MistralForCausalLM) goes HF -> torch_dist with tools' library code; a Megatron-Core
+The tiny Devstral (HF MistralForCausalLM) goes HF -> torch_dist with the converter; a Megatron-Core
 GPTModel (local spec, gloo) loads it through `sharded_state_dict(prefix="language_model.")` +
 `dist_checkpointing.load` with StrictHandling.RAISE_ALL (no missing or unexpected key). Tolerance: max
 |logit difference| <= 1e-5 in fp32. At TP=2 the model is re-saved by Megatron itself (two chunks per
 TP-split tensor) and our streaming reader must return the original full tensors from it.
+The project's AudioLanguageModel (Voxtral with a spliced audio chunk; Devstral-2 with YaRN and llama-4
+query scaling) loads the converted checkpoints the same way, strictly, at TP=1 and (Voxtral) TP=2.
 """
 
 from __future__ import annotations
@@ -56,17 +58,42 @@ def test_tp1_load_matches_hf_logits(devstral_ckpt: Path, tiny_dir: Path) -> None
 def test_tp2_load_matches_hf_logits_and_megatron_resave_reads_back(devstral_ckpt: Path, tiny_dir: Path,
                                                                      tmp_path: Path) -> None:
     resave = tmp_path / "resaved-tp2"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-         str(ROOT / "tests" / "convert_megatron_worker.py"), str(devstral_ckpt), str(tiny_dir / "devstral-hf"), "2",
-         str(resave)],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    diff = float(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("MAXDIFF")))
+    diff = _torchrun2("gpt", str(devstral_ckpt), str(tiny_dir / "devstral-hf"), "2", str(resave))
     assert diff <= TOL, diff
     ours, megatrons = TorchDistReader(devstral_ckpt), TorchDistReader(resave)
     assert sorted(ours.names()) == sorted(megatrons.names())
     for name in ours.names():
         assert torch.equal(ours.get(name), megatrons.get(name)), name
+
+
+def _torchrun2(*args: str) -> float:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         str(ROOT / "tests" / "convert_megatron_worker.py"), *args],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return float(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("MAXDIFF")))
+
+
+@pytest.fixture(scope="module")
+def audio_lm_ckpts(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("audio_lm")
+    for model in ("voxtral", "devstral2"):
+        convert(tiny_dir / f"{model}-hf", out / model, "megatron", tp=2, progress=False)
+    return {m: out / m for m in ("voxtral", "devstral2")}
+
+
+@pytest.mark.parametrize("model", ["voxtral", "devstral2"])
+def test_audio_lm_tp1_loads_strictly_and_matches_hf_logits(model: str, audio_lm_ckpts: dict[str, Path]) -> None:
+    init_distributed(tp=1, pp=1)
+    try:
+        diff = worker.audio_lm_logit_diff(audio_lm_ckpts[model])
+    finally:
+        destroy_distributed()
+    assert diff <= TOL, diff
+
+
+def test_audio_lm_voxtral_tp2_matches_hf_logits(audio_lm_ckpts: dict[str, Path]) -> None:
+    assert _torchrun2("audio_lm", str(audio_lm_ckpts["voxtral"]), "2") <= TOL

@@ -10,9 +10,10 @@ single process can write a checkpoint that Megatron loads at any TP/PP:
   axis [num_layers, ...] (one chunk per layer here; Megatron writes one per layer and TP rank);
 - the fused qkv and SwiGLU fc1 ([gate; up]) are stored whole; TP ranks read contiguous row ranges
   (whole GQA groups) and the gate/up halves themselves;
-- each linear layer inside a transformer layer has an `_extra_state` object
-  (`P.layers.M._extra_state/shard_{i}_{L}`, a `torch.save([None])` record; Transformer Engine
-  accepts None as an empty extra state).
+- each `linear_*` module has an `_extra_state` object, a `torch.save([None])` record (Transformer
+  Engine accepts None as an empty extra state): `P.layers.M._extra_state/shard_{i}_{L}` inside
+  transformer layers, `M._extra_state/shard_0_1` outside them (e.g. the audio projector); GPTModel's
+  `output_layer` stores none.
 
 Names in this module's API are the full per-layer names of the naming contract
 (`language_model.decoder.layers.3.mlp.linear_fc1.weight`).
@@ -63,8 +64,8 @@ def split_layer_name(name: str) -> tuple[str, int | None]:
 
 
 def extra_state_module(key: str) -> str | None:
-    """The linear module whose `_extra_state` Megatron stores next to stacked weight `key`, if any."""
-    if not key.endswith(".weight") or not _STACKED.match(key):
+    """The Megatron linear module (`...linear_*`) whose `_extra_state` is stored next to weight `key`, if any."""
+    if not key.endswith(".weight"):
         return None
     module = key.removesuffix(".weight")
     return module if module.rsplit(".", 1)[-1].startswith("linear_") else None
@@ -128,6 +129,10 @@ class TorchDistWriter:
                     _properties(dtype), torch.Size(shape), [ChunkStorageMetadata(zero, torch.Size(shape))]
                 )
                 storage[MetadataIndex(key, zero)] = info
+                if (module := extra_state_module(key)) is not None:  # outside layers: offset (0,), shape (1,)
+                    ukey = f"{module}._extra_state/shard_0_1"
+                    state[ukey] = BytesStorageMetadata()
+                    storage[MetadataIndex(ukey)] = self._write_object(ukey, [None])
                 continue
             n = len(entries)
             missing = sorted(set(range(n)) - set(entries))
