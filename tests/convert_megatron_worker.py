@@ -1,7 +1,7 @@
 """Load a converted text-only torch_dist checkpoint into Megatron-Core GPTModel and compare logits with HF.
 
 Used in-process at TP=1 by tests/test_convert_megatron.py and under `torchrun --nproc_per_node 2` for
-TP=2 (run as a script: `gpt CKPT HF_DIR TP [RESAVE_DIR]` or `audio_lm CKPT TP`; prints `MAXDIFF <value>`
+TP=2 (run as a script: `gpt CKPT HF_DIR TP [RESAVE_DIR]` or `audio_lm CKPT TP [RESAVE_DIR]`; prints `MAXDIFF <value>`
 on rank 0; RESAVE_DIR re-saves the loaded model with Megatron's own torch_dist writer).
 `audio_lm_logit_diff` does the same with the project's AudioLanguageModel (Voxtral with audio, YaRN).
 The GPTModel is built with the local spec
@@ -92,7 +92,7 @@ def max_logit_diff(ckpt: Path, hf_dir: Path, resave: Path | None = None) -> floa
     return diff
 
 
-def audio_lm_logit_diff(ckpt: Path) -> float:
+def audio_lm_logit_diff(ckpt: Path, resave: Path | None = None) -> float:
     """Max |logits| difference: AudioLanguageModel (local spec, loaded strictly from `ckpt`) vs the HF class of
     the checkpoint's layout holding the same weights (exported by `megatron_to_hf`); Voxtral gets one
     30 s chunk of random log-mel features spliced at its [AUDIO] tokens."""
@@ -120,15 +120,18 @@ def audio_lm_logit_diff(ckpt: Path) -> float:
         ours = model(ids, torch.arange(ids.shape[1])[None], audio_features=features, runtime_gather_output=True)[0]
         reader = TorchDistReader(ckpt)
         ref = hf_reference_model(cfg, dict(mapping.megatron_to_hf(cfg, reader.get)))(input_ids=ids, **kwargs)
+    if resave is not None:  # Megatron's own writer (one chunk per TP rank): the layout our reader must handle
+        resave.mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save(model.sharded_state_dict(), str(resave))
     return float((ours.float() - ref.logits[0].float()).abs().max())
 
 
 def main() -> None:
     from megatron_ext.compat.cpu import destroy_distributed, init_distributed
 
-    if sys.argv[1] == "audio_lm":  # audio_lm CKPT TP
+    if sys.argv[1] == "audio_lm":  # audio_lm CKPT TP [RESAVE_DIR]
         init_distributed(tp=int(sys.argv[3]), pp=1)
-        diff = audio_lm_logit_diff(Path(sys.argv[2]))
+        diff = audio_lm_logit_diff(Path(sys.argv[2]), Path(sys.argv[4]) if len(sys.argv) > 4 else None)
     else:  # gpt CKPT HF_DIR TP [RESAVE_DIR]
         ckpt, hf_dir, tp = Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
         resave = Path(sys.argv[5]) if len(sys.argv) > 5 else None
