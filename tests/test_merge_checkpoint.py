@@ -23,8 +23,11 @@ EMB, HEAD = "language_model.model.embed_tokens.weight", "language_model.lm_head.
 
 def _merge(tiny: Path, out: Path, **kw) -> Path:
     params = MergeParams(**{"method": "linear", "alpha": 0.1, **kw.pop("params", {})})
-    run_merge(MergeJob(tiny / "devstral-hf", tiny / "voxtral-hf", out, params, **{"rope_from": "devstral", **kw},
-                       progress=False))
+    run_merge(
+        MergeJob(
+            tiny / "devstral-hf", tiny / "voxtral-hf", out, params, **{"rope_from": "devstral", **kw}, progress=False
+        )
+    )
     return out
 
 
@@ -89,16 +92,33 @@ def test_provenance(tiny_dir: Path, linear_out: Path) -> None:
 def test_explicit_yarn_rope_is_stored(tiny_dir: Path, tmp_path: Path) -> None:
     from megatron_ext.config import ModelConfig, RopeConfig
 
-    rope = RopeConfig(theta=1e8, type="yarn", factor=48.0, original_max_position_embeddings=8192, beta_fast=32.0,
-                      beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)
+    rope = RopeConfig(
+        theta=1e8,
+        type="yarn",
+        factor=48.0,
+        original_max_position_embeddings=8192,
+        beta_fast=32.0,
+        beta_slow=1.0,
+        mscale=1.0,
+        mscale_all_dim=1.0,
+    )
     out = _merge(tiny_dir, tmp_path / "o", rope=rope, rope_from=None)
     cfg = ModelConfig.from_hf(json.loads((out / "config.json").read_text()))
     assert cfg.decoder.rope == rope
 
 
 def test_della_with_common_base_and_schedule(tiny_dir: Path, tmp_path: Path) -> None:
-    params = {"method": "della", "alpha": 0.5, "density": 0.4, "epsilon": 0.1, "lam": 1.0, "rescale": "per_weight",
-              "mlp_density_boost": 0.3, "early_layers": 1, "early_lambda_scale": 0.0}
+    params = {
+        "method": "della",
+        "alpha": 0.5,
+        "density": 0.4,
+        "epsilon": 0.1,
+        "lam": 1.0,
+        "rescale": "per_weight",
+        "mlp_density_boost": 0.3,
+        "early_layers": 1,
+        "early_lambda_scale": 0.0,
+    }
     out = load_file(_merge(tiny_dir, tmp_path / "o", base=tiny_dir / "base-hf", params=params) / "model.safetensors")
     base = load_file(tiny_dir / "base-hf/model.safetensors")
     # early_lambda_scale 0: layer 0 is exactly the base; layer 1 moved away from it
@@ -109,11 +129,26 @@ def test_della_with_common_base_and_schedule(tiny_dir: Path, tmp_path: Path) -> 
 
 def test_grid_runs_every_configuration_and_resumes(tiny_dir: Path, tmp_path: Path) -> None:
     grid = tmp_path / "grid.yaml"
-    grid.write_text("defaults: {seed: 0}\nruns:\n  - {name: lin, method: linear, alpha: 0.1}\n"
-                    "  - {name: sl, method: slerp, alpha: 0.5}\n"
-                    "  - {name: della, method: della, density: 0.35, epsilon: 0.12, lambda: 1.05}\n")
-    cmd = [sys.executable, ROOT / "tools/merge.py", "--devstral", tiny_dir / "devstral-hf", "--voxtral",
-           tiny_dir / "voxtral-hf", "--output", tmp_path / "grid", "--rope-from", "devstral", "--grid", grid, "--no-progress"]
+    grid.write_text(
+        "defaults: {seed: 0}\nruns:\n  - {name: lin, method: linear, alpha: 0.1}\n"
+        "  - {name: sl, method: slerp, alpha: 0.5}\n"
+        "  - {name: della, method: della, density: 0.35, epsilon: 0.12, lambda: 1.05}\n"
+    )
+    cmd = [
+        sys.executable,
+        ROOT / "tools/merge.py",
+        "--devstral",
+        tiny_dir / "devstral-hf",
+        "--voxtral",
+        tiny_dir / "voxtral-hf",
+        "--output",
+        tmp_path / "grid",
+        "--rope-from",
+        "devstral",
+        "--grid",
+        grid,
+        "--no-progress",
+    ]
     subprocess.run(cmd, check=True, capture_output=True)
     manifest = json.loads((tmp_path / "grid/manifest.json").read_text())
     assert [r["name"] for r in manifest["runs"]] == ["lin", "sl", "della"]
@@ -130,8 +165,16 @@ def test_shape_mismatch_is_logged_and_skipped(tiny_dir: Path, tmp_path: Path, ca
     name = "language_model.model.layers.1.self_attn.o_proj.weight"
     sd[name] = torch.randn(96, 96)
     save_file(sd, str(vox / "model.safetensors"))
-    summary = run_merge(MergeJob(tiny_dir / "devstral-hf", vox, tmp_path / "o", MergeParams(method="linear"),
-                                 rope_from="voxtral", progress=False))
+    summary = run_merge(
+        MergeJob(
+            tiny_dir / "devstral-hf",
+            vox,
+            tmp_path / "o",
+            MergeParams(method="linear"),
+            rope_from="voxtral",
+            progress=False,
+        )
+    )
     assert summary.skipped_shape_mismatch == [name]
     assert torch.equal(load_file(tmp_path / "o/model.safetensors")[name], sd[name])
     assert name in caplog.text
@@ -204,14 +247,32 @@ def test_bad_input_one_line_error(tiny_dir: Path, tmp_path: Path, case: str) -> 
     args = ["--method", "linear", "--rope-from", "devstral"] + extra
     if case == "rope":
         args = ["--method", "linear"]
-    msg = _run_tool(["--devstral", dev, "--voxtral", tiny_dir / "voxtral-hf", "--output", tmp_path / "out",
-                     "--no-progress", *args])
+    msg = _run_tool(
+        ["--devstral", dev, "--voxtral", tiny_dir / "voxtral-hf", "--output", tmp_path / "out", "--no-progress", *args]
+    )
     assert msg.startswith("error: ") and "\n" not in msg and message in msg, msg
     assert not (tmp_path / "out").exists()
 
 
 def test_cli_exit_status_and_stderr(tiny_dir: Path, tmp_path: Path) -> None:
-    res = subprocess.run([sys.executable, ROOT / "tools/merge.py", "--devstral", tiny_dir / "devstral-hf", "--voxtral",
-                          tiny_dir / "voxtral-hf", "--output", tmp_path / "out", "--method", "slerp", "--alpha", "-0.1",
-                          "--rope-from", "voxtral"], capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            ROOT / "tools/merge.py",
+            "--devstral",
+            tiny_dir / "devstral-hf",
+            "--voxtral",
+            tiny_dir / "voxtral-hf",
+            "--output",
+            tmp_path / "out",
+            "--method",
+            "slerp",
+            "--alpha",
+            "-0.1",
+            "--rope-from",
+            "voxtral",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 1 and res.stderr.strip() == "error: alpha=-0.1: must lie in [0, 1]"

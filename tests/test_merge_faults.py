@@ -22,8 +22,15 @@ from megatron_ext.merge.synthetic import write_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 # ~25 M parameters per parent (fp32, ~100 MB): the merge itself takes about a second, in ~25 shards.
-DECODER = DecoderConfig(num_layers=4, hidden_size=512, ffn_hidden_size=2048, num_attention_heads=8, num_query_groups=2,
-                        kv_channels=64, vocab_size=8192)
+DECODER = DecoderConfig(
+    num_layers=4,
+    hidden_size=512,
+    ffn_hidden_size=2048,
+    num_attention_heads=8,
+    num_query_groups=2,
+    kv_channels=64,
+    vocab_size=8192,
+)
 ENCODER = EncoderConfig(num_layers=1, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4)
 
 
@@ -33,8 +40,25 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _cmd(pair: tuple[Path, Path], out: Path, method: str) -> list:
-    return [sys.executable, ROOT / "tools/merge.py", "--devstral", pair[0], "--voxtral", pair[1], "--output", out,
-            "--method", method, "--alpha", "0.3", "--rope-from", "devstral", "--shard-size-gb", "0.004", "--no-progress"]
+    return [
+        sys.executable,
+        ROOT / "tools/merge.py",
+        "--devstral",
+        pair[0],
+        "--voxtral",
+        pair[1],
+        "--output",
+        out,
+        "--method",
+        method,
+        "--alpha",
+        "0.3",
+        "--rope-from",
+        "devstral",
+        "--shard-size-gb",
+        "0.004",
+        "--no-progress",
+    ]
 
 
 def _files(d: Path) -> dict[str, bytes]:
@@ -54,8 +78,17 @@ def _loadable(d: Path) -> bool:
 def _in_process(pair: tuple[Path, Path], out: Path, method: str) -> float:
     """The same merge as the CLI command, run in this process; returns its wall time."""
     t0 = time.time()
-    run_merge(MergeJob(pair[0], pair[1], out, MergeParams(method=method, alpha=0.3), rope_from="devstral",
-                       shard_bytes=int(0.004 * 1024**3), progress=False))
+    run_merge(
+        MergeJob(
+            pair[0],
+            pair[1],
+            out,
+            MergeParams(method=method, alpha=0.3),
+            rope_from="devstral",
+            shard_bytes=int(0.004 * 1024**3),
+            progress=False,
+        )
+    )
     return time.time() - t0
 
 

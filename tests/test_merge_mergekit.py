@@ -27,8 +27,11 @@ SPECIALS = 1000
 
 def _copy_as(src: Path, dst: Path, dtype: torch.dtype) -> Path:
     dst.mkdir(parents=True)
-    save_file({n: t.to(dtype) for n, t in load_file(src / "model.safetensors").items()}, str(dst / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {n: t.to(dtype) for n, t in load_file(src / "model.safetensors").items()},
+        str(dst / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     cfg = json.loads((src / "config.json").read_text())
     (dst / "config.json").write_text(json.dumps({**cfg, "dtype": str(dtype).removeprefix("torch.")}))
     if (src / "tekken.json").exists():
@@ -48,23 +51,31 @@ def parents(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 
 def _ours(p: dict[str, Path], params: MergeParams, out: Path) -> dict[str, torch.Tensor]:
     run_merge(MergeJob(p["devstral"], p["voxtral"], out, params, rope_from="devstral", progress=False))
-    return {_mistral_name(n): t for n, t in load_file(out / "model.safetensors").items() if n.startswith("language_model.")}
+    return {
+        _mistral_name(n): t for n, t in load_file(out / "model.safetensors").items() if n.startswith("language_model.")
+    }
 
 
 def _mistral_name(n: str) -> str:
-    return "lm_head.weight" if n == "language_model.lm_head.weight" else "model." + n.removeprefix("language_model.model.")
+    return (
+        "lm_head.weight" if n == "language_model.lm_head.weight" else "model." + n.removeprefix("language_model.model.")
+    )
 
 
-def _theirs(p: dict[str, Path], params: MergeParams, dtype: str, out: Path, seed: int | None = None) -> dict[str, torch.Tensor]:
+def _theirs(
+    p: dict[str, Path], params: MergeParams, dtype: str, out: Path, seed: int | None = None
+) -> dict[str, torch.Tensor]:
     run_mergekit(mergekit_config(params, p["devstral"], p["view"], dtype), out, seed=seed)
     return load_file(out / "model.safetensors")
 
 
 def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
     """Largest distance in units in the last place between two bf16 tensors (ordered-integer view)."""
+
     def ordered(x: torch.Tensor) -> torch.Tensor:
         i = x.view(torch.int16).to(torch.int32)
         return torch.where(i < 0, -32768 - i, i)
+
     return int((ordered(a) - ordered(b)).abs().max())
 
 
@@ -137,9 +148,17 @@ def test_della_deterministic_per_seed(parents, tmp_path: Path) -> None:
     p = parents["float32"]
     runs = {}
     for tag, seed in (("a", 1), ("b", 1), ("c", 2)):
-        runs[tag] = (tmp_path / tag / "model.safetensors")
-        run_merge(MergeJob(p["devstral"], p["voxtral"], tmp_path / tag, MergeParams(method="della", seed=seed),
-                           rope_from="devstral", progress=False))
+        runs[tag] = tmp_path / tag / "model.safetensors"
+        run_merge(
+            MergeJob(
+                p["devstral"],
+                p["voxtral"],
+                tmp_path / tag,
+                MergeParams(method="della", seed=seed),
+                rope_from="devstral",
+                progress=False,
+            )
+        )
     blob = {k: v.read_bytes() for k, v in runs.items()}
     assert blob["a"] == blob["b"] and blob["a"] != blob["c"]
 

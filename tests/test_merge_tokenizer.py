@@ -55,16 +55,30 @@ def test_merged_tokenizer_encodes_audio_chat_and_tool_calls(merged: tuple[Tokeni
     buf = io.BytesIO()
     sf.write(buf, (0.1 * np.random.default_rng(0).standard_normal(16000 * 5)).astype(np.float32), 16000, format="WAV")
     audio = Audio.from_base64(base64.b64encode(buf.getvalue()).decode())
-    req = ChatCompletionRequest(messages=[UserMessage(content=[AudioChunk.from_audio(audio), TextChunk(text="fix it")])])
+    req = ChatCompletionRequest(
+        messages=[UserMessage(content=[AudioChunk.from_audio(audio), TextChunk(text="fix it")])]
+    )
     tokens = tok.encode_chat_completion(req).tokens
     assert tokens[:4] == [1, 3, 25, 24] and tokens.count(24) == 375
 
-    tools = [Tool(function=Function(name="run", description="run a shell command",
-                                    parameters={"type": "object", "properties": {"cmd": {"type": "string"}}}))]
+    tools = [
+        Tool(
+            function=Function(
+                name="run",
+                description="run a shell command",
+                parameters={"type": "object", "properties": {"cmd": {"type": "string"}}},
+            )
+        )
+    ]
     call = ToolCall(id="abcdefghi", function=FunctionCall(name="run", arguments='{"cmd": "ls"}'))
-    req = ChatCompletionRequest(tools=tools, messages=[
-        UserMessage(content="list files"), AssistantMessage(tool_calls=[call]),
-        ToolMessage(tool_call_id="abcdefghi", name="run", content="a.py")])
+    req = ChatCompletionRequest(
+        tools=tools,
+        messages=[
+            UserMessage(content="list files"),
+            AssistantMessage(tool_calls=[call]),
+            ToolMessage(tool_call_id="abcdefghi", name="run", content="a.py"),
+        ],
+    )
     tokens = tok.encode_chat_completion(req).tokens
     assert 9 in tokens and 32 in tokens and 33 in tokens  # [TOOL_CALLS] [ARGS] [CALL_ID] (v11 format)
 
@@ -102,6 +116,18 @@ def test_refuses_different_regular_vocab(tiny_dir: Path, tmp_path: Path) -> None
 
 
 def test_cli_one_line_error(tiny_dir: Path, tmp_path: Path) -> None:
-    res = subprocess.run([sys.executable, ROOT / "tools/align_tokenizer.py", "--devstral", tmp_path / "nope.json",
-                          "--voxtral", tiny_dir / "voxtral-hf", "--output", tmp_path / "o"], capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            ROOT / "tools/align_tokenizer.py",
+            "--devstral",
+            tmp_path / "nope.json",
+            "--voxtral",
+            tiny_dir / "voxtral-hf",
+            "--output",
+            tmp_path / "o",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode != 0 and res.stderr.strip().count("\n") == 0 and "nope.json" in res.stderr

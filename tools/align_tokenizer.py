@@ -24,10 +24,14 @@ def main() -> None:
         alignment = write_alignment(_tekken(args.devstral), _tekken(args.voxtral), args.output)
     except AlignmentError as exc:
         sys.exit(f"error: {exc}")
-    moved = {r: m for r, m in alignment.voxtral_to_merged.items() if alignment.merged_specials[m] in alignment.voxtral_only}
+    moved = {
+        r: m for r, m in alignment.voxtral_to_merged.items() if alignment.merged_specials[m] in alignment.voxtral_only
+    }
     print(f"common specials: {len(alignment.common)}; Devstral-only: {', '.join(alignment.devstral_only) or '-'}")
-    print("Voxtral-only (old rank -> merged rank): " + ", ".join(
-        f"{alignment.merged_specials[m]} {r}->{m}" for r, m in moved.items()))
+    print(
+        "Voxtral-only (old rank -> merged rank): "
+        + ", ".join(f"{alignment.merged_specials[m]} {r}->{m}" for r, m in moved.items())
+    )
     print(f"wrote {args.output / 'tekken.json'} and {args.output / 'tokenizer_map.json'} (rule: {alignment.rule})")
 
 

@@ -28,8 +28,15 @@ GB = 1024**3
 
 def mistral_small(layers: int) -> DecoderConfig:
     """Mistral Small 3 decoder shapes (hidden 5120, q 4096, kv 1024, ffn 32768, vocab 131072), fewer layers."""
-    return DecoderConfig(num_layers=layers, hidden_size=5120, ffn_hidden_size=32768, num_attention_heads=32,
-                         num_query_groups=8, kv_channels=128, vocab_size=131072)
+    return DecoderConfig(
+        num_layers=layers,
+        hidden_size=5120,
+        ffn_hidden_size=32768,
+        num_attention_heads=32,
+        num_query_groups=8,
+        kv_channels=128,
+        vocab_size=131072,
+    )
 
 
 SMALL_ENCODER = EncoderConfig(num_layers=1, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4)
@@ -62,8 +69,16 @@ def child(kind: str, root: Path) -> dict[str, Any]:
     if kind == "floor":
         disk_floor([dev, vox], out, _dir_bytes(vox))
     elif kind.startswith("ours-"):
-        run_merge(MergeJob(dev, vox, out, MergeParams(method=kind.removeprefix("ours-"), alpha=0.1),
-                           rope_from="devstral", progress=False))
+        run_merge(
+            MergeJob(
+                dev,
+                vox,
+                out,
+                MergeParams(method=kind.removeprefix("ours-"), alpha=0.1),
+                rope_from="devstral",
+                progress=False,
+            )
+        )
     elif kind.startswith("mergekit-"):
         from megatron_ext.merge.reference import mergekit_config, run_mergekit
 
@@ -77,7 +92,9 @@ def child(kind: str, root: Path) -> dict[str, Any]:
 
 def _measure(kind: str, root: Path, tool: Path) -> dict[str, Any]:
     shutil.rmtree(root / "out", ignore_errors=True)
-    res = subprocess.run([sys.executable, str(tool), "--child", kind, "--dir", str(root)], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, str(tool), "--child", kind, "--dir", str(root)], capture_output=True, text=True
+    )
     if res.returncode != 0:
         raise RuntimeError(f"{kind} failed: {res.stderr.strip().splitlines()[-1:]}")
     shutil.rmtree(root / "out", ignore_errors=True)
@@ -90,18 +107,22 @@ def run_benchmark(root: Path, layers: int, big_layers: int, tool: Path, keep: bo
     """Generate the pairs under `root`, measure, print ratios; deletes generated data unless `keep`."""
     results: dict[str, Any] = {"cpu_count": os.cpu_count(), "layers": layers}
     try:
-        for n_layers, kinds in ((layers, ["floor", "ours-linear", "mergekit-linear", "ours-slerp", "mergekit-slerp"]),
-                                (big_layers, ["ours-linear"])):
+        for n_layers, kinds in (
+            (layers, ["floor", "ours-linear", "mergekit-linear", "ours-slerp", "mergekit-slerp"]),
+            (big_layers, ["ours-linear"]),
+        ):
             d = root / f"pair{n_layers}"
             t0 = time.time()
             dev, vox = write_pair(d, mistral_small(n_layers), SMALL_ENCODER, torch.bfloat16, fast=True)
             if any(k.startswith("mergekit") for k in kinds):
                 write_mistral_view(vox, dev, d / "view")
             size = _dir_bytes(dev)
-            print(f"pair with {n_layers} layer(s): {size / GB:.2f} GB per parent (bf16), generated in "
-                  f"{time.time() - t0:.0f} s", flush=True)
-            results[f"layers{n_layers}"] = {"parent_gb": size / GB,
-                                           **{k: _measure(k, d, tool) for k in kinds}}
+            print(
+                f"pair with {n_layers} layer(s): {size / GB:.2f} GB per parent (bf16), generated in "
+                f"{time.time() - t0:.0f} s",
+                flush=True,
+            )
+            results[f"layers{n_layers}"] = {"parent_gb": size / GB, **{k: _measure(k, d, tool) for k in kinds}}
             shutil.rmtree(d)
     finally:
         if not keep:
@@ -117,12 +138,18 @@ def run_benchmark(root: Path, layers: int, big_layers: int, tool: Path, keep: bo
         "rss_growth_gb": big["ours-linear"]["peak_rss_gb"] - small["ours-linear"]["peak_rss_gb"],
     }
     results["ratios"] = ratios
-    print(f"ours/mergekit wall: linear {ratios['linear_vs_mergekit']:.2f}x, slerp {ratios['slerp_vs_mergekit']:.2f}x "
-          "(goal <= 0.5x)")
-    print(f"ours/disk floor wall: linear {ratios['linear_vs_floor']:.2f}x, slerp {ratios['slerp_vs_floor']:.2f}x "
-          "(goal <= 1.5x)")
-    print(f"peak RSS budget 2 GB + 3 x largest tensor ({largest:.2f} GB) = {ratios['rss_budget_gb']:.2f} GB; ours: "
-          f"linear {small['ours-linear']['peak_rss_gb']:.2f}, slerp {small['ours-slerp']['peak_rss_gb']:.2f} GB; "
-          f"growth {layers}->{big_layers} layers ({big['parent_gb'] - small['parent_gb']:.1f} GB more per parent): "
-          f"{ratios['rss_growth_gb']:+.2f} GB")
+    print(
+        f"ours/mergekit wall: linear {ratios['linear_vs_mergekit']:.2f}x, slerp {ratios['slerp_vs_mergekit']:.2f}x "
+        "(goal <= 0.5x)"
+    )
+    print(
+        f"ours/disk floor wall: linear {ratios['linear_vs_floor']:.2f}x, slerp {ratios['slerp_vs_floor']:.2f}x "
+        "(goal <= 1.5x)"
+    )
+    print(
+        f"peak RSS budget 2 GB + 3 x largest tensor ({largest:.2f} GB) = {ratios['rss_budget_gb']:.2f} GB; ours: "
+        f"linear {small['ours-linear']['peak_rss_gb']:.2f}, slerp {small['ours-slerp']['peak_rss_gb']:.2f} GB; "
+        f"growth {layers}->{big_layers} layers ({big['parent_gb'] - small['parent_gb']:.1f} GB more per parent): "
+        f"{ratios['rss_growth_gb']:+.2f} GB"
+    )
     return results

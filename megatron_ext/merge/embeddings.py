@@ -16,7 +16,7 @@ from collections import Counter
 
 import torch
 
-from megatron_ext.merge.methods import Method, MergeParams, TensorContext, linear
+from megatron_ext.merge.methods import MergeParams, Method, TensorContext, linear
 from megatron_ext.tokenizer.align import TokenizerAlignment
 
 

@@ -19,9 +19,18 @@ from megatron_ext.merge.methods import MergeParams
 from megatron_ext.merge.run import MergeError, MergeJob, run_merge
 
 # YAML / CLI spelling -> MergeParams field.
-PARAM_KEYS = {"method": "method", "alpha": "alpha", "density": "density", "epsilon": "epsilon", "lambda": "lam",
-              "rescale_norm": "rescale", "seed": "seed", "mlp_density_boost": "mlp_density_boost",
-              "early_layers": "early_layers", "early_lambda_scale": "early_lambda_scale"}
+PARAM_KEYS = {
+    "method": "method",
+    "alpha": "alpha",
+    "density": "density",
+    "epsilon": "epsilon",
+    "lambda": "lam",
+    "rescale_norm": "rescale",
+    "seed": "seed",
+    "mlp_density_boost": "mlp_density_boost",
+    "early_layers": "early_layers",
+    "early_lambda_scale": "early_lambda_scale",
+}
 
 
 def params_from_dict(data: dict[str, Any], where: str) -> MergeParams:
@@ -62,15 +71,27 @@ def run_grid(grid: Path, template: MergeJob) -> Path:
     runs = load_grid(grid)
     root = Path(template.output)
     root.mkdir(parents=True, exist_ok=True)
-    manifest: dict[str, Any] = {"grid": str(grid), "devstral": str(template.devstral), "voxtral": str(template.voxtral),
-                                "base": str(template.base) if template.base else None, "runs": []}
+    manifest: dict[str, Any] = {
+        "grid": str(grid),
+        "devstral": str(template.devstral),
+        "voxtral": str(template.voxtral),
+        "base": str(template.base) if template.base else None,
+        "runs": [],
+    }
     for name, params in runs:
         job = dataclasses.replace(template, params=params, output=root / name)
         t0 = time.time()
         run_merge(job)
         provenance = json.loads((root / name / "merge.json").read_text())
-        manifest["runs"].append({"name": name, "output": str(root / name), "params": params.to_dict(),
-                                 "plan_id": provenance["plan_id"], "seconds": round(time.time() - t0, 2)})
+        manifest["runs"].append(
+            {
+                "name": name,
+                "output": str(root / name),
+                "params": params.to_dict(),
+                "plan_id": provenance["plan_id"],
+                "seconds": round(time.time() - t0, 2),
+            }
+        )
         tmp = root / "manifest.json.tmp"
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
         tmp.replace(root / "manifest.json")

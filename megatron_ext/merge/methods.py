@@ -45,7 +45,7 @@ def linear(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     out = torch.empty(first.numel(), dtype=first.dtype)
     for sl in _chunks(first.numel(), LINEAR_CHUNK):
         acc = flat[0][sl].to(dt, copy=True).mul_(coef[0]).add_(0.0)
-        for x, c in zip(flat[1:], coef[1:]):
+        for x, c in zip(flat[1:], coef[1:], strict=True):
             acc.addcmul_(x[sl], c)
         out[sl] = acc.div_(total)
     return out.reshape(first.shape)
@@ -68,8 +68,10 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     na, nb = torch.linalg.vector_norm(na, dim=0), torch.linalg.vector_norm(nb, dim=0)
     na = torch.where(na > NORM_EPS, na, 1)
     nb = torch.where(nb > NORM_EPS, nb, 1)
-    dots = [a[:, s].to(dt, copy=True).div_(na).mul_(b[:, s].to(dt, copy=True).div_(nb)).sum(dim=1, keepdim=True)
-            for s in _chunks(n, step)]
+    dots = [
+        a[:, s].to(dt, copy=True).div_(na).mul_(b[:, s].to(dt, copy=True).div_(nb)).sum(dim=1, keepdim=True)
+        for s in _chunks(n, step)
+    ]
     dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
     lerp = dot.abs() > DOT_THRESHOLD
     theta = torch.acos(torch.where(lerp, 0, dot))
@@ -98,9 +100,7 @@ def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> t
 def check_della_window(density: float, epsilon: float) -> None:
     lo, hi = density - epsilon, density + epsilon
     if not (0 < lo and hi <= 1):
-        raise ValueError(
-            f"density={density} epsilon={epsilon}: keep probabilities [{lo:g}, {hi:g}] must lie in (0, 1]"
-        )
+        raise ValueError(f"density={density} epsilon={epsilon}: keep probabilities [{lo:g}, {hi:g}] must lie in (0, 1]")
 
 
 def magprune(
@@ -140,7 +140,7 @@ def _accumulate(acc: torch.Tensor, t: torch.Tensor, kind: str) -> torch.Tensor:
 
 def elect_and_fuse(deltas: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """Sign election by summed weighted mass, then the weighted mean of the deltas agreeing with it."""
-    stacked = torch.stack([dl * w for dl, w in zip(deltas, weights)])
+    stacked = torch.stack([dl * w for dl, w in zip(deltas, weights, strict=True)])
     w = torch.tensor(weights, dtype=stacked.dtype).reshape(-1, *([1] * (stacked.dim() - 1)))
     majority = torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0)
     agree = (stacked.sign() == majority).to(stacked.dtype)
@@ -198,8 +198,16 @@ class MergeParams:
     def to_dict(self) -> dict:
         keys = ["method", "alpha"]
         if self.method == "della":
-            keys += ["density", "epsilon", "lam", "rescale", "seed", "mlp_density_boost", "early_layers",
-                     "early_lambda_scale"]
+            keys += [
+                "density",
+                "epsilon",
+                "lam",
+                "rescale",
+                "seed",
+                "mlp_density_boost",
+                "early_layers",
+                "early_lambda_scale",
+            ]
         return {k: getattr(self, k) for k in keys}
 
 
@@ -209,8 +217,9 @@ class Method:
     name: ClassVar[str]
     uses_base: ClassVar[bool] = False
 
-    def merge(self, dev: torch.Tensor, vox: torch.Tensor, base: torch.Tensor | None, p: MergeParams,
-              ctx: TensorContext) -> torch.Tensor:
+    def merge(
+        self, dev: torch.Tensor, vox: torch.Tensor, base: torch.Tensor | None, p: MergeParams, ctx: TensorContext
+    ) -> torch.Tensor:
         raise NotImplementedError
 
 

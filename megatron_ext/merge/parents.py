@@ -175,8 +175,10 @@ class MegatronView(Parent):
         missing = [h for r in self.rules.values() for h in r.hf if h not in hf.entries]
         if missing:
             raise ParentError(f"{hf.path}: missing tensors for the Megatron layout: {', '.join(missing[:4])}")
-        self._meta = {n: self._fuse(r, [torch.empty(hf.shape(h), dtype=hf.dtype(h), device="meta") for h in r.hf])
-                      for n, r in self.rules.items()}
+        self._meta = {
+            n: self._fuse(r, [torch.empty(hf.shape(h), dtype=hf.dtype(h), device="meta") for h in r.hf])
+            for n, r in self.rules.items()
+        }
 
     def _fuse(self, rule: mapping.Rule, parts: list[torch.Tensor]) -> torch.Tensor:
         if rule.tower == "encoder":

@@ -16,18 +16,34 @@ def mergekit_config(params: MergeParams, devstral: Path, voxtral_mistral: Path, 
     """The mergekit YAML (as a dict) equivalent to `params` on two MistralForCausalLM directories."""
     dev, vox = str(devstral), str(voxtral_mistral)
     if params.method == "linear":
-        return {"merge_method": "linear", "dtype": dtype, "models": [
-            {"model": dev, "parameters": {"weight": 1.0 - params.alpha}},
-            {"model": vox, "parameters": {"weight": params.alpha}}]}
+        return {
+            "merge_method": "linear",
+            "dtype": dtype,
+            "models": [
+                {"model": dev, "parameters": {"weight": 1.0 - params.alpha}},
+                {"model": vox, "parameters": {"weight": params.alpha}},
+            ],
+        }
     if params.method == "slerp":
-        return {"merge_method": "slerp", "dtype": dtype, "base_model": dev, "parameters": {"t": params.alpha},
-                "models": [{"model": dev}, {"model": vox}]}
+        return {
+            "merge_method": "slerp",
+            "dtype": dtype,
+            "base_model": dev,
+            "parameters": {"t": params.alpha},
+            "models": [{"model": dev}, {"model": vox}],
+        }
     if params.method == "della":
         if params.rescale != "l1":
             raise ValueError("mergekit's DELLA only rescales with the l1 norm")
-        return {"merge_method": "della", "dtype": dtype, "base_model": dev, "parameters": {"lambda": params.lam},
-                "models": [{"model": vox, "parameters": {"weight": 1.0, "density": params.density,
-                                                         "epsilon": params.epsilon}}]}
+        return {
+            "merge_method": "della",
+            "dtype": dtype,
+            "base_model": dev,
+            "parameters": {"lambda": params.lam},
+            "models": [
+                {"model": vox, "parameters": {"weight": 1.0, "density": params.density, "epsilon": params.epsilon}}
+            ],
+        }
     raise ValueError(params.method)
 
 
@@ -37,6 +53,7 @@ def run_mergekit(config: dict[str, Any], out: Path, seed: int | None = None, thr
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=seed,
-                           num_threads=threads)
+    options = MergeOptions(
+        copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=seed, num_threads=threads
+    )
     run_merge(MergeConfiguration.model_validate(config), str(out), options)

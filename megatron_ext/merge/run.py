@@ -15,8 +15,7 @@ import hashlib
 import json
 import logging
 import shutil
-from collections import Counter
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,8 +38,15 @@ from megatron_ext.tokenizer.align import AlignmentError, TokenizerAlignment, ali
 from megatron_ext.tokenizer.tekken_builder import write_tekken
 
 log = logging.getLogger(__name__)
-DECODER_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                  "kv_channels", "vocab_size")
+DECODER_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "vocab_size",
+)
 SLERP_VERBATIM = frozenset({"[TRANSCRIBE]", "[AUDIO]", "[BEGIN_AUDIO]"})
 PROVENANCE_FILE = "merge.json"
 
@@ -100,7 +106,9 @@ def _check_configs(dev: Parent, vox: Parent, base: Parent | None) -> None:
         for f in DECODER_FIELDS:
             a, b = getattr(dev.config.decoder, f), getattr(other.config.decoder, f)
             if a != b:
-                raise MergeError(f"parents disagree on decoder.{f}: devstral ({dev.path})={a}, {label} ({other.path})={b}")
+                raise MergeError(
+                    f"parents disagree on decoder.{f}: devstral ({dev.path})={a}, {label} ({other.path})={b}"
+                )
     if not vox.config.has_audio:
         raise MergeError(f"{vox.path}: the Voxtral parent has no audio encoder")
 
@@ -114,7 +122,9 @@ def _choose_rope(job: MergeJob, dev: Parent, vox: Parent) -> RopeConfig:
         return dev.config.decoder.rope
     if job.rope_from == "voxtral":
         return vox.config.decoder.rope
-    raise MergeError("rope settings must be chosen explicitly: --rope-from devstral|voxtral or explicit --rope-* values")
+    raise MergeError(
+        "rope settings must be chosen explicitly: --rope-from devstral|voxtral or explicit --rope-* values"
+    )
 
 
 def _alignment(job: MergeJob, dev: Parent, vox: Parent) -> tuple[TokenizerAlignment, dict[str, Any]]:
@@ -124,9 +134,14 @@ def _alignment(job: MergeJob, dev: Parent, vox: Parent) -> tuple[TokenizerAlignm
         raise MergeError(str(exc)) from None
     if job.tokenizer_map is not None:
         given = TokenizerAlignment.load(job.tokenizer_map)
-        for side, mine in (("devstral", computed.devstral_tokenizer_sha256), ("voxtral", computed.voxtral_tokenizer_sha256)):
+        for side, mine in (
+            ("devstral", computed.devstral_tokenizer_sha256),
+            ("voxtral", computed.voxtral_tokenizer_sha256),
+        ):
             if getattr(given, f"{side}_tokenizer_sha256") != mine:
-                raise MergeError(f"{job.tokenizer_map}: made for another {side} tokenizer than {getattr(job, side)}/tekken.json")
+                raise MergeError(
+                    f"{job.tokenizer_map}: made for another {side} tokenizer than {getattr(job, side)}/tekken.json"
+                )
         if given.model_dump() != computed.model_dump():
             log.warning("tokenizer map %s differs from the default alignment; using the given map", job.tokenizer_map)
             merged_tok["special_tokens"] = _special_list(given)
@@ -148,10 +163,9 @@ def plan(dev: Parent, vox: Parent, base: Parent | None) -> list[Item]:
     """Output tensors in Voxtral's order; missing tensors on either side are one error listing them."""
     dev_by_key = {classify(n).key: n for n in dev.names if classify(n).role != "audio"}
     base_by_key = {} if base is None else {classify(n).key: n for n in base.names}
-    if num_layers(dev.names) != num_layers(vox.names):
-        raise MergeError(
-            f"parents have different decoder layer counts: devstral {num_layers(dev.names)}, voxtral {num_layers(vox.names)}"
-        )
+    n_dev, n_vox = num_layers(dev.names), num_layers(vox.names)
+    if n_dev != n_vox:
+        raise MergeError(f"parents have different decoder layer counts: devstral {n_dev}, voxtral {n_vox}")
     items, seen, missing = [], set(), []
     for name in vox.names:
         info = classify(name)
@@ -173,17 +187,31 @@ def plan(dev: Parent, vox: Parent, base: Parent | None) -> list[Item]:
                     f"vocabulary rows disagree: {dname} {list(dev.shape(dname))} vs {name} {list(vox.shape(name))}"
                 )
             kind = "skip_shape"
-        items.append(Item(name, kind, name, dname, bname, dev.dtype(dname) if kind != "skip_shape" else vox.dtype(name),
-                          vox.shape(name), info.layer, info.is_mlp))
+        items.append(
+            Item(
+                name,
+                kind,
+                name,
+                dname,
+                bname,
+                dev.dtype(dname) if kind != "skip_shape" else vox.dtype(name),
+                vox.shape(name),
+                info.layer,
+                info.is_mlp,
+            )
+        )
     missing += [f"voxtral lacks {n}" for k, n in dev_by_key.items() if k not in seen]
     if missing:
-        raise MergeError(f"missing tensors ({len(missing)}): {'; '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+        raise MergeError(
+            f"missing tensors ({len(missing)}): {'; '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}"
+        )
     return items
 
 
 # ---- execution -------------------------------------------------------------------------------------
-def _produce(item: Item, tensors: dict[str, torch.Tensor], job: MergeJob, alignment: TokenizerAlignment,
-             summary: Summary) -> torch.Tensor:
+def _produce(
+    item: Item, tensors: dict[str, torch.Tensor], job: MergeJob, alignment: TokenizerAlignment, summary: Summary
+) -> torch.Tensor:
     vox = tensors["vox"]
     if item.kind in ("copy", "skip_shape"):
         if item.kind == "skip_shape":
@@ -195,8 +223,9 @@ def _produce(item: Item, tensors: dict[str, torch.Tensor], job: MergeJob, alignm
     base = tensors.get("base") if method.uses_base else None
     if item.kind == "vocab":
         verbatim = SLERP_VERBATIM if job.params.method == "slerp" else frozenset()
-        out, stats = merge_vocab_rows(tensors["dev"], vox, base, alignment, method, job.params, ctx,
-                                      job.min_row_norm, verbatim)
+        out, stats = merge_vocab_rows(
+            tensors["dev"], vox, base, alignment, method, job.params, ctx, job.min_row_norm, verbatim
+        )
         summary.special_rows.update({f"{item.out_name}:{k}": v for k, v in stats.items()})
         return out
     return method.merge(tensors["dev"], vox, base, job.params, ctx)
@@ -220,11 +249,13 @@ def _in_flight_bytes(item: Item) -> int:
     return _out_bytes(item) * (1 if item.kind in ("copy", "skip_shape") else 3)
 
 
-def _stream(queue: list[Item], job: MergeJob, parents: dict[str, Parent], alignment: TokenizerAlignment,
-            summary: Summary) -> Iterator[tuple[Item, torch.Tensor]]:
+def _stream(
+    queue: list[Item], job: MergeJob, parents: dict[str, Parent], alignment: TokenizerAlignment, summary: Summary
+) -> Iterator[tuple[Item, torch.Tensor]]:
     """Produced output tensors in order; inputs are read ahead in a thread up to `job.lookahead_bytes`."""
-    bar = tqdm(total=sum(_out_bytes(it) for it in queue), unit="B", unit_scale=True, desc="merge",
-               disable=not job.progress)
+    bar = tqdm(
+        total=sum(_out_bytes(it) for it in queue), unit="B", unit_scale=True, desc="merge", disable=not job.progress
+    )
     pending: deque[tuple[Item, Future]] = deque()
     nxt, budget = 0, 0
     with ThreadPoolExecutor(1) as reader:
@@ -237,8 +268,9 @@ def _stream(queue: list[Item], job: MergeJob, parents: dict[str, Parent], alignm
             budget -= _in_flight_bytes(item)
             out = _produce(item, fut.result(), job, alignment, summary)
             if out.dtype != item.dtype or tuple(out.shape) != tuple(item.shape):
-                raise MergeError(f"{item.out_name}: produced {out.dtype} {list(out.shape)}, planned "
-                                 f"{item.dtype} {list(item.shape)}")
+                raise MergeError(
+                    f"{item.out_name}: produced {out.dtype} {list(out.shape)}, planned {item.dtype} {list(item.shape)}"
+                )
             bar.update(_out_bytes(item))
             yield item, out
     bar.close()
@@ -318,15 +350,21 @@ def _prepare_tmp(tmp: Path, plan_id: str, resumable: bool) -> None:
     marker.write_text(plan_id)
 
 
-def _write_shards(tmp: Path, items: list[Item], job: MergeJob, parents: dict[str, Parent],
-                  alignment: TokenizerAlignment, summary: Summary) -> None:
+def _write_shards(
+    tmp: Path,
+    items: list[Item],
+    job: MergeJob,
+    parents: dict[str, Parent],
+    alignment: TokenizerAlignment,
+    summary: Summary,
+) -> None:
     """HF output: planned shards, each written as `.tmp` and renamed with a state file when complete."""
     by_name = {it.out_name: it for it in items}
     shards = plan_shards([(it.out_name, it.dtype, it.shape) for it in items], job.shard_bytes)
     names = shard_names(len(shards))
-    index = {n: fname for fname, shard in zip(names, shards) for n, _, _ in shard}
+    index = {n: fname for fname, shard in zip(names, shards, strict=True) for n, _, _ in shard}
     todo = []
-    for fname, shard in zip(names, shards):
+    for fname, shard in zip(names, shards, strict=True):
         if (tmp / fname).is_file() and (tmp / f"{fname}.state.json").is_file():
             summary.resumed_shards += 1
             _restore_state(tmp / f"{fname}.state.json", parents, summary)
@@ -347,13 +385,21 @@ def _write_shards(tmp: Path, items: list[Item], job: MergeJob, parents: dict[str
                     last = writer.submit(f.write, tensor_bytes(out))
                 if last is not None:
                     last.result()
-            _write_json(path.with_name(path.name + ".state.json"), _shard_state(shard, by_name, index, path.name,
-                                                                                 parents, summary))
+            _write_json(
+                path.with_name(path.name + ".state.json"),
+                _shard_state(shard, by_name, index, path.name, parents, summary),
+            )
             part.rename(path)
 
 
-def _write_torch_dist(tmp: Path, items: list[Item], job: MergeJob, parents: dict[str, Parent],
-                      alignment: TokenizerAlignment, summary: Summary) -> None:
+def _write_torch_dist(
+    tmp: Path,
+    items: list[Item],
+    job: MergeJob,
+    parents: dict[str, Parent],
+    alignment: TokenizerAlignment,
+    summary: Summary,
+) -> None:
     """Megatron output through the conversion module's streaming torch_dist writer (restarts if killed)."""
     writer = TorchDistWriter(tmp)
     try:
@@ -366,8 +412,14 @@ def _write_torch_dist(tmp: Path, items: list[Item], job: MergeJob, parents: dict
         writer.close()
 
 
-def _shard_state(shard: list, by_name: dict[str, Item], index: dict[str, str], fname: str,
-                 parents: dict[str, Parent], summary: Summary) -> dict[str, Any]:
+def _shard_state(
+    shard: list,
+    by_name: dict[str, Item],
+    index: dict[str, str],
+    fname: str,
+    parents: dict[str, Parent],
+    summary: Summary,
+) -> dict[str, Any]:
     """What a resumed run needs from a finished shard: input checksums, row statistics, skipped tensors."""
     crc: dict[str, dict[str, int]] = {label: {} for label in parents}
     for n, _, _ in shard:
@@ -378,9 +430,11 @@ def _shard_state(shard: list, by_name: dict[str, Item], index: dict[str, str], f
         for label, src in sources.items():
             if label in parents and src:
                 crc[label][src] = parents[label].crc[src]
-    return {"crc": crc,
-            "special_rows": {k: v for k, v in summary.special_rows.items() if index[k.split(":")[0]] == fname},
-            "skipped": [n for n in summary.skipped_shape_mismatch if index[n] == fname]}
+    return {
+        "crc": crc,
+        "special_rows": {k: v for k, v in summary.special_rows.items() if index[k.split(":")[0]] == fname},
+        "skipped": [n for n in summary.skipped_shape_mismatch if index[n] == fname],
+    }
 
 
 def _restore_state(path: Path, parents: dict[str, Parent], summary: Summary) -> None:
@@ -401,8 +455,14 @@ def _output_config(vox_cfg: ModelConfig, rope: RopeConfig, alignment: TokenizerA
     return dataclasses.replace(vox_cfg, decoder=decoder, audio_token_id=audio_id)
 
 
-def _provenance(job: MergeJob, plan_id: str, parents: dict[str, Parent], alignment: TokenizerAlignment,
-                rope: RopeConfig, summary: Summary) -> dict[str, Any]:
+def _provenance(
+    job: MergeJob,
+    plan_id: str,
+    parents: dict[str, Parent],
+    alignment: TokenizerAlignment,
+    rope: RopeConfig,
+    summary: Summary,
+) -> dict[str, Any]:
     return {
         "plan_id": plan_id,
         "method": job.params.method,
@@ -410,8 +470,9 @@ def _provenance(job: MergeJob, plan_id: str, parents: dict[str, Parent], alignme
         "seed": job.params.seed,
         "rope": dataclasses.asdict(rope),
         "rope_from": job.rope_from or "explicit",
-        "parents": {k: {"path": str(p.path), "format": p.format, "content_sha256": p.content_hash()}
-                    for k, p in parents.items()},
+        "parents": {
+            k: {"path": str(p.path), "format": p.format, "content_sha256": p.content_hash()} for k, p in parents.items()
+        },
         "tokenizer_map_sha256": alignment.sha256(),
         "min_row_norm": job.min_row_norm,
         "tensors": dict(summary.tensors),
@@ -421,8 +482,15 @@ def _provenance(job: MergeJob, plan_id: str, parents: dict[str, Parent], alignme
     }
 
 
-def _write_metadata(tmp: Path, cfg: ModelConfig, vox: Parent, merged_tok: dict, alignment: TokenizerAlignment,
-                    provenance: dict, out_format: str) -> None:
+def _write_metadata(
+    tmp: Path,
+    cfg: ModelConfig,
+    vox: Parent,
+    merged_tok: dict,
+    alignment: TokenizerAlignment,
+    provenance: dict,
+    out_format: str,
+) -> None:
     """Tokenizer, map and provenance for every format; config.json (rope_parameters) for HF output."""
     write_tekken(merged_tok, tmp / TOKENIZER_FILE)
     (tmp / "tokenizer_map.json").write_text(alignment.model_dump_json(indent=2) + "\n")
@@ -448,10 +516,18 @@ def _write_metadata(tmp: Path, cfg: ModelConfig, vox: Parent, merged_tok: dict, 
 
 def _write_megatron_meta(tmp: Path, cfg: ModelConfig, parents: dict[str, Parent], provenance: dict) -> None:
     """checkpoint_meta.json (ModelConfig with rope, tokenizer hash, sources, merge record), written last."""
-    sources = [{"path": str(p.path), "role": k, "content_sha256": provenance["parents"][k]["content_sha256"]}
-               for k, p in parents.items()]
-    meta = CheckpointMeta(model=cfg, tokenizer_sha256=sha256_file(tmp / TOKENIZER_FILE), sources=sources,
-                          command=command_line(), tool="merge", extra={"merge": provenance})
+    sources = [
+        {"path": str(p.path), "role": k, "content_sha256": provenance["parents"][k]["content_sha256"]}
+        for k, p in parents.items()
+    ]
+    meta = CheckpointMeta(
+        model=cfg,
+        tokenizer_sha256=sha256_file(tmp / TOKENIZER_FILE),
+        sources=sources,
+        command=command_line(),
+        tool="merge",
+        extra={"merge": provenance},
+    )
     write_meta(tmp, meta)
 
 

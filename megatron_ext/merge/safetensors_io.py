@@ -19,6 +19,7 @@ import torch
 
 from megatron_ext.checkpoint.safetensors_io import DTYPE_NAMES, DTYPES
 
+
 class SafetensorsError(ValueError):
     """A safetensors file is unreadable or inconsistent."""
 

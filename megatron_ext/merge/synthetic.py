@@ -59,8 +59,11 @@ def _blocks(name: str, shape: tuple[int, ...], parent: str, noise: Noise, dtype:
         yield (base + noise(n, parent, name, b) * (DELTA.get(parent, 0.0) * scale)).to(dtype)
 
 
-def write_streaming(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                    blocks: Callable[[str, tuple[int, ...], torch.dtype], Iterator[torch.Tensor]]) -> None:
+def write_streaming(
+    path: Path,
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    blocks: Callable[[str, tuple[int, ...], torch.dtype], Iterator[torch.Tensor]],
+) -> None:
     """Write one safetensors file whose tensors arrive as blocks (header planned from `specs`)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -92,8 +95,14 @@ def write_parent(out: Path, cfg: ModelConfig, parent: str, noise: Noise, dtype: 
     return out
 
 
-def write_pair(out: Path, decoder: DecoderConfig, encoder: EncoderConfig, dtype: torch.dtype = torch.bfloat16,
-               seed: int = 0, fast: bool = False) -> tuple[Path, Path]:
+def write_pair(
+    out: Path,
+    decoder: DecoderConfig,
+    encoder: EncoderConfig,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    fast: bool = False,
+) -> tuple[Path, Path]:
     """Devstral-like (MistralForCausalLM) and Voxtral-like (with audio stack) parents under `out`."""
     noise = Noise(seed, fast)
     dev = write_parent(out / "devstral", ModelConfig(decoder, hf_architecture="mistral"), "devstral", noise, dtype)
@@ -106,8 +115,15 @@ def write_mistral_view(voxtral: Path, devstral: Path, out: Path) -> Path:
     """Voxtral's decoder alone as a MistralForCausalLM checkpoint (for peers that only know that layout)."""
     out.mkdir(parents=True, exist_ok=True)
     entries, _ = read_header(voxtral / "model.safetensors")
-    rename = {n: ("lm_head.weight" if n == "language_model.lm_head.weight" else "model." + n.removeprefix("language_model.model."))
-              for n in entries if n.startswith("language_model.")}
+    rename = {
+        n: (
+            "lm_head.weight"
+            if n == "language_model.lm_head.weight"
+            else "model." + n.removeprefix("language_model.model.")
+        )
+        for n in entries
+        if n.startswith("language_model.")
+    }
     specs = [(rename[n], entries[n].dtype, entries[n].shape) for n in rename]
     by_new = {v: k for k, v in rename.items()}
 

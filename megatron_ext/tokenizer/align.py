@@ -87,7 +87,9 @@ def _check_same_regular_vocab(dev: dict, vox: dict, dev_path: Path, vox_path: Pa
     dv, vv = dev["vocab"][:n], vox["vocab"][:n]
     if len(dv) != len(vv):
         raise AlignmentError(f"regular vocabulary sizes differ: {dev_path}={len(dv)} vs {vox_path}={len(vv)}")
-    diff = [a["rank"] for a, b in zip(dv, vv) if (a["rank"], a["token_bytes"]) != (b["rank"], b["token_bytes"])]
+    diff = [
+        a["rank"] for a, b in zip(dv, vv, strict=True) if (a["rank"], a["token_bytes"]) != (b["rank"], b["token_bytes"])
+    ]
     if diff:
         raise AlignmentError(
             f"regular vocabulary differs between {dev_path} and {vox_path} at {len(diff)} ranks, first: {diff[:5]}"
@@ -105,7 +107,7 @@ def _assign(dev_named: dict[int, str], vox_named: dict[int, str], num_special: i
             out[name] = rank
             taken.add(rank)
     free = (r for r in range(num_special) if r not in taken)
-    for rank, name in vox_only:  # pass 2: the rest go to the lowest free placeholder
+    for _, name in vox_only:  # pass 2: the rest go to the lowest free placeholder
         if name not in out:
             slot = next(free, None)
             if slot is None:
