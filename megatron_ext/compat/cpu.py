@@ -14,8 +14,12 @@ and `dist_checkpointing` save/load. What it patches, and why:
   Megatron has such literals in the causal mask, schedules, DDP buffers, optimizer and clip_grads.
 - `torch.cuda.synchronize/empty_cache` are no-ops; `Stream/Event/current_stream/default_stream/stream`
   are inert stand-ins (timers and overlap code create them).
+- backward (`Tensor.backward`, `torch.autograd.backward`) runs with the mode still active, so forward code
+  re-run by activation recompute inside backward is rewritten too.
 - `Tensor.type()` without arguments reports `torch.cuda.*Tensor` names: the distributed optimizer and
   clip_grads check parameter types by those strings.
+- Distributed optimizer over torch Adam: resuming from a dist checkpoint needs Adam states to exist
+  before loading, and `step` tensors untied after it (see `_patch_torch_adam_resume`).
 - `WrappedTorchNorm` (the local spec's norm without Apex) refuses sequence parallel; the patched one
   builds the same torch norm and tags its parameters `sequence_parallel=True`, so
   `finalize_model_grads` all-reduces their grads over the TP group as Megatron does for fused norms.
@@ -71,7 +75,44 @@ class _CudaToCpuMode(TorchFunctionMode):
             kwargs["device"] = _to_cpu_device(kwargs["device"])
         if func is torch.Tensor.to and len(args) > 1:
             args = (args[0], _to_cpu_device(args[1]), *args[2:])
+        if func is torch.Tensor.backward:
+            return self._backward(*_bind(("tensors", "grad_tensors", "retain_graph", "create_graph", "inputs"),
+                                         args, kwargs))
+        if func is torch.autograd.backward:
+            return self._backward(*_bind(("tensors", "grad_tensors", "retain_graph", "create_graph",
+                                          "grad_variables", "inputs"), args, kwargs, drop="grad_variables"))
         return func(*args, **kwargs)
+
+    def _backward(self, tensors, grad_tensors=None, retain_graph=None, create_graph=False, inputs=None) -> None:
+        """Run backward with this mode active: torch pops a mode while its handler runs, and activation
+        recompute executes forward code (causal-mask literals included) inside backward. Same engine call
+        as Megatron's own `custom_backward`."""
+        create_graph = bool(create_graph)
+        tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+        if grad_tensors is None or isinstance(grad_tensors, torch.Tensor):
+            grad_tensors = (grad_tensors,) * len(tensors) if grad_tensors is None else (grad_tensors,)
+        grads = []
+        for t, g in zip(tensors, grad_tensors, strict=True):
+            if g is None:
+                if t.numel() != 1:
+                    raise RuntimeError("grad can be implicitly created only for scalar outputs")
+                g = torch.ones_like(t)
+            grads.append(g)
+        inputs = () if inputs is None else (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        with self:
+            torch.autograd.Variable._execution_engine.run_backward(
+                tensors, tuple(grads), create_graph if retain_graph is None else retain_graph, create_graph,
+                inputs, allow_unreachable=True, accumulate_grad=True,
+            )
+
+
+def _bind(names: tuple[str, ...], args: tuple, kwargs: dict, drop: str | None = None) -> tuple:
+    """Positional + keyword arguments of a backward call, in `names` order (`drop` removed)."""
+    bound = dict(zip(names, args, strict=False)) | kwargs
+    if "gradient" in bound:  # Tensor.backward's name for grad_tensors
+        bound["grad_tensors"] = bound.pop("gradient")
+    bound.pop(drop, None)
+    return tuple(bound.get(n) for n in names if n != drop)
 
 
 class _InertStream:
@@ -122,6 +163,46 @@ def _patch_norm() -> None:
     torch_norm.WrappedTorchNorm.__new__ = new
 
 
+def _patch_torch_adam_resume() -> None:
+    """Resume the distributed optimizer over torch Adam (what Megatron uses without TE/Apex, i.e. on CPU).
+
+    - `sharded_state_dict(is_loading=True)` reads the step count from the inner Adam state, which torch
+      only creates at the first step: a fresh optimizer gets zero states first (the load overwrites them);
+    - `load_state_dict` hands every parameter the SAME `step` tensor, which Adam then increments once per
+      parameter per step, and the per-parameter copy from the checkpoint leaves it at the primed 0 (wrong
+      bias correction after a resume): give each parameter its own tensor holding the saved step.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    sharded_state_dict, load_state_dict = DistributedOptimizer.sharded_state_dict, DistributedOptimizer.load_state_dict
+
+    def adam(opt: DistributedOptimizer) -> torch.optim.Optimizer | None:
+        inner = opt.optimizer
+        return inner if isinstance(inner, torch.optim.Adam | torch.optim.AdamW) else None
+
+    def patched_sharded_state_dict(self, model_sharded_state_dict=None, is_loading=False, *args, **kwargs):
+        inner = adam(self)
+        if is_loading and inner is not None:
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    if not inner.state[p]:
+                        inner.state[p] = {"step": torch.zeros(()), "exp_avg": torch.zeros_like(p),
+                                          "exp_avg_sq": torch.zeros_like(p)}
+        return sharded_state_dict(self, model_sharded_state_dict or {}, is_loading, *args, **kwargs)
+
+    def patched_load_state_dict(self, state_dict):
+        load_state_dict(self, state_dict)
+        inner = adam(self)
+        steps = {g.get("step") for g in state_dict["optimizer"]["param_groups"]} - {None}
+        if inner is not None and len(steps) == 1:
+            step = float(steps.pop())
+            for state in inner.state.values():
+                state["step"] = torch.tensor(step)
+
+    DistributedOptimizer.sharded_state_dict = patched_sharded_state_dict
+    DistributedOptimizer.load_state_dict = patched_load_state_dict
+
+
 def apply_cpu_patches() -> bool:
     """Make Megatron-Core run on this CPU-only torch; returns True if patches are (now) active."""
     global _PATCHED
@@ -137,6 +218,7 @@ def apply_cpu_patches() -> bool:
     torch.cuda.stream = lambda *a, **k: _InertStream()
     _patch_rng()
     _patch_norm()
+    _patch_torch_adam_resume()
     _CudaToCpuMode().__enter__()  # global for this thread: never exited
     _PATCHED = True
     return True

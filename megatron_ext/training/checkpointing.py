@@ -142,8 +142,9 @@ class Checkpointer:
         template = _state(model, optimizer, scheduler, loading=True)
         template["extra"] = None
         loaded = dist_checkpointing.load(template, str(path))
-        model.load_state_dict(loaded["model"])
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # fp32 main params are views of the (grad-requiring) model params
+            model.load_state_dict(loaded["model"])
+            optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])
         _restore_rng(loaded["rng_state"])
         return loaded["extra"]

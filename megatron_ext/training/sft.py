@@ -62,6 +62,10 @@ class TrainResult:
     losses: dict[int, float]
     validation: dict[int, float]
     resumed_from: int | None
+    trainable: list[str] = dataclasses.field(default_factory=list)  # parameter names the optimizer updates
+    frozen: list[str] = dataclasses.field(default_factory=list)
+    trainable_numel: int = 0
+    optimizer_state_numel: int = 0  # this DP group's Adam exp_avg elements (= trainable numel on this TP rank)
 
 
 # ---- model / optimizer -------------------------------------------------------------------------------
@@ -319,7 +323,20 @@ def _train(cfg: TrainConfig) -> TrainResult:
     ckpt.poll(blocking=True)
     ckpt.close()
     board.close()
+    result.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    result.frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    result.trainable_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    result.optimizer_state_numel = _optimizer_state_numel(optimizer)
     return result
+
+
+def _optimizer_state_numel(optimizer: Any) -> int:
+    """Elements of Adam's first moment held for this TP rank, summed over its data-parallel shards."""
+    n = sum(state["exp_avg"].numel() for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+            for state in opt.optimizer.state.values() if "exp_avg" in state)
+    total = torch.tensor([n], dtype=torch.long, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return int(total.item())
 
 
 def _validate(cfg: TrainConfig, data: SFTData, ddp: DistributedDataParallel, forward_backward, step_fn,

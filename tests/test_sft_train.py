@@ -1,0 +1,239 @@
+"""SFT on Megatron-Core, tiny Voxtral-layout model on CPU: training, resume, TensorBoard, frozen encoder,
+per-document attention under packing, startup refusals and config schema. Multi-rank runs are `slow`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_ext.checkpoint.convert import convert
+from megatron_ext.data.tiny_chats import write_tiny_chats
+from megatron_ext.training.config import TrainConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TB_SCALARS = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/tflops_per_gpu",
+              "train/memory_gb", "train/audio_tokens", "train/text_tokens", "train/loss_text", "val/loss"}
+
+
+@pytest.fixture(scope="module")
+def env(tiny_dir: Path, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sft")
+    convert(tiny_dir / "voxtral-hf", root / "voxtral-td", "megatron", progress=False)
+    data = write_tiny_chats(root / "data", n_text=40, n_audio=10)
+    return {"root": root, "ckpt": root / "voxtral-td", **data}
+
+
+def overrides(env: dict[str, Path], run: str, **extra: object) -> list[str]:
+    base = {
+        "model.checkpoint": env["ckpt"], "parallel.tensor_model_parallel_size": 1,
+        "data.sources.0.path": env["text"], "data.sources.1.path": env["audio"],
+        "data.sources.1.ratio": 50, "data.validation.0.path": env["text"],
+        "training.seq_length": 512, "training.train_iters": 4, "optimizer.warmup_steps": 1,
+        "checkpoint.save_dir": env["root"] / run, "checkpoint.save_interval": 2,
+        "logging.tensorboard_dir": env["root"] / run / "tb", "logging.eval_interval": 4,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def tiny_cfg(env: dict[str, Path], run: str, **extra: object):
+    return load_config(ROOT / "examples/configs/tiny_cpu.yaml", overrides(env, run, **extra))
+
+
+def read_scalars(directory: Path) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(directory))
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+# ---- config schema and startup refusals (no training) ---------------------------------------------------
+def test_config_rejects_unknown_and_ill_typed_keys(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {checkpoint: x}\ndata: {sources: [{name: a, path: p}]}\ntraining: {seq_lenght: 8}\n")
+    with pytest.raises(TrainConfigError, match=r"training.seq_lenght"):
+        load_config(cfg)
+    cfg.write_text("model: {checkpoint: x}\ndata: {sources: [{name: a, path: p}]}\n")
+    with pytest.raises(TrainConfigError, match=r"^optimizer.lr: Value 'fast'"):
+        load_config(cfg, ["optimizer.lr=fast"])
+    with pytest.raises(TrainConfigError, match=r"^data.sources.0.colour: unknown setting"):
+        load_config(cfg, ["data.sources.0.colour=red"])
+    with pytest.raises(TrainConfigError, match=r"^training.recompute: 'some'"):
+        load_config(cfg, ["training.recompute=some"])
+    assert load_config(cfg, ["training.seq_length=64"]).training.seq_length == 64
+
+
+def test_example_configs_carry_the_recipe() -> None:
+    paper = load_config(ROOT / "examples/configs/devstral_audio_sft.yaml")
+    o, t, p, rope = paper.optimizer, paper.training, paper.parallel, paper.model.rope
+    assert (o.lr, o.weight_decay, o.warmup_steps, o.min_lr_ratio, o.clip_grad) == (1e-6, 0.8, 100, 0.1, 20.0)
+    assert t.seq_length == 131072 and 3.9e6 <= t.global_batch_size * t.seq_length <= 4.3e6
+    assert (p.tensor_model_parallel_size, p.context_parallel_size) == (4, 1) and paper.model.freeze_encoder
+    assert (rope.type, rope.factor, rope.beta_fast, rope.beta_slow, rope.theta) == ("yarn", 48, 32, 1, 1e8)
+    assert t.bf16 and t.fp8 == "hybrid"
+    ratios = {s.modality: s.ratio for s in paper.data.sources}
+    assert ratios == {"text": 95, "audio": 5}
+    assert load_config(ROOT / "examples/configs/tiny_cpu.yaml").parallel.tensor_model_parallel_size == 2
+
+
+def test_startup_refusals(env: dict[str, Path], tmp_path: Path) -> None:
+    from megatron_ext.training.checks import StartupError, startup_checks
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(env["ckpt"], ckpt)
+    cfg = lambda *o: tiny_cfg(env, "x", **{"model.checkpoint": ckpt, **dict(x.split("=", 1) for x in o)})  # noqa: E731
+    yarn = ["model.rope={type: yarn, theta: 1e8, factor: 48, original_max_position_embeddings: 8192, "
+            "beta_fast: 32, beta_slow: 1, mscale: 1, mscale_all_dim: 1}"]
+    startup_checks(cfg())  # the converted checkpoint passes as it is
+    with pytest.raises(StartupError, match=r"model.rope disagrees .* on type, factor.*rope_override=true"):
+        startup_checks(cfg(*yarn))
+    model, _, _ = startup_checks(cfg(*yarn, "model.rope_override=true"))
+    assert model.decoder.rope.factor == 48
+    with pytest.raises(StartupError, match="does not divide the decoder's 2 KV groups"):
+        startup_checks(cfg("parallel.tensor_model_parallel_size=4"))
+    with pytest.raises(StartupError, match="does not divide the audio encoder's 4 heads"):
+        startup_checks(cfg("parallel.tensor_model_parallel_size=8"))
+    with pytest.raises(StartupError, match="context_parallel_size=2: the Whisper audio encoder"):
+        startup_checks(cfg("parallel.context_parallel_size=2"))
+    other_tok = tmp_path / "tekken.json"
+    other_tok.write_text((ckpt / "tekken.json").read_text().replace('"v7"', '"v3"'))
+    with pytest.raises(StartupError, match=r"tekken.json: sha256 .* differs from the checkpoint's tokenizer"):
+        startup_checks(cfg(f"model.tokenizer={other_tok}"))
+    meta = json.loads((ckpt / "checkpoint_meta.json").read_text())
+    del meta["model"]["decoder"]["rope"]
+    (ckpt / "checkpoint_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(StartupError, match="no rope settings"):
+        startup_checks(cfg())
+
+
+# ---- training on the tiny model (one process) -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def runs(env: dict[str, Path]):
+    from megatron_ext.training.sft import train
+
+    full = train(tiny_cfg(env, "full"))
+    train(tiny_cfg(env, "resumed", **{"training.exit_after_iters": 2}))
+    resumed = train(tiny_cfg(env, "resumed"))
+    return full, resumed
+
+
+def test_resume_continues_exactly(runs) -> None:
+    full, resumed = runs
+    assert resumed.resumed_from == 2 and sorted(resumed.losses) == [3, 4]
+    assert [resumed.losses[s] for s in (3, 4)] == [full.losses[s] for s in (3, 4)]  # bit-identical, fp32 CPU
+    assert full.losses[4] < full.losses[1]  # and it learns
+
+
+def test_tensorboard_scalars_written(runs, env: dict[str, Path]) -> None:
+    full, _ = runs
+    scalars = read_scalars(env["root"] / "full" / "tb")
+    assert TB_SCALARS <= set(scalars), TB_SCALARS - set(scalars)
+    assert scalars["train/loss"] == pytest.approx(full.losses, rel=1e-6)
+    assert scalars["val/loss"][4] == pytest.approx(full.validation[4], rel=1e-6)
+    assert max(scalars["train/audio_tokens"].values()) >= 375  # the 50:50 mixture brought audio in
+    assert all(v > 0 for v in scalars["train/tflops_per_gpu"].values())
+
+
+def test_frozen_encoder_is_bit_identical_and_has_no_optimizer_state(runs, env: dict[str, Path]) -> None:
+    from megatron_ext.checkpoint.torch_dist_io import TorchDistReader
+
+    full, _ = runs
+    assert full.frozen and all(n.startswith("audio_encoder.") for n in full.frozen)
+    assert not any(n.startswith("audio_encoder.") for n in full.trainable)
+    assert full.optimizer_state_numel == full.trainable_numel  # Adam state exactly for the trained params
+    start, end = TorchDistReader(env["ckpt"]), TorchDistReader(env["root"] / "full" / "iter_0000004")
+    names = start.names()
+    encoder = [n for n in names if n.startswith("audio_encoder.")]
+    assert encoder and all(torch.equal(start.get(n), end.get(n)) for n in encoder)
+    assert not torch.equal(start.get("language_model.output_layer.weight"), end.get("language_model.output_layer.weight"))
+    saved = sorted(p.name for p in (env["root"] / "full").iterdir() if p.name.startswith("iter_"))
+    assert saved == ["iter_0000002", "iter_0000004"]  # keep_last=2 of 2 and 4
+    assert (env["root"] / "full" / "latest").read_text().strip() == "iter_0000004"
+
+
+# ---- packing: no attention across documents ------------------------------------------------------------
+def test_packed_document_logits_equal_alone(env: dict[str, Path]) -> None:
+    """A document's logits are the same packed between others or alone (fp32, atol 1e-5); a plain causal
+    mask over the same packed row changes them (so the test can fail)."""
+    from megatron_ext.checkpoint.metadata import read_meta
+    from megatron_ext.checkpoint.torch_dist_io import TorchDistReader
+    from megatron_ext.compat.cpu import destroy_distributed, init_distributed
+    from megatron_ext.data.chat import ChatEncoder, load_tokenizer
+    from megatron_ext.data.packing import collate, document_causal_mask, pack
+    from megatron_ext.data.sources import JsonlSource
+    from megatron_ext.models.audio_features import log_mel_chunks
+    from megatron_ext.models.build import BuildConfig, build_model
+    from megatron_ext.models.loading import load_full_tensors
+
+    init_distributed(tp=1)
+    try:
+        model = build_model(read_meta(env["ckpt"]).model, BuildConfig(backend="local", init_weights=False))
+        load_full_tensors(model, TorchDistReader(env["ckpt"]).get)
+        model.eval()
+        enc = ChatEncoder(load_tokenizer(env["ckpt"]), 375, 24)
+        docs = [enc.encode(JsonlSource(env["text"])[0]), enc.encode(JsonlSource(env["audio"])[1]),
+                enc.encode(JsonlSource(env["text"])[5])]
+        mel = lambda w: log_mel_chunks(w)[0]  # noqa: E731
+
+        def logits(seqs, mask_fn=document_causal_mask):
+            b = collate(seqs, mel)
+            with torch.no_grad():
+                return model(b["tokens"], b["position_ids"], mask_fn(b["doc_ids"]), audio_features=b["mel"])
+
+        packed = pack(docs, [0, 1, 0], 1024, 11)
+        start = packed.doc_lens[0]
+        n = len(docs[1]) - 1
+        together = logits([packed])[0, start:start + n]
+        alone = logits([pack([docs[1]], [1], n, 11)])[0]
+        torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+        plain = logits([packed], lambda ids: ~torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()[None, None])
+        assert (plain[0, start:start + n] - alone).abs().max() > 1e-3
+    finally:
+        destroy_distributed()
+
+
+# ---- multi-rank runs (torchrun) --------------------------------------------------------------------------
+def torchrun(nproc: int, args: list[str], timeout: int = 900) -> str:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(ROOT / "tools/train.py"), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_tp2_matches_tp1_for_5_steps(env: dict[str, Path]) -> None:
+    """fp32 CPU: TP=2 (2 ranks) and TP=1 losses agree within 1e-4 relative on every step."""
+    common = {"training.train_iters": 5, "logging.eval_interval": 0, "checkpoint.save_interval": 100}
+    cfg = ["--config", str(ROOT / "examples/configs/tiny_cpu.yaml")]
+    torchrun(1, cfg + overrides(env, "tp1", **common))
+    torchrun(2, cfg + overrides(env, "tp2", **common, **{"parallel.tensor_model_parallel_size": 2}))
+    tp1 = read_scalars(env["root"] / "tp1" / "tb")["train/loss"]
+    tp2 = read_scalars(env["root"] / "tp2" / "tb")["train/loss"]
+    assert sorted(tp1) == sorted(tp2) == [1, 2, 3, 4, 5]
+    for step in tp1:
+        assert abs(tp2[step] - tp1[step]) <= 1e-4 * abs(tp1[step]), (step, tp1[step], tp2[step])
+
+
+@pytest.mark.slow
+def test_make_sft_style_run_loss_falls_over_50_steps(env: dict[str, Path]) -> None:
+    """The tiny CPU recipe (2 ranks, TP=2, 50 steps): the loss falls; TensorBoard has every scalar."""
+    cfg = ["--config", str(ROOT / "examples/configs/tiny_cpu.yaml")]
+    torchrun(2, cfg + overrides(env, "fifty", **{"training.train_iters": 50, "parallel.tensor_model_parallel_size": 2,
+                                                 "training.seq_length": 1024, "optimizer.warmup_steps": 5,
+                                                 "checkpoint.save_interval": 25, "logging.eval_interval": 25}))
+    scalars = read_scalars(env["root"] / "fifty" / "tb")
+    assert TB_SCALARS <= set(scalars)
+    loss = scalars["train/loss"]
+    first, last = sum(loss[s] for s in range(1, 6)) / 5, sum(loss[s] for s in range(46, 51)) / 5
+    assert last < 0.7 * first, (first, last)
+    assert scalars["val/loss"][50] < scalars["val/loss"][25]
