@@ -76,6 +76,30 @@ def test_apply_is_idempotent() -> None:
     assert torch.zeros(1).type() == "torch.cuda.FloatTensor"
 
 
+class _CudaLiteralInBackward(torch.autograd.Function):
+    """Backward builds a tensor with device="cuda", as Megatron's causal mask does under activation recompute."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * torch.full((1,), 2.0, device="cuda")
+
+
+def test_cuda_literals_inside_backward() -> None:
+    apply_cpu_patches()
+    x = torch.ones(3, requires_grad=True)
+    _CudaLiteralInBackward.apply(x).sum().backward()
+    assert x.grad.tolist() == [2.0, 2.0, 2.0]
+    y = torch.ones(2, requires_grad=True)
+    torch.autograd.backward([_CudaLiteralInBackward.apply(y)], grad_tensors=[torch.ones(2)])
+    assert y.grad.tolist() == [2.0, 2.0]
+    with pytest.raises(RuntimeError, match="only for scalar outputs"):
+        _CudaLiteralInBackward.apply(y).backward()
+
+
 def test_ddp_optimizer_schedule_with_and_without_distributed_optimizer(dist1: None) -> None:
     plain, _ = _train(distributed_optimizer=False)
     destroy_distributed()

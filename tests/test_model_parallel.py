@@ -1,7 +1,8 @@
 """Tensor and pipeline parallelism of AudioLanguageModel: 2 gloo processes on CPU, one spawned run.
 
 Each rank loads the tiny Voxtral (audio + text batch) at TP=1 (as DP=2), then TP=2 without and with
-sequence parallel (logits and loss vs TP=1 within 1e-5), then PP=2 forward/backward through
+sequence parallel (logits and loss vs TP=1 within 1e-5 max-abs, gradients within 1e-5 relative to their
+largest entry), then PP=2 forward/backward through
 Megatron-Core's pipeline schedule (loss vs TP=1; gradients reach the first stage).
 """
 
@@ -30,6 +31,7 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def _worker(rank: int, world: int, port: int, tiny_dir: str, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from safetensors.torch import load_file
 
@@ -51,16 +53,31 @@ def _worker(rank: int, world: int, port: int, tiny_dir: str, out_dir: str) -> No
         load_full_tensors(model, full.__getitem__)
         return model.eval()
 
-    with torch.no_grad():
-        model = load(1, 1, False)
-        ref_logits = model(ids, positions, audio_features=features)
-        ref_loss = model(ids, positions, labels=labels, audio_features=features)
-        for name, sp in (("tp2", False), ("tp2_sp", True)):
-            model = load(2, 1, sp)
-            logits = model(ids, positions, audio_features=features, runtime_gather_output=True)
-            loss = model(ids, positions, labels=labels, audio_features=features)
-            results[f"{name}_logits"] = (logits - ref_logits).abs().max().item()
-            results[f"{name}_loss"] = (loss - ref_loss).abs().max().item()
+    def run(model, **kwargs):
+        """Logits (no grad), then loss and its backward; grads of a replicated norm and two TP-split weights."""
+        with torch.no_grad():
+            logits = model(ids, positions, audio_features=features, **kwargs)
+        loss = model(ids, positions, labels=labels, audio_features=features)
+        loss.sum().backward()
+        layer = model.language_model.decoder.layers[0]
+        norm = model.language_model.decoder.final_layernorm.weight
+        if getattr(norm, "sequence_parallel", False):  # what finalize_model_grads does for SP-tagged params
+            torch.distributed.all_reduce(norm.grad, group=parallel_state.get_tensor_model_parallel_group())
+        grads = {"norm": norm.grad, "qkv": layer.self_attention.linear_qkv.weight.grad,
+                 "fc2": layer.mlp.linear_fc2.weight.grad}
+        return logits, loss.detach(), grads
+
+    ref_logits, ref_loss, ref_grads = run(load(1, 1, False))
+    for name, sp in (("tp2", False), ("tp2_sp", True)):
+        logits, loss, grads = run(load(2, 1, sp), runtime_gather_output=True)
+        r = parallel_state.get_tensor_model_parallel_rank()
+        rows, cols = grads["qkv"].shape[0], grads["fc2"].shape[1]
+        results[f"{name}_logits"] = (logits - ref_logits).abs().max().item()
+        results[f"{name}_loss"] = (loss - ref_loss).abs().max().item()
+        expected = {"norm": ref_grads["norm"], "qkv": ref_grads["qkv"][r * rows : (r + 1) * rows],
+                    "fc2": ref_grads["fc2"][:, r * cols : (r + 1) * cols]}
+        # Relative to the largest gradient entry: the summed loss over 804 tokens makes grads O(10).
+        results[f"{name}_grads"] = max(((grads[k] - v).abs().max() / v.abs().max()).item() for k, v in expected.items())
 
     model = load(1, 2, False)
     model.train()
@@ -88,7 +105,7 @@ def test_tp2_sp_and_pp2_match_tp1(tiny_dir: Path, tmp_path: Path) -> None:
     mp.start_processes(_worker, args=(2, _free_port(), str(tiny_dir), str(tmp_path)), nprocs=2, start_method="spawn")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for res in ranks:
-        for key in ("tp2_logits", "tp2_loss", "tp2_sp_logits", "tp2_sp_loss"):
+        for key in ("tp2_logits", "tp2_loss", "tp2_grads", "tp2_sp_logits", "tp2_sp_loss", "tp2_sp_grads"):
             assert res[key] < TOL, (key, res[key])
         assert res["pp2_grads"] == 1.0
     assert ranks[1]["pp2_loss"] < TOL  # last stage holds the loss

@@ -141,12 +141,12 @@ def test_devstral2_yarn_and_query_scaling_past_original_context(devstral2) -> No
     assert DEVSTRAL2.decoder.rope.original_max_position_embeddings < ids.shape[1]
     assert _max_diff(model, hf, ids) < TOL
     # The query scaling is really exercised: without it the logits move well past the tolerance.
-    rope = model.language_model.rope
-    model.language_model.rope = dataclasses.replace(rope, llama4_scaling_beta=None)
+    beta = model.config.llama4_scaling_beta
+    model.config.llama4_scaling_beta = None
     try:
         assert _max_diff(model, hf, ids) > 100 * TOL
     finally:
-        model.language_model.rope = rope
+        model.config.llama4_scaling_beta = beta
 
 
 @torch.no_grad()
@@ -207,3 +207,20 @@ def test_fp8_request_on_the_local_spec_is_reported_off(caplog: pytest.LogCapture
     model = build_model(DEVSTRAL, BuildConfig(backend="local", fp8=FP8Config()))
     assert model.config.fp8 is None
     assert "FP8 is off" in caplog.text
+
+
+def test_full_recompute_keeps_query_scaling(tiny_dir: Path) -> None:
+    """Activation recompute re-runs attention in backward: the llama-4 scale must travel with the rope argument."""
+    weights = mapping.megatron_getter(DEVSTRAL2, _dequantized(tiny_dir / "devstral2-hf").__getitem__)
+    ids = _text_ids(80, 6)
+    results = []
+    for recompute in (None, "full"):
+        model = build_model(DEVSTRAL2, BuildConfig(init_weights=False, recompute_granularity=recompute))
+        load_full_tensors(model, weights)
+        model.train()
+        loss = model(ids, torch.arange(80)[None], labels=torch.roll(ids, -1, 1)).mean()
+        loss.backward()
+        results.append((loss.detach(), model.language_model.decoder.layers[0].self_attention.linear_qkv.weight.grad))
+    (loss_a, grad_a), (loss_b, grad_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert (grad_a - grad_b).abs().max().item() < TOL

@@ -19,7 +19,7 @@ from megatron_ext.config import ConfigError, ModelConfig
 from megatron_ext.models.audio_encoder import WhisperEncoder
 from megatron_ext.models.audio_lm import AudioLanguageModel
 from megatron_ext.models.projector import AudioProjector
-from megatron_ext.models.rope import DecoderModel, yarn_config_attributes
+from megatron_ext.models.rope import DecoderModel, rope_config_attributes
 from megatron_ext.models.specs import (
     decoder_layer_spec,
     encoder_layer_spec,
@@ -139,8 +139,8 @@ def decoder_transformer_config(cfg: ModelConfig, build: BuildConfig, tp: int, pp
         sequence_parallel=build.sequence_parallel and tp > 1,
         **_common(build, tp, pp, cp), **fp8_fields, **recompute, **build.extra,
     )
-    for key, value in yarn_config_attributes(d.rope).items():
-        setattr(tc, key, value)  # read by GPTModel/attention but not declared by TransformerConfig 0.16
+    for key, value in rope_config_attributes(d.rope).items():
+        setattr(tc, key, value)  # read by GPTModel and the attention, not declared by TransformerConfig 0.16
     return tc
 
 
@@ -189,7 +189,7 @@ def build_model(cfg: ModelConfig, build: BuildConfig | None = None, pre_process:
         post_process=post_process, parallel_output=build.parallel_output,
         share_embeddings_and_output_weights=False,
         position_embedding_type="yarn" if rope.type == "yarn" else "rope", rotary_base=rope.theta,
-        scatter_embedding_sequence_parallel=False, vp_stage=vp_stage, rope=rope,
+        scatter_embedding_sequence_parallel=False, vp_stage=vp_stage,
     )
     encoder = projector = None
     if cfg.encoder is not None and build.with_audio and pre_process:

@@ -100,7 +100,6 @@ def build_layers(shape: LayerShape, precision: str, backend: str = "te", fp8_rec
     return DecoderModel(
         tc, decoder_layer_spec(backend), vocab_size=cfg.decoder.vocab_size, max_sequence_length=shape.seq,
         pre_process=False, post_process=False, position_embedding_type="rope", rotary_base=cfg.decoder.rope.theta,
-        rope=cfg.decoder.rope,
     )
 
 

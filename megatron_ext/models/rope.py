@@ -8,7 +8,8 @@ at all. `DecoderModel` (a GPTModel) therefore:
   with THD packing (`packed_seq_params`), Megatron already restarts rope per sub-sequence;
 - computes the llama-4 per-token query scale from the same true positions (position_ids, else the THD
   cu_seqlens, else 0..s-1 sliced like Megatron slices a context-parallel sequence) and hands it to
-  `QueryScaledSelfAttention` inside the rope argument, which survives activation recompute.
+  `QueryScaledSelfAttention` as one extra channel of the rope tensor, which Megatron passes to every layer
+  and saves for activation recompute (THD: the attention derives it from the sub-sequence boundaries).
 The scale is applied to q before rope; rope is linear per token, so this equals HF's "after rope".
 """
 
@@ -24,8 +25,18 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron_ext.config import RopeConfig
 
 
+def rope_config_attributes(rope: RopeConfig) -> dict[str, Any]:
+    """TransformerConfig attributes the decoder reads beyond the declared fields: YaRN (all explicit; GPTModel
+    reads them, TransformerConfig 0.16 does not declare them) and the llama-4 query scaling."""
+    out: dict[str, Any] = {}
+    if rope.llama4_scaling_beta is not None:
+        out["llama4_scaling_beta"] = float(rope.llama4_scaling_beta)
+        out["llama4_original_max_position_embeddings"] = int(rope.original_max_position_embeddings)
+    return out | yarn_config_attributes(rope)
+
+
 def yarn_config_attributes(rope: RopeConfig) -> dict[str, Any]:
-    """The `yarn_*` TransformerConfig attributes GPTModel reads (0.16 does not declare them): all explicit."""
+    """The `yarn_*` TransformerConfig attributes GPTModel reads: every YaRN setting, explicit."""
     if rope.type != "yarn":
         return {}
     return {
@@ -52,28 +63,43 @@ def thd_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return idx - cu_seqlens[seg].to(idx.dtype)
 
 
-class RotaryArgs(tuple):
-    """(q angles, k angles) as Megatron expects, plus an optional per-token query scale [s, b, 1, 1]."""
+def pack_query_scale(angles: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Append the per-token query scale to the rope angles as one extra channel: [s, b, 1, dim + 1].
 
-    query_scale: torch.Tensor | None
-
-    def __new__(cls, q_emb: torch.Tensor, k_emb: torch.Tensor, query_scale: torch.Tensor | None) -> RotaryArgs:
-        obj = super().__new__(cls, (q_emb, k_emb))
-        obj.query_scale = query_scale
-        return obj
+    Megatron hands `rotary_pos_emb` to every layer and saves it as a tensor for activation recompute, so the
+    scale travels (and is recomputed) with it; `QueryScaledSelfAttention` splits it off again.
+    """
+    batch = max(angles.shape[1], scale.shape[1])
+    return torch.cat([angles.expand(-1, batch, -1, -1), scale.to(angles.dtype).expand(-1, batch, -1, -1)], dim=-1)
 
 
 class QueryScaledSelfAttention(SelfAttention):
-    """SelfAttention that multiplies queries by `RotaryArgs.query_scale` (llama-4 scaling) when one is given."""
+    """SelfAttention with Devstral-2's llama-4 query scaling (config attribute `llama4_scaling_beta`).
+
+    The per-token scale comes packed in the rope tensor (BSHD; see `pack_query_scale`) or, for THD packing,
+    is computed here from the sub-sequence boundaries. Without a beta this is plain SelfAttention.
+    """
 
     _query_scale: torch.Tensor | None = None
 
     def forward(self, *args: Any, **kwargs: Any):
-        self._query_scale = getattr(kwargs.get("rotary_pos_emb"), "query_scale", None)
+        rot, packed = kwargs.get("rotary_pos_emb"), kwargs.get("packed_seq_params")
+        beta = getattr(self.config, "llama4_scaling_beta", None)
+        if isinstance(rot, torch.Tensor) and rot.shape[-1] == self.config.kv_channels + 1:
+            self._query_scale, kwargs["rotary_pos_emb"] = rot[..., -1:], rot[..., :-1]
+        elif beta is not None and packed is not None and packed.qkv_format == "thd":
+            self._query_scale = self._thd_scale(packed, beta)
         try:
             return super().forward(*args, **kwargs)
         finally:
             self._query_scale = None
+
+    def _thd_scale(self, packed, beta: float) -> torch.Tensor:
+        if self.config.context_parallel_size > 1:
+            raise NotImplementedError("llama-4 query scaling with THD packing needs context_parallel_size=1")
+        cu = packed.cu_seqlens_q_padded if packed.cu_seqlens_q_padded is not None else packed.cu_seqlens_q
+        positions = thd_positions(cu, int(cu[-1]))[:, None, None, None]  # [t, 1, 1, 1] like the THD query
+        return llama4_query_scale(positions, beta, self.config.llama4_original_max_position_embeddings)
 
     def get_query_key_value_tensors(self, *args: Any, **kwargs: Any):
         out = super().get_query_key_value_tensors(*args, **kwargs)
@@ -88,10 +114,6 @@ class QueryScaledSelfAttention(SelfAttention):
 class DecoderModel(GPTModel):
     """GPTModel whose rope follows the true per-token positions and carries the llama-4 query scale."""
 
-    def __init__(self, *args: Any, rope: RopeConfig, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.rope = rope
-
     def _rope_table(self, length: int) -> torch.Tensor:
         """Angles for positions 0..length-1, before any context-parallel slicing: [length, 1, 1, dim]."""
         out = self.rotary_pos_emb.get_emb(length)
@@ -102,29 +124,24 @@ class DecoderModel(GPTModel):
         out = super()._preprocess(input_ids, position_ids, decoder_input, inference_context, packed_seq_params,
                                   **kwargs)
         rot = out[1]
-        if rot is None or inference_context is not None:
-            return out
         thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
-        if position_ids is not None and not thd:
+        if rot is None or inference_context is not None or thd:
+            return out  # THD: Megatron restarts rope per sub-sequence; the attention derives the query scale
+        if position_ids is not None:
             # [b, s] positions -> [s, b, 1, dim] angles from Megatron's own table (exactly its values).
             table = self._rope_table(int(position_ids.max()) + 1)
             rot = table[:, 0, 0][position_ids.t().long()].unsqueeze(2)
-        scale = None
-        if self.rope.llama4_scaling_beta is not None:
-            pos = self._true_positions(position_ids, packed_seq_params, thd, rot)
-            scale = llama4_query_scale(pos, self.rope.llama4_scaling_beta, self.rope.original_max_position_embeddings)
-        if scale is None and (position_ids is None or thd):
-            return out
-        return (out[0], RotaryArgs(rot, rot, scale), *out[2:])
+        beta = getattr(self.config, "llama4_scaling_beta", None)
+        if beta is not None:
+            scale = llama4_query_scale(self._true_positions(position_ids, rot), beta,
+                                       self.config.llama4_original_max_position_embeddings)
+            rot = pack_query_scale(rot, scale)
+        return (out[0], rot, *out[2:])
 
-    def _true_positions(self, position_ids, packed_seq_params, thd: bool, rot: torch.Tensor) -> torch.Tensor:
-        """Positions as [s, b, 1, 1] (or [t, 1, 1, 1] for THD) matching the local query layout."""
+    def _true_positions(self, position_ids: torch.Tensor | None, rot: torch.Tensor) -> torch.Tensor:
+        """Positions as [s, b, 1, 1] matching the local query layout (context-parallel slice included)."""
         if position_ids is not None:
             return position_ids.t()[:, :, None, None]
-        if thd:
-            cu = packed_seq_params.cu_seqlens_q_padded
-            cu = packed_seq_params.cu_seqlens_q if cu is None else cu
-            return thd_positions(cu, int(cu[-1]))[:, None, None, None]
         length = rot.shape[0] * self.config.context_parallel_size
         pos = torch.arange(length, device=rot.device)[:, None, None, None]
         cp_group = self.pg_collection.cp
