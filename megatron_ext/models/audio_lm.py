@@ -1,10 +1,11 @@
 """AudioLanguageModel: Whisper encoder + projector + Megatron-Core GPTModel decoder, spliced at [AUDIO] tokens.
 
-Why compose GPTModel directly rather than use MIMO or LLaVA (Megatron-Core 0.16.1): `MimoModel` is marked
-experimental (it warns on construction and its API differs between 0.16 and newer releases), and it
-leaves out what this model needs: it does not handle sequence-parallel scatter after the splice,
-and it has no hook for our rope changes (true per-token positions and llama-4 query scaling). `LLaVAModel`
-is built around an image encoder with its own if/elif chain, image-tag padding and CP/SP special cases.
+Why compose GPTModel directly rather than use MIMO or LLaVA (Megatron-Core 0.16.1): `MimoModel` (with its
+`AudioModalitySubmodules`) is marked experimental and warns on construction, and its forward calls the
+language model with `position_ids=None` and no `packed_seq_params`, so packed samples cannot get their
+true positions, and it has no sequence-parallel handling (nothing scatters the merged embeddings).
+`LLaVAModel` is built around an
+image encoder (its if/elif chain over encoder types, image-tag padding, its own CP/SP special cases).
 Here the whole fusion is one visible function (`splice_audio`) and the decoder is a plain GPTModel
 subclass (`rope.DecoderModel`). Its checkpoint keys are GPTModel's under `language_model.`, so
 torch_dist checkpoints and the HF mapping (`checkpoint/mapping.py`) line up with it.
