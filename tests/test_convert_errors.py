@@ -132,3 +132,13 @@ def test_cli_prints_one_line_and_exits_nonzero(tiny_dir: Path, tmp_path: Path) -
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: --tp 3 not allowed")
     assert not out.exists()
+
+
+def test_tokenizer_that_differs_from_metadata_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
+    td = tmp_path / "td"
+    convert(tiny_dir / "voxtral-hf", td, "megatron", progress=False)
+    tok = td / "tekken.json"
+    data = tok.read_bytes()
+    tok.write_bytes(data.replace(b"[AUDIO]", b"[AUDIX]"))  # same size, other content
+    with pytest.raises(CheckpointError, match="tekken.json: sha256 differs"):
+        read_meta(td)

@@ -120,6 +120,9 @@ def read_meta(directory: Path, check_files: bool = True) -> CheckpointMeta:
                 have = f.stat().st_size if f.is_file() else "missing"
                 raise CheckpointError(f"{f}: expected {size} bytes, found {have} (incomplete or altered checkpoint)")
     tok = data.get("tokenizer") or {}
+    tok_file = directory / TOKENIZER_FILE
+    if check_files and tok.get("sha256") and tok_file.is_file() and sha256_file(tok_file) != tok["sha256"]:
+        raise CheckpointError(f"{tok_file}: sha256 differs from the one recorded in {META_FILE}")
     return CheckpointMeta(
         model=model,
         tokenizer_sha256=tok.get("sha256"),
