@@ -17,7 +17,7 @@ from megatron_ext.config import ConfigError, ModelConfig
 from megatron_ext.models.audio_features import audio_tokens_per_chunk, load_audio, log_mel_chunks
 from megatron_ext.models.audio_lm import AudioLanguageModel, AudioTokenMismatch
 from megatron_ext.models.build import BuildConfig, FP8Config, build_model
-from megatron_ext.models.loading import load_full_tensors
+from megatron_ext.models.loading import load_checkpoint, load_full_tensors
 from megatron_ext.models.tokens import audio_token_id, check_audio_token
 from megatron_ext.tiny import DEVSTRAL, DEVSTRAL2, VOXTRAL
 
@@ -224,3 +224,17 @@ def test_full_recompute_keeps_query_scaling(tiny_dir: Path) -> None:
     (loss_a, grad_a), (loss_b, grad_b) = results
     assert torch.equal(loss_a, loss_b)
     assert (grad_a - grad_b).abs().max().item() < TOL
+
+
+def test_load_checkpoint_from_torch_dist_hf_and_native_agree(tiny_dir: Path, tmp_path: Path) -> None:
+    from megatron_ext.checkpoint.convert import convert
+
+    convert(tiny_dir / "voxtral-hf", tmp_path / "td", "megatron", progress=False)
+    states = []
+    for source in (tmp_path / "td", tiny_dir / "voxtral-hf", tiny_dir / "voxtral-native"):
+        model = build_model(VOXTRAL, BuildConfig(init_weights=False))
+        assert load_checkpoint(model, source) == VOXTRAL
+        states.append({k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)})
+    for other in states[1:]:
+        assert states[0].keys() == other.keys()
+        assert all(torch.equal(states[0][k], other[k]) for k in states[0])

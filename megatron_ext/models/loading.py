@@ -9,9 +9,12 @@ offsets and both specs, and a tensor is read only if this rank holds part of it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+from megatron_ext.config import ModelConfig
 
 Getter = Callable[[str], torch.Tensor]
 
@@ -68,3 +71,24 @@ def load_full_tensors(model: torch.nn.Module, get: Getter) -> int:
     if missing:
         raise LoadError(f"{len(missing)} parameters were not loaded, e.g. {missing[0]}")
     return n
+
+
+def megatron_tensor_getter(inp) -> Getter:
+    """Full tensors by Megatron name for an opened input (`checkpoint.formats.open_input`): torch_dist as is,
+    HF / Mistral-native through `checkpoint/mapping.py` on the fly (one rule's HF tensors per call)."""
+    from megatron_ext.checkpoint import mapping
+
+    return inp.get if inp.naming == "megatron" else mapping.megatron_getter(inp.cfg, inp.get)
+
+
+def load_checkpoint(model: torch.nn.Module, directory: str | Path) -> ModelConfig:
+    """Load a torch_dist, HF or Mistral-native checkpoint into `model` (this rank's TP/PP shard); returns its
+    ModelConfig. Reads only the tensors this rank holds."""
+    from megatron_ext.checkpoint.formats import open_input
+
+    inp = open_input(Path(directory))
+    try:
+        load_full_tensors(model, megatron_tensor_getter(inp))
+        return inp.cfg
+    finally:
+        inp.close()

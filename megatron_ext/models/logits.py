@@ -67,10 +67,6 @@ def hf_reference_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> to
         return cls.from_pretrained(tmp, dtype=torch.float32).eval()
 
 
-def _megatron_getter(inp: InputCheckpoint):
-    return inp.get if inp.naming == "megatron" else mapping.megatron_getter(inp.cfg, inp.get)
-
-
 def _hf_tensors(inp: InputCheckpoint) -> dict[str, torch.Tensor]:
     if inp.naming == "megatron":
         return dict(mapping.megatron_to_hf(inp.cfg, inp.get))
@@ -101,12 +97,12 @@ def checkpoint_logits(directory: Path, tokens: list[int], audio: list[Path] | No
 
         from megatron_ext.compat.cpu import init_distributed
         from megatron_ext.models.build import BuildConfig, build_model
-        from megatron_ext.models.loading import load_full_tensors
+        from megatron_ext.models.loading import load_full_tensors, megatron_tensor_getter
 
         if not parallel_state.model_parallel_is_initialized():
             init_distributed(tp=1, pp=1)
         model = build_model(cfg, BuildConfig(backend="local", init_weights=False)).eval()
-        load_full_tensors(model, _megatron_getter(inp))
+        load_full_tensors(model, megatron_tensor_getter(inp))
         with torch.no_grad():
             logits = model(ids, torch.arange(ids.shape[1])[None], audio_features=features,
                            runtime_gather_output=True)[0].float()
