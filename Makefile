@@ -10,7 +10,7 @@ BUILD ?= build
 TINY ?= $(BUILD)/tiny
 APT_PACKAGES := espeak-ng sox pocketsphinx-testdata
 
-.PHONY: venv system-deps tiny demo demo-convert convert bench-convert demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint clean synth bench-synth eval eval-data eval-model eval-sft report demo-eval
+.PHONY: venv system-deps tiny demo demo-convert convert bench-convert demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint clean synth bench-synth eval eval-data eval-model eval-sft report demo-eval sft sft-dry-run
 
 # ---- environment ---------------------------------------------------------------------------------
 $(VENV)/.installed: requirements.txt requirements-test.txt constraints.txt
@@ -39,8 +39,26 @@ demo: tiny
 	@echo "demo: tiny parent models and tokenizers are in $(TINY) (see $(TINY)/MANIFEST.json)"
 	$(MAKE) demo-convert
 	$(MAKE) demo-merge
+	$(MAKE) sft
 	$(MAKE) logits
 	$(MAKE) demo-eval
+
+# ---- sft: supervised fine-tuning on Megatron-Core; see tools/train.py --help and examples/configs/ ----
+# The tiny CPU recipe with 2 processes at TP=2 on the demo merge (linear, alpha 0.1) converted to torch_dist,
+# with a small text + real-speech chat set; checkpoints and TensorBoard logs go to build/demo/sft.
+SFT_CONFIG ?= examples/configs/tiny_cpu.yaml
+SFT_NPROC ?= 2
+SFT_ARGS ?=
+sft: tiny
+	test -f $(BUILD)/demo/merge-linear-0.1/config.json || $(MAKE) demo-merge
+	rm -rf $(BUILD)/demo/merged-torch_dist $(BUILD)/demo/sft
+	$(PYTHON) tools/convert.py --input $(BUILD)/demo/merge-linear-0.1 --output $(BUILD)/demo/merged-torch_dist --to megatron --tp 2 --no-progress
+	$(PYTHON) tools/make_tiny_chats.py --output $(BUILD)/demo/sft-data
+	CONFIG=$(SFT_CONFIG) NPROC=$(SFT_NPROC) PYTHON=$(PYTHON) launch_scripts/train_single_node.sh $(SFT_ARGS)
+
+# Validate a config (checkpoint metadata, tokenizer, layout, data) without training: make sft-dry-run SFT_CONFIG=...
+sft-dry-run: venv
+	CONFIG=$(SFT_CONFIG) NPROC=$(SFT_NPROC) PYTHON=$(PYTHON) DRY_RUN=1 launch_scripts/train_single_node.sh $(SFT_ARGS)
 
 # ---- convert: HF / Mistral-native / torch_dist <-> megatron (torch_dist) | hf | mistral; see tools/convert.py --help ----
 IN ?=
@@ -127,6 +145,7 @@ EVAL_DIR ?= $(BUILD)/eval
 EVAL_DATA := $(EVAL_DIR)/data
 EVAL_RESULTS ?= $(EVAL_DIR)/results
 EVAL_MODEL ?= $(EVAL_DIR)/models/linear-0.1
+EVAL_MODEL_LABELS ?=
 EVAL_SFT_RUN ?=
 EVAL_SFT_LABELS ?=
 REPORT_DIR ?= $(BUILD)/report
@@ -150,8 +169,9 @@ eval-model: tiny
 
 eval: eval-data eval-model
 	for b in $(AUDIO_BENCHES) mmlu_text; do \
-	  $(EVALUATE) $$b --checkpoint $(EVAL_MODEL) --data $(EVAL_DATA)/$$b.jsonl $(EVAL_ARGS) $(EVAL_STORE) || exit 1; done
-	$(EVALUATE) swebench --checkpoint $(EVAL_MODEL) --data $(SWEBENCH_EXAMPLE) $(EVAL_STORE)
+	  $(EVALUATE) $$b --checkpoint $(EVAL_MODEL) $(EVAL_MODEL_LABELS) --data $(EVAL_DATA)/$$b.jsonl $(EVAL_ARGS) \
+	    $(EVAL_STORE) || exit 1; done
+	$(EVALUATE) swebench --checkpoint $(EVAL_MODEL) $(EVAL_MODEL_LABELS) --data $(SWEBENCH_EXAMPLE) $(EVAL_STORE)
 	for b in $(AUDIO_BENCHES) mmlu_text; do $(EVALUATE) $$b --checkpoint $(TINY)/voxtral-hf --name voxtral \
 	  --label role=parent --label "display=Voxtral (tiny)" --data $(EVAL_DATA)/$$b.jsonl $(EVAL_ARGS) $(EVAL_STORE) || exit 1; done
 	$(EVALUATE) mmlu_text --checkpoint $(TINY)/devstral-hf --name devstral --label role=parent \
@@ -177,7 +197,8 @@ report: venv
 DEMO_EVAL := $(BUILD)/demo/eval
 demo-eval: tiny
 	model=$(BUILD)/demo/merged-torch_dist; test -e $$model || model=$(BUILD)/demo/merge-linear-0.1; \
-	  $(MAKE) eval EVAL_MODEL=$$model EVAL_RESULTS=$(DEMO_EVAL)/results EVAL_DIR=$(DEMO_EVAL)
+	  $(MAKE) eval EVAL_MODEL=$$model EVAL_MODEL_LABELS="--label role=merge" EVAL_RESULTS=$(DEMO_EVAL)/results \
+	  EVAL_DIR=$(DEMO_EVAL)
 	if ls -d $(BUILD)/demo/sft/iter_* >/dev/null 2>&1; then \
 	  $(MAKE) eval-sft EVAL_SFT_RUN=$(BUILD)/demo/sft EVAL_RESULTS=$(DEMO_EVAL)/results EVAL_DIR=$(DEMO_EVAL); fi
 	$(MAKE) report EVAL_RESULTS=$(DEMO_EVAL)/results REPORT_DIR=$(BUILD)/demo/report \

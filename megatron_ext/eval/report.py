@@ -46,8 +46,10 @@ def build_report(
         (written if make(ckpts, output / name) else skipped).append(name)
     runs = {}
     for root in tensorboard or [results]:
+        root = Path(root).resolve()
         runs |= {
-            f"{Path(root).name}/{run}" if run != "." else Path(root).name: s for run, s in read_scalars(root).items()
+            f"{root.parent.name}/{root.name}" + ("" if run == "." else f"/{run}"): s
+            for run, s in read_scalars(root).items()
         }
     (written if figures.training_curves(runs, output / TRAINING_FIGURE) else skipped).append(TRAINING_FIGURE)
     pngs = [n for n in written if n.endswith(".png")]
