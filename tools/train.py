@@ -40,7 +40,7 @@ def main() -> int:
     except (TrainConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if result.losses:
+    if result.losses and int(os.environ.get("RANK", "0")) == 0:
         first, last = min(result.losses), max(result.losses)
         print(f"trained steps {first}..{last}: loss {result.losses[first]:.4f} -> {result.losses[last]:.4f}")
     return 0

@@ -38,7 +38,7 @@ class Mixture:
             raise ValueError(f"mixture ratios must be >= 0 with at least one > 0, got {ratios}")
         self.sources = sources
         self.ratios = np.asarray(ratios, dtype=np.float64) / float(sum(ratios))
-        self.budgets = [None if e is None else max(1, math.floor(e * len(s))) for s, e in zip(sources, epochs)]
+        self.budgets = [None if e is None else max(1, math.floor(e * len(s))) for s, e in zip(sources, epochs, strict=True)]
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.credits = np.zeros(len(sources))
@@ -58,7 +58,8 @@ class Mixture:
         key = (source, epoch)
         if key not in self._perm_cache:
             self._perm_cache = {k: v for k, v in self._perm_cache.items() if k[0] != source}
-            self._perm_cache[key] = np.random.default_rng([self.seed, source, epoch]).permutation(len(self.sources[source]))
+            rng = np.random.default_rng([self.seed, source, epoch])
+            self._perm_cache[key] = rng.permutation(len(self.sources[source]))
         return self._perm_cache[key]
 
     def _draw(self) -> DocRef | None:

@@ -41,7 +41,7 @@ def pack(docs: list[EncodedDoc], source_ids: list[int], seq_length: int, pad_id:
     position_ids = np.zeros(seq_length, dtype=np.int64)
     sources = np.full(seq_length, -1, dtype=np.int64)
     doc_lens, chunks, pos = [], [], 0
-    for doc, src in zip(docs, source_ids):
+    for doc, src in zip(docs, source_ids, strict=True):
         n = len(doc) - 1
         if pos + n > seq_length:
             raise ValueError(f"documents need {pos + n} positions, seq_length is {seq_length}")

@@ -41,7 +41,8 @@ def resolve_rope(cfg: TrainConfig, meta: CheckpointMeta) -> ModelConfig:
         raise StartupError(
             f"model.rope disagrees with {cfg.model.checkpoint} metadata on {', '.join(diff)} "
             f"(config {', '.join(f'{k}={getattr(wanted, k)}' for k in diff)}; checkpoint "
-            f"{', '.join(f'{k}={getattr(have, k)}' for k in diff)}); set model.rope_override=true to train with the config's"
+            f"{', '.join(f'{k}={getattr(have, k)}' for k in diff)}); "
+            "set model.rope_override=true to train with the config's"
         )
     return dataclasses.replace(model, decoder=dataclasses.replace(model.decoder, rope=wanted))
 

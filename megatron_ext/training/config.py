@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
@@ -29,21 +29,21 @@ class RopeSection:
 
     type: str = "rope"
     theta: float = 1e8
-    factor: Optional[float] = None
-    original_max_position_embeddings: Optional[int] = None
-    beta_fast: Optional[float] = None
-    beta_slow: Optional[float] = None
-    mscale: Optional[float] = None
-    mscale_all_dim: Optional[float] = None
+    factor: float | None = None
+    original_max_position_embeddings: int | None = None
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
     truncate: bool = True
-    llama4_scaling_beta: Optional[float] = None
+    llama4_scaling_beta: float | None = None
 
 
 @dataclass
 class ModelSection:
     checkpoint: str = "???"  # torch_dist checkpoint directory with metadata (converted or merged model)
-    tokenizer: Optional[str] = None  # tekken.json; default: the checkpoint's own
-    rope: Optional[RopeSection] = None  # None: take the checkpoint's rope metadata as it is
+    tokenizer: str | None = None  # tekken.json; default: the checkpoint's own
+    rope: RopeSection | None = None  # None: take the checkpoint's rope metadata as it is
     rope_override: bool = False  # train with `rope` even if the checkpoint metadata disagrees or lacks it
     freeze_encoder: bool = True
     freeze_projector: bool = False
@@ -69,7 +69,7 @@ class OptimizerSection:
     clip_grad: float = 20.0
     warmup_steps: int = 100
     decay_style: str = "cosine"  # cosine | linear | constant
-    decay_steps: Optional[int] = None  # None: train_iters
+    decay_steps: int | None = None  # None: train_iters
 
 
 @dataclass
@@ -78,7 +78,7 @@ class SourceSection:
     path: str = "???"
     format: str = "jsonl"  # jsonl | energon
     ratio: float = 1.0
-    epochs: Optional[float] = None  # share of the source the run may use; None = cycle forever
+    epochs: float | None = None  # share of the source the run may use; None = cycle forever
     modality: str = "text"  # text | audio: counted as such in the text:audio ratio
 
 
@@ -99,15 +99,15 @@ class TrainingSection:
     train_iters: int = 1000
     seed: int = 1234
     bf16: bool = True
-    fp8: Optional[str] = None  # None | hybrid | e4m3 (Transformer Engine on GPU only)
+    fp8: str | None = None  # None | hybrid | e4m3 (Transformer Engine on GPU only)
     recompute: str = "none"  # none | full | selective
     loss_chunk_tokens: int = 4096  # supervised tokens per LM-head/cross-entropy chunk
-    exit_after_iters: Optional[int] = None  # stop early (the schedule still spans train_iters)
+    exit_after_iters: int | None = None  # stop early (the schedule still spans train_iters)
 
 
 @dataclass
 class CheckpointSection:
-    save_dir: Optional[str] = None
+    save_dir: str | None = None
     save_interval: int = 100
     keep_last: int = 3
     async_save: bool = False
@@ -116,7 +116,7 @@ class CheckpointSection:
 
 @dataclass
 class LoggingSection:
-    tensorboard_dir: Optional[str] = None
+    tensorboard_dir: str | None = None
     log_interval: int = 1
     eval_interval: int = 0  # 0 = never
     eval_iters: int = 1

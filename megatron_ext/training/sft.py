@@ -42,6 +42,7 @@ from megatron_ext.config import ModelConfig
 from megatron_ext.data.chat import ChatEncoder, load_tokenizer
 from megatron_ext.data.loader import SFTData
 from megatron_ext.data.packing import document_causal_mask
+from megatron_ext.data.sources import open_source
 from megatron_ext.models.audio_features import audio_tokens_per_chunk, log_mel_chunks
 from megatron_ext.models.build import BuildConfig, FP8Config, build_model
 from megatron_ext.models.loading import load_full_tensors
@@ -135,6 +136,9 @@ def _attention_inputs(batch: dict[str, Any], backend: str) -> tuple[torch.Tensor
     return document_causal_mask(batch["doc_ids"]), None
 
 
+_ROW_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "source_ids", "doc_ids")
+
+
 def _device(batch: dict[str, Any]) -> dict[str, Any]:
     if not torch.cuda.is_available():
         return batch
@@ -158,6 +162,8 @@ def _forward_step(cfg: TrainConfig, n_sources: int, data_iterator: Iterator[dict
     batch = _device(next(data_iterator))
     core = model.module if isinstance(model, DistributedDataParallel) else model
     attention_mask, packed = _attention_inputs(batch, core.backend)
+    if packed is not None:  # THD: all rows of the micro-batch are one flat token stream ([1, b*s])
+        batch = {k: v.reshape(1, -1) if k in _ROW_KEYS else v for k, v in batch.items()}
     mel = batch["mel"]
     if mel is not None:
         mel = mel.to(next(core.parameters()).dtype)
@@ -201,6 +207,20 @@ def _memory_gb() -> float:
 
 
 # ---- the run -------------------------------------------------------------------------------------------
+def _check_batch_layout(t: Any, dp: int) -> None:
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise StartupError(f"training.global_batch_size={t.global_batch_size} is not a multiple of "
+                           f"micro_batch_size x data-parallel size = {t.micro_batch_size * dp}")
+
+
+def _chat_encoder(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer_path: Path) -> ChatEncoder:
+    """Tokenizer + audio layout of this model: [AUDIO] tokens per 30 s chunk = encoder frames / stack."""
+    per_chunk = audio_tokens_per_chunk(model_cfg.encoder.max_source_positions, model_cfg.projector_stack) \
+        if model_cfg.encoder is not None else None
+    return ChatEncoder(load_tokenizer(tokenizer_path), per_chunk, model_cfg.audio_token_id,
+                       cfg.data.system_prompt_with_audio)
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Run SFT as configured (call under torchrun for several ranks); returns the losses seen."""
     t = cfg.training
@@ -218,9 +238,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
     model_cfg, meta, tokenizer_path = startup_checks(cfg)
     model_cfg = check_audio_token(model_cfg, tokenizer_path)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise StartupError(f"training.global_batch_size={t.global_batch_size} is not a multiple of "
-                           f"micro_batch_size x data-parallel size = {t.micro_batch_size * dp}")
+    _check_batch_layout(t, dp)
     init_num_microbatches_calculator(rank, None, t.global_batch_size, t.micro_batch_size, dp)
 
     model = _build(cfg, model_cfg)
@@ -234,10 +252,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
     model.config.grad_scale_func = optimizer.scale_loss
     model.config.no_sync_func = ddp.no_sync
 
-    tokenizer = load_tokenizer(tokenizer_path)
-    per_chunk = audio_tokens_per_chunk(model_cfg.encoder.max_source_positions, model_cfg.projector_stack) \
-        if model_cfg.encoder is not None else None
-    encoder = ChatEncoder(tokenizer, per_chunk, model_cfg.audio_token_id, cfg.data.system_prompt_with_audio)
+    encoder = _chat_encoder(cfg, model_cfg, tokenizer_path)
     mel = (lambda wave: log_mel_chunks(wave)[0]) if model_cfg.encoder is not None else None
     data = SFTData(cfg.data, t.seq_length, t.seed, encoder, mel, dp_rank, dp)
     n_sources = len(data.source_names)
@@ -366,20 +381,15 @@ def dry_run(cfg: TrainConfig, world_size: int) -> list[str]:
     if world_size % model_parallel:
         raise StartupError(f"world size {world_size} is not a multiple of TP x CP = {model_parallel}")
     dp = world_size // model_parallel
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise StartupError(f"training.global_batch_size={t.global_batch_size} is not a multiple of "
-                           f"micro_batch_size x data-parallel size = {t.micro_batch_size * dp}")
-    per_chunk = audio_tokens_per_chunk(model_cfg.encoder.max_source_positions, model_cfg.projector_stack) \
-        if model_cfg.encoder is not None else None
-    encoder = ChatEncoder(load_tokenizer(tokenizer_path), per_chunk, model_cfg.audio_token_id,
-                          cfg.data.system_prompt_with_audio)
-    lines = [f"model {cfg.model.checkpoint}: rope {model_cfg.decoder.rope.type} theta {model_cfg.decoder.rope.theta:g}"
-             + (f" factor {model_cfg.decoder.rope.factor:g}" if model_cfg.decoder.rope.type == "yarn" else ""),
-             f"layout: world {world_size} = TP {p.tensor_model_parallel_size} x CP {p.context_parallel_size} x DP {dp}; "
-             f"{t.global_batch_size // (t.micro_batch_size * dp)} micro-batches of {t.micro_batch_size} x {t.seq_length} "
-             f"tokens per rank; {t.global_batch_size * t.seq_length / 1e6:.2f}M tokens per step"]
-    from megatron_ext.data.sources import open_source
-
+    _check_batch_layout(t, dp)
+    encoder = _chat_encoder(cfg, model_cfg, tokenizer_path)
+    rope = model_cfg.decoder.rope
+    lines = [f"model {cfg.model.checkpoint}: rope {rope.type} theta {rope.theta:g}"
+             + (f" factor {rope.factor:g}" if rope.type == "yarn" else ""),
+             f"layout: world {world_size} = TP {p.tensor_model_parallel_size} x CP {p.context_parallel_size} "
+             f"x DP {dp}; {t.global_batch_size // (t.micro_batch_size * dp)} micro-batches of "
+             f"{t.micro_batch_size} x {t.seq_length} tokens per rank; "
+             f"{t.global_batch_size * t.seq_length / 1e6:.2f}M tokens per step"]
     for group in (cfg.data.sources, cfg.data.validation):
         for s in group:
             source = open_source(s.path, s.format, s.name)
