@@ -38,7 +38,8 @@ class Mixture:
             raise ValueError(f"mixture ratios must be >= 0 with at least one > 0, got {ratios}")
         self.sources = sources
         self.ratios = np.asarray(ratios, dtype=np.float64) / float(sum(ratios))
-        self.budgets = [None if e is None else max(1, math.floor(e * len(s))) for s, e in zip(sources, epochs, strict=True)]
+        self.budgets = [None if e is None else max(1, math.floor(e * len(s)))
+                        for s, e in zip(sources, epochs, strict=True)]
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.credits = np.zeros(len(sources))
