@@ -95,23 +95,29 @@ def checkpoint_logits(directory: Path, tokens: list[int], audio: list[Path] | No
         ids = torch.tensor([tokens])
         from megatron.core import parallel_state  # heavy imports only once the inputs are known to be good
 
-        from megatron_ext.compat.cpu import init_distributed
+        from megatron_ext.compat.cpu import destroy_distributed, init_distributed
         from megatron_ext.models.build import BuildConfig, build_model
         from megatron_ext.models.loading import load_full_tensors, megatron_tensor_getter
 
-        if not parallel_state.model_parallel_is_initialized():
+        started = not parallel_state.model_parallel_is_initialized()
+        if started:  # a lone process at TP=1; torn down again below so callers keep a clean state
             init_distributed(tp=1, pp=1)
-        model = build_model(cfg, BuildConfig(backend="local", init_weights=False)).eval()
-        load_full_tensors(model, megatron_tensor_getter(inp))
-        with torch.no_grad():
-            logits = model(ids, torch.arange(ids.shape[1])[None], audio_features=features,
-                           runtime_gather_output=True)[0].float()
-            result = LogitsResult(tokens, logits)
-            if compare_hf:
-                hf = hf_reference_model(cfg, _hf_tensors(inp))
-                kwargs = {"input_features": features} if features is not None else {}
+        try:
+            model = build_model(cfg, BuildConfig(backend="local", init_weights=False)).eval()
+            load_full_tensors(model, megatron_tensor_getter(inp))
+            with torch.no_grad():
+                logits = model(ids, torch.arange(ids.shape[1])[None], audio_features=features,
+                               runtime_gather_output=True)[0].float()
+        finally:
+            if started:
+                destroy_distributed()
+        result = LogitsResult(tokens, logits)
+        if compare_hf:
+            hf = hf_reference_model(cfg, _hf_tensors(inp))
+            kwargs = {"input_features": features} if features is not None else {}
+            with torch.no_grad():
                 ref = hf(input_ids=ids, **kwargs).logits[0].float()
-                result.max_abs_diff = (logits - ref).abs().max().item()
+            result.max_abs_diff = (logits - ref).abs().max().item()
         return result
     finally:
         inp.close()
