@@ -252,3 +252,46 @@ def test_group_checkpoints_merges_labels_over_records():
     by_name = {c.name: c for c in ckpts}
     assert by_name["mix-80-20@100"].labels["alpha"] == 0.1 and by_name["mix-80-20@100"].step == 100
     assert table1_merge_grid(ckpts).rows[0][0] == "Devstral 2 Small"
+
+
+def test_hyperparameter_and_judge_tables(tmp_path):
+    """Hyperparameters come from the SFT config saved in checkpoint metadata; judge shares from judgment logs."""
+    from megatron_ext.training.config import load_config, to_yaml
+
+    cfg = load_config(ROOT / "examples/configs/tiny_cpu.yaml", ["optimizer.lr=1.0e-6", "training.seq_length=131072"])
+    meta = {"tool": "sft", "extra": {"sft_config": to_yaml(cfg)}}
+    for step in (10, 20):
+        upsert(
+            tmp_path / "r.jsonl",
+            Record(
+                f"run-95-5@{step}",
+                "mmlu_audio",
+                "accuracy",
+                0.7,
+                True,
+                4,
+                {"role": "sft", "step": step},
+                provenance={"metadata": {"checkpoint_meta.json": meta}},
+            ),
+        )
+    synth = tmp_path / "synth"
+    synth.mkdir()
+    decisions = ["DIRECT"] * 3 + ["REWRITE"] * 2 + ["NO"] * 5
+    for shard in range(2):
+        (synth / f"judgments-{shard:05d}-of-00002.jsonl").write_text(
+            "".join(
+                json.dumps({"row": i, "message": 1, "decision": d, "spoken_text": ""}) + "\n"
+                for i, d in enumerate(decisions[shard::2])
+            )
+        )
+    build_report(tmp_path, tmp_path / "out", synth=synth)
+    (row,) = _csv(tmp_path / "out" / "table_hyperparameters.csv")
+    assert row["config"] == "run-95-5" and float(row["optimizer.lr"]) == 1e-6
+    assert int(row["training.seq_length"]) == 131072 and int(row["parallel.tensor_model_parallel_size"]) == 2
+    shares = {
+        r["decision"]: (int(r["messages"]), float(r["share"]))
+        for r in _csv(tmp_path / "out" / "table_judge_statistics.csv")
+    }
+    assert shares == {"DIRECT": (3, 0.3), "REWRITE": (2, 0.2), "NO": (5, 0.5)}
+    with pytest.raises(ValueError, match="no judgments"):
+        build_report(tmp_path, tmp_path / "out", synth=tmp_path)

@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Regenerate all tables (Markdown + CSV) and figures (PNG) from a results store, plus REPORT.md.
 
-  report.py --results DIR --output DIR [--tensorboard LOGDIR ...]
+  report.py --results DIR --output DIR [--tensorboard LOGDIR ...] [--synth DIR]
 
 Tables: table1_merge_grid, table2_sft_mixtures, table3_sft_hyperparams, table4_final_vs_parents,
-super_parent. Figures: parents_vs_merged, pareto_configs, pareto_checkpoints, mmlu_audio_recovery,
-eval_curves, training_curves (TensorBoard scalars; default: event files under --results).
+super_parent, table_hyperparameters (+ table_judge_statistics with --synth). Figures: parents_vs_merged,
+pareto_configs, pareto_checkpoints, mmlu_audio_recovery, eval_curves, training_curves (TensorBoard
+scalars; default: event files under --results).
 """
 
 import argparse
@@ -29,9 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="TensorBoard log directory for training curves (repeatable)",
     )
+    p.add_argument("--synth", type=Path, help="synth_audio.py output directory: adds the judge-statistics table")
     args = p.parse_args(argv)
     try:
-        done = build_report(args.results, args.output, args.tensorboard)
+        done = build_report(args.results, args.output, args.tensorboard, args.synth)
     except (StoreError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from megatron_ext.eval import figures
 from megatron_ext.eval.store import load_results
-from megatron_ext.eval.tables import TABLES, group_checkpoints
+from megatron_ext.eval.tables import TABLES, group_checkpoints, table_judge_statistics
 from megatron_ext.eval.tensorboard import read_scalars
 
 FIGURES = {
@@ -22,11 +23,12 @@ TRAINING_FIGURE = "training_curves.png"
 
 
 def build_report(
-    results: str | Path, output: str | Path, tensorboard: Sequence[str | Path] = ()
+    results: str | Path, output: str | Path, tensorboard: Sequence[str | Path] = (), synth: str | Path | None = None
 ) -> dict[str, list[str]]:
     """Write tables (Markdown + CSV), figures (PNG) and REPORT.md; returns {"written": [...], "skipped": [...]}.
 
-    Training curves come from TensorBoard event files under `tensorboard` dirs (default: under `results`).
+    Training curves come from TensorBoard event files under `tensorboard` dirs (default: under `results`);
+    with `synth` (a synth_audio.py output dir), its judgment logs give the judge-statistics table.
     A figure with nothing to plot is skipped and listed as such, never drawn empty.
     """
     records = load_results(results)
@@ -38,6 +40,12 @@ def build_report(
     written, skipped, sections = [], [], []
     for make in TABLES:
         table = make(ckpts)
+        _write_text(output / f"{table.name}.md", table.markdown())
+        _write_text(output / f"{table.name}.csv", table.csv())
+        written += [f"{table.name}.md", f"{table.name}.csv"]
+        sections.append(table.markdown())
+    if synth is not None:
+        table = table_judge_statistics(read_judgments(synth))
         _write_text(output / f"{table.name}.md", table.markdown())
         _write_text(output / f"{table.name}.csv", table.csv())
         written += [f"{table.name}.md", f"{table.name}.csv"]
@@ -64,3 +72,11 @@ def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def read_judgments(synth: str | Path) -> list[dict]:
+    """Every judgment line of a synth output directory (`judgments-*.jsonl`)."""
+    files = sorted(Path(synth).glob("judgments-*.jsonl"))
+    if not files:
+        raise ValueError(f"{synth}: no judgments-*.jsonl (not a synth_audio.py output directory)")
+    return [json.loads(line) for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -14,6 +14,8 @@ import io
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import yaml
+
 from megatron_ext.eval.store import Record
 
 # benchmark -> (column title, higher is better); titles follow the paper.
@@ -300,4 +302,67 @@ def table_super_parent(ckpts: list[Checkpoint]) -> Table:
     )
 
 
-TABLES = (table1_merge_grid, table2_sft_mixtures, table3_sft_hyperparams, table4_final_vs_parents, table_super_parent)
+# (column title, dotted key in the SFT run config) for the hyperparameter table (paper tab:hyperparams).
+HYPERPARAMETERS = [
+    ("LR", "optimizer.lr"),
+    ("min LR ratio", "optimizer.min_lr_ratio"),
+    ("weight decay", "optimizer.weight_decay"),
+    ("warmup", "optimizer.warmup_steps"),
+    ("clip", "optimizer.clip_grad"),
+    ("seq length", "training.seq_length"),
+    ("global batch", "training.global_batch_size"),
+    ("iters", "training.train_iters"),
+    ("TP", "parallel.tensor_model_parallel_size"),
+    ("CP", "parallel.context_parallel_size"),
+    ("shuffle buffer", "data.shuffle_buffer"),
+]
+
+
+def _dotted(config: dict, key: str):
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def table_hyperparameters(ckpts: list[Checkpoint]) -> Table:
+    """SFT hyperparameters per config, read from the run config saved in each checkpoint's metadata."""
+    configs: dict[str, dict] = {}
+    for c in ckpts:
+        for record in c.records.values():
+            meta = record.provenance.get("metadata", {}).get("checkpoint_meta.json", {})
+            if c.role in SFT_ROLES and isinstance(meta, dict) and meta.get("tool") == "sft" and c.config not in configs:
+                configs[c.config] = yaml.safe_load(meta.get("extra", {}).get("sft_config", "")) or {}
+    values = {name: [_dotted(cfg, key) for _, key in HYPERPARAMETERS] for name, cfg in configs.items()}
+    return Table(
+        "table_hyperparameters",
+        "SFT hyperparameters (from each run's saved config)",
+        ["Config"] + [t for t, _ in HYPERPARAMETERS],
+        [[name] + [DASH if v is None else str(v) for v in row] for name, row in values.items()],
+        ["config"] + [k for _, k in HYPERPARAMETERS],
+        [[name, *row] for name, row in values.items()],
+    )
+
+
+def table_judge_statistics(judgments: list[dict]) -> Table:
+    """Share of user messages the synth judge classified DIRECT / REWRITE / NO (its judgment logs)."""
+    counts = {d: sum(1 for j in judgments if j.get("decision") == d) for d in ("DIRECT", "REWRITE", "NO")}
+    total = sum(counts.values())
+    rows = [[d, str(n), f"{100 * n / total:.1f}"] for d, n in counts.items()] if total else []
+    return Table(
+        "table_judge_statistics",
+        "Verbalizability judge decisions (synthetic audio data)",
+        ["Decision", "Messages", "Share (%)"],
+        rows,
+        ["decision", "messages", "share"],
+        [[d, n, n / total] for d, n in counts.items()] if total else [],
+    )
+
+
+TABLES = (
+    table1_merge_grid,
+    table2_sft_mixtures,
+    table3_sft_hyperparams,
+    table4_final_vs_parents,
+    table_super_parent,
+    table_hyperparameters,
+)
