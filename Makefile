@@ -150,6 +150,7 @@ EVAL_SFT_RUN ?=
 EVAL_SFT_LABELS ?=
 REPORT_DIR ?= $(BUILD)/report
 REPORT_TENSORBOARD ?=
+REPORT_SYNTH ?=
 EVAL_ARGS ?= --max-new-tokens 32
 EVALUATE := $(PYTHON) tools/evaluate.py
 EVAL_STORE := --output $(EVAL_RESULTS)/records.jsonl
@@ -189,7 +190,8 @@ eval-sft: eval-data
 	    $(EVAL_STORE) || exit 1; done
 
 report: venv
-	$(PYTHON) tools/report.py --results $(EVAL_RESULTS) --output $(REPORT_DIR) $(foreach d,$(REPORT_TENSORBOARD),--tensorboard $(d))
+	$(PYTHON) tools/report.py --results $(EVAL_RESULTS) --output $(REPORT_DIR) \
+	  $(foreach d,$(REPORT_TENSORBOARD),--tensorboard $(d)) $(if $(REPORT_SYNTH),--synth $(REPORT_SYNTH))
 
 # Demo step (keep it last in `demo`): evaluate the demo's merged model (the SFT's torch_dist start point
 # when present, else the HF merge) and the parents, then every saved SFT step, then the report with the
@@ -202,7 +204,8 @@ demo-eval: tiny
 	if ls -d $(BUILD)/demo/sft/iter_* >/dev/null 2>&1; then \
 	  $(MAKE) eval-sft EVAL_SFT_RUN=$(BUILD)/demo/sft EVAL_RESULTS=$(DEMO_EVAL)/results EVAL_DIR=$(DEMO_EVAL); fi
 	$(MAKE) report EVAL_RESULTS=$(DEMO_EVAL)/results REPORT_DIR=$(BUILD)/demo/report \
-	  REPORT_TENSORBOARD="$(wildcard $(BUILD)/demo/sft/tensorboard)"
+	  REPORT_TENSORBOARD="$(wildcard $(BUILD)/demo/sft/tensorboard)" \
+	  REPORT_SYNTH="$(firstword $(wildcard $(BUILD)/demo/synth $(BUILD)/synth))"
 	@echo "demo: eval records $(DEMO_EVAL)/results/records.jsonl (predictions in $(DEMO_EVAL)/results/predictions/);" \
 	  "tables + figures $(BUILD)/demo/report (index $(BUILD)/demo/report/REPORT.md)"
 
