@@ -49,6 +49,17 @@ def left_pad(prompts: Sequence[Prompt], pad_id: int = PAD_ID) -> tuple[torch.Ten
     return ids, mask
 
 
+def batch_inputs(
+    prompts: Sequence[Prompt], generator: Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Left-padded ids, attention mask and log-mel features of a batch; refuses audio for a text-only model."""
+    ids, mask = left_pad(prompts)
+    features = audio_features(prompts)
+    if features is not None and not generator.has_audio:
+        raise ValueError(f"{generator.name} has no audio encoder but the prompts contain audio")
+    return ids, mask, features
+
+
 def until_eos(tokens: Sequence[int], eos_id: int = EOS_ID) -> list[int]:
     """The tokens before the first EOS (padding after EOS is dropped with it)."""
     tokens = list(tokens)
@@ -88,10 +99,7 @@ class HFGenerator:
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[list[int]]:
-        ids, mask = left_pad(prompts)
-        features = audio_features(prompts)
-        if features is not None and not self.has_audio:
-            raise ValueError(f"{self.name} has no audio encoder but the prompts contain audio")
+        ids, mask, features = batch_inputs(prompts, self)
         extra = {} if features is None else {"input_features": features}
         out = self.model.generate(
             input_ids=ids,
@@ -148,10 +156,7 @@ class MegatronGenerator:
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[list[int]]:
-        ids, mask = left_pad(prompts)
-        features = audio_features(prompts)
-        if features is not None and not self.has_audio:
-            raise ValueError(f"{self.name} has no audio encoder but the prompts contain audio")
+        ids, mask, features = batch_inputs(prompts, self)
         device = next(self.model.parameters()).device
         ids, padding = ids.to(device), (mask == 0).to(device)
         prompt_embeddings = self.model.embed(ids, None if features is None else features.to(device))  # [s, b, h]
