@@ -6,7 +6,8 @@
   evaluate.py wer --references refs.jsonl --hypotheses hyps.jsonl        (lines {"id": ..., "text": ...})
 
 Each run upserts one record per (checkpoint, benchmark) into the results JSONL; per-sample predictions
-go to DIR-of-output/predictions/NAME.BENCH.jsonl and a rerun resumes them.
+go to DIR-of-output/predictions/NAME.BENCH.jsonl, and a rerun with the same checkpoint files, data and
+settings resumes them. Generation is greedy and batched, on our Megatron model (default) or transformers.
 """
 
 import argparse
