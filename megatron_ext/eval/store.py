@@ -44,11 +44,6 @@ class Record:
     def key(self) -> tuple[str, str]:
         return self.checkpoint, self.benchmark
 
-    @property
-    def percent(self) -> float:
-        """Accuracies as percentages (WER stays a fraction, as in the paper's tables)."""
-        return self.value * 100 if self.metric == "accuracy" else self.value
-
 
 def read_records(path: str | Path) -> list[Record]:
     """Records of one JSONL file; StoreError names the file and line of a bad one."""
