@@ -8,6 +8,7 @@ q/k rows permuted from interleaved rope to rotate-half on read) and Megatron tor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -205,17 +206,15 @@ def _native_input(directory: Path) -> InputCheckpoint:
 
 
 def _torch_dist_input(directory: Path, rope_from: Path | None) -> InputCheckpoint:
-    if rope_from is not None and (directory / META_FILE).is_file():
-        data = _read_json(directory / META_FILE)
-        if "rope" not in data.get("model", {}).get("decoder", {}):
-            import dataclasses
-
-            data["model"]["decoder"]["rope"] = dataclasses.asdict(rope_from_file(rope_from))
-            meta = None
+    meta: CheckpointMeta | None = None
+    data = _read_json(directory / META_FILE) if (directory / META_FILE).is_file() else {}
+    if rope_from is not None and "rope" not in data.get("model", {}).get("decoder", {"rope": None}):
+        # Metadata without rope settings: take them from the parent's config (--rope-from), then validate.
+        data["model"]["decoder"]["rope"] = dataclasses.asdict(rope_from_file(rope_from))
+        try:
             cfg = ModelConfig.from_dict(data["model"])
-        else:
-            meta = read_meta(directory)
-            cfg = meta.model
+        except ConfigError as exc:
+            raise CheckpointError(f"{directory / META_FILE}: {exc}") from None
     else:
         meta = read_meta(directory)
         cfg = meta.model
