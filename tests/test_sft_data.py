@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -47,6 +48,16 @@ def test_loss_mask_covers_exactly_the_assistant_turns(encoder: ChatEncoder) -> N
     # the mask is two contiguous spans (tool call, final answer), each ending with </s>
     edges = np.flatnonzero(np.diff(np.r_[0, doc.loss_mask.astype(int), 0]))
     assert len(edges) == 4 and doc.tokens[doc.loss_mask][-1] == 2
+
+
+def test_openai_tool_call_ids_become_tekken_ids(encoder: ChatEncoder) -> None:
+    import random
+
+    sample = text_chat(random.Random(0), 42)
+    assert sample["messages"][1]["tool_calls"][0]["id"] == "call_0042"  # rejected by Tekken as it is
+    text = _decode(encoder, encoder.encode(sample).tokens)
+    mapped = re.findall(r'"id": "([a-zA-Z0-9]{9})"', text)
+    assert len(mapped) == 1 and text.count(mapped[0]) == 2  # the call and its tool result share the new id
 
 
 def test_audio_turn_becomes_audio_tokens_and_16k_chunks(encoder: ChatEncoder, chats: dict[str, Path]) -> None:

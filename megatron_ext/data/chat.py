@@ -10,6 +10,9 @@ and the closing </s>), located in the encoded stream message by message.
 
 from __future__ import annotations
 
+import hashlib
+import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +72,8 @@ class ChatEncoder:
     def encode(self, sample: dict[str, Any], source: str = "", where: str = "sample") -> EncodedDoc:
         """Tokens, loss mask and audio chunks of one sample; SampleError names `where` on bad input."""
         try:
-            request = ChatCompletionRequest.from_openai(sample["messages"], tools=sample.get("tools"))
+            messages = _mistral_tool_call_ids(sample["messages"])
+            request = ChatCompletionRequest.from_openai(messages, tools=sample.get("tools"))
             request = self._fold_system_prompt(request)
             validated = self.tokenizer._chat_completion_request_validator.validate_request(request)
             instruct_request = self.tokenizer._instruct_request_normalizer.from_chat_completion_request(validated)
@@ -140,6 +144,35 @@ class ChatEncoder:
                 f"{self.tokens_per_chunk} per chunk (tokenizer audio frame_rate disagrees with the encoder)"
             )
         return chunks
+
+
+_TOOL_CALL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")
+_BASE62 = string.digits + string.ascii_letters
+
+
+def _mistral_id(openai_id: str) -> str:
+    """A stable 9-character alphanumeric id for an OpenAI tool-call id (e.g. `call_0001`)."""
+    if _TOOL_CALL_ID.match(openai_id):
+        return openai_id
+    n = int.from_bytes(hashlib.sha256(openai_id.encode()).digest()[:8], "big")
+    return "".join(_BASE62[(n // 62**i) % 62] for i in range(9))
+
+
+def _mistral_tool_call_ids(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages with tool-call ids in the form Tekken requires (9 alphanumerics), the same id mapped the
+    same way in assistant `tool_calls` and the `tool` replies; other messages are passed through."""
+    out = []
+    for message in messages:
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        if calls:
+            message = {**message, "tool_calls": [
+                {**c, "id": _mistral_id(c["id"])} if isinstance(c, dict) and isinstance(c.get("id"), str) else c
+                for c in calls
+            ]}
+        if isinstance(message, dict) and isinstance(message.get("tool_call_id"), str):
+            message = {**message, "tool_call_id": _mistral_id(message["tool_call_id"])}
+        out.append(message)
+    return out
 
 
 @dataclass

@@ -7,6 +7,7 @@ as plain indices, which makes the data-loader state small and resumable.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import json
 from pathlib import Path
@@ -83,6 +84,7 @@ class EnergonSource:
         except Exception as exc:  # energon raises assertion/empty-dataset errors with their own text
             raise DataSourceError(f"{self.path}: cannot read Energon metadata ({exc})") from None
         self._reader = ShardInfosITarReader(EPath(str(self.path)), meta.shards)
+        atexit.register(self._reader.close)  # closed before interpreter teardown (quiet storage client)
         if len(self._reader) == 0:
             raise DataSourceError(f"{self.path}: split {split!r} has no samples")
 

@@ -43,7 +43,7 @@ def speech_clips(directory: Path = SPEECH_DIR) -> list[tuple[Path, str]]:
 
 def text_chat(rng: random.Random, i: int) -> dict:
     k = rng.randrange(len(FILES))
-    call_id = f"call{i:05d}"[-9:].rjust(9, "a")
+    call_id = f"call_{i:04d}"  # OpenAI-style id; the encoder maps it to Tekken's 9-alphanumeric form
     return {
         "messages": [
             {"role": "user", "content": f"What is the first line of {FILES[k]}?"},
