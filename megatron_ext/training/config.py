@@ -159,7 +159,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
                 raise TrainConfigError(f"override {override!r}: expected key=value")
             if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
                 raise TrainConfigError(f"{key}: unknown setting (override {override!r})")
-            OmegaConf.update(cfg, key, yaml.safe_load(value), merge=True)
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError as exc:
+                raise TrainConfigError(f"{key}: value is not valid YAML ({str(exc).splitlines()[0]})") from None
+            OmegaConf.update(cfg, key, parsed, merge=True)
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
             raise TrainConfigError(f"{missing[0]}: required setting is missing")
