@@ -127,6 +127,22 @@ def test_della_with_common_base_and_schedule(tiny_dir: Path, tmp_path: Path) -> 
         assert not torch.equal(out[f"language_model.model.layers.1.{n}"], base[f"model.layers.1.{n}"])
 
 
+def _cli(tiny: Path, out: Path, *args: object) -> list:
+    """tools/merge.py command line on the tiny parents."""
+    tool = ROOT / "tools/merge.py"
+    return [
+        sys.executable,
+        tool,
+        "--devstral",
+        tiny / "devstral-hf",
+        "--voxtral",
+        tiny / "voxtral-hf",
+        "--output",
+        out,
+        *args,
+    ]
+
+
 def test_grid_runs_every_configuration_and_resumes(tiny_dir: Path, tmp_path: Path) -> None:
     grid = tmp_path / "grid.yaml"
     grid.write_text(
@@ -134,21 +150,7 @@ def test_grid_runs_every_configuration_and_resumes(tiny_dir: Path, tmp_path: Pat
         "  - {name: sl, method: slerp, alpha: 0.5}\n"
         "  - {name: della, method: della, density: 0.35, epsilon: 0.12, lambda: 1.05}\n"
     )
-    cmd = [
-        sys.executable,
-        ROOT / "tools/merge.py",
-        "--devstral",
-        tiny_dir / "devstral-hf",
-        "--voxtral",
-        tiny_dir / "voxtral-hf",
-        "--output",
-        tmp_path / "grid",
-        "--rope-from",
-        "devstral",
-        "--grid",
-        grid,
-        "--no-progress",
-    ]
+    cmd = _cli(tiny_dir, tmp_path / "grid", "--rope-from", "devstral", "--grid", grid, "--no-progress")
     subprocess.run(cmd, check=True, capture_output=True)
     manifest = json.loads((tmp_path / "grid/manifest.json").read_text())
     assert [r["name"] for r in manifest["runs"]] == ["lin", "sl", "della"]
@@ -255,24 +257,6 @@ def test_bad_input_one_line_error(tiny_dir: Path, tmp_path: Path, case: str) -> 
 
 
 def test_cli_exit_status_and_stderr(tiny_dir: Path, tmp_path: Path) -> None:
-    res = subprocess.run(
-        [
-            sys.executable,
-            ROOT / "tools/merge.py",
-            "--devstral",
-            tiny_dir / "devstral-hf",
-            "--voxtral",
-            tiny_dir / "voxtral-hf",
-            "--output",
-            tmp_path / "out",
-            "--method",
-            "slerp",
-            "--alpha",
-            "-0.1",
-            "--rope-from",
-            "voxtral",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    cmd = _cli(tiny_dir, tmp_path / "out", "--method", "slerp", "--alpha", "-0.1", "--rope-from", "voxtral")
+    res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 1 and res.stderr.strip() == "error: alpha=-0.1: must lie in [0, 1]"

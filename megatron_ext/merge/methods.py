@@ -33,26 +33,39 @@ def _chunks(n: int, size: int = CHUNK) -> Iterator[slice]:
 
 
 # ---- linear -----------------------------------------------------------------------------------------
-def linear(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+def linear(tensors: list[torch.Tensor], weights: list[float], out: torch.Tensor | None = None) -> torch.Tensor:
     """sum(w_i x_i) / sum(w_i), accumulated in float32 in the given order, cast to the first input's dtype.
     Same roundings as accumulating from zero with addcmul (the `+ 0.0` turns a -0 first product into +0)."""
     first = tensors[0]
     dt = _compute_dtype(first)
     w = torch.tensor(weights, dtype=dt)
     total = w.sum()
+    unit = bool(total == 1)
     flat = [t.reshape(-1) for t in tensors]
     coef = w.unbind(0)
-    out = torch.empty(first.numel(), dtype=first.dtype)
+    result = _output(first, out)
+    dst = result.view(-1)
+    scratch = torch.empty(min(LINEAR_CHUNK, first.numel()), dtype=dt)  # reused: no allocation per chunk
     for sl in _chunks(first.numel(), LINEAR_CHUNK):
-        acc = flat[0][sl].to(dt, copy=True).mul_(coef[0]).add_(0.0)
+        acc = scratch[: sl.stop - sl.start]
+        acc.copy_(flat[0][sl]).mul_(coef[0]).add_(0.0)
         for x, c in zip(flat[1:], coef[1:], strict=True):
             acc.addcmul_(x[sl], c)
-        out[sl] = acc.div_(total)
-    return out.reshape(first.shape)
+        dst[sl] = acc if unit else acc.div_(total)  # x / 1.0 == x bit for bit: skip that pass
+    return result
+
+
+def _output(like: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """`out` (checked: same shape and dtype as `like`, contiguous) or a new tensor like `like`."""
+    if out is None:
+        return torch.empty(like.shape, dtype=like.dtype)
+    if out.shape != like.shape or out.dtype != like.dtype or not out.is_contiguous():
+        raise ValueError(f"out: {out.dtype} {list(out.shape)} does not fit {like.dtype} {list(like.shape)}")
+    return out
 
 
 # ---- SLERP ------------------------------------------------------------------------------------------
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Spherical interpolation of two whole tensors (flattened); t=0 gives v0. Falls back to linear
     interpolation when the normalized vectors are (anti)collinear (|cos| > 0.9995); norms below 1e-8
     count as 1 (degenerate tensors then interpolate linearly in effect)."""
@@ -61,27 +74,30 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     tt = torch.tensor([t], dtype=dt).reshape(1, 1)
     n = a.shape[1]
     if n == 0:
-        return v0.clone()
-    step = max(1, CHUNK // a.shape[0])
-    na = torch.stack([torch.linalg.vector_norm(a[:, s].to(dt), dim=1, keepdim=True) for s in _chunks(n, step)])
-    nb = torch.stack([torch.linalg.vector_norm(b[:, s].to(dt), dim=1, keepdim=True) for s in _chunks(n, step)])
+        return _output(v0, out).copy_(v0)
+    chunks = list(_chunks(n, CHUNK))
+    xs, ys = torch.empty(min(n, CHUNK), dtype=dt), torch.empty(min(n, CHUNK), dtype=dt)  # reused scratch
+
+    def load(buf: torch.Tensor, src: torch.Tensor, s: slice) -> torch.Tensor:
+        return buf[: s.stop - s.start].view(1, -1).copy_(src[:, s])
+
+    na = torch.stack([torch.linalg.vector_norm(load(xs, a, s), dim=1, keepdim=True) for s in chunks])
+    nb = torch.stack([torch.linalg.vector_norm(load(ys, b, s), dim=1, keepdim=True) for s in chunks])
     na, nb = torch.linalg.vector_norm(na, dim=0), torch.linalg.vector_norm(nb, dim=0)
     na = torch.where(na > NORM_EPS, na, 1)
     nb = torch.where(nb > NORM_EPS, nb, 1)
-    dots = [
-        a[:, s].to(dt, copy=True).div_(na).mul_(b[:, s].to(dt, copy=True).div_(nb)).sum(dim=1, keepdim=True)
-        for s in _chunks(n, step)
-    ]
+    dots = [load(xs, a, s).div_(na).mul_(load(ys, b, s).div_(nb)).sum(dim=1, keepdim=True) for s in chunks]
     dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
     lerp = dot.abs() > DOT_THRESHOLD
     theta = torch.acos(torch.where(lerp, 0, dot))
     sin_theta = torch.sin(theta)
     ca = torch.where(lerp, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     cb = torch.where(lerp, tt, torch.sin(tt * theta) / sin_theta)
-    out = torch.empty_like(a)
-    for s in _chunks(n, step):
-        out[:, s] = a[:, s].to(dt, copy=True).mul_(ca).add_(b[:, s].to(dt, copy=True).mul_(cb))
-    return out.reshape(v0.shape)
+    result = _output(v0, out)
+    dst = result.view(1, -1)
+    for s in chunks:
+        dst[:, s] = load(xs, a, s).mul_(ca).add_(load(ys, b, s).mul_(cb))
+    return result
 
 
 # ---- DELLA ------------------------------------------------------------------------------------------
@@ -218,23 +234,30 @@ class Method:
     uses_base: ClassVar[bool] = False
 
     def merge(
-        self, dev: torch.Tensor, vox: torch.Tensor, base: torch.Tensor | None, p: MergeParams, ctx: TensorContext
+        self,
+        dev: torch.Tensor,
+        vox: torch.Tensor,
+        base: torch.Tensor | None,
+        p: MergeParams,
+        ctx: TensorContext,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The merged tensor, written into `out` when given (saves a copy of large tensors)."""
         raise NotImplementedError
 
 
 class Linear(Method):
     name = "linear"
 
-    def merge(self, dev, vox, base, p, ctx):
-        return linear([dev, vox], [1.0 - p.alpha, p.alpha])
+    def merge(self, dev, vox, base, p, ctx, out=None):
+        return linear([dev, vox], [1.0 - p.alpha, p.alpha], out)
 
 
 class Slerp(Method):
     name = "slerp"
 
-    def merge(self, dev, vox, base, p, ctx):
-        return slerp(p.alpha, dev, vox)
+    def merge(self, dev, vox, base, p, ctx, out=None):
+        return slerp(p.alpha, dev, vox, out)
 
 
 class Della(Method):
@@ -244,7 +267,7 @@ class Della(Method):
     name = "della"
     uses_base = True
 
-    def merge(self, dev, vox, base, p, ctx):
+    def merge(self, dev, vox, base, p, ctx, out=None):
         density = p.density + (p.mlp_density_boost if ctx.is_mlp else 0.0)
         lam = p.lam * (p.early_lambda_scale if ctx.layer is not None and ctx.layer < p.early_layers else 1.0)
         gen = tensor_generator(p.seed, ctx.name)
@@ -254,7 +277,7 @@ class Della(Method):
         weights = [1.0] if base is None else [1.0 - p.alpha, p.alpha]
         deltas = [magprune(x.to(torch.float32) - a32, density, p.epsilon, p.rescale, gen) for x in parents]
         fused = deltas[0] if len(deltas) == 1 else elect_and_fuse(deltas, weights)
-        return (a32 + lam * fused).to(dev.dtype)
+        return _output(dev, out).copy_(a32 + lam * fused)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (Linear(), Slerp(), Della())}

@@ -57,12 +57,17 @@ class Parent:
     def _read(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor, checked finite; its CRC32 is recorded for the parent's content hash."""
+    def read(self, name: str, check: bool = True) -> torch.Tensor:
+        """One tensor, checked finite unless the caller checks (`check_input`); its CRC32 is recorded for
+        the parent's content hash."""
         t = self._read(name).contiguous()
         self.crc[name] = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy())
-        check_finite(t, f"{self.path}: tensor {name}")
+        if check:
+            self.check_input(name, t)
         return t
+
+    def check_input(self, name: str, t: torch.Tensor) -> None:
+        check_finite(t, f"{self.path}: tensor {name}")
 
     def content_hash(self) -> str:
         """sha256 over config, tokenizer and the tensor table with each tensor's CRC32."""
@@ -207,16 +212,23 @@ class MegatronView(Parent):
         return self._fuse(rule, [self.hf.read(h) for h in rule.hf])
 
 
-def check_finite(t: torch.Tensor, what: str) -> None:
-    """Raise naming `what` when a floating tensor holds NaN or Inf (checked in chunks: bounded memory)."""
+def is_finite(t: torch.Tensor) -> bool:
+    """False when a floating tensor holds NaN or Inf (checked in chunks: bounded memory)."""
     if not t.is_floating_point():
-        return
+        return True
     flat = t.reshape(-1)
     for s in range(0, flat.numel(), FINITE_CHUNK):
         chunk = flat[s : s + FINITE_CHUNK]
         # A NaN/Inf makes the float32 sum non-finite; an overflowing sum of finite values is re-checked exactly.
         if not torch.isfinite(chunk.sum(dtype=torch.float32)) and not torch.isfinite(chunk).all():
-            raise ParentError(f"{what} contains NaN or Inf")
+            return False
+    return True
+
+
+def check_finite(t: torch.Tensor, what: str) -> None:
+    """Raise naming `what` when a floating tensor holds NaN or Inf."""
+    if not is_finite(t):
+        raise ParentError(f"{what} contains NaN or Inf")
 
 
 def open_parent(path: Path, naming: str = "hf") -> Parent:

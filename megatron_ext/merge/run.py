@@ -32,7 +32,7 @@ from megatron_ext.config import ConfigError, ModelConfig, RopeConfig
 from megatron_ext.merge.embeddings import merge_vocab_rows
 from megatron_ext.merge.methods import METHODS, MergeParams, TensorContext
 from megatron_ext.merge.names import classify, num_layers
-from megatron_ext.merge.parents import Parent, ParentError, detect_naming, open_parent
+from megatron_ext.merge.parents import Parent, ParentError, detect_naming, is_finite, open_parent
 from megatron_ext.merge.safetensors_io import header_bytes, plan_shards, shard_names, tensor_bytes
 from megatron_ext.tokenizer.align import AlignmentError, TokenizerAlignment, align_tokenizers
 from megatron_ext.tokenizer.tekken_builder import write_tekken
@@ -70,7 +70,8 @@ class MergeJob:
     out_format: Literal["hf", "megatron"] = "hf"
     min_row_norm: float = 1e-6
     shard_bytes: int = 5 * 1024**3
-    lookahead_bytes: int = 512 * 1024**2
+    # Inputs read ahead while the current tensor is merged (Mistral-Small's ffn matrices: ~1 GB in flight).
+    lookahead_bytes: int = 1536 * 1024**2
     progress: bool = True
 
 
@@ -231,13 +232,30 @@ def _produce(
     return method.merge(tensors["dev"], vox, base, job.params, ctx)
 
 
+# Inputs of decoder merges are checked through their output: NaN/Inf propagate through linear, SLERP
+# and DELLA (0 * NaN is NaN), so a finite output proves finite inputs and only a failure re-checks them.
+CHECKED_BY_OUTPUT = ("merge",)
+SOURCES = {"vox": ("voxtral", "vox_name"), "dev": ("devstral", "dev_name"), "base": ("base", "base_name")}
+
+
 def _read_inputs(item: Item, parents: dict[str, Parent]) -> dict[str, torch.Tensor]:
-    out = {"vox": parents["voxtral"].read(item.vox_name)}
-    if item.kind in ("merge", "vocab"):
-        out["dev"] = parents["devstral"].read(item.dev_name)
-        if "base" in parents and item.base_name:
-            out["base"] = parents["base"].read(item.base_name)
+    keys = ["vox"] + (["dev", "base"] if item.kind in ("merge", "vocab") else [])
+    out = {}
+    for key in keys:
+        label, attr = SOURCES[key]
+        if label in parents and getattr(item, attr):
+            out[key] = parents[label].read(getattr(item, attr), check=item.kind not in CHECKED_BY_OUTPUT)
     return out
+
+
+def _check_through_output(
+    item: Item, inputs: dict[str, torch.Tensor], out: torch.Tensor, parents: dict[str, Parent]
+) -> None:
+    if item.kind in CHECKED_BY_OUTPUT and not is_finite(out):
+        for key, t in inputs.items():
+            label, attr = SOURCES[key]
+            parents[label].check_input(getattr(item, attr), t)
+        raise MergeError(f"{item.out_name}: merged tensor is not finite (overflow) although its inputs are")
 
 
 def _out_bytes(item: Item) -> int:
@@ -260,19 +278,24 @@ def _stream(
     nxt, budget = 0, 0
     with ThreadPoolExecutor(1) as reader:
         while nxt < len(queue) or pending:
-            while nxt < len(queue) and (not pending or budget < job.lookahead_bytes):
+            while nxt < len(queue) and (not pending or budget + _in_flight_bytes(queue[nxt]) <= job.lookahead_bytes):
                 pending.append((queue[nxt], reader.submit(_read_inputs, queue[nxt], parents)))
                 budget += _in_flight_bytes(queue[nxt])
                 nxt += 1
             item, fut = pending.popleft()
             budget -= _in_flight_bytes(item)
-            out = _produce(item, fut.result(), job, alignment, summary)
+            inputs = fut.result()
+            del fut  # drop every reference to the inputs as soon as the output exists (peak memory)
+            out = _produce(item, inputs, job, alignment, summary)
+            _check_through_output(item, inputs, out, parents)
+            del inputs
             if out.dtype != item.dtype or tuple(out.shape) != tuple(item.shape):
                 raise MergeError(
                     f"{item.out_name}: produced {out.dtype} {list(out.shape)}, planned {item.dtype} {list(item.shape)}"
                 )
             bar.update(_out_bytes(item))
             yield item, out
+            del out
     bar.close()
 
 
