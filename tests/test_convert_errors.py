@@ -13,10 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_ext.checkpoint.atomic import CheckpointError
-from megatron_ext.checkpoint.convert import allowed_tp, convert
+from megatron_ext.checkpoint.convert import convert
 from megatron_ext.checkpoint.metadata import META_FILE, read_meta
 from megatron_ext.checkpoint.safetensors_io import SafetensorsWriter
-from megatron_ext.tiny import VOXTRAL
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,10 +89,12 @@ def test_conflicting_config_files(tiny_dir: Path, tmp_path: Path) -> None:
 
 
 def test_tp_and_pp_not_allowed(tiny_dir: Path, tmp_path: Path) -> None:
-    assert allowed_tp(VOXTRAL) == [1, 2]  # 2 KV groups, 4 encoder heads
-    msg = _fails(tiny_dir / "voxtral-hf", tmp_path, "--tp 4 not allowed", tp=4)
-    assert msg.endswith("2 decoder KV groups and 4 encoder heads; allowed: 1, 2")
-    _fails(tiny_dir / "devstral-hf", tmp_path, "--pp 3 not allowed: 2 decoder layers; allowed: 1, 2", pp=3)
+    msg = _fails(tiny_dir / "voxtral-hf", tmp_path, "--tp 4 --pp 1 not allowed", tp=4)  # 4 encoder heads allow 4,
+    assert msg.endswith("the decoder's 2 KV groups need TP in [1, 2]")  # but 2 KV groups do not
+    msg = _fails(tiny_dir / "voxtral-hf", tmp_path, "--tp 3 --pp 1 not allowed", tp=3)
+    assert msg.endswith("the audio encoder's 4 attention heads need TP in [1, 2, 4]")
+    msg = _fails(tiny_dir / "devstral-hf", tmp_path, "--tp 1 --pp 3 not allowed: pipeline_model_parallel_size=3", pp=3)
+    assert msg.endswith("the decoder's 2 layers need PP in [1, 2]")
 
 
 def test_checkpoint_without_rope_is_refused_and_rope_from_supplies_it(tiny_dir: Path, tmp_path: Path) -> None:
@@ -130,7 +131,7 @@ def test_cli_prints_one_line_and_exits_nonzero(tiny_dir: Path, tmp_path: Path) -
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: --tp 3 not allowed")
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: --tp 3 --pp 1 not allowed")
     assert not out.exists()
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from megatron_ext.config import ConfigError, DecoderConfig, EncoderConfig, ModelConfig, RopeConfig
-from megatron_ext.models.build import FP8Config, validate_parallelism
+from megatron_ext.models.build import FP8Config
 from megatron_ext.models.specs import resolve_backend, te_available
+from megatron_ext.parallel_layout import validate_parallelism
 
 # Voxtral Small's real shape (no weights needed): 20 encoder heads, 8 decoder KV groups.
 VOXTRAL_SMALL = ModelConfig(

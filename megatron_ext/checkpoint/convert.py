@@ -8,7 +8,6 @@ are validated and recorded, and torch_dist -> torch_dist "re-sharding" is a vali
 
 from __future__ import annotations
 
-import math
 import shutil
 import threading
 import time
@@ -28,36 +27,18 @@ from megatron_ext.checkpoint.mistral_native import convert_name, half_to_interle
 from megatron_ext.checkpoint.safetensors_io import SafetensorsWriter
 from megatron_ext.checkpoint.torch_dist_io import TorchDistWriter
 from megatron_ext.config import ConfigError, ModelConfig
+from megatron_ext.parallel_layout import validate_parallelism
 
 Target = Literal["megatron", "hf", "mistral"]
 TARGETS = ("megatron", "hf", "mistral")
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def allowed_tp(cfg: ModelConfig) -> list[int]:
-    """TP sizes that split whole KV groups (and, with audio, whole encoder heads) across ranks."""
-    g = cfg.decoder.num_query_groups
-    if cfg.encoder is not None:
-        g = math.gcd(g, cfg.encoder.num_attention_heads)
-    return _divisors(g)
-
-
 def validate_parallel(cfg: ModelConfig, tp: int, pp: int) -> None:
-    """One-line refusal when `tp`/`pp` do not fit the model, listing the allowed values."""
-    tps = allowed_tp(cfg)
-    if tp not in tps:
-        why = f"{cfg.decoder.num_query_groups} decoder KV groups"
-        if cfg.encoder is not None:
-            why += f" and {cfg.encoder.num_attention_heads} encoder heads"
-        raise CheckpointError(f"--tp {tp} not allowed: the model has {why}; allowed: {', '.join(map(str, tps))}")
-    pps = _divisors(cfg.decoder.num_layers)
-    if pp not in pps:
-        raise CheckpointError(
-            f"--pp {pp} not allowed: {cfg.decoder.num_layers} decoder layers; allowed: {', '.join(map(str, pps))}"
-        )
+    """One-line refusal when `tp`/`pp` do not fit the model (the rules of `parallel_layout`)."""
+    try:
+        validate_parallelism(cfg, tp=tp, pp=pp)
+    except ConfigError as exc:
+        raise CheckpointError(f"--tp {tp} --pp {pp} not allowed: {exc}") from None
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Build `AudioLanguageModel` from a `ModelConfig` plus run-time settings (`BuildConfig`).
 
-`validate_parallelism` can be called before torch.distributed starts (it only needs the sizes), so tools
-refuse bad layouts with one line; `build_model` calls it again with the live parallel state.
+`build_model` refuses layouts the model cannot run with `parallel_layout.validate_parallelism`, which tools
+also call before torch.distributed starts (it only needs the sizes).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from megatron_ext.models.specs import (
     projector_submodules,
     resolve_backend,
 )
+from megatron_ext.parallel_layout import validate_parallelism
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -68,38 +69,6 @@ class BuildConfig:
     gradient_accumulation_fusion: bool = False
     parallel_output: bool = True  # logits stay vocab-sharded over TP (training); tools gather at run time
     extra: dict = field(default_factory=dict)  # further TransformerConfig fields for the decoder
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def validate_parallelism(cfg: ModelConfig, tp: int, cp: int = 1, pp: int = 1, with_audio: bool = True) -> None:
-    """Refuse layouts the model cannot run, with one line naming the setting, value and allowed values."""
-    audio = with_audio and cfg.encoder is not None
-    if audio:
-        heads = cfg.encoder.num_attention_heads
-        if heads % tp:
-            raise ConfigError(
-                f"tensor_model_parallel_size={tp}: the audio encoder's {heads} attention heads need TP in "
-                f"{_divisors(heads)}"
-            )
-        if cp != 1:
-            raise ConfigError(f"context_parallel_size={cp}: must be 1 while the audio encoder is active (allowed: 1)")
-    dec = cfg.decoder
-    if dec.num_query_groups % tp:
-        raise ConfigError(
-            f"tensor_model_parallel_size={tp}: the decoder's {dec.num_query_groups} KV groups need TP in "
-            f"{_divisors(dec.num_query_groups)}"
-        )
-    for name, size in (("vocab_size", dec.vocab_size), ("ffn_hidden_size", dec.ffn_hidden_size)):
-        if size % tp:
-            raise ConfigError(f"tensor_model_parallel_size={tp}: decoder.{name}={size} is not divisible by it")
-    if dec.num_layers % pp:
-        raise ConfigError(
-            f"pipeline_model_parallel_size={pp}: the decoder's {dec.num_layers} layers need PP in "
-            f"{_divisors(dec.num_layers)}"
-        )
 
 
 def _common(build: BuildConfig, tp: int, pp: int, cp: int) -> dict:

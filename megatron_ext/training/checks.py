@@ -13,7 +13,8 @@ from pathlib import Path
 
 from megatron_ext.checkpoint.atomic import CheckpointError
 from megatron_ext.checkpoint.metadata import CheckpointMeta, read_meta, sha256_file
-from megatron_ext.config import ModelConfig
+from megatron_ext.config import ConfigError, ModelConfig
+from megatron_ext.parallel_layout import validate_parallelism
 from megatron_ext.training.config import TrainConfig, rope_config
 
 
@@ -49,19 +50,10 @@ def resolve_rope(cfg: TrainConfig, meta: CheckpointMeta) -> ModelConfig:
 
 def check_parallel_layout(cfg: TrainConfig, model: ModelConfig) -> None:
     tp, cp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.context_parallel_size
-    dec = model.decoder
-    if model.encoder is not None and model.encoder.num_attention_heads % tp:
-        raise StartupError(f"parallel.tensor_model_parallel_size={tp} does not divide the audio encoder's "
-                           f"{model.encoder.num_attention_heads} heads (Whisper-large-v3: 20 -> TP in 1, 2, 4)")
-    if dec.num_query_groups % tp:
-        raise StartupError(f"parallel.tensor_model_parallel_size={tp} does not divide the decoder's "
-                           f"{dec.num_query_groups} KV groups")
-    if dec.num_attention_heads % tp:
-        raise StartupError(f"parallel.tensor_model_parallel_size={tp} does not divide the decoder's "
-                           f"{dec.num_attention_heads} attention heads")
-    if model.encoder is not None and cp > 1:
-        raise StartupError(f"parallel.context_parallel_size={cp}: the Whisper audio encoder does not support "
-                           f"context parallelism; use 1")
+    try:
+        validate_parallelism(model, tp=tp, cp=cp)
+    except ConfigError as exc:
+        raise StartupError(f"parallel: {exc}") from None
 
 
 def check_tokenizer(tokenizer_path: Path, meta: CheckpointMeta, checkpoint: str) -> None:
