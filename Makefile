@@ -10,7 +10,7 @@ BUILD ?= build
 TINY ?= $(BUILD)/tiny
 APT_PACKAGES := espeak-ng sox pocketsphinx-testdata
 
-.PHONY: venv system-deps tiny demo demo-convert convert bench-convert demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint clean synth bench-synth eval eval-data eval-model eval-sft report demo-eval sft sft-dry-run
+.PHONY: venv system-deps tiny demo demo-convert convert bench-convert demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint clean synth bench-synth eval eval-data eval-model eval-sft report demo-eval sft sft-dry-run demo-synth gpu-check
 
 # ---- environment ---------------------------------------------------------------------------------
 $(VENV)/.installed: requirements.txt requirements-test.txt constraints.txt
@@ -39,9 +39,14 @@ demo: tiny
 	@echo "demo: tiny parent models and tokenizers are in $(TINY) (see $(TINY)/MANIFEST.json)"
 	$(MAKE) demo-convert
 	$(MAKE) demo-merge
-	$(MAKE) sft
+	$(MAKE) demo-synth
+	$(MAKE) sft SFT_ARGS="data.sources.1.path=$(BUILD)/demo/synth/wds data.sources.1.format=energon"
 	$(MAKE) logits
 	$(MAKE) demo-eval
+	@echo "demo done: parents $(TINY) | torch_dist $(BUILD)/demo/{voxtral,devstral}-torch_dist |" \
+	  "tokenizer map $(BUILD)/demo/tokenizer | merge $(BUILD)/demo/merge-linear-0.1 | spoken data $(BUILD)/demo/synth |" \
+	  "SFT checkpoints $(BUILD)/demo/sft (TensorBoard: $(BUILD)/demo/sft/tensorboard) | logits $(LOGITS_DIR) |" \
+	  "eval $(BUILD)/demo/eval/results | report $(BUILD)/demo/report/REPORT.md"
 
 # ---- sft: supervised fine-tuning on Megatron-Core; see tools/train.py --help and examples/configs/ ----
 # The tiny CPU recipe with 2 processes at TP=2 on the demo merge (linear, alpha 0.1) converted to torch_dist,
@@ -133,6 +138,10 @@ gpu-check:
 SYNTH_INPUT ?= examples/data/coding_trajectories.jsonl
 synth: venv
 	$(PYTHON) tools/synth_audio.py --input $(SYNTH_INPUT) --output $(BUILD)/synth --workers 2
+
+# Demo step: voice the bundled trajectories (offline judge + piper) into Energon shards that the demo SFT reads.
+demo-synth: venv
+	$(PYTHON) tools/synth_audio.py --input $(SYNTH_INPUT) --output $(BUILD)/demo/synth --workers 2
 
 bench-synth: venv
 	$(PYTHON) tools/bench_synth.py --input $(SYNTH_INPUT) --workdir $(BUILD)/bench-synth
