@@ -142,6 +142,9 @@ def main() -> None:
         summary = run_merge(job)
     except (MergeError, AlignmentError, ConfigError) as exc:
         sys.exit(f"error: {exc}")
+    if summary.already_complete:
+        print(f"{summary.output} already holds this merge (same parents and parameters): nothing to do")
+        return
     rows = Counter()
     for key, n in summary.special_rows.items():
         rows[key.rsplit(":", 1)[1]] += n

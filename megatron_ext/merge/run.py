@@ -97,6 +97,7 @@ class Summary:
     special_rows: dict[str, int] = field(default_factory=Counter)
     skipped_shape_mismatch: list[str] = field(default_factory=list)
     resumed_shards: int = 0
+    already_complete: bool = False
 
 
 # ---- validation ------------------------------------------------------------------------------------
@@ -344,7 +345,7 @@ def run_merge(job: MergeJob) -> Summary:
         done = final / PROVENANCE_FILE
         if done.is_file() and json.loads(done.read_text()).get("plan_id") == plan_id:
             log.info("%s already holds this merge; nothing to do", final)
-            return Summary(final)
+            return Summary(final, already_complete=True)
         raise MergeError(f"{final} already exists (remove it or choose another --output)")
     tmp = final.with_name(f".{final.name}.partial-merge")  # hidden; loaders refuse ".partial-" names
     summary = Summary(final, tensors=Counter(it.kind for it in items))
