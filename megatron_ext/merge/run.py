@@ -239,14 +239,16 @@ CHECKED_BY_OUTPUT = ("merge",)
 SOURCES = {"vox": ("voxtral", "vox_name"), "dev": ("devstral", "dev_name"), "base": ("base", "base_name")}
 
 
-def _read_inputs(item: Item, parents: dict[str, Parent]) -> dict[str, torch.Tensor]:
+def _read_inputs(item: Item, parents: dict[str, Parent], side: ThreadPoolExecutor) -> dict[str, torch.Tensor]:
+    """The item's input tensors; each parent's tensor is read (and checksummed) in its own thread."""
     keys = ["vox"] + (["dev", "base"] if item.kind in ("merge", "vocab") else [])
-    out = {}
+    futures = {}
     for key in keys:
         label, attr = SOURCES[key]
         if label in parents and getattr(item, attr):
-            out[key] = parents[label].read(getattr(item, attr), check=item.kind not in CHECKED_BY_OUTPUT)
-    return out
+            check = item.kind not in CHECKED_BY_OUTPUT
+            futures[key] = side.submit(parents[label].read, getattr(item, attr), check)
+    return {key: fut.result() for key, fut in futures.items()}
 
 
 def _check_through_output(
@@ -277,10 +279,10 @@ def _stream(
     )
     pending: deque[tuple[Item, Future]] = deque()
     nxt, budget = 0, 0
-    with ThreadPoolExecutor(1) as reader:
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(len(parents)) as side:
         while nxt < len(queue) or pending:
             while nxt < len(queue) and (not pending or budget + _in_flight_bytes(queue[nxt]) <= job.lookahead_bytes):
-                pending.append((queue[nxt], reader.submit(_read_inputs, queue[nxt], parents)))
+                pending.append((queue[nxt], reader.submit(_read_inputs, queue[nxt], parents, side)))
                 budget += _in_flight_bytes(queue[nxt])
                 nxt += 1
             item, fut = pending.popleft()
