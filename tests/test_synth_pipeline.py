@@ -170,3 +170,12 @@ def test_resuming_with_different_settings_is_refused(tmp_path):
     run(offline(tmp_path))
     with pytest.raises(SynthError, match="seed was 0 now 1"):
         run(offline(tmp_path, seed=1))
+
+
+def test_workers_share_more_shards_than_workers_and_match_a_single_worker(tmp_path):
+    one = run(offline(tmp_path / "one", num_shards=5))
+    two = run(offline(tmp_path / "two", num_shards=5, workers=2))
+    assert one["complete"] and two["complete"] and two["rows_done"] == one["rows_done"] == 16
+    for k in range(5):
+        name = f"samples-{k:05d}-of-00005.jsonl"
+        assert (tmp_path / "two/out" / name).read_bytes() == (tmp_path / "one/out" / name).read_bytes()

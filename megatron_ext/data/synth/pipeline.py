@@ -45,7 +45,9 @@ def _work(cfg: SynthConfig, shards: list[int], total_rows: int, position: int) -
 
     for index in shards:
         paths = ShardPaths(cfg.output, index, cfg.num_shards)
-        process_shard(paths, cfg.input, total_rows, make_converter, cfg.concurrency, position)
+        finished = process_shard(paths, cfg.input, total_rows, make_converter, cfg.concurrency, position)
+        if not finished and cfg.shard is not None:  # within one run a sibling worker holding it is expected
+            print(f"warning: shard {paths.tag} is reserved by another process; skipped", file=sys.stderr)
 
 
 def _die_with_parent() -> None:
@@ -66,14 +68,20 @@ def _worker_main(cfg: SynthConfig, shards: list[int], total_rows: int, position:
 
 
 def _run_workers(cfg: SynthConfig, shards: list[int], total_rows: int) -> None:
-    """Split `shards` over `cfg.workers` spawned processes; raise if any of them did not finish."""
+    """Run `shards` on `cfg.workers` forked processes; raise if any of them did not finish.
+
+    Work stealing at shard granularity: every worker walks all shards from its own starting point and
+    takes whichever is neither reserved by a sibling nor done, so with more shards than workers nobody
+    idles while another still has a backlog (rows differ a lot in TTS cost)."""
     if cfg.workers == 1 or len(shards) == 1:
         _work(cfg, shards, total_rows, 0)
         return
     ctx = multiprocessing.get_context("fork")  # the parent holds no threads or engines; children start warm
+    n = min(cfg.workers, len(shards))
+    starts = [w * len(shards) // n for w in range(n)]
     procs = [
-        ctx.Process(target=_worker_main, args=(cfg, shards[w :: cfg.workers], total_rows, w))
-        for w in range(min(cfg.workers, len(shards)))
+        ctx.Process(target=_worker_main, args=(cfg, shards[s:] + shards[:s], total_rows, w))
+        for w, s in enumerate(starts)
     ]
     for p in procs:
         p.start()

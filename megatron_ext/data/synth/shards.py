@@ -96,7 +96,6 @@ def process_shard(
     """Finish one shard (resuming if needed); False if another process holds it."""
     with reserved(paths.lock) as mine:
         if not mine:
-            print(f"warning: shard {paths.tag} is reserved by another process; skipped", file=sys.stderr)
             return False
         if paths.done.exists():
             return True
