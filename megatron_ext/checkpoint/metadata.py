@@ -25,11 +25,13 @@ TOKENIZER_FILE = "tekken.json"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    """Hex sha256 of a file, read in 16 MiB pieces."""
+    """Hex sha256 of a file, read in 16 MiB pieces into one reused buffer (no fresh allocation per piece)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 
