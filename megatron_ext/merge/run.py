@@ -5,7 +5,8 @@ byte for byte from Voxtral, decoder tensors are merged by the method, embeddings
 tokenizer-aware rules. Shards are written into `.<output>.partial-merge/` and renamed when complete; a
 re-run with the same plan resumes after the last finished shard (DELLA draws are seeded per tensor,
 so a resumed result is identical). Reads run one tensor ahead in a thread and writes behind in another,
-so disk and compute overlap while at most a few tensors are in memory.
+so disk and compute overlap while at most a few tensors are in memory; for HF output the embedding
+and LM head of a linear merge stream in row blocks (`vocab_stream.py`), so they overlap too.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from megatron_ext.merge.methods import METHODS, MergeParams, TensorContext
 from megatron_ext.merge.names import classify, num_layers
 from megatron_ext.merge.parents import Parent, ParentError, detect_naming, is_finite, open_parent
 from megatron_ext.merge.safetensors_io import header_bytes, plan_shards, shard_names, tensor_bytes
+from megatron_ext.merge.vocab_stream import linear_vocab_blocks, streamable
 from megatron_ext.tokenizer.align import AlignmentError, TokenizerAlignment, align_tokenizers
 from megatron_ext.tokenizer.tekken_builder import write_tekken
 
@@ -80,7 +82,7 @@ class Item:
     """One output tensor: where it comes from and how it is produced."""
 
     out_name: str
-    kind: Literal["copy", "merge", "vocab", "skip_shape"]
+    kind: Literal["copy", "merge", "vocab", "skip_shape", "stream"]  # stream: vocab merged in row blocks
     vox_name: str
     dev_name: str | None
     base_name: str | None
@@ -241,6 +243,8 @@ SOURCES = {"vox": ("voxtral", "vox_name"), "dev": ("devstral", "dev_name"), "bas
 
 def _read_inputs(item: Item, parents: dict[str, Parent], side: ThreadPoolExecutor) -> dict[str, torch.Tensor]:
     """The item's input tensors; each parent's tensor is read (and checksummed) in its own thread."""
+    if item.kind == "stream":
+        return {}
     keys = ["vox"] + (["dev", "base"] if item.kind in ("merge", "vocab") else [])
     futures = {}
     for key in keys:
@@ -266,14 +270,41 @@ def _out_bytes(item: Item) -> int:
 
 
 def _in_flight_bytes(item: Item) -> int:
-    """Inputs read for an item (Voxtral's tensor, plus Devstral's and the base's when merged)."""
+    """Inputs read for an item (Voxtral's tensor, plus Devstral's and the base's when merged; none read
+    ahead for a row-streamed item)."""
+    if item.kind == "stream":
+        return 0
     return _out_bytes(item) * (1 if item.kind in ("copy", "skip_shape") else 3)
 
 
+def _vocab_stream(
+    item: Item, job: MergeJob, parents: dict[str, Parent], alignment: TokenizerAlignment, summary: Summary
+) -> Iterator[torch.Tensor]:
+    verbatim = SLERP_VERBATIM if job.params.method == "slerp" else frozenset()
+    return linear_vocab_blocks(
+        item.out_name,
+        (parents["devstral"], item.dev_name),
+        (parents["voxtral"], item.vox_name),
+        alignment,
+        job.params,
+        job.min_row_norm,
+        verbatim,
+        lambda stats: summary.special_rows.update({f"{item.out_name}:{k}": v for k, v in stats.items()}),
+    )
+
+
 def _stream(
-    queue: list[Item], job: MergeJob, parents: dict[str, Parent], alignment: TokenizerAlignment, summary: Summary
-) -> Iterator[tuple[Item, torch.Tensor]]:
-    """Produced output tensors in order; inputs are read ahead in a thread up to `job.lookahead_bytes`."""
+    queue: list[Item],
+    job: MergeJob,
+    parents: dict[str, Parent],
+    alignment: TokenizerAlignment,
+    summary: Summary,
+    row_blocks: bool = False,
+) -> Iterator[tuple[Item, torch.Tensor | Iterator[torch.Tensor]]]:
+    """Produced output tensors in order; inputs are read ahead in a thread up to `job.lookahead_bytes`.
+    With `row_blocks`, streamable vocabulary matrices come as an iterator of row blocks instead."""
+    if row_blocks and streamable(job.params.method, parents["devstral"], parents["voxtral"], parents.get("base")):
+        queue = [dataclasses.replace(it, kind="stream") if it.kind == "vocab" else it for it in queue]
     bar = tqdm(
         total=sum(_out_bytes(it) for it in queue), unit="B", unit_scale=True, desc="merge", disable=not job.progress
     )
@@ -289,6 +320,10 @@ def _stream(
             budget -= _in_flight_bytes(item)
             inputs = fut.result()
             del fut  # drop every reference to the inputs as soon as the output exists (peak memory)
+            if item.kind == "stream":
+                bar.update(_out_bytes(item))
+                yield item, _vocab_stream(item, job, parents, alignment, summary)
+                continue
             out = _produce(item, inputs, job, alignment, summary)
             _check_through_output(item, inputs, out, parents)
             del inputs
@@ -397,7 +432,8 @@ def _write_shards(
         else:
             todo.append((tmp / fname, shard))
     _write_json(tmp / "model.safetensors.index.json.tmp", {"metadata": {}, "weight_map": index})
-    stream = _stream([by_name[n] for _, shard in todo for n, _, _ in shard], job, parents, alignment, summary)
+    queue = [by_name[n] for _, shard in todo for n, _, _ in shard]
+    stream = _stream(queue, job, parents, alignment, summary, row_blocks=True)
     with ThreadPoolExecutor(1) as writer:
         for path, shard in todo:
             part = path.with_name(path.name + ".tmp")
@@ -406,9 +442,10 @@ def _write_shards(
                 last: Future | None = None
                 for _ in shard:
                     _, out = next(stream)
-                    if last is not None:
-                        last.result()
-                    last = writer.submit(f.write, tensor_bytes(out))
+                    for piece in [out] if isinstance(out, torch.Tensor) else out:
+                        if last is not None:
+                            last.result()
+                        last = writer.submit(f.write, tensor_bytes(piece))
                 if last is not None:
                     last.result()
             _write_json(

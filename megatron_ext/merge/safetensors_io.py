@@ -64,18 +64,24 @@ def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
 def read_tensor(entry: Entry) -> torch.Tensor:
     """Read one tensor into fresh memory with positioned reads."""
     buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+    read_into(entry, 0, buf)
+    return buf.view(entry.dtype).reshape(entry.shape)
+
+
+def read_into(entry: Entry, offset: int, buf: torch.Tensor) -> None:
+    """Fill the uint8 tensor `buf` with the tensor's bytes from `offset` on (positioned reads, so a reused
+    buffer streams a large tensor in blocks without page faults or file-position state)."""
     view = memoryview(buf.numpy())
     fd = os.open(entry.path, os.O_RDONLY)
     try:
         done = 0
-        while done < entry.nbytes:
-            got = os.preadv(fd, [view[done:]], entry.start + done)
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], entry.start + offset + done)
             if got <= 0:
-                raise SafetensorsError(f"{entry.path}: short read at byte {entry.start + done}")
+                raise SafetensorsError(f"{entry.path}: short read at byte {entry.start + offset + done}")
             done += got
     finally:
         os.close(fd)
-    return buf.view(entry.dtype).reshape(entry.shape)
 
 
 def header_bytes(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
