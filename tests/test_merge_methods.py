@@ -16,6 +16,7 @@ from megatron_ext.merge.methods import (
     linear,
     slerp,
 )
+from megatron_ext.merge.parents import is_finite
 from megatron_ext.tokenizer.align import TokenizerAlignment
 
 GEN = torch.Generator().manual_seed(0)
@@ -101,3 +102,14 @@ def test_common_special_row_below_threshold_is_taken_from_the_other_parent() -> 
     assert torch.equal(out[1], vox[1]) and torch.equal(out[2], vox[3]) and torch.equal(out[3], dev[3])
     assert torch.equal(out[4:], linear([dev[4:], vox[4:]], [0.8, 0.2]))
     assert stats == {"averaged": 1, "copied_from_voxtral": 2}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_is_finite_finds_any_nan_or_inf(dtype: torch.dtype) -> None:
+    x = torch.randn(3000, 7).to(dtype)
+    assert is_finite(x) and is_finite(x[:0]) and is_finite(torch.tensor(1.0, dtype=dtype))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for pos in (0, 12345, x.numel() - 1):
+            y = x.clone()
+            y.view(-1)[pos] = bad
+            assert not is_finite(y), (bad, pos)

@@ -24,8 +24,6 @@ from megatron_ext.checkpoint.torch_dist_io import TorchDistReader, is_torch_dist
 from megatron_ext.config import ConfigError, ModelConfig
 from megatron_ext.merge.safetensors_io import Entry, SafetensorsError, read_header, read_tensor
 
-FINITE_CHUNK = 16 * 1024 * 1024
-
 
 class ParentError(ValueError):
     """A parent checkpoint is missing, malformed, or holds invalid values."""
@@ -213,16 +211,12 @@ class MegatronView(Parent):
 
 
 def is_finite(t: torch.Tensor) -> bool:
-    """False when a floating tensor holds NaN or Inf (checked in chunks: bounded memory)."""
-    if not t.is_floating_point():
+    """False when a floating tensor holds NaN or Inf: min and max propagate NaN and expose +-Inf, and
+    `aminmax` reads the tensor once without temporaries (several times faster than a float32 sum on bf16)."""
+    if not t.is_floating_point() or t.numel() == 0:
         return True
-    flat = t.reshape(-1)
-    for s in range(0, flat.numel(), FINITE_CHUNK):
-        chunk = flat[s : s + FINITE_CHUNK]
-        # A NaN/Inf makes the float32 sum non-finite; an overflowing sum of finite values is re-checked exactly.
-        if not torch.isfinite(chunk.sum(dtype=torch.float32)) and not torch.isfinite(chunk).all():
-            return False
-    return True
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:
