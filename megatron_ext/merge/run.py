@@ -280,7 +280,6 @@ def _in_flight_bytes(item: Item) -> int:
 def _vocab_stream(
     item: Item, job: MergeJob, parents: dict[str, Parent], alignment: TokenizerAlignment, summary: Summary
 ) -> Iterator[torch.Tensor]:
-    verbatim = SLERP_VERBATIM if job.params.method == "slerp" else frozenset()
     return linear_vocab_blocks(
         item.out_name,
         (parents["devstral"], item.dev_name),
@@ -288,7 +287,6 @@ def _vocab_stream(
         alignment,
         job.params,
         job.min_row_norm,
-        verbatim,
         lambda stats: summary.special_rows.update({f"{item.out_name}:{k}": v for k, v in stats.items()}),
     )
 

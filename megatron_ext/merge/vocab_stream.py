@@ -20,7 +20,7 @@ import torch
 from megatron_ext.merge.embeddings import merge_vocab_rows
 from megatron_ext.merge.methods import METHODS, MergeParams, TensorContext
 from megatron_ext.merge.parents import HFParent, check_finite
-from megatron_ext.merge.safetensors_io import Entry, read_into
+from megatron_ext.merge.safetensors_io import read_into
 from megatron_ext.tokenizer.align import TokenizerAlignment
 
 BLOCK_BYTES = 32 * 1024**2  # per input block; 2 inputs x 2 buffers + 2 output buffers in flight
@@ -40,19 +40,13 @@ class _Source:
         self.bufs = [torch.empty(block_rows * row_bytes, dtype=torch.uint8) for _ in range(2)]
         self.crc = 0
 
-    def read(self, entry: Entry, start: int, stop: int, slot: int, shape: tuple[int, ...]) -> torch.Tensor:
-        buf = self.bufs[slot][: (stop - start) * self.row_bytes]
-        read_into(entry, start * self.row_bytes, buf)
+    def read(self, start: int, stop: int, shape: tuple[int, ...], slot: int | None = None) -> torch.Tensor:
+        """Rows start..stop-1 into buffer `slot` (a fresh buffer when None), checksummed and checked finite."""
+        size = (stop - start) * self.row_bytes
+        buf = torch.empty(size, dtype=torch.uint8) if slot is None else self.bufs[slot][:size]
+        read_into(self.entry, start * self.row_bytes, buf)
         self.crc = zlib.crc32(buf.numpy(), self.crc)
-        t = buf.view(entry.dtype).reshape(stop - start, *shape[1:])
-        check_finite(t, f"{self.parent.path}: tensor {self.name}")
-        return t
-
-    def head(self, rows: int, shape: tuple[int, ...]) -> torch.Tensor:
-        buf = torch.empty(rows * self.row_bytes, dtype=torch.uint8)
-        read_into(self.entry, 0, buf)
-        self.crc = zlib.crc32(buf.numpy(), self.crc)
-        t = buf.view(self.entry.dtype).reshape(rows, *shape[1:])
+        t = buf.view(self.entry.dtype).reshape(stop - start, *shape[1:])
         check_finite(t, f"{self.parent.path}: tensor {self.name}")
         return t
 
@@ -64,7 +58,6 @@ def linear_vocab_blocks(
     alignment: TokenizerAlignment,
     params: MergeParams,
     min_row_norm: float,
-    verbatim: frozenset[str],
     on_stats: Callable[[Counter], None],
 ) -> Iterator[torch.Tensor]:
     """The merged matrix as consecutive row blocks (each valid until the next-but-one is produced)."""
@@ -75,9 +68,9 @@ def linear_vocab_blocks(
     srcs = [_Source(p, n, row_bytes, block_rows) for p, n in (dev, vox)]
     # Head: the special rows plus every Voxtral row a special is copied from, merged by the whole-matrix rules.
     head_rows = min(rows, max([alignment.num_special_tokens, *(r + 1 for r in alignment.voxtral_to_merged)]))
-    d_head, v_head = (s.head(head_rows, shape) for s in srcs)
+    d_head, v_head = (s.read(0, head_rows, shape) for s in srcs)
     ctx = TensorContext(name)
-    out, stats = merge_vocab_rows(d_head, v_head, None, alignment, METHODS["linear"], params, ctx, min_row_norm, verbatim)
+    out, stats = merge_vocab_rows(d_head, v_head, None, alignment, METHODS["linear"], params, ctx, min_row_norm)
     on_stats(stats)
     yield out
     del out, d_head, v_head
@@ -86,7 +79,7 @@ def linear_vocab_blocks(
 
     def fetch(k: int) -> list:
         a, b = starts[k], min(starts[k] + block_rows, rows)
-        return [side.submit(s.read, s.entry, a, b, k % 2, shape) for s in srcs]
+        return [side.submit(s.read, a, b, shape, k % 2) for s in srcs]
 
     with ThreadPoolExecutor(len(srcs)) as side:  # own readers: not queued behind other tensors' reads
         pending = fetch(0) if starts else []
