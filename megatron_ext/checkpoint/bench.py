@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from megatron_ext.checkpoint.safetensors_io import SafetensorsWriter
-from megatron_ext.config import DecoderConfig, ModelConfig, RopeConfig
+from megatron_ext.config import ModelConfig, mistral_small_decoder
 from megatron_ext.tiny import decoder_shapes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,9 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def mistral_small_config(num_layers: int) -> ModelConfig:
     """Mistral Small 3 (24B) decoder shapes with `num_layers` layers (HF MistralForCausalLM layout)."""
-    dec = DecoderConfig(num_layers=num_layers, hidden_size=5120, ffn_hidden_size=32768, num_attention_heads=32,
-                        num_query_groups=8, kv_channels=128, vocab_size=131072, rope=RopeConfig(theta=1e8))
-    return ModelConfig(dec, hf_architecture="mistral")
+    return ModelConfig(mistral_small_decoder(num_layers), hf_architecture="mistral")
 
 
 def write_synthetic_hf(out: Path, cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16, seed: int = 0,

@@ -18,25 +18,12 @@ from typing import Any
 
 import torch
 
-from megatron_ext.config import DecoderConfig, EncoderConfig
+from megatron_ext.config import EncoderConfig, mistral_small_decoder
 from megatron_ext.merge.methods import MergeParams
 from megatron_ext.merge.run import MergeJob, run_merge
 from megatron_ext.merge.synthetic import write_mistral_view, write_pair
 
 GB = 1024**3
-
-
-def mistral_small(layers: int) -> DecoderConfig:
-    """Mistral Small 3 decoder shapes (hidden 5120, q 4096, kv 1024, ffn 32768, vocab 131072), fewer layers."""
-    return DecoderConfig(
-        num_layers=layers,
-        hidden_size=5120,
-        ffn_hidden_size=32768,
-        num_attention_heads=32,
-        num_query_groups=8,
-        kv_channels=128,
-        vocab_size=131072,
-    )
 
 
 SMALL_ENCODER = EncoderConfig(num_layers=1, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4)
@@ -113,7 +100,7 @@ def run_benchmark(root: Path, layers: int, big_layers: int, tool: Path, keep: bo
         ):
             d = root / f"pair{n_layers}"
             t0 = time.time()
-            dev, vox = write_pair(d, mistral_small(n_layers), SMALL_ENCODER, torch.bfloat16, fast=True)
+            dev, vox = write_pair(d, mistral_small_decoder(n_layers), SMALL_ENCODER, torch.bfloat16, fast=True)
             if any(k.startswith("mergekit") for k in kinds):
                 write_mistral_view(vox, dev, d / "view")
             size = _dir_bytes(dev)

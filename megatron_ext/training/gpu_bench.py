@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_ext.config import DecoderConfig, EncoderConfig, ModelConfig, RopeConfig
+from megatron_ext.config import EncoderConfig, ModelConfig, RopeConfig, mistral_small_decoder
 from megatron_ext.data.chat import EncodedDoc
 from megatron_ext.data.packing import collate, pack
 from megatron_ext.training.config import TrainConfig
@@ -31,8 +31,7 @@ def slice_config(layers: int, encoder_layers: int) -> ModelConfig:
     """Full-width Devstral-Audio decoder/encoder with fewer layers."""
     rope = RopeConfig(theta=1e8, type="yarn", factor=48.0, original_max_position_embeddings=8192, beta_fast=32.0,
                       beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)
-    decoder = DecoderConfig(num_layers=layers, hidden_size=5120, ffn_hidden_size=32768, num_attention_heads=32,
-                            num_query_groups=8, kv_channels=128, vocab_size=131072, rope=rope)
+    decoder = mistral_small_decoder(layers, rope)
     encoder = EncoderConfig(num_layers=encoder_layers, hidden_size=1280, ffn_hidden_size=5120, num_attention_heads=20)
     return ModelConfig(decoder, encoder if encoder_layers else None,
                        AUDIO_TOKEN_ID if encoder_layers else None, 4, "voxtral")
