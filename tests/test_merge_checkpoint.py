@@ -67,15 +67,15 @@ def test_embedding_and_head_rows_follow_tokenizer_rules(tiny_dir: Path, tmp_path
 def test_row_blocks_give_the_whole_matrix_result(
     tiny_dir: Path, linear_out: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Embedding/LM head streamed in many uneven row blocks: same bytes and same input checksums."""
-    from megatron_ext.merge import vocab_stream
+    """Every merged tensor streamed in many uneven row blocks: same bytes and same input digests."""
+    from megatron_ext.merge import row_stream
 
-    monkeypatch.setattr(vocab_stream, "BLOCK_BYTES", 7 * 96 * 4)  # 7 fp32 rows of hidden 96 per block
+    monkeypatch.setattr(row_stream, "BLOCK_BYTES", 7 * 96 * 4)  # 7 fp32 rows of hidden 96 per block
     out = _merge(tiny_dir, tmp_path / "o")
     a, b = load_file(out / "model.safetensors"), load_file(linear_out / "model.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
     prov = [json.loads((d / "merge.json").read_text()) for d in (out, linear_out)]
-    # content hashes are built from per-tensor CRC32s: the block-wise checksums equal the whole-tensor ones
+    # content hashes are built from per-tensor XXH3-128 digests: block-wise digests equal whole-tensor ones
     assert prov[0]["parents"] == prov[1]["parents"] and prov[0]["special_rows"] == prov[1]["special_rows"]
 
 

@@ -25,7 +25,8 @@ def main() -> int:
     parser.add_argument("--input", type=Path, required=True,
                         help="HF dir (model.safetensors or index + shards, config.json), Mistral-native dir "
                              "(consolidated.safetensors + params.json) or Megatron torch_dist dir")
-    parser.add_argument("--output", type=Path, required=True, help="output directory (must not exist unless --overwrite)")
+    parser.add_argument("--output", type=Path, required=True,
+                        help="output directory (must not exist unless --overwrite)")
     parser.add_argument("--to", choices=TARGETS, required=True,
                         help="megatron: torch_dist + checkpoint_meta.json; hf: the model's HF layout "
                              "(Voxtral, Mistral or Ministral3); mistral: consolidated.safetensors + params.json")

@@ -152,7 +152,7 @@ def _hf_input(directory: Path, native_cfg: ModelConfig | None) -> InputCheckpoin
             f"{len(src.files)} file(s){', FP8 dequantised to ' + str(target).removeprefix('torch.') if fp8 else ''})")
     tok = directory / TOKENIZER_FILE
     return InputCheckpoint("hf", directory, cfg, desc, get, list(shapes), src.files + [directory / "config.json"],
-                           tok if tok.is_file() else None, close=src.close)
+                           tok if tok.is_file() else None)
 
 
 def _native_input(directory: Path) -> InputCheckpoint:
@@ -202,7 +202,7 @@ def _native_input(directory: Path) -> InputCheckpoint:
     desc = f"Mistral-native ({cfg.hf_architecture} model, {len(files)} file(s) + params.json, rope rows permuted)"
     tok = directory / TOKENIZER_FILE
     return InputCheckpoint("native", directory, cfg, desc, get, list(shapes), src.files + [params_path],
-                           tok if tok.is_file() else None, close=src.close)
+                           tok if tok.is_file() else None)
 
 
 def _torch_dist_input(directory: Path, rope_from: Path | None) -> InputCheckpoint:

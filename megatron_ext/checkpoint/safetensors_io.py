@@ -1,20 +1,23 @@
 """Lazy safetensors reading (single file or sharded with an index) and streaming safetensors writing.
 
 Reading: headers are parsed up front (names, dtypes, shapes, byte ranges checked against the file size,
-so a truncated shard fails before any work); each tensor is read with one `readinto` straight into its
-own buffer (no mmap: pages of a mapped file would count in the reader's RSS as the model streams by).
+so a truncated shard fails before any work); each tensor is a private mapping of just its own bytes
+(`map_bytes`): page-cache pages are mapped rather than copied into fresh, zero-filled memory, and the
+mapping goes with the tensor, so resident memory follows the tensors alive, not the file.
 Writing: a header area is reserved, tensors are appended as raw bytes as they arrive, and the header is
 written last (padded with spaces, which the format allows), so no file is ever held in memory.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import mmap
 import os
 import struct
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
@@ -29,6 +32,28 @@ DTYPES: dict[str, torch.dtype] = {
     "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
+
+
+def map_bytes(path: Path, start: int, end: int) -> torch.Tensor:
+    """Bytes [start, end) of a file as a uint8 tensor over a copy-on-write mapping, prefaulted for reading.
+
+    Nothing is copied until written (a write copies only the touched page; the file never changes), and
+    the mapping is released when the last tensor viewing it is freed."""
+    if end <= start:
+        return torch.empty(0, dtype=torch.uint8)
+    lo = start - start % mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), end - lo, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=lo)
+    try:
+        m.madvise(_MADV_POPULATE_READ)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # EINVAL: kernel without MADV_POPULATE_READ (pages fault in on use)
+            m.close()
+            raise CheckpointError(f"{path}: cannot read bytes {start}..{end} ({exc.strerror}; truncated?)") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # frombuffer warns about non-writable buffers; this one is writable
+        return torch.frombuffer(m, dtype=torch.uint8, count=end - start, offset=start - lo)
 
 
 def read_header(path: Path) -> dict[str, dict]:
@@ -88,7 +113,6 @@ class SafetensorsSource:
             absent = sorted(set(listed) - set(self._where))
             if absent:
                 raise CheckpointError(f"{index}: tensors listed but in no shard: {', '.join(absent[:8])}")
-        self._handles: dict[Path, BinaryIO] = {}
 
     def names(self) -> list[str]:
         return list(self._where)
@@ -112,21 +136,8 @@ class SafetensorsSource:
         path = self._where.get(name)
         if path is None:
             raise CheckpointError(f"{self.directory}: tensor {name!r} not found")
-        if path not in self._handles:
-            self._handles[path] = open(path, "rb")
-        f = self._handles[path]
         code, shape, offset = self._meta[name]
-        t = torch.empty(shape, dtype=DTYPES[code])
-        if t.nbytes:
-            f.seek(offset)
-            if f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy())) != t.nbytes:
-                raise CheckpointError(f"{path}: truncated while reading {name!r}")
-        return t
-
-    def close(self) -> None:
-        for f in self._handles.values():
-            f.close()
-        self._handles.clear()
+        return map_bytes(path, offset, offset + self.nbytes(name)).view(DTYPES[code]).reshape(shape)
 
 
 def _header_entry(t: torch.Tensor, start: int) -> dict:

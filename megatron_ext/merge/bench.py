@@ -79,6 +79,7 @@ def child(kind: str, root: Path) -> dict[str, Any]:
 
 def _measure(kind: str, root: Path, tool: Path) -> dict[str, Any]:
     shutil.rmtree(root / "out", ignore_errors=True)
+    os.sync()  # every measurement starts with no dirty pages from the one before
     res = subprocess.run(
         [sys.executable, str(tool), "--child", kind, "--dir", str(root)], capture_output=True, text=True
     )

@@ -2,7 +2,7 @@
 
 A parent knows its `ModelConfig`, tokenizer file and tensor table (name -> dtype, shape) and reads one
 tensor at a time; NaN/Inf in a tensor is an error naming the checkpoint and the tensor. Kinds: HF
-safetensors directories (positioned reads, flat memory), Megatron torch_dist checkpoints (the
+safetensors directories (per-tensor mappings, flat memory), Megatron torch_dist checkpoints (the
 conversion module's reader and metadata), and a Megatron-named view of an HF parent (qkv and gate/up
 fused on read through `checkpoint/mapping.py`) so HF and torch_dist parents can be merged together
 and written as torch_dist.
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zlib
 from pathlib import Path
 
 import torch
+import xxhash
 
 from megatron_ext.checkpoint import mapping
 from megatron_ext.checkpoint.atomic import CheckpointError
@@ -30,7 +30,7 @@ class ParentError(ValueError):
 
 
 class Parent:
-    """Common part: checked reads with checksums, and a content hash for provenance."""
+    """Common part: checked reads with per-tensor digests, and a content hash for provenance."""
 
     format: str
     naming: str  # "hf" or "megatron"
@@ -40,7 +40,7 @@ class Parent:
     tokenizer_path: Path
 
     def __init__(self) -> None:
-        self.crc: dict[str, int] = {}
+        self.digests: dict[str, str] = {}
 
     @property
     def names(self) -> list[str]:
@@ -56,10 +56,10 @@ class Parent:
         raise NotImplementedError
 
     def read(self, name: str, check: bool = True) -> torch.Tensor:
-        """One tensor, checked finite unless the caller checks (`check_input`); its CRC32 is recorded for
-        the parent's content hash."""
+        """One tensor, checked finite unless the caller checks (`check_input`); its XXH3-128 digest is
+        recorded for the parent's content hash."""
         t = self._read(name).contiguous()
-        self.crc[name] = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy())
+        self.digests[name] = xxhash.xxh3_128_hexdigest(t.reshape(-1).view(torch.uint8).numpy())
         if check:
             self.check_input(name, t)
         return t
@@ -68,10 +68,13 @@ class Parent:
         check_finite(t, f"{self.path}: tensor {name}")
 
     def content_hash(self) -> str:
-        """sha256 over config, tokenizer and the tensor table with each tensor's CRC32."""
+        """sha256 over config, tokenizer and the tensor table with each tensor's XXH3-128 digest (a
+        non-cryptographic content hash running at memory speed: it identifies a parent, it does not
+        authenticate one)."""
         h = hashlib.sha256(self.config_bytes + self.tokenizer_path.read_bytes())
         for name in sorted(self.names):
-            h.update(f"{name}|{self.dtype(name)}|{list(self.shape(name))}|{self.crc.get(name, 'unread')}\n".encode())
+            digest = self.digests.get(name, "unread")
+            h.update(f"{name}|{self.dtype(name)}|{list(self.shape(name))}|{digest}\n".encode())
         return h.hexdigest()
 
     def _require_tokenizer(self) -> None:
@@ -125,7 +128,10 @@ class HFParent(Parent):
     def _read(self, name: str) -> torch.Tensor:
         if name not in self.entries:
             raise ParentError(f"{self.path}: missing tensor {name}")
-        return read_tensor(self.entries[name])
+        try:
+            return read_tensor(self.entries[name])
+        except CheckpointError as exc:
+            raise ParentError(str(exc)) from None
 
 
 class TorchDistParent(Parent):

@@ -5,8 +5,8 @@ byte for byte from Voxtral, decoder tensors are merged by the method, embeddings
 tokenizer-aware rules. Shards are written into `.<output>.partial-merge/` and renamed when complete; a
 re-run with the same plan resumes after the last finished shard (DELLA draws are seeded per tensor,
 so a resumed result is identical). Reads run one tensor ahead in a thread and writes behind in another,
-so disk and compute overlap while at most a few tensors are in memory; for HF output the embedding
-and LM head of a linear merge stream in row blocks (`vocab_stream.py`), so they overlap too.
+so disk and compute overlap while at most a few tensors are in memory; for HF output a linear merge
+streams every merged tensor in row blocks (`row_stream.py`), so block reads, merges and writes overlap.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from megatron_ext.merge.embeddings import merge_vocab_rows
 from megatron_ext.merge.methods import METHODS, MergeParams, TensorContext
 from megatron_ext.merge.names import classify, num_layers
 from megatron_ext.merge.parents import Parent, ParentError, detect_naming, is_finite, open_parent
+from megatron_ext.merge.row_stream import linear_row_blocks, streamable
 from megatron_ext.merge.safetensors_io import header_bytes, plan_shards, shard_names, tensor_bytes
-from megatron_ext.merge.vocab_stream import linear_vocab_blocks, streamable
 from megatron_ext.tokenizer.align import AlignmentError, TokenizerAlignment, align_tokenizers
 from megatron_ext.tokenizer.tekken_builder import write_tekken
 
@@ -74,6 +74,8 @@ class MergeJob:
     shard_bytes: int = 5 * 1024**3
     # Inputs read ahead while the current tensor is merged (Mistral-Small's ffn matrices: ~1 GB in flight).
     lookahead_bytes: int = 1536 * 1024**2
+    # Merged outputs queued for writing while the next tensors are merged.
+    write_behind_bytes: int = 1536 * 1024**2
     progress: bool = True
 
 
@@ -82,7 +84,7 @@ class Item:
     """One output tensor: where it comes from and how it is produced."""
 
     out_name: str
-    kind: Literal["copy", "merge", "vocab", "skip_shape", "stream"]  # stream: vocab merged in row blocks
+    kind: Literal["copy", "merge", "vocab", "skip_shape"]
     vox_name: str
     dev_name: str | None
     base_name: str | None
@@ -90,6 +92,7 @@ class Item:
     shape: tuple[int, ...]
     layer: int | None = None
     is_mlp: bool = False
+    streamed: bool = False  # merged and written in row blocks (`row_stream.py`)
 
 
 @dataclass
@@ -243,7 +246,7 @@ SOURCES = {"vox": ("voxtral", "vox_name"), "dev": ("devstral", "dev_name"), "bas
 
 def _read_inputs(item: Item, parents: dict[str, Parent], side: ThreadPoolExecutor) -> dict[str, torch.Tensor]:
     """The item's input tensors; each parent's tensor is read (and checksummed) in its own thread."""
-    if item.kind == "stream":
+    if item.streamed:
         return {}
     keys = ["vox"] + (["dev", "base"] if item.kind in ("merge", "vocab") else [])
     futures = {}
@@ -272,22 +275,23 @@ def _out_bytes(item: Item) -> int:
 def _in_flight_bytes(item: Item) -> int:
     """Inputs read for an item (Voxtral's tensor, plus Devstral's and the base's when merged; none read
     ahead for a row-streamed item)."""
-    if item.kind == "stream":
+    if item.streamed:
         return 0
     return _out_bytes(item) * (1 if item.kind in ("copy", "skip_shape") else 3)
 
 
-def _vocab_stream(
+def _row_blocks(
     item: Item, job: MergeJob, parents: dict[str, Parent], alignment: TokenizerAlignment, summary: Summary
 ) -> Iterator[torch.Tensor]:
-    return linear_vocab_blocks(
+    def on_stats(stats: Counter) -> None:
+        summary.special_rows.update({f"{item.out_name}:{k}": v for k, v in stats.items()})
+
+    return linear_row_blocks(
         item.out_name,
         (parents["devstral"], item.dev_name),
         (parents["voxtral"], item.vox_name),
-        alignment,
         job.params,
-        job.min_row_norm,
-        lambda stats: summary.special_rows.update({f"{item.out_name}:{k}": v for k, v in stats.items()}),
+        (alignment, job.min_row_norm, on_stats) if item.kind == "vocab" else None,
     )
 
 
@@ -300,9 +304,11 @@ def _stream(
     row_blocks: bool = False,
 ) -> Iterator[tuple[Item, torch.Tensor | Iterator[torch.Tensor]]]:
     """Produced output tensors in order; inputs are read ahead in a thread up to `job.lookahead_bytes`.
-    With `row_blocks`, streamable vocabulary matrices come as an iterator of row blocks instead."""
+    With `row_blocks`, merged tensors of a streamable merge come as an iterator of row blocks instead."""
     if row_blocks and streamable(job.params.method, parents["devstral"], parents["voxtral"], parents.get("base")):
-        queue = [dataclasses.replace(it, kind="stream") if it.kind == "vocab" else it for it in queue]
+        queue = [
+            dataclasses.replace(it, streamed=True) if it.kind in ("merge", "vocab") and it.shape else it for it in queue
+        ]
     bar = tqdm(
         total=sum(_out_bytes(it) for it in queue), unit="B", unit_scale=True, desc="merge", disable=not job.progress
     )
@@ -318,9 +324,9 @@ def _stream(
             budget -= _in_flight_bytes(item)
             inputs = fut.result()
             del fut  # drop every reference to the inputs as soon as the output exists (peak memory)
-            if item.kind == "stream":
+            if item.streamed:
                 bar.update(_out_bytes(item))
-                yield item, _vocab_stream(item, job, parents, alignment, summary)
+                yield item, _row_blocks(item, job, parents, alignment, summary)
                 continue
             out = _produce(item, inputs, job, alignment, summary)
             _check_through_output(item, inputs, out, parents)
@@ -419,7 +425,9 @@ def _write_shards(
 ) -> None:
     """HF output: planned shards, each written as `.tmp` and renamed with a state file when complete."""
     by_name = {it.out_name: it for it in items}
-    shards = plan_shards([(it.out_name, it.dtype, it.shape) for it in items], job.shard_bytes)
+    # The vocabulary matrices first: their large writes then overlap the decoder's merges, not trail them.
+    ordered = sorted(items, key=lambda it: it.kind != "vocab")
+    shards = plan_shards([(it.out_name, it.dtype, it.shape) for it in ordered], job.shard_bytes)
     names = shard_names(len(shards))
     index = {n: fname for fname, shard in zip(names, shards, strict=True) for n, _, _ in shard}
     todo = []
@@ -432,25 +440,57 @@ def _write_shards(
     _write_json(tmp / "model.safetensors.index.json.tmp", {"metadata": {}, "weight_map": index})
     queue = [by_name[n] for _, shard in todo for n, _, _ in shard]
     stream = _stream(queue, job, parents, alignment, summary, row_blocks=True)
-    with ThreadPoolExecutor(1) as writer:
+    with _WriteBehind(job.write_behind_bytes) as writer:
         for path, shard in todo:
             part = path.with_name(path.name + ".tmp")
             with open(part, "wb") as f:
                 f.write(header_bytes(shard, {"format": "pt"}))
-                last: Future | None = None
                 for _ in shard:
                     _, out = next(stream)
-                    for piece in [out] if isinstance(out, torch.Tensor) else out:
-                        if last is not None:
-                            last.result()
-                        last = writer.submit(f.write, tensor_bytes(piece))
-                if last is not None:
-                    last.result()
+                    if isinstance(out, torch.Tensor):
+                        writer.submit(f, out)
+                    else:  # row blocks in reused buffers: each written before the next-but-one is produced
+                        for piece in out:
+                            writer.submit(f, piece, alone=True)
+                writer.drain()
             _write_json(
                 path.with_name(path.name + ".state.json"),
                 _shard_state(shard, by_name, index, path.name, parents, summary),
             )
             part.rename(path)
+
+
+class _WriteBehind:
+    """Ordered writes in one thread, so merging goes on while large outputs are written. `submit` waits
+    only while more than `budget` bytes are queued, or (`alone`) until the queue is empty: for pieces
+    whose buffer the producer reuses two pieces later."""
+
+    def __init__(self, budget: int):
+        self.budget, self.queued = budget, 0
+        self.pending: deque[tuple[Future, int]] = deque()
+        self.pool = ThreadPoolExecutor(1)
+
+    def submit(self, f: Any, piece: torch.Tensor, alone: bool = False) -> None:
+        data = tensor_bytes(piece)
+        while self.pending and (alone or self.queued + data.nbytes > self.budget):
+            self._pop()
+        self.pending.append((self.pool.submit(f.write, data), data.nbytes))
+        self.queued += data.nbytes
+
+    def _pop(self) -> None:
+        fut, n = self.pending.popleft()
+        fut.result()
+        self.queued -= n
+
+    def drain(self) -> None:
+        while self.pending:
+            self._pop()
+
+    def __enter__(self) -> _WriteBehind:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _write_torch_dist(
@@ -481,8 +521,8 @@ def _shard_state(
     parents: dict[str, Parent],
     summary: Summary,
 ) -> dict[str, Any]:
-    """What a resumed run needs from a finished shard: input checksums, row statistics, skipped tensors."""
-    crc: dict[str, dict[str, int]] = {label: {} for label in parents}
+    """What a resumed run needs from a finished shard: input digests, row statistics, skipped tensors."""
+    digests: dict[str, dict[str, str]] = {label: {} for label in parents}
     for n, _, _ in shard:
         it = by_name[n]
         sources = {"voxtral": it.vox_name}
@@ -490,19 +530,19 @@ def _shard_state(
             sources |= {"devstral": it.dev_name, "base": it.base_name}
         for label, src in sources.items():
             if label in parents and src:
-                crc[label][src] = parents[label].crc[src]
+                digests[label][src] = parents[label].digests[src]
     return {
-        "crc": crc,
+        "digests": digests,
         "special_rows": {k: v for k, v in summary.special_rows.items() if index[k.split(":")[0]] == fname},
         "skipped": [n for n in summary.skipped_shape_mismatch if index[n] == fname],
     }
 
 
 def _restore_state(path: Path, parents: dict[str, Parent], summary: Summary) -> None:
-    """Checksums and row statistics of a shard finished by an earlier (interrupted) run."""
+    """Input digests and row statistics of a shard finished by an earlier (interrupted) run."""
     data = json.loads(path.read_text())
     for label, p in parents.items():
-        p.crc.update(data["crc"].get(label, {}))
+        p.digests.update(data["digests"].get(label, {}))
     summary.special_rows.update(data["special_rows"])
     summary.skipped_shape_mismatch += data["skipped"]
 
@@ -539,7 +579,7 @@ def _provenance(
         "tensors": dict(summary.tensors),
         "special_rows": dict(summary.special_rows),
         "skipped_shape_mismatch": summary.skipped_shape_mismatch,
-        "hash_note": "content_sha256 = sha256(config, tekken.json, tensor table with per-tensor CRC32)",
+        "hash_note": "content_sha256 = sha256(config, tekken.json, tensor table with per-tensor XXH3-128)",
     }
 
 

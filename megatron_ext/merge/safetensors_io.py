@@ -1,7 +1,8 @@
-"""Streaming safetensors I/O with flat memory: read one tensor with a positioned read (no mmap, so
-resident memory does not grow with the file), write shards whose headers are planned up front (so a
-finished shard is final and an interrupted merge resumes shard by shard; `checkpoint/safetensors_io.py`
-writes headers last and mmaps on read, which suits conversion but not these two needs).
+"""Streaming safetensors I/O with flat memory: read one tensor (or a row range of it) as its own
+mapping (`checkpoint.safetensors_io.map_bytes`: released with the tensor, so resident memory does not
+grow with the file), write shards whose headers are planned up front (so a finished shard is final and
+an interrupted merge resumes shard by shard; `checkpoint/safetensors_io.py` writes headers last, which
+suits conversion but not these two needs).
 
 Format (public spec): 8-byte little-endian header length, JSON header {name: {dtype, shape,
 data_offsets}, "__metadata__": {str: str}}, then the raw little-endian tensor bytes.
@@ -10,14 +11,13 @@ data_offsets}, "__metadata__": {str: str}}, then the raw little-endian tensor by
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from megatron_ext.checkpoint.safetensors_io import DTYPE_NAMES, DTYPES
+from megatron_ext.checkpoint.safetensors_io import DTYPE_NAMES, DTYPES, map_bytes
 
 
 class SafetensorsError(ValueError):
@@ -61,27 +61,14 @@ def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
     return out, meta
 
 
-def read_tensor(entry: Entry) -> torch.Tensor:
-    """Read one tensor into fresh memory with positioned reads."""
-    buf = torch.empty(entry.nbytes, dtype=torch.uint8)
-    read_into(entry, 0, buf)
-    return buf.view(entry.dtype).reshape(entry.shape)
-
-
-def read_into(entry: Entry, offset: int, buf: torch.Tensor) -> None:
-    """Fill the uint8 tensor `buf` with the tensor's bytes from `offset` on (positioned reads, so a reused
-    buffer streams a large tensor in blocks without page faults or file-position state)."""
-    view = memoryview(buf.numpy())
-    fd = os.open(entry.path, os.O_RDONLY)
-    try:
-        done = 0
-        while done < len(view):
-            got = os.preadv(fd, [view[done:]], entry.start + offset + done)
-            if got <= 0:
-                raise SafetensorsError(f"{entry.path}: short read at byte {entry.start + offset + done}")
-            done += got
-    finally:
-        os.close(fd)
+def read_tensor(entry: Entry, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """The tensor, or only its rows [start, stop) along the first dimension, mapped from the file."""
+    shape, start, end = entry.shape, entry.start, entry.end
+    if rows is not None:
+        row_bytes = entry.nbytes // shape[0] if shape and shape[0] else 0
+        shape = (rows[1] - rows[0], *shape[1:])
+        start, end = entry.start + rows[0] * row_bytes, entry.start + rows[1] * row_bytes
+    return map_bytes(entry.path, start, end).view(entry.dtype).reshape(shape)
 
 
 def header_bytes(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
