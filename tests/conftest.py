@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megatron_ext.tiny import build_tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_hash_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Source-hash cache of the session (tools and CLI children inherit it), never the user's."""
+    os.environ["MEGATRON_EXT_CACHE"] = str(tmp_path_factory.mktemp("hash-cache"))
 
 
 @pytest.fixture(scope="session")

@@ -37,10 +37,13 @@ def main() -> int:
                              "whose metadata lacks them")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--rehash", action="store_true",
+                        help="sha256 every source file afresh instead of reusing a known hash (HF hub blob "
+                             "name or the per-user cache in $MEGATRON_EXT_CACHE, default ~/.cache/megatron_ext)")
     args = parser.parse_args()
     try:
         report = convert(args.input, args.output, args.to, args.tp, args.pp, args.overwrite, args.rope_from,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, rehash=args.rehash)
     except (CheckpointError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

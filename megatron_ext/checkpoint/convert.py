@@ -25,6 +25,7 @@ from megatron_ext.checkpoint.formats import InputCheckpoint, open_input
 from megatron_ext.checkpoint.metadata import TOKENIZER_FILE, CheckpointMeta, command_line, sha256_file, write_meta
 from megatron_ext.checkpoint.mistral_native import convert_name, half_to_interleaved, params_from_config, rope_heads
 from megatron_ext.checkpoint.safetensors_io import SafetensorsWriter
+from megatron_ext.checkpoint.source_hashes import source_sha256
 from megatron_ext.checkpoint.torch_dist_io import TorchDistWriter
 from megatron_ext.config import ConfigError, ModelConfig
 from megatron_ext.parallel_layout import validate_parallelism
@@ -80,15 +81,18 @@ def _native_stream(inp: InputCheckpoint) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 class _Hasher(threading.Thread):
-    """sha256 of the source files in a background thread (hashlib releases the GIL)."""
+    """sha256 of the source files in a background thread (hashlib releases the GIL); known hashes are
+    reused unless `rehash` (see `source_hashes.py`)."""
 
-    def __init__(self, files: list[Path]) -> None:
+    def __init__(self, files: list[Path], rehash: bool) -> None:
         super().__init__(daemon=True)
-        self.files, self.result, self.error = files, [], None
+        self.files, self.rehash, self.result, self.error = files, rehash, [], None
 
     def run(self) -> None:
         try:
-            self.result = [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in self.files]
+            hashes = source_sha256(self.files, reuse=not self.rehash)
+            self.result = [{"path": str(p), "bytes": p.stat().st_size, "sha256": h}
+                           for p, h in zip(self.files, hashes, strict=True)]
         except OSError as exc:
             self.error = exc
 
@@ -113,7 +117,8 @@ def _hf_dtype_name(inp: InputCheckpoint) -> str:
 
 
 def convert(input_dir: Path, output_dir: Path, to: Target, tp: int = 1, pp: int = 1, overwrite: bool = False,
-            rope_from: Path | None = None, progress: bool = True, command: str | None = None) -> ConversionReport:
+            rope_from: Path | None = None, progress: bool = True, command: str | None = None,
+            rehash: bool = False) -> ConversionReport:
     """Convert `input_dir` (any supported format) to `to` in `output_dir`; see the module docstring."""
     if to not in TARGETS:
         raise CheckpointError(f"--to {to!r}: expected one of {', '.join(TARGETS)}")
@@ -121,7 +126,7 @@ def convert(input_dir: Path, output_dir: Path, to: Target, tp: int = 1, pp: int 
     inp = open_input(Path(input_dir), rope_from)
     try:
         validate_parallel(inp.cfg, tp, pp)
-        hasher = _Hasher(inp.files if to == "megatron" else [])  # only torch_dist outputs record sources
+        hasher = _Hasher(inp.files if to == "megatron" else [], rehash)  # only torch_dist outputs record sources
         hasher.start()
         with atomic_dir(Path(output_dir), overwrite) as tmp:
             if to == "megatron":

@@ -26,6 +26,8 @@ import json
 import os
 import pickle
 import re
+import struct
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from megatron_ext.checkpoint.atomic import CheckpointError
+from megatron_ext.checkpoint.safetensors_io import map_bytes
 
 DCP_METADATA = ".metadata"
 DATA_FILE = "__0_0.distcp"
@@ -212,6 +215,39 @@ class _FileView(io.RawIOBase):
         return got
 
 
+def _mapped_record(path: Path, f: IO[bytes], info: _StorageInfo) -> torch.Tensor | None:
+    """The tensor of one `torch.save` record mapped from the file instead of read into fresh memory, or
+    None when the record is not one uncompressed little-endian storage (then `torch.load` reads it).
+    Shape, strides and offset come from the record's pickle loaded onto the meta device (no data read)."""
+    meta = torch.load(_FileView(f, info.offset, info.length), map_location="meta", weights_only=True)
+    if not isinstance(meta, torch.Tensor):
+        return None
+    with zipfile.ZipFile(_FileView(f, info.offset, info.length)) as z:
+        entries = z.infolist()
+    data = [e for e in entries if "/data/" in e.filename]
+    if len(data) != 1 or data[0].compress_type != zipfile.ZIP_STORED:
+        return None
+    for e in entries:
+        if e.filename.endswith("/byteorder"):
+            f.seek(_entry_start(f, info.offset, e))
+            if f.read(e.file_size) != b"little":
+                return None
+    start = _entry_start(f, info.offset, data[0])
+    storage = map_bytes(path, start, start + data[0].file_size).view(meta.dtype)
+    return storage.as_strided(meta.shape, meta.stride(), meta.storage_offset())
+
+
+def _entry_start(f: IO[bytes], base: int, entry: zipfile.ZipInfo) -> int:
+    """File offset of a stored zip entry's bytes (its local header's name and extra lengths decide it;
+    read directly: our records carry no CRC32 for zipfile to check)."""
+    f.seek(base + entry.header_offset)
+    header = f.read(30)
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"no local header for {entry.filename}")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return base + entry.header_offset + 30 + name_len + extra_len
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Shape and dtype of one full (per-layer) tensor in a torch_dist checkpoint."""
@@ -229,8 +265,9 @@ def _overlap(chunk: ChunkStorageMetadata, lo: list[int], hi: list[int]) -> list[
 class TorchDistReader:
     """Read full per-layer tensors from a torch_dist checkpoint written by us or by Megatron at any TP/PP.
 
-    Only the chunks overlapping the requested layer are read (one `torch.load(weights_only=True)` record
-    at a time), so memory stays at about one tensor plus one chunk.
+    Only the chunks overlapping the requested layer are read, one record at a time, each mapped from the
+    file (`_mapped_record`; `torch.load(weights_only=True)` for any other record), so memory stays at
+    about one tensor plus one chunk.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -295,10 +332,14 @@ class TorchDistReader:
                 f"{self.directory / info.relative_path}: truncated ({size} bytes, {key} needs "
                 f"{info.offset + info.length})"
             )
+        path = self.directory / info.relative_path
         try:
+            mapped = _mapped_record(path, f, info)
+            if mapped is not None:
+                return mapped
             return torch.load(_FileView(f, info.offset, info.length), map_location="cpu", weights_only=True)
-        except (RuntimeError, pickle.UnpicklingError, EOFError) as exc:
-            raise CheckpointError(f"{self.directory / info.relative_path}: corrupt record for {key} ({exc})") from None
+        except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as exc:
+            raise CheckpointError(f"{path}: corrupt record for {key} ({exc})") from None
 
     def get(self, name: str) -> torch.Tensor:
         """The full tensor `name` (one layer of a stacked key), assembled from the chunks that cover it."""

@@ -1,14 +1,15 @@
 """Merge benchmark: our linear/SLERP vs mergekit on one synthetic pair with Mistral-Small tensor shapes,
 and vs the disk floor (read both inputs + write the output once). Each measurement runs in a fresh
 child process that reports its own wall time (work only, interpreter start excluded) and peak RSS
-(`ru_maxrss`); a second, larger pair checks that our peak RSS stays flat in model size.
+(VmHWM); every kind is measured `repeat` times, each after a `sync`, and its fastest run is reported
+(the same for every kind: shared-machine noise is one-sided). A second, larger pair checks that our
+peak RSS stays flat in model size.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from megatron_ext.checkpoint.bench import peak_rss_gb
 from megatron_ext.config import EncoderConfig, mistral_small_decoder
 from megatron_ext.merge.methods import MergeParams
 from megatron_ext.merge.run import MergeJob, run_merge
@@ -74,26 +76,36 @@ def child(kind: str, root: Path) -> dict[str, Any]:
     else:
         raise ValueError(kind)
     wall = time.time() - t0
-    return {"kind": kind, "wall_s": wall, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB}
+    return {"kind": kind, "wall_s": wall, "peak_rss_gb": peak_rss_gb() * 1e9 / GB}
 
 
-def _measure(kind: str, root: Path, tool: Path) -> dict[str, Any]:
+def _measure(kind: str, root: Path, tool: Path, repeat: int) -> dict[str, Any]:
+    runs = []
+    for _ in range(repeat):
+        shutil.rmtree(root / "out", ignore_errors=True)
+        os.sync()  # every run starts with no dirty pages from the one before
+        res = subprocess.run(
+            [sys.executable, str(tool), "--child", kind, "--dir", str(root)], capture_output=True, text=True
+        )
+        if res.returncode != 0:
+            raise RuntimeError(f"{kind} failed: {res.stderr.strip().splitlines()[-1:]}")
+        runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
     shutil.rmtree(root / "out", ignore_errors=True)
-    os.sync()  # every measurement starts with no dirty pages from the one before
-    res = subprocess.run(
-        [sys.executable, str(tool), "--child", kind, "--dir", str(root)], capture_output=True, text=True
+    walls = [r["wall_s"] for r in runs]
+    result = {"kind": kind, "wall_s": min(walls), "walls_s": walls, "peak_rss_gb": max(r["peak_rss_gb"] for r in runs)}
+    print(
+        f"  {kind:16s} wall {result['wall_s']:7.1f} s (runs: {', '.join(f'{w:.1f}' for w in walls)})   "
+        f"peak RSS {result['peak_rss_gb']:5.2f} GB",
+        flush=True,
     )
-    if res.returncode != 0:
-        raise RuntimeError(f"{kind} failed: {res.stderr.strip().splitlines()[-1:]}")
-    shutil.rmtree(root / "out", ignore_errors=True)
-    result = json.loads(res.stdout.strip().splitlines()[-1])
-    print(f"  {kind:16s} wall {result['wall_s']:7.1f} s   peak RSS {result['peak_rss_gb']:5.2f} GB", flush=True)
     return result
 
 
-def run_benchmark(root: Path, layers: int, big_layers: int, tool: Path, keep: bool = False) -> dict[str, Any]:
+def run_benchmark(
+    root: Path, layers: int, big_layers: int, tool: Path, keep: bool = False, repeat: int = 2
+) -> dict[str, Any]:
     """Generate the pairs under `root`, measure, print ratios; deletes generated data unless `keep`."""
-    results: dict[str, Any] = {"cpu_count": os.cpu_count(), "layers": layers}
+    results: dict[str, Any] = {"cpu_count": os.cpu_count(), "layers": layers, "repeat": repeat}
     try:
         for n_layers, kinds in (
             (layers, ["floor", "ours-linear", "mergekit-linear", "ours-slerp", "mergekit-slerp"]),
@@ -110,7 +122,7 @@ def run_benchmark(root: Path, layers: int, big_layers: int, tool: Path, keep: bo
                 f"{time.time() - t0:.0f} s",
                 flush=True,
             )
-            results[f"layers{n_layers}"] = {"parent_gb": size / GB, **{k: _measure(k, d, tool) for k in kinds}}
+            results[f"layers{n_layers}"] = {"parent_gb": size / GB, **{k: _measure(k, d, tool, repeat) for k in kinds}}
             shutil.rmtree(d)
     finally:
         if not keep:
