@@ -15,7 +15,7 @@ from megatron_ext.data.synth.config import SynthConfig
 from megatron_ext.data.synth.errors import SynthError
 from megatron_ext.data.synth.files import reserved
 from megatron_ext.data.synth.http import RetryPolicy
-from megatron_ext.data.synth.pipeline import run
+from megatron_ext.data.synth.pipeline import run, shard_costs
 from megatron_ext.data.synth.shards import ShardPaths, process_shard
 from tools.synth_audio import main
 
@@ -179,3 +179,16 @@ def test_workers_share_more_shards_than_workers_and_match_a_single_worker(tmp_pa
     for k in range(5):
         name = f"samples-{k:05d}-of-00005.jsonl"
         assert (tmp_path / "two/out" / name).read_bytes() == (tmp_path / "one/out" / name).read_bytes()
+
+
+def test_shard_costs_count_user_text_per_round_robin_shard(tmp_path):
+    """Workers take shards largest first by this estimate: user-message characters of the shard's rows."""
+    rows = [
+        {"messages": [{"role": "system", "content": "x" * 500}, {"role": "user", "content": "abc"}]},
+        {"messages": [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "y" * 90}]},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "parts"}]}]},
+    ]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
+    # rows 1..4 -> shards 0, 1, 0, 1; the malformed row 4 counts its line length
+    assert shard_costs(path, 2) == [3 + 0, 11 + len("not json")]

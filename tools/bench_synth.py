@@ -16,7 +16,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--input", type=Path, default=Path("examples/data/coding_trajectories.jsonl"))
     p.add_argument("--workdir", type=Path, default=Path("build/bench-synth"), help="scratch directory (replaced)")
-    p.add_argument("--copies", type=int, default=2, help="copies of the input to process per run")
+    p.add_argument("--copies", type=int, default=4, help="copies of the input to process per run (4: 64 rows)")
     p.add_argument("--tts-engine", choices=OFFLINE_ENGINES, default="piper")
     p.add_argument("--workers", type=int, default=2, help="worker count compared with 1")
     a = p.parse_args()

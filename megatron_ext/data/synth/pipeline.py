@@ -34,6 +34,20 @@ def count_rows(path: Path) -> int:
     return sum(1 for _ in read_rows(path))
 
 
+def shard_costs(path: Path, num_shards: int) -> list[int]:
+    """Estimated TTS work per shard: the characters of its rows' user messages (an unparsable row
+    counts its line length; the row itself is reported when its shard runs)."""
+    costs = [0] * num_shards
+    for row, line in read_rows(path):
+        try:
+            texts = [m.get("content") for m in parse_row(line, str(path), row)["messages"] if m["role"] == "user"]
+            cost = sum(len(t) for t in texts if isinstance(t, str))
+        except InputError:
+            cost = len(line)
+        costs[(row - 1) % num_shards] += cost
+    return costs
+
+
 def _work(cfg: SynthConfig, shards: list[int], total_rows: int, position: int) -> None:
     """Build this process's engines once, then finish each of its shards."""
     judge = HttpJudge(cfg.judge_url, cfg.judge_model, cfg.retry) if cfg.judge_url else RuleJudge()
@@ -70,18 +84,18 @@ def _worker_main(cfg: SynthConfig, shards: list[int], total_rows: int, position:
 def _run_workers(cfg: SynthConfig, shards: list[int], total_rows: int) -> None:
     """Run `shards` on `cfg.workers` forked processes; raise if any of them did not finish.
 
-    Work stealing at shard granularity: every worker walks all shards from its own starting point and
-    takes whichever is neither reserved by a sibling nor done, so with more shards than workers nobody
-    idles while another still has a backlog (rows differ a lot in TTS cost)."""
+    Work stealing at shard granularity, largest first: every worker walks all shards in descending
+    order of estimated TTS work (`shard_costs`) and takes whichever is neither reserved by a sibling nor
+    done, so nobody idles while another still has a backlog, and the last shards taken are the shortest
+    (rows differ a lot in TTS cost)."""
     if cfg.workers == 1 or len(shards) == 1:
         _work(cfg, shards, total_rows, 0)
         return
     ctx = multiprocessing.get_context("fork")  # the parent holds no threads or engines; children start warm
-    n = min(cfg.workers, len(shards))
-    starts = [w * len(shards) // n for w in range(n)]
+    costs = shard_costs(cfg.input, cfg.num_shards)
+    order = sorted(shards, key=lambda s: -costs[s])
     procs = [
-        ctx.Process(target=_worker_main, args=(cfg, shards[s:] + shards[:s], total_rows, w))
-        for w, s in enumerate(starts)
+        ctx.Process(target=_worker_main, args=(cfg, order, total_rows, w)) for w in range(min(cfg.workers, len(shards)))
     ]
     for p in procs:
         p.start()
