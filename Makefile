@@ -10,7 +10,7 @@ BUILD ?= build
 TINY ?= $(BUILD)/tiny
 APT_PACKAGES := espeak-ng sox pocketsphinx-testdata
 
-.PHONY: venv system-deps tiny demo demo-convert convert bench-convert demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint clean synth bench-synth eval eval-data eval-model eval-sft report demo-eval sft sft-dry-run demo-synth gpu-check
+.PHONY: venv system-deps tiny demo demo-convert convert bench bench-convert demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint clean synth bench-synth eval eval-data eval-model eval-sft report demo-eval sft sft-dry-run demo-synth gpu-check
 
 # ---- environment ---------------------------------------------------------------------------------
 $(VENV)/.installed: requirements.txt requirements-test.txt constraints.txt
@@ -74,6 +74,9 @@ PP ?= 1
 convert: venv
 	@test -n "$(IN)" -a -n "$(OUT)" || { echo "usage: make convert IN=dir OUT=dir [TO=megatron|hf|mistral] [TP=1] [PP=1]"; exit 2; }
 	$(PYTHON) tools/convert.py --input $(IN) --output $(OUT) --to $(TO) --tp $(TP) --pp $(PP)
+
+# All benchmarks, one after the other (each prints ratios against a baseline measured in the same run).
+bench: bench-convert bench-merge bench-synth
 
 # Synthetic Mistral-Small-shaped checkpoint (~4.9 GB, 2 layers) in build/bench: ours vs disk floor; deleted afterwards.
 bench-convert: venv
