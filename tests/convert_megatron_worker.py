@@ -2,7 +2,9 @@
 
 Used in-process at TP=1 by tests/test_convert_megatron.py and under `torchrun --nproc_per_node 2` for
 TP=2 (run as a script: `gpt CKPT HF_DIR TP [RESAVE_DIR]` or `audio_lm CKPT TP [RESAVE_DIR]`; prints `MAXDIFF <value>`
-on rank 0; RESAVE_DIR re-saves the loaded model with Megatron's own torch_dist writer).
+on rank 0; RESAVE_DIR re-saves the loaded model with Megatron's own torch_dist writer) and PP=2
+(`pp CKPT`: each stage loads its own layers; every rank prints `STAGE <rank> <first|-> <last|-> <layers>`
+after checking each loaded tensor against the checkpoint).
 `audio_lm_logit_diff` does the same with the project's AudioLanguageModel (Voxtral with audio, YaRN).
 The GPTModel is built with the local spec
 and loaded through `model.sharded_state_dict(prefix="language_model.")` + `dist_checkpointing.load`,
@@ -11,6 +13,7 @@ exactly as an `AudioLanguageModel` without audio stores its language model.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -23,8 +26,10 @@ from megatron_ext.checkpoint.metadata import load_model_config  # noqa: E402
 from megatron_ext.config import ModelConfig  # noqa: E402
 
 
-def build_gpt(cfg: ModelConfig):
-    """GPTModel (local spec) with the tiny Mistral decoder of `cfg` (plain rope only)."""
+def build_gpt(cfg: ModelConfig, pre_process: bool = True, post_process: bool = True):
+    """GPTModel (local spec) with the tiny Mistral decoder of `cfg` (plain rope only); the pipeline stage of
+    this rank when PP > 1 (`pre_process`: it holds the embedding, `post_process`: the output layer)."""
+    from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
@@ -37,11 +42,14 @@ def build_gpt(cfg: ModelConfig):
         normalization="RMSNorm", layernorm_epsilon=d.norm_eps, gated_linear_unit=True,
         activation_func=torch.nn.functional.silu, add_bias_linear=False, use_cpu_initialization=True,
         hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.float32,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        pipeline_dtype=torch.float32,
     )
     return GPTModel(
         tc, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=d.vocab_size,
         max_sequence_length=d.max_position_embeddings, position_embedding_type="rope", rotary_base=int(d.rope.theta),
-        share_embeddings_and_output_weights=False,
+        share_embeddings_and_output_weights=False, pre_process=pre_process, post_process=post_process,
     )
 
 
@@ -126,9 +134,42 @@ def audio_lm_logit_diff(ckpt: Path, resave: Path | None = None) -> float:
     return float((ours.float() - ref.logits[0].float()).abs().max())
 
 
+def check_pipeline_stage(ckpt: Path) -> str:
+    """Load this pipeline stage's part of `ckpt` strictly; every loaded tensor must equal the checkpoint's
+    tensor at its global layer. Returns `STAGE rank first|- last|- global-layer-indices`."""
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    from megatron_ext.checkpoint.torch_dist_io import TorchDistReader
+
+    first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
+    model = build_gpt(load_model_config(ckpt), pre_process=first, post_process=last)
+    sd = model.sharded_state_dict(prefix="language_model.")
+    loaded = dist_checkpointing.load(sd, str(ckpt), strict=StrictHandling.RAISE_ALL)
+    model.load_state_dict({k.removeprefix("language_model."): v for k, v in loaded.items()})
+    reader, layers = TorchDistReader(ckpt), set()
+    for key, sh in sd.items():
+        if not isinstance(sh, ShardedTensor):
+            continue
+        name = sh.key
+        if sh.prepend_axis_num:  # stacked layer key: the global layer is the first offset
+            layer = sh.global_offset[0]
+            layers.add(layer)
+            name = name.replace(".layers.", f".layers.{layer}.", 1)
+        assert torch.equal(loaded[key], reader.get(name)), name
+    return f"STAGE {parallel_state.get_pipeline_model_parallel_rank()} {'first' if first else '-'} " \
+           f"{'last' if last else '-'} {','.join(map(str, sorted(layers)))}"
+
+
 def main() -> None:
     from megatron_ext.compat.cpu import destroy_distributed, init_distributed
 
+    if sys.argv[1] == "pp":  # pp CKPT: PP = world size
+        init_distributed(tp=1, pp=int(os.environ["WORLD_SIZE"]))
+        print(check_pipeline_stage(Path(sys.argv[2])), flush=True)
+        destroy_distributed()
+        return
     if sys.argv[1] == "audio_lm":  # audio_lm CKPT TP [RESAVE_DIR]
         init_distributed(tp=int(sys.argv[3]), pp=1)
         diff = audio_lm_logit_diff(Path(sys.argv[2]), Path(sys.argv[4]) if len(sys.argv) > 4 else None)
