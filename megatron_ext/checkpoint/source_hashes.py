@@ -8,7 +8,9 @@ times the disk time), so each file is hashed once:
   maps (device, inode, size, mtime) to a hash computed earlier; any rewrite of the file changes that
   key, and a file that changed while it was hashed is not cached. Lines are appended whole (one
   `write` with O_APPEND), so concurrent conversions (array jobs) can share the cache.
-Files still unknown are hashed in parallel, one thread per file (hashlib releases the GIL).
+Files still unknown are hashed in parallel, one thread per file (hashlib releases the GIL); `prefetch`
+starts that early (the converter calls it before importing torch, ~3 s of a hash that bounds a cold
+conversion), and `source_sha256` takes over what was started. This module imports no torch.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ from __future__ import annotations
 import json
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 from megatron_ext.checkpoint.metadata import sha256_file
 
 CACHE_ENV = "MEGATRON_EXT_CACHE"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_started: dict[str, Future] = {}  # file key -> its hash, being computed in this process
 
 
 def cache_path() -> Path:
@@ -77,16 +81,39 @@ def _hash_and_record(path: Path) -> str:
     return digest
 
 
+def _start(path: Path) -> Future:
+    """Hash `path` in a daemon thread (an error exit never waits for a multi-GB hash)."""
+    fut: Future = Future()
+
+    def work() -> None:
+        try:
+            fut.set_result(_hash_and_record(path))
+        except OSError as exc:
+            fut.set_exception(exc)
+
+    threading.Thread(target=work, daemon=True, name=f"sha256 {path.name}").start()
+    return fut
+
+
+def _known(path: Path, cache: dict[str, str]) -> str | None:
+    return _hub_blob_hash(path) or cache.get(_key(path))
+
+
+def prefetch(paths: list[Path], reuse: bool = True) -> None:
+    """Start hashing the files whose hash is not known yet; `source_sha256` waits for them."""
+    cache = _load_cache() if reuse else {}
+    for p in paths:
+        key = _key(p)
+        if key not in _started and not (reuse and _known(p, cache)):
+            _started[key] = _start(p)
+
+
 def source_sha256(paths: list[Path], reuse: bool = True) -> list[str]:
     """Hex sha256 of each file; `reuse=False` hashes every file afresh (and refreshes the cache)."""
-    known = _load_cache() if reuse else {}
-    found: dict[Path, str] = {}
+    cache = _load_cache() if reuse else {}
+    found: dict[Path, str | Future] = {}
     for p in paths:
-        digest = (_hub_blob_hash(p) or known.get(_key(p))) if reuse else None
-        if digest:
-            found[p] = digest
-    todo = [p for p in paths if p not in found]
-    if todo:
-        with ThreadPoolExecutor(min(len(todo), os.cpu_count() or 1)) as pool:
-            found.update(zip(todo, pool.map(_hash_and_record, todo), strict=True))
-    return [found[p] for p in paths]
+        key = _key(p)
+        known = _known(p, cache) if reuse else None
+        found[p] = known or _started.get(key) or _started.setdefault(key, _start(p))
+    return [h if isinstance(h, str) else h.result() for h in (found[p] for p in paths)]
