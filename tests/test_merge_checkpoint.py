@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_ext.merge.methods import MergeParams, linear
-from megatron_ext.merge.run import MergeJob, run_merge
+from megatron_ext.merge.run import MergeError, MergeJob, run_merge
 from megatron_ext.tokenizer.align import TokenizerAlignment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,6 +207,26 @@ def _variant(tiny: Path, tmp: Path, which: str, edit) -> Path:
     save_file(sd, str(d / "model.safetensors"))
     (d / "config.json").write_text(json.dumps(cfg))
     return d
+
+
+@pytest.mark.parametrize("method", ["linear", "slerp"])
+def test_nan_in_an_input_row_the_merge_does_not_use_is_still_an_error(
+    tiny_dir: Path, tmp_path: Path, method: str
+) -> None:
+    """Voxtral's embedding row 32 is a placeholder there; the merged rank 32 is Devstral's [ARGS]."""
+    emb = "language_model.model.embed_tokens.weight"
+
+    def nan_row(sd, cfg, d):
+        sd[emb][32, 7] = float("nan")
+
+    vox = _variant(tiny_dir, tmp_path, "voxtral", nan_row)
+    job = MergeJob(
+        tiny_dir / "devstral-hf", vox, tmp_path / "o", MergeParams(method=method, alpha=0.3), rope_from="devstral",
+        progress=False,
+    )
+    with pytest.raises(MergeError, match=f"voxtral-bad: tensor {emb} contains NaN"):
+        run_merge(job)
+    assert not (tmp_path / "o").exists()
 
 
 def _drop_layer(sd, cfg, d):
