@@ -79,6 +79,30 @@ def test_row_blocks_give_the_whole_matrix_result(
     assert prov[0]["parents"] == prov[1]["parents"] and prov[0]["special_rows"] == prov[1]["special_rows"]
 
 
+def test_streamed_slerp_equals_the_whole_tensor_merge(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SLERP streamed in 7-row blocks (coefficients from the whole tensors) gives the bits of `slerp()` on
+    whole tensors and of the whole-matrix vocabulary rules."""
+    from megatron_ext.merge import row_stream
+    from megatron_ext.merge.embeddings import merge_vocab_rows
+    from megatron_ext.merge.methods import METHODS, TensorContext, slerp
+
+    monkeypatch.setattr(row_stream, "BLOCK_BYTES", 7 * 96 * 4)
+    params = MergeParams(method="slerp", alpha=0.3)
+    out = load_file(_merge(tiny_dir, tmp_path / "o", params={"method": "slerp", "alpha": 0.3}) / "model.safetensors")
+    dev, vox = (load_file(tiny_dir / f"{m}-hf/model.safetensors") for m in ("devstral", "voxtral"))
+    alignment = TokenizerAlignment.load(tmp_path / "o" / "tokenizer_map.json")
+    for name in (EMB, HEAD):
+        dname = "lm_head.weight" if name == HEAD else "model.embed_tokens.weight"
+        ref, _ = merge_vocab_rows(
+            dev[dname], vox[name], None, alignment, METHODS["slerp"], params, TensorContext(name), 1e-6
+        )
+        assert torch.equal(out[name], ref), name
+    for name in ("language_model.model.layers.1.mlp.down_proj.weight", "language_model.model.norm.weight"):
+        assert torch.equal(out[name], slerp(0.3, dev[name.removeprefix("language_model.")], vox[name])), name
+
+
 def test_output_loads_in_transformers_with_rope_and_tokenizer(tiny_dir: Path, linear_out: Path) -> None:
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
     from transformers import VoxtralForConditionalGeneration
@@ -209,19 +233,24 @@ def _variant(tiny: Path, tmp: Path, which: str, edit) -> Path:
     return d
 
 
-@pytest.mark.parametrize("method", ["linear", "slerp"])
+@pytest.mark.parametrize(("method", "row"), [("linear", 32), ("slerp", 32), ("slerp", 1500)])
 def test_nan_in_an_input_row_the_merge_does_not_use_is_still_an_error(
-    tiny_dir: Path, tmp_path: Path, method: str
+    tiny_dir: Path, tmp_path: Path, method: str, row: int
 ) -> None:
-    """Voxtral's embedding row 32 is a placeholder there; the merged rank 32 is Devstral's [ARGS]."""
+    """Voxtral's embedding row 32 is a placeholder there (the merged rank 32 is Devstral's [ARGS]); a NaN
+    in a regular row (1500) spoils SLERP's coefficients, so every block is non-finite."""
     emb = "language_model.model.embed_tokens.weight"
 
     def nan_row(sd, cfg, d):
-        sd[emb][32, 7] = float("nan")
+        sd[emb][row, 7] = float("nan")
 
     vox = _variant(tiny_dir, tmp_path, "voxtral", nan_row)
     job = MergeJob(
-        tiny_dir / "devstral-hf", vox, tmp_path / "o", MergeParams(method=method, alpha=0.3), rope_from="devstral",
+        tiny_dir / "devstral-hf",
+        vox,
+        tmp_path / "o",
+        MergeParams(method=method, alpha=0.3),
+        rope_from="devstral",
         progress=False,
     )
     with pytest.raises(MergeError, match=f"voxtral-bad: tensor {emb} contains NaN"):

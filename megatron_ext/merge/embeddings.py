@@ -4,8 +4,8 @@ Rows 0..S-1 are special tokens, laid out as in the merged tokenizer (Devstral's 
 specials in their assigned slots, see `tokenizer/align.py`):
 - Voxtral-only specials: Voxtral's row, copied from its old rank;
 - common specials: Voxtral-weight-alpha average when both rows are non-trivial (row norm above a
-  threshold), else the non-trivial one; tokens in `verbatim_voxtral` (SLERP's transcription control rows)
-  are Voxtral's row as is;
+  threshold), else the non-trivial one; the method's `VERBATIM_ROWS` (SLERP's transcription control
+  rows) are Voxtral's row as is;
 - Devstral-only specials and placeholders: Devstral's row.
 Rows S.. (the shared regular vocabulary, plus any padding) are merged by the method as one tensor.
 """
@@ -16,8 +16,11 @@ from collections import Counter
 
 import torch
 
-from megatron_ext.merge.methods import MergeParams, Method, TensorContext, linear
+from megatron_ext.merge.methods import MergeParams, Method, RowMerge, TensorContext, linear
 from megatron_ext.tokenizer.align import TokenizerAlignment
+
+# Common specials taken from Voxtral as they are, per method: SLERP keeps the transcription control rows.
+VERBATIM_ROWS = {"slerp": frozenset({"[TRANSCRIBE]", "[AUDIO]", "[BEGIN_AUDIO]"})}
 
 
 def merge_vocab_rows(
@@ -29,12 +32,17 @@ def merge_vocab_rows(
     params: MergeParams,
     ctx: TensorContext,
     min_row_norm: float,
-    verbatim_voxtral: frozenset[str] = frozenset(),
+    regular: RowMerge | None = None,
 ) -> tuple[torch.Tensor, Counter]:
-    """The merged [vocab, hidden] matrix and a count of how each special row was produced."""
+    """The merged [vocab, hidden] matrix and a count of how each special row was produced. `regular`
+    merges the rows after the specials instead of `method.merge` (rows of a larger matrix, streamed)."""
     s = alignment.num_special_tokens
+    verbatim_voxtral = VERBATIM_ROWS.get(method.name, frozenset())
     out = torch.empty_like(dev)
-    method.merge(dev[s:], vox[s:], None if base is None else base[s:], params, ctx, out=out[s:])
+    if regular is None:
+        method.merge(dev[s:], vox[s:], None if base is None else base[s:], params, ctx, out=out[s:])
+    else:
+        regular(dev[s:], vox[s:], out[s:])
     out[:s] = dev[:s]
     old_rank = {new: old for old, new in alignment.voxtral_to_merged.items()}
     voxtral_only, common = set(alignment.voxtral_only), set(alignment.common)

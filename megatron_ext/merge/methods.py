@@ -11,7 +11,7 @@ the order tensors are processed in (resumable, parallel-safe), unlike a global g
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -70,42 +70,58 @@ def _output(like: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 
 # ---- SLERP ------------------------------------------------------------------------------------------
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Spherical interpolation of two whole tensors (flattened); t=0 gives v0. Falls back to linear
-    interpolation when the normalized vectors are (anti)collinear (|cos| > 0.9995); norms below 1e-8
+    """Spherical interpolation of two whole tensors (flattened); t=0 gives v0 (see `slerp_coefficients`)."""
+    if v0.numel() == 0:
+        return _output(v0, out).copy_(v0)
+    return slerp_rows(v0, v1, *slerp_coefficients(t, v0, v1), out)
+
+
+def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor) -> tuple[float, float]:
+    """(ca, cb) with slerp = ca * v0 + cb * v1, from the whole (flattened, non-empty) tensors. Falls back to
+    linear interpolation when the normalized vectors are (anti)collinear (|cos| > 0.9995); norms below 1e-8
     count as 1 (degenerate tensors then interpolate linearly in effect). Chunks are converted into
     compute-dtype scratch and scaled by Python floats (exact: `.item()` of the compute-dtype values),
-    which keeps every kernel same-dtype and vectorized."""
+    which keeps every kernel same-dtype and vectorized; the reductions keep torch's threading, as mergekit."""
     dt = _compute_dtype(v0)
     a, b = v0.reshape(-1), v1.reshape(-1)
     n = a.numel()
-    if n == 0:
-        return _output(v0, out).copy_(v0)
     chunks = list(_chunks(n, CHUNK))
     xs, ys = torch.empty(min(n, CHUNK), dtype=dt), torch.empty(min(n, CHUNK), dtype=dt)  # reused scratch
 
-    def load(buf: torch.Tensor, src: torch.Tensor, s: slice) -> torch.Tensor:
-        return buf[: s.stop - s.start].copy_(src[s])
-
     def norm(src: torch.Tensor) -> float:
-        parts = torch.stack([torch.linalg.vector_norm(load(xs, src, s)) for s in chunks])
+        parts = torch.stack([torch.linalg.vector_norm(_load(xs, src, s)) for s in chunks])
         value = torch.linalg.vector_norm(parts)
         return value.item() if value > NORM_EPS else 1.0
 
     na, nb = norm(a), norm(b)
-    dot = torch.stack([load(xs, a, s).div_(na).mul_(load(ys, b, s).div_(nb)).sum() for s in chunks]).sum()
+    dot = torch.stack([_load(xs, a, s).div_(na).mul_(_load(ys, b, s).div_(nb)).sum() for s in chunks]).sum()
     dot = dot.clamp(-1, 1)
     tt = torch.tensor(t, dtype=dt)
     if dot.abs() > DOT_THRESHOLD:
-        ca, cb = (1 - tt).item(), tt.item()
-    else:
-        theta = torch.acos(dot)
-        sin_theta = torch.sin(theta)
-        ca, cb = (torch.sin((1 - tt) * theta) / sin_theta).item(), (torch.sin(tt * theta) / sin_theta).item()
+        return (1 - tt).item(), tt.item()
+    theta = torch.acos(dot)
+    sin_theta = torch.sin(theta)
+    return (torch.sin((1 - tt) * theta) / sin_theta).item(), (torch.sin(tt * theta) / sin_theta).item()
+
+
+def slerp_rows(
+    v0: torch.Tensor, v1: torch.Tensor, ca: float, cb: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """ca * v0 + cb * v1 in the compute dtype, cast to v0's dtype: elementwise, so any part of the
+    tensors (a row block) gives the bits of the whole."""
+    dt = _compute_dtype(v0)
+    a, b = v0.reshape(-1), v1.reshape(-1)
     result = _output(v0, out)
     dst = result.view(-1)
-    for s in chunks:
-        dst[s].copy_(load(xs, a, s).mul_(ca).add_(load(ys, b, s).mul_(cb)))
+    xs, ys = torch.empty(min(a.numel(), CHUNK), dtype=dt), torch.empty(min(a.numel(), CHUNK), dtype=dt)
+    for s in _chunks(a.numel(), CHUNK):
+        dst[s].copy_(_load(xs, a, s).mul_(ca).add_(_load(ys, b, s).mul_(cb)))
     return result
+
+
+def _load(buf: torch.Tensor, src: torch.Tensor, s: slice) -> torch.Tensor:
+    """src[s] converted into the scratch buffer `buf`."""
+    return buf[: s.stop - s.start].copy_(src[s])
 
 
 # ---- DELLA ------------------------------------------------------------------------------------------
@@ -235,11 +251,20 @@ class MergeParams:
         return {k: getattr(self, k) for k in keys}
 
 
+RowMerge = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (dev rows, vox rows, out)
+
+
 class Method:
     """A merge method: combines Devstral's and Voxtral's version of one tensor (optionally with a base)."""
 
     name: ClassVar[str]
     uses_base: ClassVar[bool] = False
+    rows_need_whole: ClassVar[bool] = False  # `rows` needs the whole tensors (state such as norms)
+
+    def rows(self, p: MergeParams, dev: torch.Tensor | None = None, vox: torch.Tensor | None = None) -> RowMerge | None:
+        """For an elementwise method, a merge of any row block of these tensors giving the whole-tensor
+        merge's bits (whole-tensor state computed here from `dev`/`vox` when `rows_need_whole`); else None."""
+        return None
 
     def merge(
         self,
@@ -260,12 +285,23 @@ class Linear(Method):
     def merge(self, dev, vox, base, p, ctx, out=None):
         return linear([dev, vox], [1.0 - p.alpha, p.alpha], out)
 
+    def rows(self, p, dev=None, vox=None):
+        return lambda d, v, out: linear([d, v], [1.0 - p.alpha, p.alpha], out)
+
 
 class Slerp(Method):
     name = "slerp"
 
+    rows_need_whole = True
+
     def merge(self, dev, vox, base, p, ctx, out=None):
         return slerp(p.alpha, dev, vox, out)
+
+    def rows(self, p, dev=None, vox=None):
+        if dev.numel() == 0:
+            return lambda d, v, out: out.copy_(d)
+        ca, cb = slerp_coefficients(p.alpha, dev, vox)
+        return lambda d, v, out: slerp_rows(d, v, ca, cb, out)
 
 
 class Della(Method):

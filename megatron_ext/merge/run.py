@@ -5,8 +5,8 @@ byte for byte from Voxtral, decoder tensors are merged by the method, embeddings
 tokenizer-aware rules. Shards are written into `.<output>.partial-merge/` and renamed when complete; a
 re-run with the same plan resumes after the last finished shard (DELLA draws are seeded per tensor,
 so a resumed result is identical). Reads run one tensor ahead in a thread and writes behind in another,
-so disk and compute overlap while at most a few tensors are in memory; for HF output a linear merge
-streams every merged tensor in row blocks (`row_stream.py`), so block reads, merges and writes overlap.
+so disk and compute overlap while at most a few tensors are in memory; for HF output a linear or SLERP
+merge streams every merged tensor in row blocks (`row_stream.py`), so merges and writes overlap.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from megatron_ext.merge.embeddings import merge_vocab_rows
 from megatron_ext.merge.methods import METHODS, MergeParams, TensorContext
 from megatron_ext.merge.names import classify, num_layers
 from megatron_ext.merge.parents import Parent, ParentError, detect_naming, is_finite, open_parent
-from megatron_ext.merge.row_stream import linear_row_blocks, streamable
+from megatron_ext.merge.row_stream import row_blocks, streamable
 from megatron_ext.merge.safetensors_io import header_bytes, plan_shards, shard_names, tensor_bytes
 from megatron_ext.tokenizer.align import AlignmentError, TokenizerAlignment, align_tokenizers
 from megatron_ext.tokenizer.tekken_builder import write_tekken
@@ -49,7 +49,6 @@ DECODER_FIELDS = (
     "kv_channels",
     "vocab_size",
 )
-SLERP_VERBATIM = frozenset({"[TRANSCRIBE]", "[AUDIO]", "[BEGIN_AUDIO]"})
 PROVENANCE_FILE = "merge.json"
 
 
@@ -229,10 +228,7 @@ def _produce(
     ctx = TensorContext(item.out_name, item.layer, item.is_mlp)
     base = tensors.get("base") if method.uses_base else None
     if item.kind == "vocab":
-        verbatim = SLERP_VERBATIM if job.params.method == "slerp" else frozenset()
-        out, stats = merge_vocab_rows(
-            tensors["dev"], vox, base, alignment, method, job.params, ctx, job.min_row_norm, verbatim
-        )
+        out, stats = merge_vocab_rows(tensors["dev"], vox, base, alignment, method, job.params, ctx, job.min_row_norm)
         summary.special_rows.update({f"{item.out_name}:{k}": v for k, v in stats.items()})
         return out
     return method.merge(tensors["dev"], vox, base, job.params, ctx)
@@ -286,7 +282,7 @@ def _row_blocks(
     def on_stats(stats: Counter) -> None:
         summary.special_rows.update({f"{item.out_name}:{k}": v for k, v in stats.items()})
 
-    return linear_row_blocks(
+    return row_blocks(
         item.out_name,
         (parents["devstral"], item.dev_name),
         (parents["voxtral"], item.vox_name),
