@@ -94,7 +94,7 @@ def row_blocks(
             check_finite(t, f"{parent.path}: tensor {tensor}")
         ctx = TensorContext(name)
         out, stats = merge_vocab_rows(d, v, None, alignment, method, params, ctx, min_row_norm, regular=merge)
-        _check(out, srcs, (d, v), name)
+        _check(out, srcs, (d, v) if whole is None else whole, name)
         if whole is None:
             for h, t in zip(digests, (d, v), strict=True):
                 h.update(t.reshape(-1).view(torch.uint8).numpy())
