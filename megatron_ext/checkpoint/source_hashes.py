@@ -99,21 +99,26 @@ def _known(path: Path, cache: dict[str, str]) -> str | None:
     return _hub_blob_hash(path) or cache.get(_key(path))
 
 
+def _lookup(path: Path, cache: dict[str, str], reuse: bool) -> str | Future:
+    """The file's hash when known (and `reuse`), else its hashing in this process, started if need be."""
+    known = _known(path, cache) if reuse else None
+    if known:
+        return known
+    key = _key(path)
+    if key not in _started:
+        _started[key] = _start(path)
+    return _started[key]
+
+
 def prefetch(paths: list[Path], reuse: bool = True) -> None:
     """Start hashing the files whose hash is not known yet; `source_sha256` waits for them."""
     cache = _load_cache() if reuse else {}
     for p in paths:
-        key = _key(p)
-        if key not in _started and not (reuse and _known(p, cache)):
-            _started[key] = _start(p)
+        _lookup(p, cache, reuse)
 
 
 def source_sha256(paths: list[Path], reuse: bool = True) -> list[str]:
     """Hex sha256 of each file; `reuse=False` hashes every file afresh (and refreshes the cache)."""
     cache = _load_cache() if reuse else {}
-    found: dict[Path, str | Future] = {}
-    for p in paths:
-        key = _key(p)
-        known = _known(p, cache) if reuse else None
-        found[p] = known or _started.get(key) or _started.setdefault(key, _start(p))
-    return [h if isinstance(h, str) else h.result() for h in (found[p] for p in paths)]
+    pending = [_lookup(p, cache, reuse) for p in paths]
+    return [h if isinstance(h, str) else h.result() for h in pending]

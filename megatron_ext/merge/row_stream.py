@@ -79,8 +79,7 @@ def row_blocks(
     regular_start = vocab[0].num_special_tokens if vocab is not None else 0
     whole = tuple(_read(s, (0, rows)) for s in srcs) if method.rows_need_whole else None
     if whole is not None:
-        for h, t in zip(digests, whole, strict=True):
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        _digest(digests, whole)
         merge = method.rows(params, *(t[regular_start:] for t in whole))
     else:
         merge = method.rows(params)
@@ -90,14 +89,12 @@ def row_blocks(
         alignment, min_row_norm, on_stats = vocab
         head_rows = min(rows, max([alignment.num_special_tokens, *(r + 1 for r in alignment.voxtral_to_merged)]))
         d, v = (_read(s, (0, head_rows)) for s in srcs) if whole is None else (t[:head_rows] for t in whole)
-        for (parent, tensor), t in zip(srcs, (d, v), strict=True):  # some rows never reach the output
-            check_finite(t, f"{parent.path}: tensor {tensor}")
+        _check_inputs(srcs, (d, v))  # some of these rows never reach the output
         ctx = TensorContext(name)
         out, stats = merge_vocab_rows(d, v, None, alignment, method, params, ctx, min_row_norm, regular=merge)
         _check(out, srcs, (d, v) if whole is None else whole, name)
         if whole is None:
-            for h, t in zip(digests, (d, v), strict=True):
-                h.update(t.reshape(-1).view(torch.uint8).numpy())
+            _digest(digests, (d, v))
         on_stats(stats)
         yield out
     ranges = [(a, min(a + block_rows, rows)) for a in range(head_rows, rows, block_rows)]
@@ -111,8 +108,7 @@ def row_blocks(
                 if k + 2 * workers < len(ranges):
                     pending.append(pool.submit(_merge_block, merge, srcs, whole, ranges[k + 2 * workers], name))
                 if whole is None:  # in order: equals the whole-tensor digest
-                    for h, t in zip(digests, (d, v), strict=True):
-                        h.update(t.reshape(-1).view(torch.uint8).numpy())
+                    _digest(digests, (d, v))
                 del d, v
                 yield out
     finally:
@@ -125,6 +121,16 @@ def _check(out: torch.Tensor, srcs: tuple[Source, Source], inputs: tuple[torch.T
     """A merged block is finite, or the error names the input tensor holding NaN/Inf (or says overflow)."""
     if is_finite(out):
         return
+    _check_inputs(srcs, inputs)
+    raise ParentError(f"{name}: merged rows are not finite (overflow) although the inputs are")
+
+
+def _check_inputs(srcs: tuple[Source, Source], inputs: tuple[torch.Tensor, ...]) -> None:
     for (parent, tensor), t in zip(srcs, inputs, strict=True):
         check_finite(t, f"{parent.path}: tensor {tensor}")
-    raise ParentError(f"{name}: merged rows are not finite (overflow) although the inputs are")
+
+
+def _digest(digests: list, tensors: tuple[torch.Tensor, ...]) -> None:
+    """Feed each input's bytes to its running digest."""
+    for h, t in zip(digests, tensors, strict=True):
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
