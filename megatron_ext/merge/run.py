@@ -443,11 +443,8 @@ def _write_shards(
                 f.write(header_bytes(shard, {"format": "pt"}))
                 for _ in shard:
                     _, out = next(stream)
-                    if isinstance(out, torch.Tensor):
-                        writer.submit(f, out)
-                    else:  # row blocks in reused buffers: each written before the next-but-one is produced
-                        for piece in out:
-                            writer.submit(f, piece, alone=True)
+                    for piece in [out] if isinstance(out, torch.Tensor) else out:  # a tensor or its row blocks
+                        writer.submit(f, piece)
                 writer.drain()
             _write_json(
                 path.with_name(path.name + ".state.json"),
@@ -458,17 +455,16 @@ def _write_shards(
 
 class _WriteBehind:
     """Ordered writes in one thread, so merging goes on while large outputs are written. `submit` waits
-    only while more than `budget` bytes are queued, or (`alone`) until the queue is empty: for pieces
-    whose buffer the producer reuses two pieces later."""
+    only while more than `budget` bytes are queued; a queued piece keeps its tensor alive until written."""
 
     def __init__(self, budget: int):
         self.budget, self.queued = budget, 0
         self.pending: deque[tuple[Future, int]] = deque()
         self.pool = ThreadPoolExecutor(1)
 
-    def submit(self, f: Any, piece: torch.Tensor, alone: bool = False) -> None:
+    def submit(self, f: Any, piece: torch.Tensor) -> None:
         data = tensor_bytes(piece)
-        while self.pending and (alone or self.queued + data.nbytes > self.budget):
+        while self.pending and self.queued + data.nbytes > self.budget:
             self._pop()
         self.pending.append((self.pool.submit(f.write, data), data.nbytes))
         self.queued += data.nbytes
