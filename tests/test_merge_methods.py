@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_ext.merge import bf16_kernels
 from megatron_ext.merge.embeddings import merge_vocab_rows
 from megatron_ext.merge.methods import (
+    GRAIN,
     METHODS,
     MergeParams,
     TensorContext,
@@ -15,6 +17,7 @@ from megatron_ext.merge.methods import (
     keep_probabilities,
     linear,
     slerp,
+    threaded_sum,
 )
 from megatron_ext.merge.parents import is_finite
 from megatron_ext.tokenizer.align import TokenizerAlignment
@@ -113,3 +116,48 @@ def test_is_finite_finds_any_nan_or_inf(dtype: torch.dtype) -> None:
             y = x.clone()
             y.view(-1)[pos] = bad
             assert not is_finite(y), (bad, pos)
+
+
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_threaded_sum_has_the_bits_of_torchs_threaded_sum(threads: int) -> None:
+    """Sizes around the split threshold and chunk sizes; a plain single-threaded sum differs for most."""
+    before = torch.get_num_threads()
+    differs = 0
+    try:
+        for n in (1000, GRAIN - 1, GRAIN, GRAIN + 1, 2 * GRAIN + 1, 100_003, 777_777, 1 << 20):
+            x = torch.randn(n, generator=GEN) * torch.rand(n, generator=GEN).mul(8).exp2()  # mixed scales
+            torch.set_num_threads(threads)
+            reference = x.sum()
+            torch.set_num_threads(1)
+            assert torch.equal(threaded_sum(x, threads), reference), n
+            differs += not torch.equal(x.sum(), reference)
+    finally:
+        torch.set_num_threads(before)
+    assert differs >= 3  # the split matters, so the test can fail
+
+
+def _bf16_samples(n: int) -> torch.Tensor:
+    """Random bf16 values of mixed scales plus signed zeros, infinities, NaN, subnormals and extremes."""
+    x = (torch.randn(n, generator=GEN) * torch.logspace(-30, 30, n)[torch.randperm(n, generator=GEN)]).bfloat16()
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -1e-40, 3.3e38, -3.3e38])
+    x[: len(special)] = special.bfloat16()
+    return x
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit patterns (signed zeros included), except that any NaN equals any NaN."""
+    nan = a.isnan()
+    bits = torch.int16 if a.dtype == torch.bfloat16 else torch.int32
+    return torch.equal(nan, b.isnan()) and torch.equal(a[~nan].view(bits), b[~nan].view(bits))
+
+
+def test_fused_bf16_kernels_give_the_torch_passes_bits() -> None:
+    n = 100_000
+    x, y = _bf16_samples(n), _bf16_samples(n).flip(0)
+    for ca, cb in ((0.9011882543563843, 0.1006891205906868), (-0.25, 1.5), (1.0, 0.0)):
+        out = torch.empty(n, dtype=torch.bfloat16)
+        bf16_kernels.slerp_rows(x, y, ca, cb, out)
+        assert _same_bits(out, (x.float() * ca).add_(y.float() * cb).bfloat16())
+    for na, nb in ((1.37, 0.81), (1.0, 3.0e-3)):
+        out = bf16_kernels.normalized_products(x, y, na, nb, torch.empty(n))
+        assert _same_bits(out, (x.float() / na).mul_(y.float() / nb))

@@ -11,13 +11,18 @@ the order tensors are processed in (resumable, parallel-safe), unlike a global g
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
 
+from megatron_ext.merge import bf16_kernels
+from megatron_ext.merge.kernel_pool import KernelPool
+
 CHUNK = 1024 * 1024
+GRAIN = 32768  # at::internal::GRAIN_SIZE: torch splits a reduction across threads above this size
 LINEAR_CHUNK = 256 * 1024  # elementwise only: any chunking gives the same bits; chunks stay in L2
 DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8
@@ -70,38 +75,63 @@ def _output(like: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 
 # ---- SLERP ------------------------------------------------------------------------------------------
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Spherical interpolation of two whole tensors (flattened); t=0 gives v0 (see `slerp_coefficients`)."""
+    """Spherical interpolation of two whole tensors (flattened); t=0 gives v0 (see `slerp_coefficients`).
+    Chunks run as parallel tasks of single-threaded kernels."""
+    result = _output(v0, out)
     if v0.numel() == 0:
-        return _output(v0, out).copy_(v0)
-    return slerp_rows(v0, v1, *slerp_coefficients(t, v0, v1), out)
+        return result
+    a, b, dst = v0.reshape(-1), v1.reshape(-1), result.view(-1)
+    with KernelPool() as pool:
+        ca, cb = slerp_coefficients(t, v0, v1, pool)
+        pool.map(lambda s: slerp_rows(a[s], b[s], ca, cb, dst[s]), _chunks(a.numel()))
+    return result
 
 
-def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor) -> tuple[float, float]:
+def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor, pool: KernelPool) -> tuple[float, float]:
     """(ca, cb) with slerp = ca * v0 + cb * v1, from the whole (flattened, non-empty) tensors. Falls back to
     linear interpolation when the normalized vectors are (anti)collinear (|cos| > 0.9995); norms below 1e-8
-    count as 1 (degenerate tensors then interpolate linearly in effect). Chunks are converted into
-    compute-dtype scratch and scaled by Python floats (exact: `.item()` of the compute-dtype values),
-    which keeps every kernel same-dtype and vectorized; the reductions keep torch's threading, as mergekit."""
+    count as 1 (degenerate tensors then interpolate linearly in effect). Each 1 Mi-element chunk is a task
+    of `pool`; its sums reproduce torch's split at the pool's `threads` (`threaded_sum`), as mergekit runs."""
     dt = _compute_dtype(v0)
     a, b = v0.reshape(-1), v1.reshape(-1)
-    n = a.numel()
-    chunks = list(_chunks(n, CHUNK))
-    xs, ys = torch.empty(min(n, CHUNK), dtype=dt), torch.empty(min(n, CHUNK), dtype=dt)  # reused scratch
+    chunks = list(_chunks(a.numel(), CHUNK))
+    norms = pool.map(lambda s: tuple(torch.linalg.vector_norm(_load(_scratch(dt)[0], v, s)) for v in (a, b)), chunks)
+    na, nb = (_norm_of_parts(torch.stack(parts)) for parts in zip(*norms, strict=True))
 
-    def norm(src: torch.Tensor) -> float:
-        parts = torch.stack([torch.linalg.vector_norm(_load(xs, src, s)) for s in chunks])
-        value = torch.linalg.vector_norm(parts)
-        return value.item() if value > NORM_EPS else 1.0
+    def dot(s: slice) -> torch.Tensor:
+        xs, ys = _scratch(dt)
+        if _bf16_pair(a, b):
+            products = bf16_kernels.normalized_products(a[s], b[s], na, nb, xs[: s.stop - s.start])
+        else:
+            products = _load(xs, a, s).div_(na).mul_(_load(ys, b, s).div_(nb))
+        return threaded_sum(products, pool.threads)
 
-    na, nb = norm(a), norm(b)
-    dot = torch.stack([_load(xs, a, s).div_(na).mul_(_load(ys, b, s).div_(nb)).sum() for s in chunks]).sum()
-    dot = dot.clamp(-1, 1)
+    total = torch.stack(pool.map(dot, chunks)).sum().clamp(-1, 1)
     tt = torch.tensor(t, dtype=dt)
-    if dot.abs() > DOT_THRESHOLD:
+    if total.abs() > DOT_THRESHOLD:
         return (1 - tt).item(), tt.item()
-    theta = torch.acos(dot)
+    theta = torch.acos(total)
     sin_theta = torch.sin(theta)
     return (torch.sin((1 - tt) * theta) / sin_theta).item(), (torch.sin(tt * theta) / sin_theta).item()
+
+
+def _norm_of_parts(parts: torch.Tensor) -> float:
+    """The norm of per-chunk norms (as mergekit), or 1.0 below the degeneracy threshold."""
+    value = torch.linalg.vector_norm(parts)
+    return value.item() if value > NORM_EPS else 1.0
+
+
+def threaded_sum(x: torch.Tensor, threads: int) -> torch.Tensor:
+    """`x.sum()` of a 1-D tensor with the bits torch gives at `threads` intra-op threads, computed with
+    single-threaded kernels (call it from a `KernelPool` task): at::parallel_for splits the range into
+    min(threads, ceil(n / GRAIN)) equal pieces summed into per-thread slots (zero-initialized, one per
+    thread), then sums the slots."""
+    n = x.numel()
+    if n < GRAIN or threads == 1:
+        return x.sum()
+    step = -(-n // min(threads, -(-n // GRAIN)))
+    slots = [x[i : i + step].sum() for i in range(0, n, step)]
+    return torch.stack(slots + [torch.zeros((), dtype=x.dtype)] * (threads - len(slots))).sum()
 
 
 def slerp_rows(
@@ -113,10 +143,30 @@ def slerp_rows(
     a, b = v0.reshape(-1), v1.reshape(-1)
     result = _output(v0, out)
     dst = result.view(-1)
-    xs, ys = torch.empty(min(a.numel(), CHUNK), dtype=dt), torch.empty(min(a.numel(), CHUNK), dtype=dt)
+    if _bf16_pair(a, b):
+        bf16_kernels.slerp_rows(a, b, ca, cb, dst)
+        return result
+    xs, ys = _scratch(dt)
     for s in _chunks(a.numel(), CHUNK):
         dst[s].copy_(_load(xs, a, s).mul_(ca).add_(_load(ys, b, s).mul_(cb)))
     return result
+
+
+def _bf16_pair(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Both bf16: the fused kernels apply (same bits as the torch passes, a fraction of the memory traffic)."""
+    return a.dtype == b.dtype == torch.bfloat16
+
+
+_THREAD = threading.local()
+
+
+def _scratch(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """This thread's two CHUNK-element buffers of `dtype`, reused: a fresh multi-MB buffer per chunk costs
+    page faults that take as long as the arithmetic."""
+    bufs = _THREAD.__dict__.setdefault("scratch", {})
+    if dtype not in bufs:
+        bufs[dtype] = (torch.empty(CHUNK, dtype=dtype), torch.empty(CHUNK, dtype=dtype))
+    return bufs[dtype]
 
 
 def _load(buf: torch.Tensor, src: torch.Tensor, s: slice) -> torch.Tensor:
@@ -261,9 +311,19 @@ class Method:
     uses_base: ClassVar[bool] = False
     rows_need_whole: ClassVar[bool] = False  # `rows` needs the whole tensors (state such as norms)
 
-    def rows(self, p: MergeParams, dev: torch.Tensor | None = None, vox: torch.Tensor | None = None) -> RowMerge | None:
+    def prepare(self) -> None:
+        """Called once when a merge with this method starts (e.g. to compile kernels meanwhile)."""
+
+    def rows(
+        self,
+        p: MergeParams,
+        dev: torch.Tensor | None = None,
+        vox: torch.Tensor | None = None,
+        pool: KernelPool | None = None,
+    ) -> RowMerge | None:
         """For an elementwise method, a merge of any row block of these tensors giving the whole-tensor
-        merge's bits (whole-tensor state computed here from `dev`/`vox` when `rows_need_whole`); else None."""
+        merge's bits (whole-tensor state computed here from `dev`/`vox`, in `pool`, when `rows_need_whole`);
+        else None."""
         return None
 
     def merge(
@@ -285,7 +345,7 @@ class Linear(Method):
     def merge(self, dev, vox, base, p, ctx, out=None):
         return linear([dev, vox], [1.0 - p.alpha, p.alpha], out)
 
-    def rows(self, p, dev=None, vox=None):
+    def rows(self, p, dev=None, vox=None, pool=None):
         return lambda d, v, out: linear([d, v], [1.0 - p.alpha, p.alpha], out)
 
 
@@ -294,13 +354,16 @@ class Slerp(Method):
 
     rows_need_whole = True
 
+    def prepare(self):
+        bf16_kernels.prepare()
+
     def merge(self, dev, vox, base, p, ctx, out=None):
         return slerp(p.alpha, dev, vox, out)
 
-    def rows(self, p, dev=None, vox=None):
+    def rows(self, p, dev=None, vox=None, pool=None):
         if dev.numel() == 0:
             return lambda d, v, out: out.copy_(d)
-        ca, cb = slerp_coefficients(p.alpha, dev, vox)
+        ca, cb = slerp_coefficients(p.alpha, dev, vox, pool)
         return lambda d, v, out: slerp_rows(d, v, ca, cb, out)
 
 

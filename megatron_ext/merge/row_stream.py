@@ -1,30 +1,30 @@
-"""Elementwise merges (linear, SLERP) streamed in row blocks (HF parents and output): every decoder
-tensor, the embedding and the LM head.
+"""Elementwise merges (linear, SLERP) streamed in row blocks (HF parents and output): every decoder tensor,
+the embedding and the LM head.
 
 Merged whole, a tensor is merged into fresh memory and written with no overlap, and reading ahead of a
-multi-GB matrix would break the memory budget. Streamed, a pool of one thread per core merges the next
-blocks (single-threaded kernels, so no per-kernel fork/join competes with the I/O threads) while
-earlier ones are written; nothing large is allocated. Linear maps each block of both inputs from the
-files as it goes; SLERP maps the whole tensors once, since its coefficients come from the whole
-(`Method.rows`, computed with torch's own threading as mergekit does), then applies them block by
-block. For the vocabulary matrices the special-token rows (the head of the matrix, tokenizer-aware
-rules in `embeddings.py`) come first, their inputs checked directly since some of their rows are not
-used. Blocks give the bits of the whole-tensor merge; input digests run over the tensor in order and
-equal the whole-tensor XXH3-128; NaN/Inf, which propagate through both methods, are looked for in the
-merged blocks (the inputs are checked only then, to name the tensor).
+multi-GB matrix would break the memory budget. Streamed, a `KernelPool` (one thread per core, single-
+threaded kernels) merges the next blocks while earlier ones are written; nothing large is allocated.
+Linear maps each block of both inputs from the files as it goes; SLERP maps the whole tensors once,
+since its coefficients come from the whole (`Method.rows`: chunk tasks in the same pool, hashing the
+inputs alongside), then applies them block by block. For the vocabulary matrices the special-token rows
+(the head of the matrix, tokenizer-aware rules in `embeddings.py`) come first, their inputs checked
+directly since some of their rows are not used. Blocks give the bits of the whole-tensor merge; input
+digests run over the tensor in order and equal the whole-tensor XXH3-128; NaN/Inf, which propagate
+through both methods, are looked for in the merged blocks (the inputs are checked only then, to name the
+tensor).
 """
 
 from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import xxhash
 
 from megatron_ext.checkpoint.atomic import CheckpointError
 from megatron_ext.merge.embeddings import merge_vocab_rows
+from megatron_ext.merge.kernel_pool import KernelPool
 from megatron_ext.merge.methods import METHODS, MergeParams, RowMerge, TensorContext
 from megatron_ext.merge.parents import HFParent, ParentError, check_finite, is_finite
 from megatron_ext.merge.safetensors_io import read_tensor
@@ -77,42 +77,41 @@ def row_blocks(
     block_rows = max(1, BLOCK_BYTES // max(1, row_bytes))
     digests = [xxhash.xxh3_128() for _ in srcs]
     regular_start = vocab[0].num_special_tokens if vocab is not None else 0
-    whole = tuple(_read(s, (0, rows)) for s in srcs) if method.rows_need_whole else None
-    if whole is not None:
-        _digest(digests, whole)
-        merge = method.rows(params, *(t[regular_start:] for t in whole))
-    else:
-        merge = method.rows(params)
-    head_rows = 0
-    if vocab is not None:
-        # The special rows plus every Voxtral row a special is copied from, merged by the whole-matrix rules.
-        alignment, min_row_norm, on_stats = vocab
-        head_rows = min(rows, max([alignment.num_special_tokens, *(r + 1 for r in alignment.voxtral_to_merged)]))
-        d, v = (_read(s, (0, head_rows)) for s in srcs) if whole is None else (t[:head_rows] for t in whole)
-        _check_inputs(srcs, (d, v))  # some of these rows never reach the output
-        ctx = TensorContext(name)
-        out, stats = merge_vocab_rows(d, v, None, alignment, method, params, ctx, min_row_norm, regular=merge)
-        _check(out, srcs, (d, v) if whole is None else whole, name)
-        if whole is None:
-            _digest(digests, (d, v))
-        on_stats(stats)
-        yield out
-    ranges = [(a, min(a + block_rows, rows)) for a in range(head_rows, rows, block_rows)]
-    workers = threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # parallel over blocks instead: no per-kernel fork/join next to the I/O threads
-    try:
-        with ThreadPoolExecutor(workers) as pool:
-            pending = deque(pool.submit(_merge_block, merge, srcs, whole, r, name) for r in ranges[: 2 * workers])
-            for k in range(len(ranges)):
-                d, v, out = pending.popleft().result()
-                if k + 2 * workers < len(ranges):
-                    pending.append(pool.submit(_merge_block, merge, srcs, whole, ranges[k + 2 * workers], name))
-                if whole is None:  # in order: equals the whole-tensor digest
-                    _digest(digests, (d, v))
-                del d, v
-                yield out
-    finally:
-        torch.set_num_threads(threads)
+    with KernelPool() as pool:
+        whole, hashed = None, None
+        if method.rows_need_whole:
+            whole = tuple(pool.map(lambda s: _read(s, (0, rows)), srcs))
+            hashed = pool.submit(_digest, digests, whole)  # alongside the whole-tensor passes
+            merge = method.rows(params, *(t[regular_start:] for t in whole), pool=pool)
+        else:
+            merge = method.rows(params)
+        head_rows = 0
+        if vocab is not None:
+            # The special rows plus every Voxtral row a special is copied from, merged by the whole-matrix rules.
+            alignment, min_row_norm, on_stats = vocab
+            head_rows = min(rows, max([alignment.num_special_tokens, *(r + 1 for r in alignment.voxtral_to_merged)]))
+            d, v = (_read(s, (0, head_rows)) for s in srcs) if whole is None else (t[:head_rows] for t in whole)
+            _check_inputs(srcs, (d, v))  # some of these rows never reach the output
+            ctx = TensorContext(name)
+            out, stats = merge_vocab_rows(d, v, None, alignment, method, params, ctx, min_row_norm, regular=merge)
+            _check(out, srcs, (d, v) if whole is None else whole, name)
+            if whole is None:
+                _digest(digests, (d, v))
+            on_stats(stats)
+            yield out
+        ranges = [(a, min(a + block_rows, rows)) for a in range(head_rows, rows, block_rows)]
+        ahead = 2 * pool.threads
+        pending = deque(pool.submit(_merge_block, merge, srcs, whole, r, name) for r in ranges[:ahead])
+        for k in range(len(ranges)):
+            d, v, out = pending.popleft().result()
+            if k + ahead < len(ranges):
+                pending.append(pool.submit(_merge_block, merge, srcs, whole, ranges[k + ahead], name))
+            if whole is None:  # in order: equals the whole-tensor digest
+                _digest(digests, (d, v))
+            del d, v
+            yield out
+        if hashed is not None:
+            hashed.result()
     for (parent, tensor), h in zip(srcs, digests, strict=True):
         parent.digests[tensor] = h.hexdigest()
 

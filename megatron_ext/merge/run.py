@@ -358,6 +358,7 @@ def run_merge(job: MergeJob) -> Summary:
         job.params.validate()
     except ValueError as exc:
         raise MergeError(str(exc)) from None
+    METHODS[job.params.method].prepare()
     paths = [job.devstral, job.voxtral] + ([job.base] if job.base is not None else [])
     naming = detect_naming(paths, job.out_format)
     if naming == "megatron" and job.out_format == "hf":
