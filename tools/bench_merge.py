@@ -20,7 +20,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=1, help="decoder layers of the main pair (1: ~3.8 GB per parent)")
     p.add_argument("--big-layers", type=int, default=2, help="layers of the second pair (peak-RSS flatness check)")
     p.add_argument("--keep", action="store_true", help="keep the generated parents")
-    p.add_argument("--repeat", type=int, default=2, help="runs per measurement; the fastest is reported")
+    p.add_argument("--repeat", type=int, default=2, help="rounds of one run per kind; the fastest is reported")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -1,9 +1,10 @@
 """Merge benchmark: our linear/SLERP vs mergekit on one synthetic pair with Mistral-Small tensor shapes,
-and vs the disk floor (read both inputs + write the output once). Each measurement runs in a fresh
-child process that reports its own wall time (work only, interpreter start excluded) and peak RSS
-(VmHWM); every kind is measured `repeat` times, each after a `sync`, and its fastest run is reported
-(the same for every kind: shared-machine noise is one-sided). A second, larger pair checks that our
-peak RSS stays flat in model size.
+and vs the disk floor (read both inputs + write the output once). Each measurement runs in a fresh child
+process that reports its own wall time (work only, interpreter start excluded) and peak RSS (VmHWM);
+every kind is measured once per round for `repeat` rounds, each run after a `sync` and a read of its
+inputs (warm page cache for every kind alike: the host pages cold files out), and its fastest run is
+reported (shared-machine noise is one-sided). A second, larger pair checks that our peak RSS stays flat
+in model size.
 """
 
 from __future__ import annotations
@@ -35,15 +36,19 @@ def _dir_bytes(d: Path) -> int:
     return sum(p.stat().st_size for p in d.rglob("*.safetensors"))
 
 
-def disk_floor(inputs: list[Path], out: Path, out_bytes: int, block: int = 64 * 1024 * 1024) -> None:
-    """Read every input safetensors file once and write `out_bytes` to `out`, in 64 MiB blocks."""
-    buf = bytearray(block)
-    view = memoryview(buf)
-    for d in inputs:
+def read_all(dirs: list[Path], view: memoryview) -> None:
+    """Read every safetensors file under `dirs` once, through `view`."""
+    for d in dirs:
         for f in sorted(d.glob("*.safetensors")):
             with open(f, "rb", buffering=0) as fh:
                 while fh.readinto(view):
                     pass
+
+
+def disk_floor(inputs: list[Path], out: Path, out_bytes: int, block: int = 64 * 1024 * 1024) -> None:
+    """Read every input safetensors file once and write `out_bytes` to `out`, in 64 MiB blocks."""
+    view = memoryview(bytearray(block))
+    read_all(inputs, view)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "floor.bin", "wb", buffering=0) as fh:
         left = out_bytes
@@ -79,26 +84,38 @@ def child(kind: str, root: Path) -> dict[str, Any]:
     return {"kind": kind, "wall_s": wall, "peak_rss_gb": peak_rss_gb() * 1e9 / GB}
 
 
-def _measure(kind: str, root: Path, tool: Path, repeat: int) -> dict[str, Any]:
-    runs = []
-    for _ in range(repeat):
-        shutil.rmtree(root / "out", ignore_errors=True)
-        os.sync()  # every run starts with no dirty pages from the one before
-        res = subprocess.run(
-            [sys.executable, str(tool), "--child", kind, "--dir", str(root)], capture_output=True, text=True
-        )
-        if res.returncode != 0:
-            raise RuntimeError(f"{kind} failed: {res.stderr.strip().splitlines()[-1:]}")
-        runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+def _run_once(kind: str, root: Path, tool: Path) -> dict[str, Any]:
+    """One measurement in a fresh child, after a `sync` and a warming read of its inputs."""
+    inputs = [root / "devstral", root / ("view" if kind.startswith("mergekit") else "voxtral")]
     shutil.rmtree(root / "out", ignore_errors=True)
-    walls = [r["wall_s"] for r in runs]
-    result = {"kind": kind, "wall_s": min(walls), "walls_s": walls, "peak_rss_gb": max(r["peak_rss_gb"] for r in runs)}
-    print(
-        f"  {kind:16s} wall {result['wall_s']:7.1f} s (runs: {', '.join(f'{w:.1f}' for w in walls)})   "
-        f"peak RSS {result['peak_rss_gb']:5.2f} GB",
-        flush=True,
-    )
-    return result
+    os.sync()  # every run starts with no dirty pages from the one before
+    read_all(inputs, memoryview(bytearray(64 * 1024 * 1024)))  # warm: the host may page cold files out
+    cmd = [sys.executable, str(tool), "--child", kind, "--dir", str(root)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    shutil.rmtree(root / "out", ignore_errors=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{kind} failed: {res.stderr.strip().splitlines()[-1:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _measure(kinds: list[str], root: Path, tool: Path, repeat: int) -> dict[str, dict[str, Any]]:
+    """`repeat` rounds, each running every kind once (interleaved: a slow spell of the machine hits all
+    kinds alike); per kind the fastest wall time and the largest peak RSS."""
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
+    for _ in range(repeat):
+        for kind in kinds:
+            runs[kind].append(_run_once(kind, root, tool))
+    results = {}
+    for kind, rs in runs.items():
+        walls = [r["wall_s"] for r in rs]
+        rss = max(r["peak_rss_gb"] for r in rs)
+        results[kind] = {"kind": kind, "wall_s": min(walls), "walls_s": walls, "peak_rss_gb": rss}
+        print(
+            f"  {kind:16s} wall {min(walls):7.1f} s (runs: {', '.join(f'{w:.1f}' for w in walls)})   "
+            f"peak RSS {rss:5.2f} GB",
+            flush=True,
+        )
+    return results
 
 
 def run_benchmark(
@@ -122,7 +139,7 @@ def run_benchmark(
                 f"{time.time() - t0:.0f} s",
                 flush=True,
             )
-            results[f"layers{n_layers}"] = {"parent_gb": size / GB, **{k: _measure(k, d, tool, repeat) for k in kinds}}
+            results[f"layers{n_layers}"] = {"parent_gb": size / GB, **_measure(kinds, d, tool, repeat)}
             shutil.rmtree(d)
     finally:
         if not keep:
