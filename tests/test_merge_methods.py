@@ -13,6 +13,7 @@ from megatron_ext.merge.methods import (
     METHODS,
     MergeParams,
     TensorContext,
+    _linear_passes,
     elect_and_fuse,
     keep_probabilities,
     linear,
@@ -158,6 +159,12 @@ def test_fused_bf16_kernels_give_the_torch_passes_bits() -> None:
         out = torch.empty(n, dtype=torch.bfloat16)
         bf16_kernels.slerp_rows(x, y, ca, cb, out)
         assert _same_bits(out, (x.float() * ca).add_(y.float() * cb).bfloat16())
+    for weights in ([0.9, 0.1], [0.6, 0.7]):  # unit and non-unit sums
+        w = torch.tensor(weights)
+        out, reference = torch.empty(n, dtype=torch.bfloat16), torch.empty(n, dtype=torch.bfloat16)
+        bf16_kernels.linear(x, y, w[0].item(), w[1].item(), w.sum().item(), out)
+        _linear_passes([x, y], w, reference)
+        assert _same_bits(out, reference)
     for na, nb in ((1.37, 0.81), (1.0, 3.0e-3)):
         out = bf16_kernels.normalized_products(x, y, na, nb, torch.empty(n))
         assert _same_bits(out, (x.float() / na).mul_(y.float() / nb))

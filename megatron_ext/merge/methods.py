@@ -10,6 +10,7 @@ the order tensors are processed in (resumable, parallel-safe), unlike a global g
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from collections.abc import Callable, Iterator
@@ -39,29 +40,57 @@ def _chunks(n: int, size: int = CHUNK) -> Iterator[slice]:
 
 # ---- linear -----------------------------------------------------------------------------------------
 def linear(tensors: list[torch.Tensor], weights: list[float], out: torch.Tensor | None = None) -> torch.Tensor:
-    """sum(w_i x_i) / sum(w_i), accumulated in float32 in the given order, cast to the first input's dtype.
-    Same roundings as accumulating from zero with addcmul (the `+ 0.0` turns a -0 first product into +0).
-    Inputs are converted into compute-dtype scratch before any arithmetic: same-dtype kernels are
-    vectorized, mixed-dtype ones several times slower."""
-    first = tensors[0]
-    dt = _compute_dtype(first)
-    w = torch.tensor(weights, dtype=dt)
+    """sum(w_i x_i) / sum(w_i), accumulated in float32 in the given order, cast to the first input's dtype,
+    with the roundings of mergekit's accumulation from zero with `addcmul_` (`_linear_passes`). Two bf16
+    inputs take the fused kernel when it reproduces this build's `addcmul_` (checked once per process)."""
+    w = torch.tensor(weights, dtype=_compute_dtype(tensors[0]))
+    result = _output(tensors[0], out)
+    if len(tensors) == 2 and _bf16_pair(*tensors) and _fused_linear_matches():
+        bf16_kernels.linear(tensors[0], tensors[1], w[0].item(), w[1].item(), w.sum().item(), result)
+    else:
+        _linear_passes(tensors, w, result)
+    return result
+
+
+def _linear_passes(tensors: list[torch.Tensor], w: torch.Tensor, result: torch.Tensor) -> None:
+    """`linear` in torch kernels: inputs converted into compute-dtype scratch before any arithmetic
+    (same-dtype kernels are vectorized, mixed-dtype ones several times slower); the `+ 0.0` turns a -0
+    first product into +0, as accumulating from zero does."""
     total = w.sum()
     unit = bool(total == 1)
     flat = [t.reshape(-1) for t in tensors]
-    coef, first_coef, total_value = w.unbind(0), w[0].item(), total.item()  # .item(): exact in dt
-    result = _output(first, out)
+    coef, first_coef, total_value = w.unbind(0), w[0].item(), total.item()  # .item(): exact in w's dtype
     dst = result.view(-1)
-    size = min(LINEAR_CHUNK, first.numel())
-    acc, term = torch.empty(size, dtype=dt), torch.empty(size, dtype=dt)  # reused: no allocation per chunk
-    for sl in _chunks(first.numel(), LINEAR_CHUNK):
+    n_all = flat[0].numel()
+    size = min(LINEAR_CHUNK, n_all)
+    acc, term = torch.empty(size, dtype=w.dtype), torch.empty(size, dtype=w.dtype)  # reused per chunk
+    for sl in _chunks(n_all, LINEAR_CHUNK):
         n = sl.stop - sl.start
         a = acc[:n]
         a.copy_(flat[0][sl]).mul_(first_coef).add_(0.0)
         for x, c in zip(flat[1:], coef[1:], strict=True):
             a.addcmul_(term[:n].copy_(x[sl]), c)
         dst[sl].copy_(a if unit else a.div_(total_value))  # x / 1.0 == x bit for bit: skip that pass
-    return result
+
+
+@functools.cache
+def _fused_linear_matches() -> bool:
+    """Whether the fused bf16 linear kernel gives this torch build's bits (whether its `addcmul_` fuses the
+    multiply-add depends on the CPU kernels it dispatches to): compared on mixed-scale values, with unit
+    and non-unit weight sums."""
+    g = torch.Generator().manual_seed(0)
+    x, y = (
+        (torch.randn(65_536, generator=g) * torch.rand(65_536, generator=g).mul(40).sub(20).exp2()).bfloat16()
+        for _ in range(2)
+    )
+    for weights in ([0.9, 0.1], [0.7, 0.3], [0.6, 0.7]):
+        w = torch.tensor(weights)
+        reference, fused = torch.empty_like(x), torch.empty_like(x)
+        _linear_passes([x, y], w, reference)
+        bf16_kernels.linear(x, y, w[0].item(), w[1].item(), w.sum().item(), fused)
+        if not torch.equal(fused.view(torch.int16), reference.view(torch.int16)):
+            return False
+    return True
 
 
 def _output(like: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -341,6 +370,9 @@ class Method:
 
 class Linear(Method):
     name = "linear"
+
+    def prepare(self):
+        bf16_kernels.prepare()
 
     def merge(self, dev, vox, base, p, ctx, out=None):
         return linear([dev, vox], [1.0 - p.alpha, p.alpha], out)
