@@ -17,7 +17,7 @@ import json
 import logging
 import shutil
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +34,7 @@ from megatron_ext.merge.embeddings import merge_vocab_rows
 from megatron_ext.merge.methods import METHODS, MergeParams, TensorContext
 from megatron_ext.merge.names import classify, num_layers
 from megatron_ext.merge.parents import Parent, ParentError, detect_naming, is_finite, open_parent
-from megatron_ext.merge.row_stream import row_blocks, streamable
+from megatron_ext.merge.row_stream import BlockBuffers, row_blocks, streamable
 from megatron_ext.merge.safetensors_io import header_bytes, plan_shards, shard_names, tensor_bytes
 from megatron_ext.tokenizer.align import AlignmentError, TokenizerAlignment, align_tokenizers
 from megatron_ext.tokenizer.tekken_builder import write_tekken
@@ -277,7 +277,12 @@ def _in_flight_bytes(item: Item) -> int:
 
 
 def _row_blocks(
-    item: Item, job: MergeJob, parents: dict[str, Parent], alignment: TokenizerAlignment, summary: Summary
+    item: Item,
+    job: MergeJob,
+    parents: dict[str, Parent],
+    alignment: TokenizerAlignment,
+    summary: Summary,
+    buffers: BlockBuffers,
 ) -> Iterator[torch.Tensor]:
     def on_stats(stats: Counter) -> None:
         summary.special_rows.update({f"{item.out_name}:{k}": v for k, v in stats.items()})
@@ -288,6 +293,7 @@ def _row_blocks(
         (parents["voxtral"], item.vox_name),
         job.params,
         (alignment, job.min_row_norm, on_stats) if item.kind == "vocab" else None,
+        buffers,
     )
 
 
@@ -297,11 +303,12 @@ def _stream(
     parents: dict[str, Parent],
     alignment: TokenizerAlignment,
     summary: Summary,
-    row_blocks: bool = False,
+    buffers: BlockBuffers | None = None,
 ) -> Iterator[tuple[Item, torch.Tensor | Iterator[torch.Tensor]]]:
     """Produced output tensors in order; inputs are read ahead in a thread up to `job.lookahead_bytes`.
-    With `row_blocks`, merged tensors of a streamable merge come as an iterator of row blocks instead."""
-    if row_blocks and streamable(job.params.method, parents["devstral"], parents["voxtral"], parents.get("base")):
+    With `buffers` (for the blocks), merged tensors of a streamable merge come as iterators of row blocks."""
+    dev, vox = parents["devstral"], parents["voxtral"]
+    if buffers is not None and streamable(job.params.method, dev, vox, parents.get("base")):
         queue = [
             dataclasses.replace(it, streamed=True) if it.kind in ("merge", "vocab") and it.shape else it for it in queue
         ]
@@ -322,7 +329,7 @@ def _stream(
             del fut  # drop every reference to the inputs as soon as the output exists (peak memory)
             if item.streamed:
                 bar.update(_out_bytes(item))
-                yield item, _row_blocks(item, job, parents, alignment, summary)
+                yield item, _row_blocks(item, job, parents, alignment, summary, buffers)
                 continue
             out = _produce(item, inputs, job, alignment, summary)
             _check_through_output(item, inputs, out, parents)
@@ -436,7 +443,8 @@ def _write_shards(
             todo.append((tmp / fname, shard))
     _write_json(tmp / "model.safetensors.index.json.tmp", {"metadata": {}, "weight_map": index})
     queue = [by_name[n] for _, shard in todo for n, _, _ in shard]
-    stream = _stream(queue, job, parents, alignment, summary, row_blocks=True)
+    buffers = BlockBuffers()
+    stream = _stream(queue, job, parents, alignment, summary, buffers)
     with _WriteBehind(job.write_behind_bytes) as writer:
         for path, shard in todo:
             part = path.with_name(path.name + ".tmp")
@@ -445,7 +453,7 @@ def _write_shards(
                 for _ in shard:
                     _, out = next(stream)
                     for piece in [out] if isinstance(out, torch.Tensor) else out:  # a tensor or its row blocks
-                        writer.submit(f, piece)
+                        writer.submit(f, piece, buffers.give)
                 writer.drain()
             _write_json(
                 path.with_name(path.name + ".state.json"),
@@ -463,11 +471,14 @@ class _WriteBehind:
         self.pending: deque[tuple[Future, int]] = deque()
         self.pool = ThreadPoolExecutor(1)
 
-    def submit(self, f: Any, piece: torch.Tensor) -> None:
+    def submit(self, f: Any, piece: torch.Tensor, written: Callable[[torch.Tensor], None]) -> None:
+        """Queue `piece` for writing to `f`; `written(piece)` is called once it is written."""
         data = tensor_bytes(piece)
         while self.pending and self.queued + data.nbytes > self.budget:
             self._pop()
-        self.pending.append((self.pool.submit(f.write, data), data.nbytes))
+        fut = self.pool.submit(f.write, data)
+        fut.add_done_callback(lambda _: written(piece))
+        self.pending.append((fut, data.nbytes))
         self.queued += data.nbytes
 
     def _pop(self) -> None:
