@@ -73,8 +73,9 @@ class MergeJob:
     shard_bytes: int = 5 * 1024**3
     # Inputs read ahead while the current tensor is merged (Mistral-Small's ffn matrices: ~1 GB in flight).
     lookahead_bytes: int = 1536 * 1024**2
-    # Merged outputs queued for writing while the next tensors are merged.
-    write_behind_bytes: int = 1536 * 1024**2
+    # Merged outputs queued for writing while the next tensors are merged (a deeper queue measured no
+    # faster: writing is the slower side, and the queue is memory).
+    write_behind_bytes: int = 256 * 1024**2
     progress: bool = True
 
 
