@@ -3,7 +3,9 @@
 Numerics follow mergekit 0.1.5 (the public reference, FACTS.md section 10) so outputs can be compared
 bit for bit: float32 compute (float64 inputs stay float64), result cast to the input dtype. Large
 tensors are processed in fixed 1 Mi-element chunks, which bounds scratch memory; elementwise steps are
-chunk-invariant and the SLERP reductions use the same chunking as mergekit.
+chunk-invariant and the SLERP reductions use the same chunking as mergekit and the same split across
+torch's threads (`threaded_sum`), while the chunks themselves run in parallel (`KernelPool`). bf16 pairs
+use fused kernels with the torch passes' bits (`bf16_kernels`).
 DELLA draws from a per-tensor generator seeded by (seed, tensor name), so a result does not depend on
 the order tensors are processed in (resumable, parallel-safe), unlike a global generator.
 """
