@@ -126,10 +126,14 @@ class HFParent(Parent):
         return self.entries[name].dtype
 
     def _read(self, name: str) -> torch.Tensor:
+        return self.read_rows(name)
+
+    def read_rows(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor, or its rows [start, stop), mapped from its file (unchecked, no digest recorded)."""
         if name not in self.entries:
             raise ParentError(f"{self.path}: missing tensor {name}")
         try:
-            return read_tensor(self.entries[name])
+            return read_tensor(self.entries[name], rows)
         except CheckpointError as exc:
             raise ParentError(str(exc)) from None
 

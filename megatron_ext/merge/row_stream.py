@@ -23,12 +23,10 @@ from collections.abc import Callable, Iterator
 import torch
 import xxhash
 
-from megatron_ext.checkpoint.atomic import CheckpointError
 from megatron_ext.merge.embeddings import merge_vocab_rows
 from megatron_ext.merge.kernel_pool import KernelPool
 from megatron_ext.merge.methods import METHODS, MergeParams, RowMerge, TensorContext
 from megatron_ext.merge.parents import HFParent, ParentError, check_finite, is_finite
-from megatron_ext.merge.safetensors_io import read_tensor
 from megatron_ext.tokenizer.align import TokenizerAlignment
 
 BLOCK_BYTES = 8 * 1024**2  # per input block: a block of both inputs stays in L3 from mapping to merge
@@ -38,14 +36,6 @@ Source = tuple[HFParent, str]
 def streamable(method: str, dev: object, vox: object, base: object | None) -> bool:
     """Row streaming covers linear and SLERP merges of two HF (safetensors) parents."""
     return method in ("linear", "slerp") and base is None and isinstance(dev, HFParent) and isinstance(vox, HFParent)
-
-
-def _read(src: Source, rows: tuple[int, int]) -> torch.Tensor:
-    parent, name = src
-    try:
-        return read_tensor(parent.entries[name], rows)
-    except CheckpointError as exc:
-        raise ParentError(str(exc)) from None
 
 
 class BlockBuffers:
@@ -88,7 +78,7 @@ def _merge_block(
     buffers: BlockBuffers | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One row range of both inputs (mapped now unless given) merged into an output buffer (a pool task)."""
-    d, v = (_read(s, rows) for s in srcs) if inputs is None else (t[rows[0] : rows[1]] for t in inputs)
+    d, v = (p.read_rows(n, rows) for p, n in srcs) if inputs is None else (t[rows[0] : rows[1]] for t in inputs)
     out = merge(d, v, buffers.take(d.shape, d.dtype) if buffers is not None else torch.empty_like(d))
     _check(out, srcs, (d, v) if inputs is None else inputs, name)  # whole-tensor state: any row may be at fault
     return d, v, out
@@ -114,7 +104,7 @@ def row_blocks(
     with KernelPool() as pool:
         whole, hashed = None, None
         if method.rows_need_whole:
-            whole = tuple(pool.map(lambda s: _read(s, (0, rows)), srcs))
+            whole = tuple(pool.map(lambda src: src[0].read_rows(src[1]), srcs))
             hashed = pool.submit(_digest, digests, whole)  # alongside the whole-tensor passes
             merge = method.rows(params, *(t[regular_start:] for t in whole), pool=pool)
         else:
@@ -124,7 +114,8 @@ def row_blocks(
             # The special rows plus every Voxtral row a special is copied from, merged by the whole-matrix rules.
             alignment, min_row_norm, on_stats = vocab
             head_rows = min(rows, max([alignment.num_special_tokens, *(r + 1 for r in alignment.voxtral_to_merged)]))
-            d, v = (_read(s, (0, head_rows)) for s in srcs) if whole is None else (t[:head_rows] for t in whole)
+            head = (0, head_rows)
+            d, v = (p.read_rows(n, head) for p, n in srcs) if whole is None else (t[:head_rows] for t in whole)
             _check_inputs(srcs, (d, v))  # some of these rows never reach the output
             ctx = TensorContext(name)
             out, stats = merge_vocab_rows(d, v, None, alignment, method, params, ctx, min_row_norm, regular=merge)
