@@ -108,7 +108,7 @@ _preparing: threading.Thread | None = None
 
 
 def prepare() -> None:
-    """Compile (or load from the cache) both kernels in a daemon thread, once per process; a kernel call
+    """Compile (or load from the cache) the kernels in a daemon thread, once per process; a kernel call
     meanwhile waits for it."""
     global _preparing
     if _preparing is None:

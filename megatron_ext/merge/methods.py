@@ -40,6 +40,23 @@ def _chunks(n: int, size: int = CHUNK) -> Iterator[slice]:
     return (slice(s, min(s + size, n)) for s in range(0, n, size))
 
 
+_THREAD = threading.local()
+
+
+def _scratch(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """This thread's two CHUNK-element buffers of `dtype`, reused: a fresh multi-MB buffer per chunk costs
+    page faults that take as long as the arithmetic."""
+    bufs = _THREAD.__dict__.setdefault("scratch", {})
+    if dtype not in bufs:
+        bufs[dtype] = (torch.empty(CHUNK, dtype=dtype), torch.empty(CHUNK, dtype=dtype))
+    return bufs[dtype]
+
+
+def _load(buf: torch.Tensor, src: torch.Tensor, s: slice) -> torch.Tensor:
+    """src[s] converted into the scratch buffer `buf`."""
+    return buf[: s.stop - s.start].copy_(src[s])
+
+
 # ---- linear -----------------------------------------------------------------------------------------
 def linear(tensors: list[torch.Tensor], weights: list[float], out: torch.Tensor | None = None) -> torch.Tensor:
     """sum(w_i x_i) / sum(w_i), accumulated in float32 in the given order, cast to the first input's dtype,
@@ -63,15 +80,11 @@ def _linear_passes(tensors: list[torch.Tensor], w: torch.Tensor, result: torch.T
     flat = [t.reshape(-1) for t in tensors]
     coef, first_coef, total_value = w.unbind(0), w[0].item(), total.item()  # .item(): exact in w's dtype
     dst = result.view(-1)
-    n_all = flat[0].numel()
-    size = min(LINEAR_CHUNK, n_all)
-    acc, term = torch.empty(size, dtype=w.dtype), torch.empty(size, dtype=w.dtype)  # reused per chunk
-    for sl in _chunks(n_all, LINEAR_CHUNK):
-        n = sl.stop - sl.start
-        a = acc[:n]
-        a.copy_(flat[0][sl]).mul_(first_coef).add_(0.0)
+    acc, term = _scratch(w.dtype)
+    for sl in _chunks(flat[0].numel(), LINEAR_CHUNK):
+        a = _load(acc, flat[0], sl).mul_(first_coef).add_(0.0)
         for x, c in zip(flat[1:], coef[1:], strict=True):
-            a.addcmul_(term[:n].copy_(x[sl]), c)
+            a.addcmul_(_load(term, x, sl), c)
         dst[sl].copy_(a if unit else a.div_(total_value))  # x / 1.0 == x bit for bit: skip that pass
 
 
@@ -170,14 +183,13 @@ def slerp_rows(
 ) -> torch.Tensor:
     """ca * v0 + cb * v1 in the compute dtype, cast to v0's dtype: elementwise, so any part of the
     tensors (a row block) gives the bits of the whole."""
-    dt = _compute_dtype(v0)
     a, b = v0.reshape(-1), v1.reshape(-1)
     result = _output(v0, out)
     dst = result.view(-1)
     if _bf16_pair(a, b):
         bf16_kernels.slerp_rows(a, b, ca, cb, dst)
         return result
-    xs, ys = _scratch(dt)
+    xs, ys = _scratch(_compute_dtype(v0))
     for s in _chunks(a.numel(), CHUNK):
         dst[s].copy_(_load(xs, a, s).mul_(ca).add_(_load(ys, b, s).mul_(cb)))
     return result
@@ -186,23 +198,6 @@ def slerp_rows(
 def _bf16_pair(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Both bf16: the fused kernels apply (same bits as the torch passes, a fraction of the memory traffic)."""
     return a.dtype == b.dtype == torch.bfloat16
-
-
-_THREAD = threading.local()
-
-
-def _scratch(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """This thread's two CHUNK-element buffers of `dtype`, reused: a fresh multi-MB buffer per chunk costs
-    page faults that take as long as the arithmetic."""
-    bufs = _THREAD.__dict__.setdefault("scratch", {})
-    if dtype not in bufs:
-        bufs[dtype] = (torch.empty(CHUNK, dtype=dtype), torch.empty(CHUNK, dtype=dtype))
-    return bufs[dtype]
-
-
-def _load(buf: torch.Tensor, src: torch.Tensor, s: slice) -> torch.Tensor:
-    """src[s] converted into the scratch buffer `buf`."""
-    return buf[: s.stop - s.start].copy_(src[s])
 
 
 # ---- DELLA ------------------------------------------------------------------------------------------
