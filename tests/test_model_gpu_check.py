@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -88,7 +89,7 @@ def test_te_spec_matches_hf_on_tiny_voxtral(tiny_dir: Path) -> None:
     init_distributed()
     try:
         hf_weights = load_file(str(tiny_dir / "voxtral-hf" / "model.safetensors"))
-        model = build_model(VOXTRAL, BuildConfig(backend="te", init_weights=False))
+        model = build_model(VOXTRAL, BuildConfig(backend="te", init_weights=False)).cuda()
         assert model.backend == "te"
         load_full_tensors(model, mapping.megatron_getter(VOXTRAL, hf_weights.__getitem__))
         hf = transformers.VoxtralForConditionalGeneration.from_pretrained(tiny_dir / "voxtral-hf",
@@ -100,6 +101,8 @@ def test_te_spec_matches_hf_on_tiny_voxtral(tiny_dir: Path) -> None:
             ref = hf(input_ids=ids, input_features=features).logits
         diff = (ours - ref).abs().max().item()
         print(f"TE spec vs HF max_abs_diff={diff:.3e}")
-        assert diff < 1e-3  # fp32 on GPU: TE and cuBLAS kernels differ from the CPU reference order
+        # TE runs fp32 GEMMs in TF32 unless NVIDIA_TF32_OVERRIDE=0 (set by `make test-gpu`); H200: 4.6e-6 without
+        # TF32, 5.2e-3 with it.
+        assert diff < (1e-4 if os.environ.get("NVIDIA_TF32_OVERRIDE") == "0" else 2e-2)
     finally:
         destroy_distributed()
