@@ -168,3 +168,9 @@ def test_fused_bf16_kernels_give_the_torch_passes_bits() -> None:
     for na, nb in ((1.37, 0.81), (1.0, 3.0e-3)):
         out = bf16_kernels.normalized_products(x, y, na, nb, torch.empty(n))
         assert _same_bits(out, (x.float() / na).mul_(y.float() / nb))
+    finite = (torch.randn(n, generator=GEN) * torch.rand(n, generator=GEN).mul(110).sub(60).exp2()).bfloat16()
+    finite[:2] = torch.tensor([1e-40, -0.0]).bfloat16()  # a subnormal, a signed zero
+    for u, v in ((finite, finite.flip(0)), (x, y)):  # finite sums; NaN/Inf/overflow
+        for m in (n, n - 3, 5):  # with and without a tail after the 8-lane groups
+            ours = torch.tensor(bf16_kernels.norms(u[:m], v[:m]))
+            assert _same_bits(ours, torch.stack([torch.linalg.vector_norm(t[:m].float()) for t in (u, v)]))

@@ -93,11 +93,7 @@ def _fused_linear_matches() -> bool:
     """Whether the fused bf16 linear kernel gives this torch build's bits (whether its `addcmul_` fuses the
     multiply-add depends on the CPU kernels it dispatches to): compared on mixed-scale values, with unit
     and non-unit weight sums."""
-    g = torch.Generator().manual_seed(0)
-    x, y = (
-        (torch.randn(65_536, generator=g) * torch.rand(65_536, generator=g).mul(40).sub(20).exp2()).bfloat16()
-        for _ in range(2)
-    )
+    x, y = _calibration_pair(65_536)
     for weights in ([0.9, 0.1], [0.7, 0.3], [0.6, 0.7]):
         w = torch.tensor(weights)
         reference, fused = torch.empty_like(x), torch.empty_like(x)
@@ -106,6 +102,14 @@ def _fused_linear_matches() -> bool:
         if not torch.equal(fused.view(torch.int16), reference.view(torch.int16)):
             return False
     return True
+
+
+def _calibration_pair(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two bf16 vectors of mixed-scale values (2^-20 to 2^20) for the fused kernels' self-checks."""
+    g = torch.Generator().manual_seed(0)
+    return tuple(  # type: ignore[return-value]
+        (torch.randn(n, generator=g) * torch.rand(n, generator=g).mul(40).sub(20).exp2()).bfloat16() for _ in range(2)
+    )
 
 
 def _output(like: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -139,8 +143,8 @@ def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor, pool: Kerne
     dt = _compute_dtype(v0)
     a, b = v0.reshape(-1), v1.reshape(-1)
     chunks = list(_chunks(a.numel(), CHUNK))
-    norms = pool.map(lambda s: tuple(torch.linalg.vector_norm(_load(_scratch(dt)[0], v, s)) for v in (a, b)), chunks)
-    na, nb = (_norm_of_parts(torch.stack(parts)) for parts in zip(*norms, strict=True))
+    norms = pool.map(functools.partial(_chunk_norms, a, b, _bf16_pair(a, b) and _fused_norms_match()), chunks)
+    na, nb = (_norm_of_parts(torch.tensor(parts, dtype=dt)) for parts in zip(*norms, strict=True))
 
     def dot(s: slice) -> torch.Tensor:
         xs, ys = _scratch(dt)
@@ -157,6 +161,26 @@ def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor, pool: Kerne
     theta = torch.acos(total)
     sin_theta = torch.sin(theta)
     return (torch.sin((1 - tt) * theta) / sin_theta).item(), (torch.sin(tt * theta) / sin_theta).item()
+
+
+def _chunk_norms(a: torch.Tensor, b: torch.Tensor, fused: bool, s: slice) -> tuple[float, float]:
+    """The float32 (float64 for float64 inputs) norms of a[s] and b[s], as torch's `vector_norm`."""
+    if fused:
+        return bf16_kernels.norms(a[s], b[s])
+    buf = _scratch(_compute_dtype(a))[0]
+    return torch.linalg.vector_norm(_load(buf, a, s)).item(), torch.linalg.vector_norm(_load(buf, b, s)).item()
+
+
+@functools.cache
+def _fused_norms_match() -> bool:
+    """Whether the bf16 norm kernel sums as this build's `vector_norm` does (its lane count and order come
+    from the CPU kernels torch dispatches to): compared on sizes with and without a tail."""
+    x, y = _calibration_pair(CHUNK)
+    for n in (CHUNK, CHUNK - 37, 1_000, 5):
+        reference = tuple(torch.linalg.vector_norm(t[:n].float()).item() for t in (x, y))
+        if bf16_kernels.norms(x[:n], y[:n]) != reference:
+            return False
+    return True
 
 
 def _norm_of_parts(parts: torch.Tensor) -> float:
