@@ -165,12 +165,25 @@ def test_fused_bf16_kernels_give_the_torch_passes_bits() -> None:
         bf16_kernels.linear(x, y, w[0].item(), w[1].item(), w.sum().item(), out)
         _linear_passes([x, y], w, reference)
         assert _same_bits(out, reference)
-    for na, nb in ((1.37, 0.81), (1.0, 3.0e-3)):
-        out = bf16_kernels.normalized_products(x, y, na, nb, torch.empty(n))
-        assert _same_bits(out, (x.float() / na).mul_(y.float() / nb))
-    finite = (torch.randn(n, generator=GEN) * torch.rand(n, generator=GEN).mul(110).sub(60).exp2()).bfloat16()
+
+
+def test_fused_bf16_reductions_sum_as_torch_does() -> None:
+    """Norms and the SLERP dot's sum of products: torch's single-threaded `vector_norm` / `sum` bits, for
+    sizes that end in every way (whole cascade runs, leftover vectors, a scalar tail) and with specials."""
+    m = 2**20 + 37  # deep enough for the sum's second cascade level
+    finite = (torch.randn(m, generator=GEN) * torch.rand(m, generator=GEN).mul(100).sub(60).exp2()).bfloat16()
     finite[:2] = torch.tensor([1e-40, -0.0]).bfloat16()  # a subnormal, a signed zero
-    for u, v in ((finite, finite.flip(0)), (x, y)):  # finite sums; NaN/Inf/overflow
-        for m in (n, n - 3, 5):  # with and without a tail after the 8-lane groups
-            ours = torch.tensor(bf16_kernels.norms(u[:m], v[:m]))
-            assert _same_bits(ours, torch.stack([torch.linalg.vector_norm(t[:m].float()) for t in (u, v)]))
+    special = _bf16_samples(1000)  # NaN, Inf, overflowing squares
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the kernels reproduce one thread's order (callers split like torch's threads)
+    try:
+        for u, v in ((finite, finite.flip(0)), (special, special.flip(0))):
+            for n in {len(u), len(u) - 3, 100_003 % len(u), 8 * 33 + 5, 5}:
+                a, b = u[:n], v[:n]
+                ours = torch.tensor(bf16_kernels.norms(a, b))
+                assert _same_bits(ours, torch.stack([torch.linalg.vector_norm(t.float()) for t in (a, b)])), n
+                for na, nb in ((1.37, 0.81), (311.25, 3.0e-3)):
+                    reference = ((a.float() / na) * (b.float() / nb)).sum()
+                    assert _same_bits(bf16_kernels.products_sum(a, b, na, nb), reference), (n, na)
+    finally:
+        torch.set_num_threads(threads)

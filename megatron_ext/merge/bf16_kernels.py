@@ -7,9 +7,12 @@ CPU the passes, not the arithmetic, are the cost. Here each element is widened, 
 in registers, with the same float32 operations in the same order, fusing a multiply-add exactly where
 torch's kernel does (`addcmul_` in linear; numba never contracts on its own without fastmath), and
 narrowed with torch's round-to-nearest-even, so the results are the torch passes' bits (NaN comes out
-as torch's vectorized 0xFFFF). SLERP's norms sum squares in 8-lane float vectors as torch's
-`vector_norm` does, both inputs in one loop (two independent add chains; torch's cvt + norm passes took
-5x as long). Kernels release the GIL: `KernelPool` tasks run them in parallel.
+as torch's vectorized 0xFFFF). SLERP's reductions add in torch's order too: the norms sum squares in
+8-lane float vectors as `vector_norm` does, both inputs in one loop (two independent add chains; torch's
+cvt + norm passes took 5x as long), and the dot sums its products as torch's cascade `sum` would sum
+the products tensor, which is never written. The vector loops are LLVM IR emitted by numba intrinsics,
+since numba leaves those scalar forms unvectorized. Kernels release the GIL: `KernelPool` tasks run
+them in parallel.
 Compiled once and cached on disk; even from the cache numba's first call takes about 0.7 s, which
 `prepare` overlaps with the merge's start.
 """
@@ -49,48 +52,103 @@ def _fma(typingctx, a, b, c):
     return types.float32(types.float32, types.float32, types.float32), codegen
 
 
-LANES = 8  # torch's float32 vector width in `vector_norm` (one 8-lane accumulator, multiply then add)
+LANES = 8  # torch's float32 vector width here (`vector_norm`, `sum`: checked at run time by the callers)
+ROW = 4 * LANES  # torch's sum adds 4 vectors per step (4-way ILP)
+_I64, _VF = ir.IntType(64), ir.VectorType(ir.FloatType(), LANES)
+
+
+def _c_arrays(dtype: types.Type, *arrays: types.Type) -> bool:
+    return all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == dtype for a in arrays)
+
+
+def _vector_loop(builder, stop, step, init, body):
+    """Emit `for i in range(0, stop, step)` carrying the vector accumulators `init`; `body(i, accs)` emits one
+    iteration and returns the new accumulators. Returns their final values."""
+    entry = builder.block
+    head, loop, done = (builder.append_basic_block(f"vloop.{s}") for s in ("head", "body", "done"))
+    builder.branch(head)
+    builder.position_at_end(head)
+    i = builder.phi(_I64)
+    accs = [builder.phi(v.type) for v in init]
+    builder.cbranch(builder.icmp_signed("<", i, stop), loop, done)
+    builder.position_at_end(loop)
+    steps = body(i, accs)
+    i.add_incoming(ir.Constant(_I64, 0), entry)
+    i.add_incoming(builder.add(i, step), loop)
+    for acc, first, nxt in zip(accs, init, steps, strict=True):
+        acc.add_incoming(first, entry)
+        acc.add_incoming(nxt, loop)
+    builder.branch(head)
+    builder.position_at_end(done)
+    return accs
+
+
+def _widened(builder, ary, index):
+    """LANES bf16 values of `ary` from element `index` as a float32 vector (unaligned load, exact)."""
+    vi16, vi32 = ir.VectorType(ir.IntType(16), LANES), ir.VectorType(ir.IntType(32), LANES)
+    raw = builder.load(builder.bitcast(builder.gep(ary.data, [index]), vi16.as_pointer()), align=2)
+    return builder.bitcast(builder.shl(builder.zext(raw, vi32), ir.Constant(vi32, [16] * LANES)), _VF)
 
 
 @intrinsic
 def _lane_sums_of_squares(typingctx, x, y):
     """(x's LANES lane sums, then y's) of squares over the whole groups of LANES elements of two equal-size
-    contiguous bf16 bit arrays: explicit <8 x float> accumulators, since numba leaves the scalar form
-    unvectorized and one dependent add chain per input would bound it; no FMA (no fast-math flags)."""
-    if not all(
-        isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == types.uint16 for a in (x, y)
-    ):
+    contiguous bf16 bit arrays, in <8 x float> accumulators; no FMA (no fast-math flags)."""
+    if not _c_arrays(types.uint16, x, y):
         return None
 
     def codegen(context, builder, sig, args):
         arrays = [context.make_array(t)(context, builder, a) for t, a in zip(sig.args, args, strict=True)]
-        i64, vf = ir.IntType(64), ir.VectorType(ir.FloatType(), LANES)
-        vi16, vi32 = ir.VectorType(ir.IntType(16), LANES), ir.VectorType(ir.IntType(32), LANES)
-        stop = builder.and_(arrays[0].nitems, ir.Constant(i64, -LANES))
-        entry = builder.block
-        head, body, done = (builder.append_basic_block(f"lane_sums.{s}") for s in ("head", "body", "done"))
-        builder.branch(head)
-        builder.position_at_end(head)
-        i = builder.phi(i64)
-        accs = [builder.phi(vf) for _ in arrays]
-        builder.cbranch(builder.icmp_signed("<", i, stop), body, done)
-        builder.position_at_end(body)
-        steps = []
-        for ary, acc in zip(arrays, accs, strict=True):
-            raw = builder.load(builder.bitcast(builder.gep(ary.data, [i]), vi16.as_pointer()), align=2)
-            v = builder.bitcast(builder.shl(builder.zext(raw, vi32), ir.Constant(vi32, [16] * LANES)), vf)
-            steps.append(builder.fadd(acc, builder.fmul(v, v)))
-        i.add_incoming(ir.Constant(i64, 0), entry)
-        i.add_incoming(builder.add(i, ir.Constant(i64, LANES)), body)
-        for acc, step in zip(accs, steps, strict=True):
-            acc.add_incoming(ir.Constant(vf, [0.0] * LANES), entry)
-            acc.add_incoming(step, body)
-        builder.branch(head)
-        builder.position_at_end(done)
+        stop = builder.and_(arrays[0].nitems, ir.Constant(_I64, -LANES))
+
+        def body(i, accs):
+            widened = [_widened(builder, ary, i) for ary in arrays]
+            return [builder.fadd(acc, builder.fmul(v, v)) for acc, v in zip(accs, widened, strict=True)]
+
+        zero = ir.Constant(_VF, [0.0] * LANES)
+        accs = _vector_loop(builder, stop, ir.Constant(_I64, LANES), [zero, zero], body)
         lanes = [builder.extract_element(acc, ir.Constant(ir.IntType(32), j)) for acc in accs for j in range(LANES)]
         return context.make_tuple(builder, sig.return_type, lanes)
 
     return types.UniTuple(types.float32, 2 * LANES)(x, y), codegen
+
+
+@intrinsic
+def _add_products(typingctx, acc, x, y, a, b, start, count):
+    """acc[:ROW] += (x / a) * (y / b) over `count` consecutive groups of ROW elements from `start`, as four
+    <8 x float> accumulators in registers (a float32 division each, then multiply, then add: torch's
+    products and its sum's first cascade level, fused)."""
+    if not (_c_arrays(types.float32, acc) and _c_arrays(types.uint16, x, y)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        acc_a, x_a, y_a = (
+            context.make_array(t)(context, builder, v) for t, v in zip(sig.args[:3], args[:3], strict=True)
+        )
+        a, b = (context.cast(builder, v, t, types.float32) for v, t in zip(args[3:5], sig.args[3:5], strict=True))
+        first, groups = (context.cast(builder, v, t, types.int64) for v, t in zip(args[5:], sig.args[5:], strict=True))
+        splat = [ir.Constant(_VF, ir.Undefined), ir.Constant(_VF, ir.Undefined)]
+        for j in range(LANES):
+            splat = [
+                builder.insert_element(v, s, ir.Constant(ir.IntType(32), j)) for v, s in zip(splat, (a, b), strict=True)
+            ]
+        slots = [builder.gep(builder.bitcast(acc_a.data, _VF.as_pointer()), [ir.Constant(_I64, k)]) for k in range(4)]
+
+        def body(i, accs):
+            out = []
+            for k, acc in enumerate(accs):
+                at = builder.add(first, builder.add(i, ir.Constant(_I64, k * LANES)))
+                xs, ys = (builder.fdiv(_widened(builder, ary, at), s) for ary, s in zip((x_a, y_a), splat, strict=True))
+                out.append(builder.fadd(acc, builder.fmul(xs, ys)))
+            return out
+
+        stop = builder.mul(groups, ir.Constant(_I64, ROW))
+        init = [builder.load(slot, align=4) for slot in slots]
+        for slot, value in zip(slots, _vector_loop(builder, stop, ir.Constant(_I64, ROW), init, body), strict=True):
+            builder.store(value, slot, align=4)
+        return context.get_dummy_value()
+
+    return types.void(acc, x, y, a, b, start, count), codegen
 
 
 @njit(inline="always")
@@ -111,13 +169,6 @@ def _rows(x, y, ca, cb, out):
     a, b = np.float32(ca), np.float32(cb)
     for i in range(out.size):
         out[i] = _narrow(a * _widen(x[i]) + b * _widen(y[i]))
-
-
-@njit(nogil=True, cache=True)
-def _products(x, y, na, nb, out):
-    a, b = np.float32(na), np.float32(nb)
-    for i in range(out.size):
-        out[i] = (_widen(x[i]) / a) * (_widen(y[i]) / b)
 
 
 @njit(nogil=True, cache=True)
@@ -142,6 +193,57 @@ def _norms(x, y):
     return np.sqrt(ta), np.sqrt(tb)
 
 
+@njit(inline="always")
+def _ceil_log2(n):
+    bits = 0
+    while (1 << bits) < n:
+        bits += 1
+    return max(bits, 1)
+
+
+@njit(inline="always")
+def _product(x, y, a, b, i):
+    return (_widen(x[i]) / a) * (_widen(y[i]) / b)
+
+
+@njit(nogil=True, cache=True)
+def _products_sum(x, y, na, nb):
+    # torch's single-threaded float sum (SumKernel.cpp: vectorized_inner_sum -> row_sum -> multi_row_sum):
+    # vectors of LANES, 4 per step; every 2^power steps the partial sums move up a 4-level cascade; then
+    # the leftover vectors, the 4 partials, the scalar tail and the lanes, each added in order.
+    a, b = np.float32(na), np.float32(nb)
+    n = x.size
+    vectors, steps = n // LANES, n // ROW
+    power = max(4, _ceil_log2(steps) // 4)
+    run, mask = 1 << power, (1 << power) - 1
+    acc = np.zeros(4 * ROW, dtype=np.float32)  # cascade level j at [j * ROW, (j + 1) * ROW)
+    i = 0
+    while i + run <= steps:
+        _add_products(acc, x, y, a, b, i * ROW, run)
+        i += run
+        for j in range(1, 4):
+            for t in range(ROW):
+                acc[j * ROW + t] += acc[(j - 1) * ROW + t]
+                acc[(j - 1) * ROW + t] = 0
+            if i & (mask << (j * power)):
+                break
+    _add_products(acc, x, y, a, b, i * ROW, steps - i)
+    for j in range(1, 4):
+        for t in range(ROW):
+            acc[t] += acc[j * ROW + t]
+    for e in range(steps * ROW, vectors * LANES):
+        acc[e % LANES] += _product(x, y, a, b, e)
+    for k in range(1, 4):
+        for t in range(LANES):
+            acc[t] += acc[k * LANES + t]
+    total = np.float32(0)
+    for e in range(vectors * LANES, n):
+        total += _product(x, y, a, b, e)
+    for t in range(LANES):
+        total += acc[t]
+    return np.float32(0) + total
+
+
 def _bits(t: torch.Tensor) -> np.ndarray:
     """The raw 16-bit patterns of a contiguous bf16 tensor, sharing its memory."""
     return t.reshape(-1).view(torch.int16).numpy().view(np.uint16)
@@ -158,18 +260,19 @@ def linear(x: torch.Tensor, y: torch.Tensor, w0: float, w1: float, total: float,
     _linear(_bits(x), _bits(y), w0, w1, total, _bits(out))
 
 
-def normalized_products(x: torch.Tensor, y: torch.Tensor, na: float, nb: float, out: torch.Tensor) -> torch.Tensor:
-    """out (float32, x's size) = (x / na) * (y / nb) elementwise in float32; na, nb are float32 values."""
-    _products(_bits(x), _bits(y), na, nb, out.numpy())
-    return out
-
-
 def norms(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """(||x||, ||y||) of two equal-size bf16 tensors in float32, summed as torch's `vector_norm` of their
-    float32 copies does on a CPU with 8-lane float vectors (lane sums in order, then the tail, then sqrt);
-    the caller checks that this build does."""
+    """(||x||, ||y||) of two equal-size bf16 tensors in float32, summed as torch's single-threaded
+    `vector_norm` of their float32 copies does on a CPU with 8-lane float vectors (lane sums in order, then
+    the tail, then sqrt); the caller checks that this build does."""
     na, nb = _norms(_bits(x), _bits(y))
     return float(na), float(nb)
+
+
+def products_sum(x: torch.Tensor, y: torch.Tensor, na: float, nb: float) -> torch.Tensor:
+    """sum((x / na) * (y / nb)) of two equal-size bf16 tensors as a 0-d float32 tensor, added in the order
+    of torch's single-threaded `sum` of the products, with no products tensor (na, nb are float32 values;
+    the caller checks that this build sums so)."""
+    return torch.tensor(_products_sum(_bits(x), _bits(y), na, nb), dtype=torch.float32)
 
 
 _preparing: threading.Thread | None = None
@@ -188,5 +291,5 @@ def _compile() -> None:
     x = np.zeros(1, dtype=np.uint16)
     _rows(x, x, 0.0, 0.0, x.copy())
     _linear(x, x, 0.5, 0.5, 1.0, x.copy())
-    _products(x, x, 1.0, 1.0, np.zeros(1, dtype=np.float32))
     _norms(x, x)
+    _products_sum(x, x, 1.0, 1.0)

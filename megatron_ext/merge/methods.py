@@ -143,16 +143,16 @@ def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor, pool: Kerne
     dt = _compute_dtype(v0)
     a, b = v0.reshape(-1), v1.reshape(-1)
     chunks = list(_chunks(a.numel(), CHUNK))
-    norms = pool.map(functools.partial(_chunk_norms, a, b, _bf16_pair(a, b) and _fused_norms_match()), chunks)
+    fused = _bf16_pair(a, b) and _fused_reductions_match()
+    norms = pool.map(functools.partial(_chunk_norms, a, b, fused), chunks)
     na, nb = (_norm_of_parts(torch.tensor(parts, dtype=dt)) for parts in zip(*norms, strict=True))
 
     def dot(s: slice) -> torch.Tensor:
+        if fused:
+            x, y = a[s], b[s]
+            return _threaded(x.numel(), pool.threads, lambda p: bf16_kernels.products_sum(x[p], y[p], na, nb))
         xs, ys = _scratch(dt)
-        if _bf16_pair(a, b):
-            products = bf16_kernels.normalized_products(a[s], b[s], na, nb, xs[: s.stop - s.start])
-        else:
-            products = _load(xs, a, s).div_(na).mul_(_load(ys, b, s).div_(nb))
-        return threaded_sum(products, pool.threads)
+        return threaded_sum(_load(xs, a, s).div_(na).mul_(_load(ys, b, s).div_(nb)), pool.threads)
 
     total = torch.stack(pool.map(dot, chunks)).sum().clamp(-1, 1)
     tt = torch.tensor(t, dtype=dt)
@@ -172,14 +172,25 @@ def _chunk_norms(a: torch.Tensor, b: torch.Tensor, fused: bool, s: slice) -> tup
 
 
 @functools.cache
-def _fused_norms_match() -> bool:
-    """Whether the bf16 norm kernel sums as this build's `vector_norm` does (its lane count and order come
-    from the CPU kernels torch dispatches to): compared on sizes with and without a tail."""
+def _fused_reductions_match() -> bool:
+    """Whether the bf16 norm and dot kernels sum as this build's single-threaded `vector_norm` and `sum` do
+    (lane counts and order come from the CPU kernels torch dispatches to): compared on sizes with and
+    without tails, under one intra-op thread as in a `KernelPool` task."""
     x, y = _calibration_pair(CHUNK)
-    for n in (CHUNK, CHUNK - 37, 1_000, 5):
-        reference = tuple(torch.linalg.vector_norm(t[:n].float()).item() for t in (x, y))
-        if bf16_kernels.norms(x[:n], y[:n]) != reference:
-            return False
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for n in (CHUNK, CHUNK - 37, 100_003, 1_000, 5):
+            u, v = x[:n], y[:n]
+            if bf16_kernels.norms(u, v) != tuple(torch.linalg.vector_norm(t.float()).item() for t in (u, v)):
+                return False
+            if (
+                bf16_kernels.products_sum(u, v, 1.37, 0.81).item()
+                != ((u.float() / 1.37) * (v.float() / 0.81)).sum().item()
+            ):
+                return False
+    finally:
+        torch.set_num_threads(threads)
     return True
 
 
@@ -191,15 +202,19 @@ def _norm_of_parts(parts: torch.Tensor) -> float:
 
 def threaded_sum(x: torch.Tensor, threads: int) -> torch.Tensor:
     """`x.sum()` of a 1-D tensor with the bits torch gives at `threads` intra-op threads, computed with
-    single-threaded kernels (call it from a `KernelPool` task): at::parallel_for splits the range into
-    min(threads, ceil(n / GRAIN)) equal pieces summed into per-thread slots (zero-initialized, one per
-    thread), then sums the slots."""
-    n = x.numel()
+    single-threaded kernels (call it from a `KernelPool` task)."""
+    return _threaded(x.numel(), threads, lambda s: x[s].sum())
+
+
+def _threaded(n: int, threads: int, piece_sum: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+    """A sum over n elements split as torch splits it at `threads` threads, each piece summed by
+    `piece_sum` (a 0-d tensor): at::parallel_for cuts the range into min(threads, ceil(n / GRAIN)) equal
+    pieces summed into per-thread slots (zero-initialized, one per thread), then sums the slots."""
     if n < GRAIN or threads == 1:
-        return x.sum()
+        return piece_sum(slice(0, n))
     step = -(-n // min(threads, -(-n // GRAIN)))
-    slots = [x[i : i + step].sum() for i in range(0, n, step)]
-    return torch.stack(slots + [torch.zeros((), dtype=x.dtype)] * (threads - len(slots))).sum()
+    slots = [piece_sum(slice(i, i + step)) for i in range(0, n, step)]
+    return torch.stack(slots + [torch.zeros((), dtype=slots[0].dtype)] * (threads - len(slots))).sum()
 
 
 def slerp_rows(
