@@ -58,6 +58,7 @@ _I64, _VF = ir.IntType(64), ir.VectorType(ir.FloatType(), LANES)
 
 
 def _c_arrays(dtype: types.Type, *arrays: types.Type) -> bool:
+    """Whether the numba types are all contiguous 1-D arrays of `dtype` (what the vector loops index)."""
     return all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == dtype for a in arrays)
 
 

@@ -177,9 +177,7 @@ def _fused_reductions_match() -> bool:
     (lane counts and order come from the CPU kernels torch dispatches to): compared on sizes with and
     without tails, under one intra-op thread as in a `KernelPool` task."""
     x, y = _calibration_pair(CHUNK)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with KernelPool():  # torch single-threaded meanwhile (no-op inside a pool)
         for n in (CHUNK, CHUNK - 37, 100_003, 1_000, 5):
             u, v = x[:n], y[:n]
             if bf16_kernels.norms(u, v) != tuple(torch.linalg.vector_norm(t.float()).item() for t in (u, v)):
@@ -189,8 +187,6 @@ def _fused_reductions_match() -> bool:
                 != ((u.float() / 1.37) * (v.float() / 0.81)).sum().item()
             ):
                 return False
-    finally:
-        torch.set_num_threads(threads)
     return True
 
 
