@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from megatron_ext.checkpoint.direct_io import ALIGN
 from megatron_ext.merge.methods import MergeParams, linear
 from megatron_ext.merge.run import MergeError, MergeJob, run_merge
 from megatron_ext.tokenizer.align import TokenizerAlignment
@@ -77,6 +78,20 @@ def test_row_blocks_give_the_whole_matrix_result(
     prov = [json.loads((d / "merge.json").read_text()) for d in (out, linear_out)]
     # content hashes are built from per-tensor XXH3-128 digests: block-wise digests equal whole-tensor ones
     assert prov[0]["parents"] == prov[1]["parents"] and prov[0]["special_rows"] == prov[1]["special_rows"]
+
+
+def test_shards_are_laid_out_for_direct_writes(linear_out: Path) -> None:
+    """Tensor data starts on an ALIGN boundary (padded header) and so does every tensor of whole ALIGN runs
+    (written before the others), so the direct writer sends them to the device without a staging copy."""
+    for shard in linear_out.glob("*.safetensors"):
+        raw = shard.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        assert (8 + n) % ALIGN == 0
+        header = json.loads(raw[8 : 8 + n])
+        header.pop("__metadata__")
+        spans = [v["data_offsets"] for v in header.values()]
+        aligned = [start for start, end in spans if (end - start) % ALIGN == 0]
+        assert aligned and all((8 + n + start) % ALIGN == 0 for start in aligned)
 
 
 def test_streamed_slerp_equals_the_whole_tensor_merge(

@@ -119,6 +119,16 @@ def test_is_finite_finds_any_nan_or_inf(dtype: torch.dtype) -> None:
             assert not is_finite(y), (bad, pos)
 
 
+def test_bf16_finite_check_sees_every_exponent() -> None:
+    """The exponent-bit kernel against torch.isfinite on windows over all 65536 bf16 bit patterns (every
+    NaN and Inf, at every lane of the 16-element groups and in the tails), and on all finite patterns."""
+    patterns = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    for start in range(0, 65536, 37):
+        window = patterns[start : start + 53]
+        assert bf16_kernels.all_finite(window) == bool(torch.isfinite(window).all()), start
+    assert bf16_kernels.all_finite(patterns[torch.isfinite(patterns)])
+
+
 @pytest.mark.parametrize("threads", [2, 3, 4])
 def test_threaded_sum_has_the_bits_of_torchs_threaded_sum(threads: int) -> None:
     """Sizes around the split threshold and chunk sizes; a plain single-threaded sum differs for most."""

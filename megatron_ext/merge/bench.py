@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from megatron_ext.checkpoint.bench import peak_rss_gb
+from megatron_ext.checkpoint.direct_io import DirectWriter, aligned_empty
 from megatron_ext.config import EncoderConfig, mistral_small_decoder
 from megatron_ext.merge.methods import MergeParams
 from megatron_ext.merge.run import MergeJob, run_merge
@@ -46,11 +47,13 @@ def read_all(dirs: list[Path], view: memoryview) -> None:
 
 
 def disk_floor(inputs: list[Path], out: Path, out_bytes: int, block: int = 64 * 1024 * 1024) -> None:
-    """Read every input safetensors file once and write `out_bytes` to `out`, in 64 MiB blocks."""
-    view = memoryview(bytearray(block))
+    """Read every input safetensors file once and write `out_bytes` to `out`, in 64 MiB blocks. The
+    writes bypass the page cache where the filesystem allows (as the merge's do): on the 2-core VM that
+    is the faster way to write (3.5 GB in 1.8-1.9 s against 3.8-4.4 s buffered), so the floor is lower."""
+    view = memoryview(aligned_empty(block).numpy())
     read_all(inputs, view)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "floor.bin", "wb", buffering=0) as fh:
+    with DirectWriter(out / "floor.bin") as fh:
         left = out_bytes
         while left > 0:
             left -= fh.write(view[: min(block, left)])

@@ -8,7 +8,9 @@ Linear maps each block of both inputs from the files as it goes; SLERP maps the 
 since its coefficients come from the whole (`Method.rows`: chunk tasks in the same pool, hashing the
 inputs alongside), then applies them block by block. For the vocabulary matrices the special-token rows
 (the head of the matrix, tokenizer-aware rules in `embeddings.py`) come first, their inputs checked
-directly since some of their rows are not used. Blocks give the bits of the whole-tensor merge; input
+directly since some of their rows are not used. Blocks are whole 4 KiB runs where the row size allows
+(boundaries at multiples of the block size, so the stream re-aligns after the head), which the direct
+writer sends to the device from the block's own buffer. Blocks give the bits of the whole-tensor merge; input
 digests run over the tensor in order and equal the whole-tensor XXH3-128; NaN/Inf, which propagate
 through both methods, are looked for in the merged blocks (the inputs are checked only then, to name the
 tensor).
@@ -16,6 +18,7 @@ tensor).
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -23,6 +26,7 @@ from collections.abc import Callable, Iterator
 import torch
 import xxhash
 
+from megatron_ext.checkpoint.direct_io import ALIGN, aligned_empty
 from megatron_ext.merge.embeddings import merge_vocab_rows
 from megatron_ext.merge.kernel_pool import KernelPool
 from megatron_ext.merge.methods import METHODS, MergeParams, RowMerge, TensorContext
@@ -42,7 +46,8 @@ class BlockBuffers:
     """Output memory for row blocks, recycled: the writer gives each block back once written (`give`).
     Fresh memory per block costs page faults (about 2 s of a 3.5 GB merge here), and freed 8 MiB heap
     chunks churning through the write-behind queue left the process holding memory that grew with the
-    model. Thread-safe; tensors it did not hand out are ignored by `give`."""
+    model. Buffers start on `ALIGN` boundaries, so the writer sends them to the device without a copy.
+    Thread-safe; tensors it did not hand out are ignored by `give`."""
 
     def __init__(self, capacity: int = BLOCK_BYTES):
         self.capacity = capacity
@@ -57,9 +62,9 @@ class BlockBuffers:
         with self._lock:
             buf = self._free.pop() if self._free else None
         if buf is None:
-            buf = torch.empty(self.capacity, dtype=torch.uint8)
+            buf = aligned_empty(self.capacity)
             with self._lock:
-                self._owned[buf.data_ptr()] = buf
+                self._owned[buf.untyped_storage().data_ptr()] = buf
         return buf[:nbytes].view(dtype).view(shape)
 
     def give(self, block: torch.Tensor) -> None:
@@ -98,7 +103,7 @@ def row_blocks(
     shape, dtype = dev[0].shape(dev[1]), dev[0].dtype(dev[1])
     rows = shape[0]
     row_bytes = dtype.itemsize * int(torch.Size(shape[1:]).numel())
-    block_rows = max(1, BLOCK_BYTES // max(1, row_bytes))
+    block_rows = _block_rows(row_bytes)
     digests = [xxhash.xxh3_128() for _ in srcs]
     regular_start = vocab[0].num_special_tokens if vocab is not None else 0
     with KernelPool() as pool:
@@ -124,7 +129,10 @@ def row_blocks(
                 _digest(digests, (d, v))
             on_stats(stats)
             yield out
-        ranges = [(a, min(a + block_rows, rows)) for a in range(head_rows, rows, block_rows)]
+        # Block boundaries at multiples of block_rows: after the head, the blocks are whole ALIGN runs again.
+        first_whole = (head_rows // block_rows + 1) * block_rows
+        starts = [head_rows, *range(first_whole, rows, block_rows)] if rows > head_rows else []
+        ranges = list(zip(starts, [*starts[1:], rows], strict=True))
         ahead = 2 * pool.threads
         pending = deque(pool.submit(_merge_block, merge, srcs, whole, r, name, buffers) for r in ranges[:ahead])
         for k in range(len(ranges)):
@@ -139,6 +147,13 @@ def row_blocks(
             hashed.result()
     for (parent, tensor), h in zip(srcs, digests, strict=True):
         parent.digests[tensor] = h.hexdigest()
+
+
+def _block_rows(row_bytes: int) -> int:
+    """Rows per block: about BLOCK_BYTES, a multiple of ALIGN bytes where a block holds enough rows."""
+    rows = max(1, BLOCK_BYTES // max(1, row_bytes))
+    per_run = ALIGN // math.gcd(row_bytes, ALIGN) if row_bytes else 1
+    return rows - rows % per_run if rows >= per_run else rows
 
 
 def _check(out: torch.Tensor, srcs: tuple[Source, Source], inputs: tuple[torch.Tensor, ...], name: str) -> None:

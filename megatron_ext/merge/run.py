@@ -6,7 +6,9 @@ tokenizer-aware rules. Shards are written into `.<output>.partial-merge/` and re
 re-run with the same plan resumes after the last finished shard (DELLA draws are seeded per tensor,
 so a resumed result is identical). Reads run one tensor ahead in a thread and writes behind in another,
 so disk and compute overlap while at most a few tensors are in memory; for HF output a linear or SLERP
-merge streams every merged tensor in row blocks (`row_stream.py`), so merges and writes overlap.
+merge streams every merged tensor in row blocks (`row_stream.py`), so merges and writes overlap. HF shards
+are written with O_DIRECT (`checkpoint/direct_io.py`): laid out so tensor data and the blocks' buffers sit
+on 4 KiB boundaries, they go to the device without the page-cache copy that took a core from the merge.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_ext.checkpoint.atomic import CheckpointError
+from megatron_ext.checkpoint.direct_io import ALIGN, DirectWriter
 from megatron_ext.checkpoint.metadata import TOKENIZER_FILE, CheckpointMeta, command_line, sha256_file, write_meta
 from megatron_ext.checkpoint.torch_dist_io import TorchDistWriter
 from megatron_ext.config import ConfigError, ModelConfig, RopeConfig
@@ -73,8 +76,7 @@ class MergeJob:
     shard_bytes: int = 5 * 1024**3
     # Inputs read ahead while the current tensor is merged (Mistral-Small's ffn matrices: ~1 GB in flight).
     lookahead_bytes: int = 1536 * 1024**2
-    # Merged outputs queued for writing while the next tensors are merged (a deeper queue measured no
-    # faster: writing is the slower side, and the queue is memory).
+    # Merged outputs queued for writing while the next tensors are merged (the queue is memory).
     write_behind_bytes: int = 256 * 1024**2
     progress: bool = True
 
@@ -349,7 +351,7 @@ def _plan_id(job: MergeJob, items: list[Item], parents: dict[str, Parent]) -> st
     """Identity of a merge for resuming: parameters, output table, parents' files (names, sizes, mtimes)."""
     h = hashlib.sha256(json.dumps(job.params.to_dict(), sort_keys=True).encode())
     h.update(f"{job.out_format}|{job.min_row_norm}\n".encode())
-    for it in items:
+    for it in _write_order(items):
         h.update(f"{it.out_name}|{it.kind}|{it.dtype}|{list(it.shape)}\n".encode())
     for label, p in parents.items():
         h.update(f"{label}|{p.path.resolve()}\n".encode())
@@ -430,9 +432,7 @@ def _write_shards(
 ) -> None:
     """HF output: planned shards, each written as `.tmp` and renamed with a state file when complete."""
     by_name = {it.out_name: it for it in items}
-    # The vocabulary matrices first: their large writes then overlap the decoder's merges, not trail them.
-    ordered = sorted(items, key=lambda it: it.kind != "vocab")
-    shards = plan_shards([(it.out_name, it.dtype, it.shape) for it in ordered], job.shard_bytes)
+    shards = plan_shards([(it.out_name, it.dtype, it.shape) for it in _write_order(items)], job.shard_bytes)
     names = shard_names(len(shards))
     index = {n: fname for fname, shard in zip(names, shards, strict=True) for n, _, _ in shard}
     todo = []
@@ -449,8 +449,8 @@ def _write_shards(
     with _WriteBehind(job.write_behind_bytes) as writer:
         for path, shard in todo:
             part = path.with_name(path.name + ".tmp")
-            with open(part, "wb") as f:
-                f.write(header_bytes(shard, {"format": "pt"}))
+            with DirectWriter(part) as f:
+                f.write(header_bytes(shard, {"format": "pt"}, align=ALIGN))
                 for _ in shard:
                     _, out = next(stream)
                     for piece in [out] if isinstance(out, torch.Tensor) else out:  # a tensor or its row blocks
@@ -461,6 +461,13 @@ def _write_shards(
                 _shard_state(shard, by_name, index, path.name, parents, summary),
             )
             part.rename(path)
+
+
+def _write_order(items: list[Item]) -> list[Item]:
+    """The vocabulary matrices first (their large writes then overlap the decoder's merges instead of
+    trailing them), then tensors of whole `ALIGN` runs, then the rest: tensor data starts aligned (the
+    header is padded), so every aligned tensor's bytes go to the device without a copy (`DirectWriter`)."""
+    return sorted(items, key=lambda it: (it.kind != "vocab", _out_bytes(it) % ALIGN != 0))
 
 
 class _WriteBehind:

@@ -71,8 +71,11 @@ def read_tensor(entry: Entry, rows: tuple[int, int] | None = None) -> torch.Tens
     return map_bytes(entry.path, start, end).view(entry.dtype).reshape(shape)
 
 
-def header_bytes(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
-    """The length-prefixed JSON header for tensors written back to back in the given order."""
+def header_bytes(
+    tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str], align: int = 8
+) -> bytes:
+    """The length-prefixed JSON header for tensors written back to back in the given order, padded with
+    spaces so the tensor data starts at a multiple of `align` (8 or more)."""
     header: dict = {"__metadata__": metadata}
     offset = 0
     for name, dtype, shape in tensors:
@@ -80,7 +83,7 @@ def header_bytes(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], metada
         header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned
+    raw += b" " * (-(8 + len(raw)) % align)
     return struct.pack("<Q", len(raw)) + raw
 
 
