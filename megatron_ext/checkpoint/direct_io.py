@@ -27,7 +27,11 @@ _MAX_WRITE = 0x7FFFF000  # Linux's largest single write (aligned)
 
 
 def aligned_empty(nbytes: int) -> torch.Tensor:
-    """An uninitialized uint8 tensor of `nbytes` whose first byte sits on an `ALIGN` boundary."""
+    """An uninitialized uint8 tensor of `nbytes` whose first byte sits on an `ALIGN` boundary (torch's
+    allocator gives large buffers 2 MiB alignment under THP_MEM_ALLOC_ENABLE: then no page is added)."""
+    raw = torch.empty(nbytes, dtype=torch.uint8)
+    if raw.data_ptr() % ALIGN == 0:
+        return raw
     raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
     start = -raw.data_ptr() % ALIGN
     return raw[start : start + nbytes]

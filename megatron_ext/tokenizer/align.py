@@ -87,6 +87,8 @@ def _check_same_regular_vocab(dev: dict, vox: dict, dev_path: Path, vox_path: Pa
     dv, vv = dev["vocab"][:n], vox["vocab"][:n]
     if len(dv) != len(vv):
         raise AlignmentError(f"regular vocabulary sizes differ: {dev_path}={len(dv)} vs {vox_path}={len(vv)}")
+    if dv == vv:  # identical entries, the usual case, compared at C speed
+        return
     diff = [
         a["rank"] for a, b in zip(dv, vv, strict=True) if (a["rank"], a["token_bytes"]) != (b["rank"], b["token_bytes"])
     ]
