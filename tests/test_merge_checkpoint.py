@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -339,3 +340,26 @@ def test_cli_exit_status_and_stderr(tiny_dir: Path, tmp_path: Path) -> None:
     cmd = _cli(tiny_dir, tmp_path / "out", "--method", "slerp", "--alpha", "-0.1", "--rope-from", "voxtral")
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 1 and res.stderr.strip() == "error: alpha=-0.1: must lie in [0, 1]"
+
+
+def test_abandoned_writes_never_reach_a_closed_file() -> None:
+    """After `abandon` (a merge failing mid-shard), queued writes are dropped and the one in progress has
+    finished, so the shard's file can be closed without a late write landing on a reused descriptor."""
+    from megatron_ext.merge.run import _WriteBehind
+
+    class SlowFile:
+        calls, late, closed = 0, 0, False
+
+        def write(self, data: memoryview) -> int:
+            time.sleep(0.05)
+            self.calls += 1
+            self.late += self.closed
+            return len(data)
+
+    f = SlowFile()
+    with _WriteBehind(1 << 30) as writer:
+        for _ in range(10):
+            writer.submit(f, torch.zeros(4), lambda _: None)
+        writer.abandon()
+        f.closed = True
+    assert f.late == 0 and 0 < f.calls < 10

@@ -118,9 +118,7 @@ class DirectWriter:
     def _abandon(self) -> None:
         os.close(self._fd)
         self._fd = -1
-        if self._map is not None:
-            self._stage.release()
-            self._map.close()
+        self._stage = self._map = None  # unmapped with its last view (a traceback may still hold one)
 
     def __enter__(self) -> DirectWriter:
         return self

@@ -13,6 +13,7 @@ on 4 KiB boundaries, they go to the device without the page-cache copy that took
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -20,7 +21,7 @@ import logging
 import shutil
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -445,17 +446,27 @@ def _write_shards(
     _write_json(tmp / "model.safetensors.index.json.tmp", {"metadata": {}, "weight_map": index})
     queue = [by_name[n] for _, shard in todo for n, _, _ in shard]
     buffers = BlockBuffers()
+    # Generators are closed on the way out: an abandoned one would shut its executors and kernel pool down
+    # whenever the garbage collector finalizes it, possibly inside another merge's `submit` (a hang).
     stream = _stream(queue, job, parents, alignment, summary, buffers)
-    with _WriteBehind(job.write_behind_bytes) as writer:
+    with contextlib.closing(stream), _WriteBehind(job.write_behind_bytes) as writer:
         for path, shard in todo:
             part = path.with_name(path.name + ".tmp")
             with DirectWriter(part) as f:
-                f.write(header_bytes(shard, {"format": "pt"}, align=ALIGN))
-                for _ in shard:
-                    _, out = next(stream)
-                    for piece in [out] if isinstance(out, torch.Tensor) else out:  # a tensor or its row blocks
-                        writer.submit(f, piece, buffers.give)
-                writer.drain()
+                try:
+                    f.write(header_bytes(shard, {"format": "pt"}, align=ALIGN))
+                    for _ in shard:
+                        _, out = next(stream)
+                        if isinstance(out, torch.Tensor):
+                            writer.submit(f, out, buffers.give)
+                            continue
+                        with contextlib.closing(out):  # its row blocks
+                            for piece in out:
+                                writer.submit(f, piece, buffers.give)
+                    writer.drain()
+                except BaseException:
+                    writer.abandon()  # no queued write may reach the file once it is closed
+                    raise
             _write_json(
                 path.with_name(path.name + ".state.json"),
                 _shard_state(shard, by_name, index, path.name, parents, summary),
@@ -498,6 +509,14 @@ class _WriteBehind:
         while self.pending:
             self._pop()
 
+    def abandon(self) -> None:
+        """Drop the queued writes and wait for the one in progress (its outcome no longer matters)."""
+        for fut, _ in self.pending:
+            fut.cancel()
+        wait([fut for fut, _ in self.pending])
+        self.pending.clear()
+        self.queued = 0
+
     def __enter__(self) -> _WriteBehind:
         return self
 
@@ -516,8 +535,9 @@ def _write_torch_dist(
     """Megatron output through the conversion module's streaming torch_dist writer (restarts if killed)."""
     writer = TorchDistWriter(tmp)
     try:
-        for item, out in _stream(items, job, parents, alignment, summary):
-            writer.write(item.out_name, out)
+        with contextlib.closing(_stream(items, job, parents, alignment, summary)) as stream:
+            for item, out in stream:
+                writer.write(item.out_name, out)
         writer.finish()
     except CheckpointError as exc:
         raise MergeError(str(exc)) from None
