@@ -84,10 +84,16 @@ def _vector_loop(builder, stop, step, init, body):
     return accs
 
 
+def _bits_vector(builder, ary, index, lanes):
+    """`lanes` 16-bit patterns of the uint16 array `ary` from element `index` as an <lanes x i16> (unaligned load)."""
+    vector = ir.VectorType(ir.IntType(16), lanes)
+    return builder.load(builder.bitcast(builder.gep(ary.data, [index]), vector.as_pointer()), align=2)
+
+
 def _widened(builder, ary, index):
     """LANES bf16 values of `ary` from element `index` as a float32 vector (unaligned load, exact)."""
-    vi16, vi32 = ir.VectorType(ir.IntType(16), LANES), ir.VectorType(ir.IntType(32), LANES)
-    raw = builder.load(builder.bitcast(builder.gep(ary.data, [index]), vi16.as_pointer()), align=2)
+    vi32 = ir.VectorType(ir.IntType(32), LANES)
+    raw = _bits_vector(builder, ary, index, LANES)
     return builder.bitcast(builder.shl(builder.zext(raw, vi32), ir.Constant(vi32, [16] * LANES)), _VF)
 
 
@@ -168,7 +174,7 @@ def _exponent_flags(typingctx, x):
         exponent, carry = (ir.Constant(_VI16, [v] * _FLAG_LANES) for v in (0x7F80, 0x80))
 
         def body(i, accs):
-            raw = builder.load(builder.bitcast(builder.gep(ary.data, [i]), _VI16.as_pointer()), align=2)
+            raw = _bits_vector(builder, ary, i, _FLAG_LANES)
             return [builder.or_(accs[0], builder.add(builder.and_(raw, exponent), carry))]
 
         stop = builder.and_(ary.nitems, ir.Constant(_I64, -_FLAG_LANES))
