@@ -10,11 +10,12 @@ import pytest
 
 from megatron_ext.checkpoint import source_hashes
 from megatron_ext.checkpoint.source_hashes import cache_path, source_sha256
+from megatron_ext.user_cache import CACHE_ENV
 
 
 @pytest.fixture()
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv(source_hashes.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     return cache_path()
 
 
@@ -95,7 +96,7 @@ def test_cli_records_true_hashes_started_early_and_rehash_ignores_a_stale_cache(
     root = Path(__file__).resolve().parents[1]
     src = tiny_dir / "devstral-hf"
     truth = hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest()
-    env = {**os.environ, source_hashes.CACHE_ENV: str(tmp_path / "cache")}
+    env = {**os.environ, CACHE_ENV: str(tmp_path / "cache")}
 
     def run(out: str, *extra: str) -> str:
         cmd = [sys.executable, str(root / "tools" / "convert.py"), "--input", str(src), "--output",

@@ -29,9 +29,9 @@ import torch
 
 from megatron_ext.checkpoint.metadata import sha256_file
 from megatron_ext.checkpoint.safetensors_io import SafetensorsWriter
-from megatron_ext.checkpoint.source_hashes import CACHE_ENV
 from megatron_ext.config import ModelConfig, mistral_small_decoder
 from megatron_ext.tiny import decoder_shapes
+from megatron_ext.user_cache import CACHE_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 SHA256_ALONE = "sha256 of the sources alone (one core)"

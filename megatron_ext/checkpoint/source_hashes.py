@@ -23,17 +23,15 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from megatron_ext.checkpoint.metadata import sha256_file
+from megatron_ext.user_cache import cache_dir
 
-CACHE_ENV = "MEGATRON_EXT_CACHE"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _started: dict[str, Future] = {}  # file key -> its hash, being computed in this process
 
 
 def cache_path() -> Path:
-    """The hash cache file of this user (directory from $MEGATRON_EXT_CACHE, else ~/.cache/megatron_ext)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]) / "sha256.jsonl"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megatron_ext" / "sha256.jsonl"
+    """The hash cache file of this user (in `user_cache.cache_dir()`)."""
+    return cache_dir() / "sha256.jsonl"
 
 
 def _key(path: Path) -> str:
