@@ -3,6 +3,12 @@ election, parameter validation, and the existence threshold of the tokenizer-awa
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -22,6 +28,7 @@ from megatron_ext.merge.methods import (
 )
 from megatron_ext.merge.parents import is_finite
 from megatron_ext.tokenizer.align import TokenizerAlignment
+from megatron_ext.user_cache import CACHE_ENV
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -197,3 +204,37 @@ def test_fused_bf16_reductions_sum_as_torch_does() -> None:
                     assert _same_bits(bf16_kernels.products_sum(a, b, na, nb), reference), (n, na)
     finally:
         torch.set_num_threads(threads)
+
+
+_KERNEL_CHILD = """
+import json, torch
+from megatron_ext.merge import bf16_kernels
+x = torch.linspace(-3, 3, 45).bfloat16()
+out = torch.empty_like(x)
+bf16_kernels.slerp_rows(x, x.flip(0), 0.75, -0.5, out)
+kernels = bf16_kernels._kernels()
+print(json.dumps([kernels.compiled, str(kernels.cached), out.view(torch.int16).tolist()]))
+"""
+
+
+def test_bf16_kernels_are_compiled_once_and_a_damaged_cache_is_rebuilt(tmp_path: Path) -> None:
+    """The first process compiles and caches the object code, the next loads it; a damaged cache file is
+    compiled again, not loaded (LLVM crashes on a bad object file)."""
+    env = {**os.environ, CACHE_ENV: str(tmp_path), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def child() -> tuple[bool, Path, list[int]]:
+        res = subprocess.run([sys.executable, "-c", _KERNEL_CHILD], env=env, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-2000:]
+        compiled, cached, bits = json.loads(res.stdout)
+        return compiled, Path(cached), bits
+
+    x = torch.linspace(-3, 3, 45).bfloat16()
+    expected = (x.float() * 0.75).add_(x.flip(0).float() * -0.5).bfloat16().view(torch.int16).tolist()
+    compiled, cached, bits = child()
+    assert compiled and cached.parent == tmp_path and cached.is_file() and bits == expected
+    assert child() == (False, cached, expected)
+    data = bytearray(cached.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    cached.write_bytes(bytes(data))
+    assert child() == (True, cached, expected)
+    assert child() == (False, cached, expected)
