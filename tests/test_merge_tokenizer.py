@@ -131,3 +131,20 @@ def test_cli_one_line_error(tiny_dir: Path, tmp_path: Path) -> None:
         text=True,
     )
     assert res.returncode != 0 and res.stderr.strip().count("\n") == 0 and "nope.json" in res.stderr
+
+
+def test_unreadable_tokenizer_is_named(tiny_dir: Path, tmp_path: Path) -> None:
+    raw = (tiny_dir / "devstral-hf/tekken.json").read_bytes()
+    (tmp_path / "tekken.json").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(AlignmentError, match=rf"^{tmp_path / 'tekken.json'}: cannot read tokenizer: "):
+        align_tokenizers(tmp_path / "tekken.json", tiny_dir / "voxtral-hf/tekken.json")
+
+
+def test_written_tokenizer_is_compact_utf8_json(tiny_dir: Path, tmp_path: Path) -> None:
+    """write_tekken gives json.dumps(ensure_ascii=False, separators=(",", ":"))'s bytes (non-ASCII and
+    control characters, floats and nesting included)."""
+    data = json.loads((tiny_dir / "voxtral-hf/tekken.json").read_text())
+    data["extra"] = {"é\u2028\x1f\"\\/": [0.1, -2.5e-30, 1e300, 7, None, True, "\t\n"]}
+    write_tekken(data, tmp_path / "tekken.json")
+    expected = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+    assert (tmp_path / "tekken.json").read_bytes() == expected
