@@ -145,14 +145,17 @@ def _elementwise(module: ir.Module, name: str, scalars: int, compute: Callable) 
 
 
 def _slerp_rows(b, x, y, s, lanes):
+    """ca * x + cb * y (two roundings, then the add's: no FMA), as torch's mul, mul, add."""
     return b.fadd(b.fmul(s[0], x), b.fmul(s[1], y))
 
 
 def _linear_unit(b, x, y, s, lanes):
+    """fma(y, w1, fma(x, w0, 0)): torch's zero-initialized accumulation with `addcmul_`."""
     return _intrinsic(b, "fma", lanes, y, s[1], _intrinsic(b, "fma", lanes, x, s[0], _const(_F32, 0.0, lanes)))
 
 
 def _linear_scaled(b, x, y, s, lanes):
+    """The accumulation divided by the weights' total (weights not summing to 1)."""
     return b.fdiv(_linear_unit(b, x, y, s, lanes), s[2])
 
 
