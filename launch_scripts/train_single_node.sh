@@ -8,9 +8,10 @@ cd "$(dirname "$0")/.."
 
 CONFIG=${CONFIG:-examples/configs/tiny_cpu.yaml}
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+GPUS=$(nvidia-smi -L 2>/dev/null | wc -l || true)  # 0 without nvidia-smi (wc prints it; pipefail fails the pipe)
 if [ -z "${NPROC:-}" ]; then
-  NPROC=$(nvidia-smi -L 2>/dev/null | wc -l || true)
-  [ "${NPROC:-0}" -gt 0 ] || NPROC=1
+  NPROC=$GPUS
+  [ "$NPROC" -gt 0 ] || NPROC=1
 fi
 DRY_RUN=${DRY_RUN:-0}
 
@@ -19,7 +20,7 @@ if [ "$DRY_RUN" = 1 ]; then
 fi
 
 # CPU runs: one thread per rank keeps ranks from fighting over cores.
-[ "$(nvidia-smi -L 2>/dev/null | wc -l || echo 0)" -gt 0 ] || export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+[ "$GPUS" -gt 0 ] || export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 set -x
 exec "$PYTHON" -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$NPROC" \
   tools/train.py --config "$CONFIG" "$@"
