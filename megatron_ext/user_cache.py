@@ -12,6 +12,7 @@ CACHE_ENV = "MEGATRON_EXT_CACHE"
 
 
 def cache_dir() -> Path:
+    """This user's cache directory (not created here: writers create it when they first write)."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megatron_ext"

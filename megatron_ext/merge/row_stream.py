@@ -9,12 +9,12 @@ since its coefficients come from the whole (`Method.rows`: chunk tasks in the sa
 them block by block, hashing the inputs meanwhile (the coefficient passes are CPU-bound, the block writes
 are not: hashed alongside the coefficients, SLERP took 0.2 s longer). For the vocabulary matrices the
 special-token rows (the head of the matrix, tokenizer-aware rules in `embeddings.py`) come first, their
-inputs checked directly since some of their rows are not used. Blocks are whole 4 KiB runs where the row size allows
-(boundaries at multiples of the block size, so the stream re-aligns after the head), which the direct
-writer sends to the device from the block's own buffer. Blocks give the bits of the whole-tensor merge; input
-digests run over the tensor in order and equal the whole-tensor XXH3-128; NaN/Inf, which propagate
-through both methods, are looked for in the merged blocks (the inputs are checked only then, to name the
-tensor).
+inputs checked directly since some of their rows are not used. Blocks are whole 4 KiB runs where the row
+size allows (boundaries at multiples of the block size, so the stream re-aligns after the head), which the
+direct writer sends to the device from the block's own buffer. Blocks give the bits of the whole-tensor
+merge; input digests run over the tensor in order and equal the whole-tensor XXH3-128; NaN/Inf, which
+propagate through both methods, are looked for in the merged blocks (the inputs are checked only then, to
+name the tensor).
 """
 
 from __future__ import annotations
