@@ -91,8 +91,14 @@ class DecoderConfig:
 def mistral_small_decoder(num_layers: int = 40, rope: RopeConfig | None = None) -> DecoderConfig:
     """Mistral Small 3 (24B) decoder shapes, shared by both parents; fewer layers for benchmarks."""
     return DecoderConfig(
-        num_layers=num_layers, hidden_size=5120, ffn_hidden_size=32768, num_attention_heads=32,
-        num_query_groups=8, kv_channels=128, vocab_size=131072, rope=rope or RopeConfig(theta=1e8),
+        num_layers=num_layers,
+        hidden_size=5120,
+        ffn_hidden_size=32768,
+        num_attention_heads=32,
+        num_query_groups=8,
+        kv_channels=128,
+        vocab_size=131072,
+        rope=rope or RopeConfig(theta=1e8),
     )
 
 

@@ -39,15 +39,30 @@ from megatron_ext.tokenizer.tekken_builder import (
 
 VOCAB_SIZE = 2048
 TINY_DECODER = DecoderConfig(
-    num_layers=2, hidden_size=96, ffn_hidden_size=384, num_attention_heads=8, num_query_groups=2,
-    kv_channels=16, vocab_size=VOCAB_SIZE, norm_eps=1e-5, max_position_embeddings=4096, rope=RopeConfig(theta=1e8),
+    num_layers=2,
+    hidden_size=96,
+    ffn_hidden_size=384,
+    num_attention_heads=8,
+    num_query_groups=2,
+    kv_channels=16,
+    vocab_size=VOCAB_SIZE,
+    norm_eps=1e-5,
+    max_position_embeddings=4096,
+    rope=RopeConfig(theta=1e8),
 )
 # ffn = 4 x d_model, so HF Voxtral's 4-frame stacking width (= intermediate_size) matches the real model.
 TINY_ENCODER = EncoderConfig(num_layers=2, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4)
 # Devstral-2's YaRN with a small original context so short sequences cross it (and the llama-4 scaling).
 TINY_DEVSTRAL2_ROPE = RopeConfig(
-    theta=1e8, type="yarn", factor=48.0, original_max_position_embeddings=32, beta_fast=32.0, beta_slow=1.0,
-    mscale=1.0, mscale_all_dim=1.0, llama4_scaling_beta=0.1,
+    theta=1e8,
+    type="yarn",
+    factor=48.0,
+    original_max_position_embeddings=32,
+    beta_fast=32.0,
+    beta_slow=1.0,
+    mscale=1.0,
+    mscale_all_dim=1.0,
+    llama4_scaling_beta=0.1,
 )
 AUDIO_TOKEN_ID = 24
 
@@ -70,10 +85,15 @@ def decoder_shapes(dec: DecoderConfig) -> dict[str, tuple[int, ...]]:
     for i in range(dec.num_layers):
         p = f"model.layers.{i}."
         shapes |= {
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h), p + "mlp.down_proj.weight": (h, f),
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (f, h),
+            p + "mlp.up_proj.weight": (f, h),
+            p + "mlp.down_proj.weight": (h, f),
         }
     return shapes | {"model.norm.weight": (h,), "lm_head.weight": (dec.vocab_size, h)}
 
@@ -84,23 +104,34 @@ def encoder_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     assert e is not None
     d, f = e.hidden_size, e.ffn_hidden_size
     shapes: dict[str, tuple[int, ...]] = {
-        "audio_tower.conv1.weight": (d, e.num_mel_bins, 3), "audio_tower.conv1.bias": (d,),
-        "audio_tower.conv2.weight": (d, d, 3), "audio_tower.conv2.bias": (d,),
+        "audio_tower.conv1.weight": (d, e.num_mel_bins, 3),
+        "audio_tower.conv1.bias": (d,),
+        "audio_tower.conv2.weight": (d, d, 3),
+        "audio_tower.conv2.bias": (d,),
     }
     for i in range(e.num_layers):
         p = f"audio_tower.layers.{i}."
         shapes |= {
-            p + "self_attn.q_proj.weight": (d, d), p + "self_attn.q_proj.bias": (d,),
+            p + "self_attn.q_proj.weight": (d, d),
+            p + "self_attn.q_proj.bias": (d,),
             p + "self_attn.k_proj.weight": (d, d),
-            p + "self_attn.v_proj.weight": (d, d), p + "self_attn.v_proj.bias": (d,),
-            p + "self_attn.out_proj.weight": (d, d), p + "self_attn.out_proj.bias": (d,),
-            p + "self_attn_layer_norm.weight": (d,), p + "self_attn_layer_norm.bias": (d,),
-            p + "fc1.weight": (f, d), p + "fc1.bias": (f,), p + "fc2.weight": (d, f), p + "fc2.bias": (d,),
-            p + "final_layer_norm.weight": (d,), p + "final_layer_norm.bias": (d,),
+            p + "self_attn.v_proj.weight": (d, d),
+            p + "self_attn.v_proj.bias": (d,),
+            p + "self_attn.out_proj.weight": (d, d),
+            p + "self_attn.out_proj.bias": (d,),
+            p + "self_attn_layer_norm.weight": (d,),
+            p + "self_attn_layer_norm.bias": (d,),
+            p + "fc1.weight": (f, d),
+            p + "fc1.bias": (f,),
+            p + "fc2.weight": (d, f),
+            p + "fc2.bias": (d,),
+            p + "final_layer_norm.weight": (d,),
+            p + "final_layer_norm.bias": (d,),
         }
     h = cfg.decoder.hidden_size
     return shapes | {
-        "audio_tower.layer_norm.weight": (d,), "audio_tower.layer_norm.bias": (d,),
+        "audio_tower.layer_norm.weight": (d,),
+        "audio_tower.layer_norm.bias": (d,),
         "multi_modal_projector.linear_1.weight": (h, cfg.projector_input_size),
         "multi_modal_projector.linear_2.weight": (h, h),
     }
@@ -184,9 +215,7 @@ def native_tensors(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> Iterator[tu
         if name == "audio_tower.embed_positions.weight":
             continue  # recomputed by every loader; not stored in Mistral-native files
         heads = rope_heads(name, cfg)
-        yield convert_name(name, cfg.hf_architecture, to_hf=False), (
-            half_to_interleaved(t, heads) if heads else t
-        )
+        yield convert_name(name, cfg.hf_architecture, to_hf=False), (half_to_interleaved(t, heads) if heads else t)
 
 
 def write_native(out: Path, cfg: ModelConfig, hf: dict[str, torch.Tensor], tekken: dict) -> None:
@@ -211,10 +240,14 @@ def build_tiny_models(out: Path, seed: int = 0) -> dict[str, str]:
     voxtral = to_hf_names(fam["voxtral"], "voxtral") | audio
     devstral = fam["devstral"]
     devstral2 = quantize_fp8(fam["devstral2"])
-    fp8_config = {"quantization_config": {
-        "quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": None,
-        "modules_to_not_convert": ["lm_head", "model.embed_tokens"],
-    }}
+    fp8_config = {
+        "quantization_config": {
+            "quant_method": "fp8",
+            "activation_scheme": "dynamic",
+            "weight_block_size": None,
+            "modules_to_not_convert": ["lm_head", "model.embed_tokens"],
+        }
+    }
 
     write_hf(tmp / "voxtral-hf", VOXTRAL, voxtral, vox_tok)
     write_hf(tmp / "devstral-hf", DEVSTRAL, devstral, dev_tok)
@@ -225,7 +258,8 @@ def build_tiny_models(out: Path, seed: int = 0) -> dict[str, str]:
 
     digests = {
         str(p.relative_to(tmp)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(tmp.rglob("*")) if p.is_file()
+        for p in sorted(tmp.rglob("*"))
+        if p.is_file()
     }
     _write_json(tmp / "MANIFEST.json", {"seed": seed, "files": digests})
     tmp.rename(out)

@@ -37,19 +37,35 @@ def build_gpt(cfg: ModelConfig, pre_process: bool = True, post_process: bool = T
     d = cfg.decoder
     assert d.rope.type == "rope", "this helper builds plain-rope decoders only"
     tc = TransformerConfig(
-        num_layers=d.num_layers, hidden_size=d.hidden_size, ffn_hidden_size=d.ffn_hidden_size,
-        num_attention_heads=d.num_attention_heads, num_query_groups=d.num_query_groups, kv_channels=d.kv_channels,
-        normalization="RMSNorm", layernorm_epsilon=d.norm_eps, gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu, add_bias_linear=False, use_cpu_initialization=True,
-        hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.float32,
+        num_layers=d.num_layers,
+        hidden_size=d.hidden_size,
+        ffn_hidden_size=d.ffn_hidden_size,
+        num_attention_heads=d.num_attention_heads,
+        num_query_groups=d.num_query_groups,
+        kv_channels=d.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=d.norm_eps,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=torch.float32,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         pipeline_dtype=torch.float32,
     )
     return GPTModel(
-        tc, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=d.vocab_size,
-        max_sequence_length=d.max_position_embeddings, position_embedding_type="rope", rotary_base=int(d.rope.theta),
-        share_embeddings_and_output_weights=False, pre_process=pre_process, post_process=post_process,
+        tc,
+        get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=d.vocab_size,
+        max_sequence_length=d.max_position_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(d.rope.theta),
+        share_embeddings_and_output_weights=False,
+        pre_process=pre_process,
+        post_process=post_process,
     )
 
 
@@ -158,8 +174,10 @@ def check_pipeline_stage(ckpt: Path) -> str:
             layers.add(layer)
             name = name.replace(".layers.", f".layers.{layer}.", 1)
         assert torch.equal(loaded[key], reader.get(name)), name
-    return f"STAGE {parallel_state.get_pipeline_model_parallel_rank()} {'first' if first else '-'} " \
-           f"{'last' if last else '-'} {','.join(map(str, sorted(layers)))}"
+    return (
+        f"STAGE {parallel_state.get_pipeline_model_parallel_rank()} {'first' if first else '-'} "
+        f"{'last' if last else '-'} {','.join(map(str, sorted(layers)))}"
+    )
 
 
 def main() -> None:

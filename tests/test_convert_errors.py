@@ -67,8 +67,10 @@ def test_unknown_and_missing_tensor_names_are_listed(tiny_dir: Path, tmp_path: P
     src = _copy(tiny_dir, "devstral-hf", tmp_path)
     _edit_tensors(src, lambda t: t.update({"model.extra.weight": torch.zeros(2)}))
     _fails(src, tmp_path, "unknown HF tensors: model.extra.weight")
-    _edit_tensors(src, lambda t: [t.pop("model.extra.weight"), t.pop("model.layers.1.mlp.up_proj.weight"),
-                                  t.pop("lm_head.weight")])
+    _edit_tensors(
+        src,
+        lambda t: [t.pop("model.extra.weight"), t.pop("model.layers.1.mlp.up_proj.weight"), t.pop("lm_head.weight")],
+    )
     _fails(src, tmp_path, "missing HF tensors: lm_head.weight, model.layers.1.mlp.up_proj.weight")
 
 
@@ -126,9 +128,21 @@ def test_partial_or_altered_checkpoint_is_refused(tiny_dir: Path, tmp_path: Path
 def test_cli_prints_one_line_and_exits_nonzero(tiny_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "convert.py"), "--input", str(tiny_dir / "voxtral-hf"),
-         "--output", str(out), "--to", "megatron", "--tp", "3"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(ROOT / "tools" / "convert.py"),
+            "--input",
+            str(tiny_dir / "voxtral-hf"),
+            "--output",
+            str(out),
+            "--to",
+            "megatron",
+            "--tp",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: --tp 3 --pp 1 not allowed")

@@ -30,8 +30,18 @@ from megatron_ext.checkpoint.torch_dist_io import TorchDistReader
 from megatron_ext.config import DecoderConfig, ModelConfig, RopeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-CFG = ModelConfig(DecoderConfig(num_layers=4, hidden_size=512, ffn_hidden_size=2048, num_attention_heads=8,
-                                num_query_groups=2, kv_channels=64, vocab_size=16384, rope=RopeConfig(1e8)))
+CFG = ModelConfig(
+    DecoderConfig(
+        num_layers=4,
+        hidden_size=512,
+        ffn_hidden_size=2048,
+        num_attention_heads=8,
+        num_query_groups=2,
+        kv_channels=64,
+        vocab_size=16384,
+        rope=RopeConfig(1e8),
+    )
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +56,21 @@ def _kill_runs(source: Path, out: Path, kills: int, seed: int) -> int:
     rng = random.Random(seed)
     mid_write = 0
     for k in range(kills):
-        proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "convert.py"), "--input", str(source),
-                                 "--output", str(out), "--to", "megatron", "--no-progress"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "tools" / "convert.py"),
+                "--input",
+                str(source),
+                "--output",
+                str(out),
+                "--to",
+                "megatron",
+                "--no-progress",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         if k % 2 == 0:
             time.sleep(rng.uniform(0.0, 8.0))
         else:

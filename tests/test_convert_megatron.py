@@ -58,8 +58,9 @@ def test_tp1_load_matches_hf_logits(devstral_ckpt: Path, tiny_dir: Path) -> None
 
 
 @pytest.mark.slow
-def test_tp2_load_matches_hf_logits_and_megatron_resave_reads_back(devstral_ckpt: Path, tiny_dir: Path,
-                                                                     tmp_path: Path) -> None:
+def test_tp2_load_matches_hf_logits_and_megatron_resave_reads_back(
+    devstral_ckpt: Path, tiny_dir: Path, tmp_path: Path
+) -> None:
     resave = tmp_path / "resaved-tp2"
     diff = _torchrun2("gpt", str(devstral_ckpt), str(tiny_dir / "devstral-hf"), "2", str(resave))
     assert diff <= TOL, diff
@@ -82,9 +83,21 @@ def test_pp2_stages_load_their_layers_from_a_pp2_conversion(tiny_dir: Path, tmp_
 def _run_torchrun2(*args: str) -> str:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-         str(ROOT / "tests" / "convert_megatron_worker.py"), *args],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            str(ROOT / "tests" / "convert_megatron_worker.py"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -114,7 +127,8 @@ def test_audio_lm_tp1_loads_strictly_and_matches_hf_logits(model: str, audio_lm_
 
 
 def test_audio_lm_voxtral_tp2_matches_hf_logits_and_megatron_resave_reads_back(
-        audio_lm_ckpts: dict[str, Path], tmp_path: Path) -> None:
+    audio_lm_ckpts: dict[str, Path], tmp_path: Path
+) -> None:
     resave = tmp_path / "resaved-tp2"
     assert _torchrun2("audio_lm", str(audio_lm_ckpts["voxtral"]), "2", str(resave)) <= TOL
     ours, megatrons = TorchDistReader(audio_lm_ckpts["voxtral"]), TorchDistReader(resave)

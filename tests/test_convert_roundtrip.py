@@ -73,7 +73,8 @@ def test_metadata_records_parts_tokenizer_sources_command(tiny_dir: Path, out: P
     assert data["parts"] == {"language_model": True, "audio_encoder": True, "audio_projector": True}
     assert data["tokenizer"] == {"file": "tekken.json", "sha256": sha256_file(tiny_dir / "voxtral-hf" / "tekken.json")}
     assert {Path(s["path"]).name: s["sha256"] for s in data["sources"]}["model.safetensors"] == sha256_file(
-        tiny_dir / "voxtral-hf" / "model.safetensors")
+        tiny_dir / "voxtral-hf" / "model.safetensors"
+    )
     assert data["command"] == "convert --test"
     d2 = json.loads((out / "devstral2-td1" / "checkpoint_meta.json").read_text())
     assert d2["parts"]["audio_encoder"] is False
@@ -102,8 +103,11 @@ def test_hf_export_loads_in_transformers_with_same_logits(tiny_dir: Path, out: P
     from transformers import AutoModelForCausalLM, VoxtralForConditionalGeneration
 
     ids = torch.randint(1000, 2048, (1, 12), generator=torch.Generator().manual_seed(0))
-    for model, cls in (("devstral", AutoModelForCausalLM), ("devstral2", AutoModelForCausalLM),
-                       ("voxtral", VoxtralForConditionalGeneration)):
+    for model, cls in (
+        ("devstral", AutoModelForCausalLM),
+        ("devstral2", AutoModelForCausalLM),
+        ("voxtral", VoxtralForConditionalGeneration),
+    ):
         m, info = cls.from_pretrained(out / f"{model}-hf2", dtype=torch.float32, output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"], (model, info)
         if model != "devstral2":  # the FP8 original is not loadable on CPU; its tensors are checked above

@@ -145,7 +145,7 @@ def test_written_tokenizer_is_compact_utf8_json(tiny_dir: Path, tmp_path: Path) 
     """write_tekken gives json.dumps(ensure_ascii=False, separators=(",", ":"))'s bytes (non-ASCII and
     control characters, floats and nesting included)."""
     data = json.loads((tiny_dir / "voxtral-hf/tekken.json").read_text())
-    data["extra"] = {"é\u2028\x1f\"\\/": [0.1, -2.5e-30, 1e300, 7, None, True, "\t\n"]}
+    data["extra"] = {'é\u2028\x1f"\\/': [0.1, -2.5e-30, 1e300, 7, None, True, "\t\n"]}
     write_tekken(data, tmp_path / "tekken.json")
     expected = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
     assert (tmp_path / "tekken.json").read_bytes() == expected

@@ -22,8 +22,14 @@ def reference() -> WhisperFeatureExtractor:
 
 def _hf_chunks(fe: WhisperFeatureExtractor, wave: torch.Tensor) -> torch.Tensor:
     """What VoxtralProcessor does: pad to a multiple of 30 s, extract, split into 3000-frame chunks."""
-    out = fe(wave.numpy(), sampling_rate=16000, padding=True, truncation=False, pad_to_multiple_of=480000,
-             return_tensors="pt")["input_features"]
+    out = fe(
+        wave.numpy(),
+        sampling_rate=16000,
+        padding=True,
+        truncation=False,
+        pad_to_multiple_of=480000,
+        return_tensors="pt",
+    )["input_features"]
     return out.reshape(128, -1, 3000).transpose(0, 1)
 
 

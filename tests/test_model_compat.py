@@ -26,9 +26,18 @@ def _tiny_gpt():
     from megatron.core.transformer import TransformerConfig
 
     cfg = TransformerConfig(
-        num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
-        normalization="RMSNorm", gated_linear_unit=True, activation_func=torch.nn.functional.silu,
-        add_bias_linear=False, use_cpu_initialization=True, hidden_dropout=0.1, attention_dropout=0.0,
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=64,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        use_cpu_initialization=True,
+        hidden_dropout=0.1,
+        attention_dropout=0.0,
     )
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     return cfg, GPTModel(cfg, spec, vocab_size=64, max_sequence_length=32, position_embedding_type="rope")
@@ -61,8 +70,12 @@ def _train(distributed_optimizer: bool, steps: int = 3) -> tuple[list[float], to
         ddp.zero_grad_buffer()
         opt.zero_grad()
         out = get_forward_backward_func()(
-            forward_step_func=step, data_iterator=iter([None]), model=[ddp], num_microbatches=1,
-            seq_length=16, micro_batch_size=2,
+            forward_step_func=step,
+            data_iterator=iter([None]),
+            model=[ddp],
+            num_microbatches=1,
+            seq_length=16,
+            micro_batch_size=2,
         )
         ok, grad_norm, _ = opt.step()
         assert ok and grad_norm > 0

@@ -38,8 +38,9 @@ def test_shape_validation() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_cli_without_gpu_says_so() -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "tools/gpu_check.py"), "--layers", "2"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools/gpu_check.py"), "--layers", "2"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: gpu_check needs a CUDA GPU")
     assert "training GFLOP/token (2 layers, causal): 7.07" in proc.stdout
@@ -92,8 +93,11 @@ def test_te_spec_matches_hf_on_tiny_voxtral(tiny_dir: Path) -> None:
         model = build_model(VOXTRAL, BuildConfig(backend="te", init_weights=False)).cuda()
         assert model.backend == "te"
         load_full_tensors(model, mapping.megatron_getter(VOXTRAL, hf_weights.__getitem__))
-        hf = transformers.VoxtralForConditionalGeneration.from_pretrained(tiny_dir / "voxtral-hf",
-                                                                          dtype=torch.float32).cuda().eval()
+        hf = (
+            transformers.VoxtralForConditionalGeneration.from_pretrained(tiny_dir / "voxtral-hf", dtype=torch.float32)
+            .cuda()
+            .eval()
+        )
         ids = torch.tensor([[1, 3, 25] + [24] * 375 + [4, 1100, 1200]], device="cuda")
         features = torch.randn(1, 128, 3000, generator=torch.Generator().manual_seed(0)).cuda()
         with torch.no_grad():

@@ -27,8 +27,9 @@ def test_expand_audio_markers() -> None:
 
 
 def test_hf_directory_with_two_clips_matches_hf(tiny_dir: Path) -> None:
-    result = checkpoint_logits(tiny_dir / "voxtral-hf", [1, 3, 25, 24, 25, 24, 4, 1100], [LIBRIVOX, LIBRIVOX],
-                               compare_hf=True)
+    result = checkpoint_logits(
+        tiny_dir / "voxtral-hf", [1, 3, 25, 24, 25, 24, 4, 1100], [LIBRIVOX, LIBRIVOX], compare_hf=True
+    )
     assert result.logits.shape == (8 - 2 + 2 * 375, 2048)
     assert result.max_abs_diff is not None and result.max_abs_diff < TOL
 
@@ -39,9 +40,22 @@ def test_cli_on_torch_dist_checkpoint(tiny_dir: Path, tmp_path: Path) -> None:
     convert(tiny_dir / "voxtral-hf", tmp_path / "voxtral-td", "megatron", progress=False)
     out = tmp_path / "logits.safetensors"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools/logits.py"), "--checkpoint", str(tmp_path / "voxtral-td"),
-         "--tokens", "1,3,25,24,4,1100,1200", "--audio", str(LIBRIVOX), "--output", str(out), "--compare-hf"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "tools/logits.py"),
+            "--checkpoint",
+            str(tmp_path / "voxtral-td"),
+            "--tokens",
+            "1,3,25,24,4,1100,1200",
+            "--audio",
+            str(LIBRIVOX),
+            "--output",
+            str(out),
+            "--compare-hf",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     diff = float(re.search(r"^max_abs_diff=(\S+)$", proc.stdout, re.M).group(1))
@@ -56,12 +70,20 @@ def test_cli_on_torch_dist_checkpoint(tiny_dir: Path, tmp_path: Path) -> None:
 def test_cli_bad_input_is_one_line(tiny_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "x.safetensors"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools/logits.py"), "--checkpoint", str(tiny_dir / "devstral-hf"),
-         "--tokens", "1,99999", "--output", str(out)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(ROOT / "tools/logits.py"),
+            "--checkpoint",
+            str(tiny_dir / "devstral-hf"),
+            "--tokens",
+            "1,99999",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [
-        "error: --tokens: id 99999 is outside the vocabulary [0, 2048)"
-    ]
+    assert proc.stderr.strip().splitlines() == ["error: --tokens: id 99999 is outside the vocabulary [0, 2048)"]
     assert not out.exists()

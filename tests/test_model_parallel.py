@@ -63,8 +63,11 @@ def _worker(rank: int, world: int, port: int, tiny_dir: str, out_dir: str) -> No
         norm = model.language_model.decoder.final_layernorm.weight
         if getattr(norm, "sequence_parallel", False):  # what finalize_model_grads does for SP-tagged params
             torch.distributed.all_reduce(norm.grad, group=parallel_state.get_tensor_model_parallel_group())
-        grads = {"norm": norm.grad, "qkv": layer.self_attention.linear_qkv.weight.grad,
-                 "fc2": layer.mlp.linear_fc2.weight.grad}
+        grads = {
+            "norm": norm.grad,
+            "qkv": layer.self_attention.linear_qkv.weight.grad,
+            "fc2": layer.mlp.linear_fc2.weight.grad,
+        }
         return logits, loss.detach(), grads
 
     ref_logits, ref_loss, ref_grads = run(load(1, 1, False))
@@ -74,8 +77,11 @@ def _worker(rank: int, world: int, port: int, tiny_dir: str, out_dir: str) -> No
         rows, cols = grads["qkv"].shape[0], grads["fc2"].shape[1]
         results[f"{name}_logits"] = (logits - ref_logits).abs().max().item()
         results[f"{name}_loss"] = (loss - ref_loss).abs().max().item()
-        expected = {"norm": ref_grads["norm"], "qkv": ref_grads["qkv"][r * rows : (r + 1) * rows],
-                    "fc2": ref_grads["fc2"][:, r * cols : (r + 1) * cols]}
+        expected = {
+            "norm": ref_grads["norm"],
+            "qkv": ref_grads["qkv"][r * rows : (r + 1) * rows],
+            "fc2": ref_grads["fc2"][:, r * cols : (r + 1) * cols],
+        }
         # Relative to the largest gradient entry: the summed loss over 804 tokens makes grads O(10).
         results[f"{name}_grads"] = max(((grads[k] - v).abs().max() / v.abs().max()).item() for k, v in expected.items())
 
@@ -87,8 +93,13 @@ def _worker(rank: int, world: int, port: int, tiny_dir: str, out_dir: str) -> No
         return loss, lambda out: (out.mean(), {"loss": out.mean().detach()})
 
     out = get_forward_backward_func()(
-        forward_step_func=step, data_iterator=iter([None]), model=[model], num_microbatches=1,
-        seq_length=ids.shape[1], micro_batch_size=ids.shape[0], forward_only=False,
+        forward_step_func=step,
+        data_iterator=iter([None]),
+        model=[model],
+        num_microbatches=1,
+        seq_length=ids.shape[1],
+        micro_batch_size=ids.shape[0],
+        forward_only=False,
     )
     if model.post_process:
         results["pp2_loss"] = abs(float(out[0]["loss"]) - float(ref_loss.mean()))
@@ -110,5 +121,3 @@ def test_tp2_sp_and_pp2_match_tp1(tiny_dir: Path, tmp_path: Path) -> None:
         assert res["pp2_grads"] == 1.0
     assert ranks[1]["pp2_loss"] < TOL  # last stage holds the loss
     assert ranks[0]["pp2_projector_grad"] > 0 and ranks[0]["pp2_encoder_frozen"] == 1.0
-
-

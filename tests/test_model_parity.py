@@ -191,16 +191,18 @@ def test_freeze_flags(tiny_dir: Path) -> None:
     features = torch.randn(1, 128, 3000, generator=torch.Generator().manual_seed(1))
     ids = _audio_prompt([1])
     for freeze_encoder, freeze_projector in ((True, False), (False, True)):
-        model = build_model(VOXTRAL, BuildConfig(init_weights=False, freeze_encoder=freeze_encoder,
-                                                 freeze_projector=freeze_projector))
+        model = build_model(
+            VOXTRAL, BuildConfig(init_weights=False, freeze_encoder=freeze_encoder, freeze_projector=freeze_projector)
+        )
         load_full_tensors(model, full)
         model(ids, labels=torch.roll(ids, -1, 1), audio_features=features).mean().backward()
         encoder_grads = [p.grad for p in model.audio_encoder.parameters()]
         projector_grads = [p.grad for p in model.audio_projector.parameters()]
         assert all(g is None for g in encoder_grads) == freeze_encoder
         assert all(g is None for g in projector_grads) == freeze_projector
-        assert all(g is not None and g.abs().sum() > 0 for g in (encoder_grads if not freeze_encoder else
-                                                                 projector_grads))
+        assert all(
+            g is not None and g.abs().sum() > 0 for g in (encoder_grads if not freeze_encoder else projector_grads)
+        )
 
 
 def test_fp8_request_on_the_local_spec_is_reported_off(caplog: pytest.LogCaptureFixture) -> None:

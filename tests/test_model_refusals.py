@@ -11,10 +11,19 @@ from megatron_ext.parallel_layout import validate_parallelism
 
 # Voxtral Small's real shape (no weights needed): 20 encoder heads, 8 decoder KV groups.
 VOXTRAL_SMALL = ModelConfig(
-    DecoderConfig(num_layers=40, hidden_size=5120, ffn_hidden_size=32768, num_attention_heads=32,
-                  num_query_groups=8, kv_channels=128, vocab_size=131072),
+    DecoderConfig(
+        num_layers=40,
+        hidden_size=5120,
+        ffn_hidden_size=32768,
+        num_attention_heads=32,
+        num_query_groups=8,
+        kv_channels=128,
+        vocab_size=131072,
+    ),
     EncoderConfig(num_layers=32, hidden_size=1280, ffn_hidden_size=5120, num_attention_heads=20),
-    audio_token_id=24, projector_stack=4, hf_architecture="voxtral",
+    audio_token_id=24,
+    projector_stack=4,
+    hf_architecture="voxtral",
 )
 
 

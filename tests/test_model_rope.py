@@ -11,8 +11,17 @@ from megatron_ext.compat.cpu import apply_cpu_patches
 from megatron_ext.config import DecoderConfig, ModelConfig, RopeConfig
 from megatron_ext.models.rope import llama4_query_scale, thd_positions, yarn_config_attributes
 
-DEVSTRAL2_ROPE = RopeConfig(theta=1e8, type="yarn", factor=48.0, original_max_position_embeddings=8192, beta_fast=32.0,
-                            beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama4_scaling_beta=0.1)
+DEVSTRAL2_ROPE = RopeConfig(
+    theta=1e8,
+    type="yarn",
+    factor=48.0,
+    original_max_position_embeddings=8192,
+    beta_fast=32.0,
+    beta_slow=1.0,
+    mscale=1.0,
+    mscale_all_dim=1.0,
+    llama4_scaling_beta=0.1,
+)
 
 
 def _megatron_yarn(rope: RopeConfig, head_dim: int = 128) -> tuple[torch.Tensor, float]:
@@ -21,9 +30,15 @@ def _megatron_yarn(rope: RopeConfig, head_dim: int = 128) -> tuple[torch.Tensor,
     apply_cpu_patches()
     a = yarn_config_attributes(rope)
     emb = YarnRotaryEmbedding(
-        head_dim, rotary_base=rope.theta, use_cpu_initialization=True, scaling_factor=a["yarn_rotary_scaling_factor"],
-        original_max_position_embeddings=a["yarn_original_max_position_embeddings"], beta_fast=a["yarn_beta_fast"],
-        beta_slow=a["yarn_beta_slow"], mscale=a["yarn_mscale"], mscale_all_dim=a["yarn_mscale_all_dim"],
+        head_dim,
+        rotary_base=rope.theta,
+        use_cpu_initialization=True,
+        scaling_factor=a["yarn_rotary_scaling_factor"],
+        original_max_position_embeddings=a["yarn_original_max_position_embeddings"],
+        beta_fast=a["yarn_beta_fast"],
+        beta_slow=a["yarn_beta_slow"],
+        mscale=a["yarn_mscale"],
+        mscale_all_dim=a["yarn_mscale_all_dim"],
         correction_range_round_to_int=a["yarn_correction_range_round_to_int"],
     )
     angles, mscale = emb.get_emb(2)
@@ -34,9 +49,17 @@ def _hf_yarn(rope: RopeConfig) -> tuple[torch.Tensor, float]:
     import transformers
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    dec = DecoderConfig(num_layers=1, hidden_size=5120, ffn_hidden_size=32768, num_attention_heads=32,
-                        num_query_groups=8, kv_channels=128, vocab_size=131072, max_position_embeddings=393216,
-                        rope=rope)
+    dec = DecoderConfig(
+        num_layers=1,
+        hidden_size=5120,
+        ffn_hidden_size=32768,
+        num_attention_heads=32,
+        num_query_groups=8,
+        kv_channels=128,
+        vocab_size=131072,
+        max_position_embeddings=393216,
+        rope=rope,
+    )
     hf = ModelConfig(dec, hf_architecture="ministral3").to_hf()
     hf.pop("architectures")
     return ROPE_INIT_FUNCTIONS["yarn"](transformers.Ministral3Config(**hf), "cpu")
@@ -61,8 +84,15 @@ def test_correction_range_rounding_follows_truncate() -> None:
 
 def test_yarn_attributes_are_all_explicit() -> None:
     attrs = yarn_config_attributes(DEVSTRAL2_ROPE)
-    assert set(attrs) == {"yarn_rotary_scaling_factor", "yarn_original_max_position_embeddings", "yarn_beta_fast",
-                          "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim", "yarn_correction_range_round_to_int"}
+    assert set(attrs) == {
+        "yarn_rotary_scaling_factor",
+        "yarn_original_max_position_embeddings",
+        "yarn_beta_fast",
+        "yarn_beta_slow",
+        "yarn_mscale",
+        "yarn_mscale_all_dim",
+        "yarn_correction_range_round_to_int",
+    }
     assert attrs["yarn_mscale_all_dim"] == 1.0 and attrs["yarn_correction_range_round_to_int"] is True
     assert yarn_config_attributes(RopeConfig(theta=1e8)) == {}
 

@@ -81,8 +81,9 @@ def test_system_prompt_next_to_audio_is_folded_or_refused(tiny_dir: Path, chats:
 
 def test_bad_sample_error_names_the_sample(encoder: ChatEncoder) -> None:
     with pytest.raises(SampleError, match=r"^data.jsonl: sample 4: cannot encode chat"):
-        encoder.encode({"messages": [{"role": "assistant", "content": "hi"}, {"role": "bogus"}]},
-                       where="data.jsonl: sample 4")
+        encoder.encode(
+            {"messages": [{"role": "assistant", "content": "hi"}, {"role": "bogus"}]}, where="data.jsonl: sample 4"
+        )
     with pytest.raises(SampleError, match="last role Assistant"):  # nothing to train on
         encoder.encode({"messages": [{"role": "user", "content": "hi"}]}, where="s")
 
@@ -142,7 +143,7 @@ def test_packing_positions_labels_and_padding(encoder: ChatEncoder, chats: dict[
         assert sum(seq.doc_lens) == 1024 and len(seq.doc_lens) >= 2
         start = 0
         for n in seq.doc_lens[:-1] if seq.source_ids[-1] == -1 else seq.doc_lens:
-            assert np.array_equal(seq.position_ids[start:start + n], np.arange(n))
+            assert np.array_equal(seq.position_ids[start : start + n], np.arange(n))
             assert seq.tokens[start] == 1  # each document starts with <s>
             assert seq.labels[start + n - 1] == 2  # and its last label is its own </s>
             start += n

@@ -18,8 +18,18 @@ from megatron_ext.data.tiny_chats import write_tiny_chats
 from megatron_ext.training.config import TrainConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TB_SCALARS = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/tflops_per_gpu",
-              "train/memory_gb", "train/audio_tokens", "train/text_tokens", "train/loss_text", "val/loss"}
+TB_SCALARS = {
+    "train/loss",
+    "train/lr",
+    "train/grad_norm",
+    "train/tokens_per_s",
+    "train/tflops_per_gpu",
+    "train/memory_gb",
+    "train/audio_tokens",
+    "train/text_tokens",
+    "train/loss_text",
+    "val/loss",
+}
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +42,19 @@ def env(tiny_dir: Path, tmp_path_factory) -> dict[str, Path]:
 
 def overrides(env: dict[str, Path], run: str, **extra: object) -> list[str]:
     base = {
-        "model.checkpoint": env["ckpt"], "parallel.tensor_model_parallel_size": 1,
-        "data.sources.0.path": env["text"], "data.sources.1.path": env["audio"],
-        "data.sources.1.ratio": 50, "data.validation.0.path": env["text"],
-        "training.seq_length": 512, "training.train_iters": 4, "optimizer.warmup_steps": 1,
-        "checkpoint.save_dir": env["root"] / run, "checkpoint.save_interval": 2,
-        "logging.tensorboard_dir": env["root"] / run / "tb", "logging.eval_interval": 4,
+        "model.checkpoint": env["ckpt"],
+        "parallel.tensor_model_parallel_size": 1,
+        "data.sources.0.path": env["text"],
+        "data.sources.1.path": env["audio"],
+        "data.sources.1.ratio": 50,
+        "data.validation.0.path": env["text"],
+        "training.seq_length": 512,
+        "training.train_iters": 4,
+        "optimizer.warmup_steps": 1,
+        "checkpoint.save_dir": env["root"] / run,
+        "checkpoint.save_interval": 2,
+        "logging.tensorboard_dir": env["root"] / run / "tb",
+        "logging.eval_interval": 4,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -90,8 +107,10 @@ def test_startup_refusals(env: dict[str, Path], tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     shutil.copytree(env["ckpt"], ckpt)
     cfg = lambda *o: tiny_cfg(env, "x", **{"model.checkpoint": ckpt, **dict(x.split("=", 1) for x in o)})  # noqa: E731
-    yarn = ["model.rope={type: yarn, theta: 1e8, factor: 48, original_max_position_embeddings: 8192, "
-            "beta_fast: 32, beta_slow: 1, mscale: 1, mscale_all_dim: 1}"]
+    yarn = [
+        "model.rope={type: yarn, theta: 1e8, factor: 48, original_max_position_embeddings: 8192, "
+        "beta_fast: 32, beta_slow: 1, mscale: 1, mscale_all_dim: 1}"
+    ]
     startup_checks(cfg())  # the converted checkpoint passes as it is
     with pytest.raises(StartupError, match=r"model.rope disagrees .* on type, factor.*rope_override=true"):
         startup_checks(cfg(*yarn))
@@ -180,8 +199,11 @@ def test_packed_document_logits_equal_alone(env: dict[str, Path]) -> None:
         load_full_tensors(model, TorchDistReader(env["ckpt"]).get)
         model.eval()
         enc = ChatEncoder(load_tokenizer(env["ckpt"]), 375, 24)
-        docs = [enc.encode(JsonlSource(env["text"])[0]), enc.encode(JsonlSource(env["audio"])[1]),
-                enc.encode(JsonlSource(env["text"])[5])]
+        docs = [
+            enc.encode(JsonlSource(env["text"])[0]),
+            enc.encode(JsonlSource(env["audio"])[1]),
+            enc.encode(JsonlSource(env["text"])[5]),
+        ]
         mel = lambda w: log_mel_chunks(w)[0]  # noqa: E731
 
         def logits(seqs, mask_fn=document_causal_mask):
@@ -192,22 +214,30 @@ def test_packed_document_logits_equal_alone(env: dict[str, Path]) -> None:
         packed = pack(docs, [0, 1, 0], 1024, 11)
         start = packed.doc_lens[0]
         n = len(docs[1]) - 1
-        together = logits([packed])[0, start:start + n]
+        together = logits([packed])[0, start : start + n]
         alone = logits([pack([docs[1]], [1], n, 11)])[0]
         torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
         causal_only = lambda ids: ~torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()[None, None]  # noqa: E731
         plain = logits([packed], causal_only)
-        assert (plain[0, start:start + n] - alone).abs().max() > 1e-3
+        assert (plain[0, start : start + n] - alone).abs().max() > 1e-3
     finally:
         destroy_distributed()
 
 
 # ---- multi-rank runs (torchrun) --------------------------------------------------------------------------
 def torchrun(nproc: int, args: list[str], timeout: int = 900) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(ROOT / "tools/train.py"), *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(ROOT / "tools/train.py"),
+        *args,
+    ]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -220,8 +250,13 @@ def test_tp2_matches_tp1_for_5_steps(env: dict[str, Path]) -> None:
     cfg = ["--config", str(ROOT / "examples/configs/tiny_cpu.yaml")]
     torchrun(1, cfg + overrides(env, "tp1", **common))
     torchrun(2, cfg + overrides(env, "tp2", **common, **{"parallel.tensor_model_parallel_size": 2}))
-    torchrun(2, cfg + overrides(env, "tp2sp", **common, **{"parallel.tensor_model_parallel_size": 2,
-                                                          "parallel.sequence_parallel": True}))
+    torchrun(
+        2,
+        cfg
+        + overrides(
+            env, "tp2sp", **common, **{"parallel.tensor_model_parallel_size": 2, "parallel.sequence_parallel": True}
+        ),
+    )
     tp1 = read_scalars(env["root"] / "tp1" / "tb")["train/loss"]
     for run in ("tp2", "tp2sp"):
         other = read_scalars(env["root"] / run / "tb")["train/loss"]
@@ -234,9 +269,22 @@ def test_tp2_matches_tp1_for_5_steps(env: dict[str, Path]) -> None:
 def test_make_sft_style_run_loss_falls_over_50_steps(env: dict[str, Path]) -> None:
     """The tiny CPU recipe (2 ranks, TP=2, 50 steps): the loss falls; TensorBoard has every scalar."""
     cfg = ["--config", str(ROOT / "examples/configs/tiny_cpu.yaml")]
-    torchrun(2, cfg + overrides(env, "fifty", **{"training.train_iters": 50, "parallel.tensor_model_parallel_size": 2,
-                                                 "training.seq_length": 1024, "optimizer.warmup_steps": 5,
-                                                 "checkpoint.save_interval": 25, "logging.eval_interval": 25}))
+    torchrun(
+        2,
+        cfg
+        + overrides(
+            env,
+            "fifty",
+            **{
+                "training.train_iters": 50,
+                "parallel.tensor_model_parallel_size": 2,
+                "training.seq_length": 1024,
+                "optimizer.warmup_steps": 5,
+                "checkpoint.save_interval": 25,
+                "logging.eval_interval": 25,
+            },
+        ),
+    )
     scalars = read_scalars(env["root"] / "fifty" / "tb")
     assert TB_SCALARS <= set(scalars)
     loss = scalars["train/loss"]
@@ -261,27 +309,44 @@ def test_flops_per_token_matches_the_causal_convention() -> None:
 
 
 def _script(env_vars: dict[str, str], script: str, args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(ROOT / "launch_scripts" / script), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300, env={**os.environ, "PYTHON": sys.executable, **env_vars})
+    return subprocess.run(
+        ["bash", str(ROOT / "launch_scripts" / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "PYTHON": sys.executable, **env_vars},
+    )
 
 
 def test_launch_scripts_dry_run_validate_the_config(env: dict[str, Path]) -> None:
     config = str(ROOT / "examples/configs/tiny_cpu.yaml")
-    ok = _script({"DRY_RUN": "1", "NPROC": "2", "CONFIG": config}, "train_single_node.sh",
-                 overrides(env, "dry", **{"parallel.tensor_model_parallel_size": 2}))
+    ok = _script(
+        {"DRY_RUN": "1", "NPROC": "2", "CONFIG": config},
+        "train_single_node.sh",
+        overrides(env, "dry", **{"parallel.tensor_model_parallel_size": 2}),
+    )
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "world 2 = TP 2 x CP 1 x DP 1" in ok.stdout and ok.stdout.strip().endswith("dry run OK")
-    bad = _script({"DRY_RUN": "1", "CONFIG": config}, "train_slurm.sbatch",
-                  overrides(env, "dry", **{"parallel.tensor_model_parallel_size": 2}))
+    bad = _script(
+        {"DRY_RUN": "1", "CONFIG": config},
+        "train_slurm.sbatch",
+        overrides(env, "dry", **{"parallel.tensor_model_parallel_size": 2}),
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1] == (
-        "error: training.global_batch_size=2 is not a multiple of micro_batch_size x data-parallel size = 64")
+        "error: training.global_batch_size=2 is not a multiple of micro_batch_size x data-parallel size = 64"
+    )
 
 
 def test_gpu_bench_plans_on_cpu_and_refuses_to_run_without_cuda() -> None:
     tool = str(ROOT / "tools/sft_gpu_bench.py")
-    check = subprocess.run([sys.executable, tool, "--check", "--layers", "40", "--seq-length", "131072", "--docs", "1"],
-                           capture_output=True, text=True, timeout=120)
+    check = subprocess.run(
+        [sys.executable, tool, "--check", "--layers", "40", "--seq-length", "131072", "--docs", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert check.returncode == 0, check.stderr
     plan = json.loads(check.stdout)
     assert plan["full_logits_gb_tp1"] == 64.0 and plan["chunked_loss_peak_gb_tp1"] == 6.0

@@ -84,9 +84,7 @@ def test_torn_cache_line_is_ignored(tmp_path: Path, cache: Path, monkeypatch: py
     assert source_sha256(files) == truth  # the entry appended after the torn line is readable
 
 
-def test_cli_records_true_hashes_started_early_and_rehash_ignores_a_stale_cache(
-    tiny_dir: Path, tmp_path: Path
-) -> None:
+def test_cli_records_true_hashes_started_early_and_rehash_ignores_a_stale_cache(tiny_dir: Path, tmp_path: Path) -> None:
     """tools/convert.py starts hashing before importing torch; the metadata holds the true sha256, and
     --rehash replaces a wrong cached value."""
     import json
@@ -99,8 +97,18 @@ def test_cli_records_true_hashes_started_early_and_rehash_ignores_a_stale_cache(
     env = {**os.environ, CACHE_ENV: str(tmp_path / "cache")}
 
     def run(out: str, *extra: str) -> str:
-        cmd = [sys.executable, str(root / "tools" / "convert.py"), "--input", str(src), "--output",
-               str(tmp_path / out), "--to", "megatron", "--no-progress", *extra]
+        cmd = [
+            sys.executable,
+            str(root / "tools" / "convert.py"),
+            "--input",
+            str(src),
+            "--output",
+            str(tmp_path / out),
+            "--to",
+            "megatron",
+            "--no-progress",
+            *extra,
+        ]
         subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=300)
         sources = json.loads((tmp_path / out / "checkpoint_meta.json").read_text())["sources"]
         return next(s["sha256"] for s in sources if s["path"].endswith("model.safetensors"))

@@ -90,8 +90,14 @@ def test_model_config_round_trips(cfg: ModelConfig) -> None:
 
 def test_yarn_without_its_settings_is_refused() -> None:
     with pytest.raises(ConfigError, match="beta_fast"):
-        RopeConfig(type="yarn", factor=48.0, original_max_position_embeddings=8192, beta_slow=1.0,
-                   mscale=1.0, mscale_all_dim=1.0)
+        RopeConfig(
+            type="yarn",
+            factor=48.0,
+            original_max_position_embeddings=8192,
+            beta_slow=1.0,
+            mscale=1.0,
+            mscale_all_dim=1.0,
+        )
     data = DEVSTRAL.to_dict()
     del data["decoder"]["rope"]
     with pytest.raises(ConfigError, match="rope"):
@@ -102,8 +108,10 @@ def test_yarn_without_its_settings_is_refused() -> None:
 def test_native_layout_matches_hf(tiny_dir: Path, parent: str) -> None:
     native = load_file(tiny_dir / f"{parent}-native/consolidated.safetensors")
     hf = load_file(tiny_dir / f"{parent}-hf/model.safetensors")
-    cfg = config_from_params(json.loads((tiny_dir / f"{parent}-native/params.json").read_text()),
-                             "voxtral" if parent == "voxtral" else "mistral")
+    cfg = config_from_params(
+        json.loads((tiny_dir / f"{parent}-native/params.json").read_text()),
+        "voxtral" if parent == "voxtral" else "mistral",
+    )
     assert cfg == (VOXTRAL if parent == "voxtral" else DEVSTRAL)
     seen = set()
     for name, t in native.items():

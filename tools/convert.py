@@ -40,34 +40,60 @@ from megatron_ext.checkpoint.convert import TARGETS, convert  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", type=Path, required=True,
-                        help="HF dir (model.safetensors or index + shards, config.json), Mistral-native dir "
-                             "(consolidated.safetensors + params.json) or Megatron torch_dist dir")
-    parser.add_argument("--output", type=Path, required=True,
-                        help="output directory (must not exist unless --overwrite)")
-    parser.add_argument("--to", choices=TARGETS, required=True,
-                        help="megatron: torch_dist + checkpoint_meta.json; hf: the model's HF layout "
-                             "(Voxtral, Mistral or Ministral3); mistral: consolidated.safetensors + params.json")
+    parser.add_argument(
+        "--input",
+        type=Path,
+        required=True,
+        help="HF dir (model.safetensors or index + shards, config.json), Mistral-native dir "
+        "(consolidated.safetensors + params.json) or Megatron torch_dist dir",
+    )
+    parser.add_argument(
+        "--output", type=Path, required=True, help="output directory (must not exist unless --overwrite)"
+    )
+    parser.add_argument(
+        "--to",
+        choices=TARGETS,
+        required=True,
+        help="megatron: torch_dist + checkpoint_meta.json; hf: the model's HF layout "
+        "(Voxtral, Mistral or Ministral3); mistral: consolidated.safetensors + params.json",
+    )
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to validate for (default 1)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to validate for (default 1)")
-    parser.add_argument("--rope-from", type=Path, default=None,
-                        help="HF config.json or params.json supplying rope settings for a torch_dist input "
-                             "whose metadata lacks them")
+    parser.add_argument(
+        "--rope-from",
+        type=Path,
+        default=None,
+        help="HF config.json or params.json supplying rope settings for a torch_dist input whose metadata lacks them",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--rehash", action="store_true",
-                        help="sha256 every source file afresh instead of reusing a known hash (HF hub blob "
-                             "name or the per-user cache in $MEGATRON_EXT_CACHE, default ~/.cache/megatron_ext)")
+    parser.add_argument(
+        "--rehash",
+        action="store_true",
+        help="sha256 every source file afresh instead of reusing a known hash (HF hub blob "
+        "name or the per-user cache in $MEGATRON_EXT_CACHE, default ~/.cache/megatron_ext)",
+    )
     args = parser.parse_args()
     try:
-        report = convert(args.input, args.output, args.to, args.tp, args.pp, args.overwrite, args.rope_from,
-                         progress=not args.no_progress, rehash=args.rehash)
+        report = convert(
+            args.input,
+            args.output,
+            args.to,
+            args.tp,
+            args.pp,
+            args.overwrite,
+            args.rope_from,
+            progress=not args.no_progress,
+            rehash=args.rehash,
+        )
     except (CheckpointError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"input: {report.input_description}")
-    print(f"output: {report.output} ({report.target}, {report.tensors} tensors, "
-          f"{report.bytes_written / 1e9:.3f} GB in {report.seconds:.1f} s)")
+    print(
+        f"output: {report.output} ({report.target}, {report.tensors} tensors, "
+        f"{report.bytes_written / 1e9:.3f} GB in {report.seconds:.1f} s)"
+    )
     return 0
 
 

@@ -24,29 +24,37 @@ def main() -> int:
     d = LayerShape()
     for name, default, text in (
         ("layers", d.layers, "decoder layers (the acceptance check uses 2-4)"),
-        ("hidden", d.hidden, "hidden size"), ("heads", d.heads, "query heads"),
-        ("kv-groups", d.kv_groups, "KV groups (GQA)"), ("head-dim", d.head_dim, "head dimension"),
-        ("ffn", d.ffn, "SwiGLU ffn size"), ("seq", d.seq, "sequence length (>= 8192 for the acceptance check)"),
+        ("hidden", d.hidden, "hidden size"),
+        ("heads", d.heads, "query heads"),
+        ("kv-groups", d.kv_groups, "KV groups (GQA)"),
+        ("head-dim", d.head_dim, "head dimension"),
+        ("ffn", d.ffn, "SwiGLU ffn size"),
+        ("seq", d.seq, "sequence length (>= 8192 for the acceptance check)"),
         ("micro-batch", d.micro_batch, "sequences per step"),
     ):
         parser.add_argument(f"--{name}", type=int, default=default, help=f"{text} (default {default})")
     parser.add_argument("--precision", choices=["bf16", "fp8", "both"], default="both", help="default: both")
-    parser.add_argument("--fp8-recipe", choices=["delayed", "tensorwise"], default="delayed",
-                        help="FP8 scaling: delayed, or tensorwise (current scaling); format hybrid (default delayed)")
+    parser.add_argument(
+        "--fp8-recipe",
+        choices=["delayed", "tensorwise"],
+        default="delayed",
+        help="FP8 scaling: delayed, or tensorwise (current scaling); format hybrid (default delayed)",
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default 3)")
     parser.add_argument("--flops-only", action="store_true", help="print the FLOP model and exit (no GPU needed)")
     args = parser.parse_args()
     try:
-        shape = LayerShape(args.layers, args.hidden, args.heads, args.kv_groups, args.head_dim, args.ffn, args.seq,
-                           args.micro_batch)
+        shape = LayerShape(
+            args.layers, args.hidden, args.heads, args.kv_groups, args.head_dim, args.ffn, args.seq, args.micro_batch
+        )
         parts = layer_flops_per_token(shape)
         print(f"shape: {shape}")
         print("forward GFLOP/token/layer: " + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in parts.items()))
         print(f"training GFLOP/token ({shape.layers} layers, causal): {training_flops_per_token(shape) / 1e9:.2f}")
         if args.flops_only:
             return 0
-        for precision in (["bf16", "fp8"] if args.precision == "both" else [args.precision]):
+        for precision in ["bf16", "fp8"] if args.precision == "both" else [args.precision]:
             print(run_check(shape, precision, args.steps, args.warmup, args.fp8_recipe).line(), flush=True)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -27,15 +27,26 @@ def main() -> int:
     args = parser.parse_args()
     audio = args.audio_chunks if args.encoder_layers else 0
     if 375 * audio >= args.seq_length // args.docs:
-        print(f"error: {audio} audio chunks need more than seq-length/docs = {args.seq_length // args.docs} tokens",
-              file=sys.stderr)
+        print(
+            f"error: {audio} audio chunks need more than seq-length/docs = {args.seq_length // args.docs} tokens",
+            file=sys.stderr,
+        )
         return 2
     if args.check:
         print(json.dumps(plan(args.layers, args.encoder_layers, args.seq_length, args.docs, audio), indent=2))
         return 0
     try:
-        result = run(args.layers, args.encoder_layers, args.seq_length, args.docs, audio, args.steps, args.warmup,
-                     None if args.fp8 == "off" else args.fp8, None if args.recompute == "none" else args.recompute)
+        result = run(
+            args.layers,
+            args.encoder_layers,
+            args.seq_length,
+            args.docs,
+            audio,
+            args.steps,
+            args.warmup,
+            None if args.fp8 == "off" else args.fp8,
+            None if args.recompute == "none" else args.recompute,
+        )
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

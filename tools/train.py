@@ -22,8 +22,9 @@ def main() -> int:
     parser.add_argument("--config", type=Path, required=True, help="YAML run config (see examples/configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.train_iters=10")
     parser.add_argument("--dry-run", action="store_true", help="validate everything, start nothing")
-    parser.add_argument("--world-size", type=int, default=None,
-                        help="ranks the dry run validates for (default: $WORLD_SIZE or 1)")
+    parser.add_argument(
+        "--world-size", type=int, default=None, help="ranks the dry run validates for (default: $WORLD_SIZE or 1)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:

@@ -56,8 +56,9 @@ def mistral_small_config(num_layers: int) -> ModelConfig:
     return ModelConfig(mistral_small_decoder(num_layers), hf_architecture="mistral")
 
 
-def write_synthetic_hf(out: Path, cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                       max_shard_bytes: int = 5 << 30) -> int:
+def write_synthetic_hf(
+    out: Path, cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16, seed: int = 0, max_shard_bytes: int = 5 << 30
+) -> int:
     """Write an HF checkpoint of `cfg` (decoder only) filled with random bits, streaming; returns bytes."""
     out.mkdir(parents=True, exist_ok=True)
     shapes = decoder_shapes(cfg.decoder)
@@ -70,7 +71,7 @@ def write_synthetic_hf(out: Path, cfg: ModelConfig, dtype: torch.dtype = torch.b
         flat = t.view(-1)
         for start in range(0, flat.numel(), block.numel()):
             n = min(block.numel(), flat.numel() - start)
-            flat[start:start + n] = block[:n]
+            flat[start : start + n] = block[:n]
         writer.write(name, t)
         del t, flat
     writer.finish()
@@ -115,8 +116,18 @@ class BenchResult:
 
 def _run_convert(src: Path, dst: Path, args: list[str], cache: Path) -> tuple[float, float, float]:
     """Run tools/convert.py as a child; (wall seconds, the tool's own conversion seconds, peak RSS in GB)."""
-    cmd = [sys.executable, "-c", _RUN_REPORTING_RSS, str(ROOT / "tools" / "convert.py"), "--input", str(src),
-           "--output", str(dst), *args, "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-c",
+        _RUN_REPORTING_RSS,
+        str(ROOT / "tools" / "convert.py"),
+        "--input",
+        str(src),
+        "--output",
+        str(dst),
+        *args,
+        "--no-progress",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), CACHE_ENV: str(cache)}
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -157,22 +168,54 @@ def run_bench(workdir: Path, num_layers: int = 2, keep: bool = False) -> list[Be
         shapes = decoder_shapes(cfg.decoder)
         largest = max(torch.Size(s).numel() for s in shapes.values()) * 2 / 1e9
         results = []
-        runs = (("hub snapshot -> torch_dist (sha256 from the blob names)", snapshot, workdir / "td",
-                 ["--to", "megatron"]),
-                ("torch_dist -> hf", workdir / "td", workdir / "hf-out", ["--to", "hf"]),
-                ("plain dir -> torch_dist --tp 2 (sha256 computed)", plain, workdir / "td2",
-                 ["--to", "megatron", "--tp", "2"]))
+        runs = (
+            ("hub snapshot -> torch_dist (sha256 from the blob names)", snapshot, workdir / "td", ["--to", "megatron"]),
+            ("torch_dist -> hf", workdir / "td", workdir / "hf-out", ["--to", "hf"]),
+            (
+                "plain dir -> torch_dist --tp 2 (sha256 computed)",
+                plain,
+                workdir / "td2",
+                ["--to", "megatron", "--tp", "2"],
+            ),
+        )
         for direction, src, dst, args in runs:
             os.sync()  # no write-back of earlier steps may land in any measurement
             floor_s, _ = disk_floor(sorted(p for p in src.iterdir() if p.is_file()), workdir / "floor.bin")
             os.sync()
             wall, own, rss = _run_convert(src, dst, args, workdir / "hash-cache")
-            results.append(BenchResult(num_layers, nbytes / 1e9, largest, direction, wall, own, nbytes / 1e9 / wall,
-                                       rss, 2 + 3 * largest, floor_s, wall / floor_s, own / floor_s))
+            results.append(
+                BenchResult(
+                    num_layers,
+                    nbytes / 1e9,
+                    largest,
+                    direction,
+                    wall,
+                    own,
+                    nbytes / 1e9 / wall,
+                    rss,
+                    2 + 3 * largest,
+                    floor_s,
+                    wall / floor_s,
+                    own / floor_s,
+                )
+            )
         floor_s = results[-1].floor_s
-        results.append(BenchResult(num_layers, nbytes / 1e9, largest, SHA256_ALONE, hash_s, hash_s,
-                                   nbytes / 1e9 / hash_s, 0.0, 2 + 3 * largest, floor_s, hash_s / floor_s,
-                                   hash_s / floor_s))
+        results.append(
+            BenchResult(
+                num_layers,
+                nbytes / 1e9,
+                largest,
+                SHA256_ALONE,
+                hash_s,
+                hash_s,
+                nbytes / 1e9 / hash_s,
+                0.0,
+                2 + 3 * largest,
+                floor_s,
+                hash_s / floor_s,
+                hash_s / floor_s,
+            )
+        )
         return results
     finally:
         if not keep:
@@ -183,8 +226,10 @@ def format_results(results: list[BenchResult]) -> str:
     lines = []
     for r in results:
         if r.direction == SHA256_ALONE:
-            lines.append(f"{r.direction}: {r.wall_s:.1f} s = {r.gb_per_s:.2f} GB/s = {r.ratio_to_floor:.2f}x the "
-                         "last floor (the bound of a conversion that must hash its sources)")
+            lines.append(
+                f"{r.direction}: {r.wall_s:.1f} s = {r.gb_per_s:.2f} GB/s = {r.ratio_to_floor:.2f}x the "
+                "last floor (the bound of a conversion that must hash its sources)"
+            )
             continue
         lines.append(
             f"{r.direction}: {r.input_gb:.2f} GB ({r.layers} Mistral-Small layers, largest tensor "

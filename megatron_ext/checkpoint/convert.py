@@ -75,8 +75,9 @@ def _native_stream(inp: InputCheckpoint) -> Iterator[tuple[str, torch.Tensor]]:
         if name == mapping.HF_POSITIONS:
             continue  # not stored in Mistral-native files
         heads = rope_heads(name, inp.cfg)
-        yield convert_name(name, inp.cfg.hf_architecture, to_hf=False), (
-            half_to_interleaved(t, heads).contiguous() if heads else t
+        yield (
+            convert_name(name, inp.cfg.hf_architecture, to_hf=False),
+            (half_to_interleaved(t, heads).contiguous() if heads else t),
         )
 
 
@@ -91,8 +92,10 @@ class _Hasher(threading.Thread):
     def run(self) -> None:
         try:
             hashes = source_sha256(self.files, reuse=not self.rehash)
-            self.result = [{"path": str(p), "bytes": p.stat().st_size, "sha256": h}
-                           for p, h in zip(self.files, hashes, strict=True)]
+            self.result = [
+                {"path": str(p), "bytes": p.stat().st_size, "sha256": h}
+                for p, h in zip(self.files, hashes, strict=True)
+            ]
         except OSError as exc:
             self.error = exc
 
@@ -116,9 +119,18 @@ def _hf_dtype_name(inp: InputCheckpoint) -> str:
     return str(inp.get(first).dtype).removeprefix("torch.")
 
 
-def convert(input_dir: Path, output_dir: Path, to: Target, tp: int = 1, pp: int = 1, overwrite: bool = False,
-            rope_from: Path | None = None, progress: bool = True, command: str | None = None,
-            rehash: bool = False) -> ConversionReport:
+def convert(
+    input_dir: Path,
+    output_dir: Path,
+    to: Target,
+    tp: int = 1,
+    pp: int = 1,
+    overwrite: bool = False,
+    rope_from: Path | None = None,
+    progress: bool = True,
+    command: str | None = None,
+    rehash: bool = False,
+) -> ConversionReport:
     """Convert `input_dir` (any supported format) to `to` in `output_dir`; see the module docstring."""
     if to not in TARGETS:
         raise CheckpointError(f"--to {to!r}: expected one of {', '.join(TARGETS)}")
@@ -136,11 +148,17 @@ def convert(input_dir: Path, output_dir: Path, to: Target, tp: int = 1, pp: int 
             else:
                 names = mapping.hf_names(inp.cfg)
                 if to == "mistral":
-                    names = [convert_name(n, inp.cfg.hf_architecture, to_hf=False)
-                             for n in names if n != mapping.HF_POSITIONS]
-                writer = SafetensorsWriter(tmp, names, single_name="model.safetensors" if to == "hf"
-                                           else "consolidated.safetensors",
-                                           max_shard_bytes=5 << 30 if to == "hf" else 1 << 62)
+                    names = [
+                        convert_name(n, inp.cfg.hf_architecture, to_hf=False)
+                        for n in names
+                        if n != mapping.HF_POSITIONS
+                    ]
+                writer = SafetensorsWriter(
+                    tmp,
+                    names,
+                    single_name="model.safetensors" if to == "hf" else "consolidated.safetensors",
+                    max_shard_bytes=5 << 30 if to == "hf" else 1 << 62,
+                )
                 total = len(names)
                 stream = _hf_stream(inp) if to == "hf" else _native_stream(inp)
             try:
@@ -154,8 +172,9 @@ def convert(input_dir: Path, output_dir: Path, to: Target, tp: int = 1, pp: int 
             if hasher.error:
                 raise CheckpointError(f"hashing sources failed: {hasher.error}")
             _write_config(tmp, to, inp, tp, pp, hasher.result, command)
-        return ConversionReport(inp.description, Path(output_dir), to, n, writer.bytes_written,
-                                time.perf_counter() - start)
+        return ConversionReport(
+            inp.description, Path(output_dir), to, n, writer.bytes_written, time.perf_counter() - start
+        )
     finally:
         inp.close()
 

@@ -148,11 +148,21 @@ def _hf_input(directory: Path, native_cfg: ModelConfig | None) -> InputCheckpoin
         return t
 
     layout = "sharded" if (directory / INDEX_FILE).is_file() else "single file"
-    desc = (f"HF {hf.get('architectures', ['?'])[0]} ({cfg.hf_architecture} layout, {layout}, "
-            f"{len(src.files)} file(s){', FP8 dequantised to ' + str(target).removeprefix('torch.') if fp8 else ''})")
+    desc = (
+        f"HF {hf.get('architectures', ['?'])[0]} ({cfg.hf_architecture} layout, {layout}, "
+        f"{len(src.files)} file(s){', FP8 dequantised to ' + str(target).removeprefix('torch.') if fp8 else ''})"
+    )
     tok = directory / TOKENIZER_FILE
-    return InputCheckpoint("hf", directory, cfg, desc, get, list(shapes), src.files + [directory / "config.json"],
-                           tok if tok.is_file() else None)
+    return InputCheckpoint(
+        "hf",
+        directory,
+        cfg,
+        desc,
+        get,
+        list(shapes),
+        src.files + [directory / "config.json"],
+        tok if tok.is_file() else None,
+    )
 
 
 def _native_input(directory: Path) -> InputCheckpoint:
@@ -201,8 +211,9 @@ def _native_input(directory: Path) -> InputCheckpoint:
 
     desc = f"Mistral-native ({cfg.hf_architecture} model, {len(files)} file(s) + params.json, rope rows permuted)"
     tok = directory / TOKENIZER_FILE
-    return InputCheckpoint("native", directory, cfg, desc, get, list(shapes), src.files + [params_path],
-                           tok if tok.is_file() else None)
+    return InputCheckpoint(
+        "native", directory, cfg, desc, get, list(shapes), src.files + [params_path], tok if tok.is_file() else None
+    )
 
 
 def _torch_dist_input(directory: Path, rope_from: Path | None) -> InputCheckpoint:
@@ -223,8 +234,18 @@ def _torch_dist_input(directory: Path, rope_from: Path | None) -> InputCheckpoin
     tok = directory / TOKENIZER_FILE
     desc = f"Megatron torch_dist ({cfg.hf_architecture} model{', with audio stack' if cfg.has_audio else ''})"
     files = sorted(p for p in directory.iterdir() if p.suffix == ".distcp") + [directory / ".metadata"]
-    return InputCheckpoint("torch_dist", directory, cfg, desc, reader.get, mapping.megatron_names(cfg), files,
-                           tok if tok.is_file() else None, meta, close=reader.close)
+    return InputCheckpoint(
+        "torch_dist",
+        directory,
+        cfg,
+        desc,
+        reader.get,
+        mapping.megatron_names(cfg),
+        files,
+        tok if tok.is_file() else None,
+        meta,
+        close=reader.close,
+    )
 
 
 def open_input(directory: Path, rope_from: Path | None = None) -> InputCheckpoint:

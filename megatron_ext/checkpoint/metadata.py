@@ -33,8 +33,13 @@ def sha256_file(path: Path, window: int = 1 << 26) -> str:
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         for offset in range(0, size, window):
-            with mmap.mmap(f.fileno(), min(window, size - offset), prot=mmap.PROT_READ, offset=offset,
-                           flags=mmap.MAP_SHARED | mmap.MAP_POPULATE) as view:
+            with mmap.mmap(
+                f.fileno(),
+                min(window, size - offset),
+                prot=mmap.PROT_READ,
+                offset=offset,
+                flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+            ) as view:
                 h.update(view)
     return h.hexdigest()
 
@@ -81,9 +86,7 @@ class CheckpointMeta:
 def write_meta(directory: Path, meta: CheckpointMeta) -> None:
     """Record every file already in `directory` with its size, then write the metadata file (last)."""
     directory = Path(directory)
-    meta.files = {
-        p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != META_FILE
-    }
+    meta.files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != META_FILE}
     text = json.dumps(meta.to_dict(), indent=2, sort_keys=True) + "\n"
     tmp = directory / (META_FILE + ".tmp")
     tmp.write_text(text)

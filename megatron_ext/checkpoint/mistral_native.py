@@ -111,6 +111,7 @@ def rope_heads(hf_name: str, cfg: ModelConfig) -> int | None:
 
 # ---- params.json <-> ModelConfig ------------------------------------------------------------------
 
+
 def params_from_config(cfg: ModelConfig) -> dict[str, Any]:
     """Mistral-native `params.json` for `cfg` (YaRN and llama-4 scaling in Mistral's own spelling)."""
     d, rope = cfg.decoder, cfg.decoder.rope
@@ -169,27 +170,40 @@ def config_from_params(params: dict[str, Any], arch: str) -> ModelConfig:
         if yarn:
             mscale = 1.0 if yarn.get("apply_scale", True) else 0.0
             rope = RopeConfig(
-                theta=float(params["rope_theta"]), type="yarn", factor=yarn["factor"],
+                theta=float(params["rope_theta"]),
+                type="yarn",
+                factor=yarn["factor"],
                 original_max_position_embeddings=yarn["original_max_position_embeddings"],
-                beta_fast=yarn["beta"], beta_slow=yarn["alpha"], mscale=mscale, mscale_all_dim=mscale,
+                beta_fast=yarn["beta"],
+                beta_slow=yarn["alpha"],
+                mscale=mscale,
+                mscale_all_dim=mscale,
                 llama4_scaling_beta=l4["beta"] if l4 else None,
             )
         elif l4:
             raise ConfigError("params.json: llama_4_scaling without yarn is not supported")
         decoder = DecoderConfig(
-            num_layers=params["n_layers"], hidden_size=params["dim"], ffn_hidden_size=params["hidden_dim"],
-            num_attention_heads=params["n_heads"], num_query_groups=params["n_kv_heads"],
+            num_layers=params["n_layers"],
+            hidden_size=params["dim"],
+            ffn_hidden_size=params["hidden_dim"],
+            num_attention_heads=params["n_heads"],
+            num_query_groups=params["n_kv_heads"],
             kv_channels=params.get("head_dim") or params["dim"] // params["n_heads"],
-            vocab_size=params["vocab_size"], norm_eps=params["norm_eps"],
-            max_position_embeddings=params.get("max_seq_len", 131072), rope=rope,
+            vocab_size=params["vocab_size"],
+            norm_eps=params["norm_eps"],
+            max_position_embeddings=params.get("max_seq_len", 131072),
+            rope=rope,
         )
         mm = params.get("multimodal")
         if not mm:
             return ModelConfig(decoder=decoder, hf_architecture=arch)  # type: ignore[arg-type]
         ea = mm["whisper_model_args"]["encoder_args"]
         encoder = EncoderConfig(
-            num_layers=ea["n_layers"], hidden_size=ea["dim"], ffn_hidden_size=ea["hidden_dim"],
-            num_attention_heads=ea["n_heads"], max_source_positions=ea.get("max_source_positions", 1500),
+            num_layers=ea["n_layers"],
+            hidden_size=ea["dim"],
+            ffn_hidden_size=ea["hidden_dim"],
+            num_attention_heads=ea["n_heads"],
+            max_source_positions=ea.get("max_source_positions", 1500),
             num_mel_bins=ea.get("audio_encoding_args", {}).get("num_mel_bins", 128),
         )
         stack = mm["whisper_model_args"].get("downsample_args", {}).get("downsample_factor", 4)

@@ -27,9 +27,18 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
@@ -152,8 +161,14 @@ class SafetensorsWriter:
     `model.safetensors.index.json`; with one shard the file is `single_name`.
     """
 
-    def __init__(self, directory: Path, names: Iterable[str], max_shard_bytes: int = 5 << 30,
-                 single_name: str = SINGLE_FILE, metadata: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        names: Iterable[str],
+        max_shard_bytes: int = 5 << 30,
+        single_name: str = SINGLE_FILE,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         self.directory = Path(directory)
         self.single_name = single_name
         self.max_shard_bytes = max_shard_bytes

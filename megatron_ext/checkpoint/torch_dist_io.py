@@ -51,8 +51,12 @@ DCP_METADATA = ".metadata"
 DATA_FILE = "__0_0.distcp"
 COMMON_FILE = "common.pt"
 MCORE_CONFIG_FILE = "metadata.json"
-MCORE_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
-                "common_backend": "torch", "common_backend_version": 1}
+MCORE_CONFIG = {
+    "sharded_backend": "torch_dist",
+    "sharded_backend_version": 1,
+    "common_backend": "torch",
+    "common_backend_version": 1,
+}
 _LAYER = re.compile(r"^(?P<pre>.*\.layers\.)(?P<i>\d+)\.(?P<rest>.+)$")
 _STACKED = re.compile(r"^.*\.layers\.(?!\d+\.).+$")
 IGNORED_PREFIXES = ("optimizer.", "rng_state", "rerun_state")
@@ -155,7 +159,7 @@ class TorchDistWriter:
             shapes = {(s, d) for s, d, _ in entries.values()}
             if len(shapes) != 1:
                 raise CheckpointError(f"torch_dist writer: {key} has different shapes/dtypes across layers: {shapes}")
-            (shape, dtype), = shapes
+            ((shape, dtype),) = shapes
             chunks = []
             for i in range(n):
                 offs = torch.Size([i] + [0] * len(shape))
@@ -291,8 +295,9 @@ class TorchDistReader:
                     self._names[f"{pre}.layers.{i}.{rest}"] = (key, i)
             else:
                 self._names[key] = (key, None)
-        self._by_offset = {(k.fqn, tuple(k.offset)): v for k, v in (self._md.storage_data or {}).items()
-                           if k.offset is not None}
+        self._by_offset = {
+            (k.fqn, tuple(k.offset)): v for k, v in (self._md.storage_data or {}).items() if k.offset is not None
+        }
 
     def names(self) -> list[str]:
         """Full per-layer tensor names (optimizer states and objects excluded)."""

@@ -57,8 +57,16 @@ def _to_cpu_device(device: Any) -> Any:
     return device
 
 
-_CUDA_TYPE_NAMES = {"torch.FloatTensor", "torch.HalfTensor", "torch.BFloat16Tensor", "torch.DoubleTensor",
-                    "torch.IntTensor", "torch.LongTensor", "torch.ByteTensor", "torch.BoolTensor"}
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor",
+    "torch.HalfTensor",
+    "torch.BFloat16Tensor",
+    "torch.DoubleTensor",
+    "torch.IntTensor",
+    "torch.LongTensor",
+    "torch.ByteTensor",
+    "torch.BoolTensor",
+}
 
 
 class _CudaToCpuMode(TorchFunctionMode):
@@ -76,11 +84,18 @@ class _CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.to and len(args) > 1:
             args = (args[0], _to_cpu_device(args[1]), *args[2:])
         if func is torch.Tensor.backward:
-            return self._backward(*_bind(("tensors", "grad_tensors", "retain_graph", "create_graph", "inputs"),
-                                         args, kwargs))
+            return self._backward(
+                *_bind(("tensors", "grad_tensors", "retain_graph", "create_graph", "inputs"), args, kwargs)
+            )
         if func is torch.autograd.backward:
-            return self._backward(*_bind(("tensors", "grad_tensors", "retain_graph", "create_graph",
-                                          "grad_variables", "inputs"), args, kwargs, drop="grad_variables"))
+            return self._backward(
+                *_bind(
+                    ("tensors", "grad_tensors", "retain_graph", "create_graph", "grad_variables", "inputs"),
+                    args,
+                    kwargs,
+                    drop="grad_variables",
+                )
+            )
         return func(*args, **kwargs)
 
     def _backward(self, tensors, grad_tensors=None, retain_graph=None, create_graph=False, inputs=None) -> None:
@@ -101,8 +116,13 @@ class _CudaToCpuMode(TorchFunctionMode):
         inputs = () if inputs is None else (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
         with self:
             torch.autograd.Variable._execution_engine.run_backward(
-                tensors, tuple(grads), create_graph if retain_graph is None else retain_graph, create_graph,
-                inputs, allow_unreachable=True, accumulate_grad=True,
+                tensors,
+                tuple(grads),
+                create_graph if retain_graph is None else retain_graph,
+                create_graph,
+                inputs,
+                allow_unreachable=True,
+                accumulate_grad=True,
             )
 
 
@@ -150,8 +170,15 @@ def _patch_norm() -> None:
 
     original = torch_norm.WrappedTorchNorm.__new__
 
-    def new(cls, config, hidden_size, eps=1e-5, persist_layer_norm=False, zero_centered_gamma=False,
-            normalization="LayerNorm"):
+    def new(
+        cls,
+        config,
+        hidden_size,
+        eps=1e-5,
+        persist_layer_norm=False,
+        zero_centered_gamma=False,
+        normalization="LayerNorm",
+    ):
         sp = config.sequence_parallel
         if sp:
             config = dataclasses.replace(config, sequence_parallel=False)
@@ -186,8 +213,11 @@ def _patch_torch_adam_resume() -> None:
             for group in inner.param_groups:
                 for p in group["params"]:
                     if not inner.state[p]:
-                        inner.state[p] = {"step": torch.zeros(()), "exp_avg": torch.zeros_like(p),
-                                          "exp_avg_sq": torch.zeros_like(p)}
+                        inner.state[p] = {
+                            "step": torch.zeros(()),
+                            "exp_avg": torch.zeros_like(p),
+                            "exp_avg_sq": torch.zeros_like(p),
+                        }
         return sharded_state_dict(self, model_sharded_state_dict or {}, is_loading, *args, **kwargs)
 
     def patched_load_state_dict(self, state_dict):

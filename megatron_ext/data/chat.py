@@ -54,8 +54,13 @@ def load_tokenizer(path: str | Path) -> MistralTokenizer:
 class ChatEncoder:
     """Encodes chat samples for training with one tokenizer (see the module docstring)."""
 
-    def __init__(self, tokenizer: MistralTokenizer, tokens_per_chunk: int | None, audio_token_id: int | None,
-                 system_prompt_with_audio: str = "merge") -> None:
+    def __init__(
+        self,
+        tokenizer: MistralTokenizer,
+        tokens_per_chunk: int | None,
+        audio_token_id: int | None,
+        system_prompt_with_audio: str = "merge",
+    ) -> None:
         self.tokenizer = tokenizer
         self.instruct = tokenizer.instruct_tokenizer
         self.tokens_per_chunk = tokens_per_chunk
@@ -66,7 +71,8 @@ class ChatEncoder:
         audio_cfg = getattr(self.instruct, "audio_encoder", None)
         self.samples_per_chunk = (
             int(audio_cfg.audio_config.sampling_rate * audio_cfg.audio_config.chunk_length_s)
-            if audio_cfg is not None and audio_cfg.audio_config.chunk_length_s else None
+            if audio_cfg is not None and audio_cfg.audio_config.chunk_length_s
+            else None
         )
 
     def encode(self, sample: dict[str, Any], source: str = "", where: str = "sample") -> EncodedDoc:
@@ -91,7 +97,8 @@ class ChatEncoder:
         """Tekken v7+ refuses a system prompt next to audio; fold it into the first user turn if allowed."""
         messages = request.messages
         has_audio = any(
-            isinstance(m, UserMessage) and isinstance(m.content, list)
+            isinstance(m, UserMessage)
+            and isinstance(m.content, list)
             and any(getattr(c, "type", None) == "input_audio" for c in m.content)
             for m in messages
         )
@@ -100,8 +107,9 @@ class ChatEncoder:
             return request
         if self.system_prompt_with_audio == "error":
             raise SampleError("system prompt next to audio (set data.system_prompt_with_audio: merge to fold it)")
-        text = "\n\n".join(m.content if isinstance(m.content, str) else "".join(c.text for c in m.content)
-                           for m in systems)
+        text = "\n\n".join(
+            m.content if isinstance(m.content, str) else "".join(c.text for c in m.content) for m in systems
+        )
         rest = [m for m in messages if not isinstance(m, SystemMessage)]
         first_user = next(i for i, m in enumerate(rest) if isinstance(m, UserMessage))
         user = rest[first_user]
@@ -122,7 +130,7 @@ class ChatEncoder:
             start = _find(tokens, span, pos)
             if start < 0:
                 raise SampleError(f"{where}: assistant message {idx} not found in its own encoding")
-            mask[start:start + len(span)] = True
+            mask[start : start + len(span)] = True
             pos = start + len(span)
         return mask
 
@@ -165,10 +173,13 @@ def _mistral_tool_call_ids(messages: list[dict[str, Any]]) -> list[dict[str, Any
     for message in messages:
         calls = message.get("tool_calls") if isinstance(message, dict) else None
         if calls:
-            message = {**message, "tool_calls": [
-                {**c, "id": _mistral_id(c["id"])} if isinstance(c, dict) and isinstance(c.get("id"), str) else c
-                for c in calls
-            ]}
+            message = {
+                **message,
+                "tool_calls": [
+                    {**c, "id": _mistral_id(c["id"])} if isinstance(c, dict) and isinstance(c.get("id"), str) else c
+                    for c in calls
+                ],
+            }
         if isinstance(message, dict) and isinstance(message.get("tool_call_id"), str):
             message = {**message, "tool_call_id": _mistral_id(message["tool_call_id"])}
         out.append(message)
@@ -187,8 +198,8 @@ def _find(haystack: np.ndarray, needle: np.ndarray, start: int) -> int:
     n = len(needle)
     if n == 0:
         return start
-    candidates = np.flatnonzero(haystack[start:len(haystack) - n + 1] == needle[0]) + start
+    candidates = np.flatnonzero(haystack[start : len(haystack) - n + 1] == needle[0]) + start
     for c in candidates:
-        if np.array_equal(haystack[c:c + n], needle):
+        if np.array_equal(haystack[c : c + n], needle):
             return int(c)
     return -1

@@ -25,15 +25,28 @@ PAD_ID = 11  # Tekken <pad>
 class SFTData:
     """Training stream (mixture -> packer) and a fixed validation set, for one DP rank."""
 
-    def __init__(self, data_cfg: Any, seq_length: int, seed: int, encoder: ChatEncoder,
-                 mel: Callable[[np.ndarray], torch.Tensor] | None, dp_rank: int = 0, dp_size: int = 1) -> None:
+    def __init__(
+        self,
+        data_cfg: Any,
+        seq_length: int,
+        seed: int,
+        encoder: ChatEncoder,
+        mel: Callable[[np.ndarray], torch.Tensor] | None,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+    ) -> None:
         self.encoder, self.mel = encoder, mel
         self.seq_length, self.dp_rank, self.dp_size = seq_length, dp_rank, dp_size
         self.source_names = [s.name for s in data_cfg.sources]
         self.source_modality = [s.modality for s in data_cfg.sources]
         sources = [open_source(s.path, s.format, s.name) for s in data_cfg.sources]
-        mixture = Mixture(sources, [s.ratio for s in data_cfg.sources], [s.epochs for s in data_cfg.sources],
-                          seed=seed, shuffle_buffer=data_cfg.shuffle_buffer)
+        mixture = Mixture(
+            sources,
+            [s.ratio for s in data_cfg.sources],
+            [s.epochs for s in data_cfg.sources],
+            seed=seed,
+            shuffle_buffer=data_cfg.shuffle_buffer,
+        )
         self.packer = Packer(mixture, encoder, seq_length, PAD_ID, data_cfg.overlong)
         self.validation_cfg = list(data_cfg.validation)
         self.overlong = data_cfg.overlong
@@ -43,8 +56,8 @@ class SFTData:
     def step_batches(self, num_microbatches: int, micro_batch_size: int) -> list[dict[str, Any]]:
         """This rank's micro-batches of the next step; StopIteration when the data is used up."""
         rows = [next(self.packer) for _ in range(num_microbatches * micro_batch_size * self.dp_size)]
-        mine = rows[self.dp_rank::self.dp_size]
-        return [collate(mine[i:i + micro_batch_size], self.mel) for i in range(0, len(mine), micro_batch_size)]
+        mine = rows[self.dp_rank :: self.dp_size]
+        return [collate(mine[i : i + micro_batch_size], self.mel) for i in range(0, len(mine), micro_batch_size)]
 
     def validation_batches(self, iters: int, micro_batch_size: int) -> list[dict[str, Any]]:
         """This rank's share of the first `iters * micro_batch_size * dp` packed validation sequences."""
@@ -52,16 +65,17 @@ class SFTData:
             return []
         if self._validation is None:
             sources = [open_source(s.path, s.format, s.name) for s in self.validation_cfg]
-            mixture = Mixture(sources, [s.ratio for s in self.validation_cfg], [1.0] * len(sources),
-                              seed=self.seed, shuffle_buffer=0)
+            mixture = Mixture(
+                sources, [s.ratio for s in self.validation_cfg], [1.0] * len(sources), seed=self.seed, shuffle_buffer=0
+            )
             packer = Packer(mixture, self.encoder, self.seq_length, PAD_ID, self.overlong)
             self._validation = []
             for seq in packer:
                 self._validation.append(seq)
                 if len(self._validation) == iters * micro_batch_size * self.dp_size:
                     break
-        mine = self._validation[self.dp_rank::self.dp_size]
-        return [collate(mine[i:i + micro_batch_size], self.mel) for i in range(0, len(mine), micro_batch_size)]
+        mine = self._validation[self.dp_rank :: self.dp_size]
+        return [collate(mine[i : i + micro_batch_size], self.mel) for i in range(0, len(mine), micro_batch_size)]
 
     def state_dict(self) -> dict[str, Any]:
         return self.packer.state_dict()

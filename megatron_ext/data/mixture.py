@@ -30,16 +30,18 @@ class DocRef:
 class Mixture:
     """Endless (or budget-limited) stream of `DocRef`s over several sources."""
 
-    def __init__(self, sources: list[Source], ratios: list[float], epochs: list[float | None],
-                 seed: int, shuffle_buffer: int = 0) -> None:
+    def __init__(
+        self, sources: list[Source], ratios: list[float], epochs: list[float | None], seed: int, shuffle_buffer: int = 0
+    ) -> None:
         if not sources or not (len(sources) == len(ratios) == len(epochs)):
             raise ValueError("mixture needs one ratio and one epochs value per source")
         if any(r < 0 for r in ratios) or not any(r > 0 for r in ratios):
             raise ValueError(f"mixture ratios must be >= 0 with at least one > 0, got {ratios}")
         self.sources = sources
         self.ratios = np.asarray(ratios, dtype=np.float64) / float(sum(ratios))
-        self.budgets = [None if e is None else max(1, math.floor(e * len(s)))
-                        for s, e in zip(sources, epochs, strict=True)]
+        self.budgets = [
+            None if e is None else max(1, math.floor(e * len(s))) for s, e in zip(sources, epochs, strict=True)
+        ]
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.credits = np.zeros(len(sources))
@@ -50,10 +52,12 @@ class Mixture:
 
     # ---- drawing ----
     def _active(self) -> np.ndarray:
-        return np.array([
-            self.ratios[i] > 0 and (self.budgets[i] is None or self.drawn[i] < self.budgets[i])
-            for i in range(len(self.sources))
-        ])
+        return np.array(
+            [
+                self.ratios[i] > 0 and (self.budgets[i] is None or self.drawn[i] < self.budgets[i])
+                for i in range(len(self.sources))
+            ]
+        )
 
     def _permutation(self, source: int, epoch: int) -> np.ndarray:
         key = (source, epoch)

@@ -45,11 +45,11 @@ def pack(docs: list[EncodedDoc], source_ids: list[int], seq_length: int, pad_id:
         n = len(doc) - 1
         if pos + n > seq_length:
             raise ValueError(f"documents need {pos + n} positions, seq_length is {seq_length}")
-        tokens[pos:pos + n] = doc.tokens[:-1]
-        labels[pos:pos + n] = doc.tokens[1:]
-        loss_mask[pos:pos + n] = doc.loss_mask[1:]
-        position_ids[pos:pos + n] = np.arange(n)
-        sources[pos:pos + n] = src
+        tokens[pos : pos + n] = doc.tokens[:-1]
+        labels[pos : pos + n] = doc.tokens[1:]
+        loss_mask[pos : pos + n] = doc.loss_mask[1:]
+        position_ids[pos : pos + n] = np.arange(n)
+        sources[pos : pos + n] = src
         doc_lens.append(n)
         chunks.extend(doc.audio_chunks)
         pos += n
@@ -61,8 +61,9 @@ def pack(docs: list[EncodedDoc], source_ids: list[int], seq_length: int, pad_id:
 class Packer:
     """Draws documents from a mixture, encodes them and packs them greedily in arrival order."""
 
-    def __init__(self, mixture: Mixture, encoder: ChatEncoder, seq_length: int, pad_id: int,
-                 overlong: str = "truncate") -> None:
+    def __init__(
+        self, mixture: Mixture, encoder: ChatEncoder, seq_length: int, pad_id: int, overlong: str = "truncate"
+    ) -> None:
         if overlong not in ("truncate", "drop"):
             raise ValueError(f"overlong={overlong!r}: expected 'truncate' or 'drop'")
         self.mixture, self.encoder = mixture, encoder
@@ -113,8 +114,10 @@ class Packer:
                 self.dropped += 1
                 streak += 1
                 if streak > self._max_drop_streak:
-                    raise ValueError(f"{streak} documents in a row do not fit seq_length={self.seq_length} "
-                                     f"(overlong={self.overlong!r}); raise training.seq_length")
+                    raise ValueError(
+                        f"{streak} documents in a row do not fit seq_length={self.seq_length} "
+                        f"(overlong={self.overlong!r}); raise training.seq_length"
+                    )
                 continue
             streak = 0
             if docs and used + len(doc) - 1 > self.seq_length:
@@ -143,9 +146,9 @@ def collate(rows: list[PackedSequence], mel: Callable[[np.ndarray], torch.Tensor
     lens = [n for r in rows for n in r.doc_lens]
     cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int32), 0)
-    doc_ids = torch.stack([
-        torch.repeat_interleave(torch.arange(len(r.doc_lens)), torch.tensor(r.doc_lens)) for r in rows
-    ])
+    doc_ids = torch.stack(
+        [torch.repeat_interleave(torch.arange(len(r.doc_lens)), torch.tensor(r.doc_lens)) for r in rows]
+    )
     chunks = [c for r in rows for c in r.audio_chunks]
     return {
         "tokens": stack("tokens", torch.long),
@@ -173,4 +176,3 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
     causal = torch.ones(s, s, dtype=torch.bool).tril()
     return ~(same_doc & causal)[:, None]
-

@@ -16,14 +16,16 @@ from pathlib import Path
 
 SPEECH_DIR = Path("/usr/share/pocketsphinx/test/data/cards")
 
-TOOLS = [{
-    "type": "function",
-    "function": {
-        "name": "read_file",
-        "description": "Read a file of the repository",
-        "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]},
-    },
-}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "read_file",
+            "description": "Read a file of the repository",
+            "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]},
+        },
+    }
+]
 FILES = ["setup.py", "README.md", "src/app.py", "tests/test_app.py", "Makefile", "docs/index.md"]
 LINES = ["import os", "# Project", "def main():", "import pytest", "all: build", "Welcome"]
 
@@ -47,10 +49,17 @@ def text_chat(rng: random.Random, i: int) -> dict:
     return {
         "messages": [
             {"role": "user", "content": f"What is the first line of {FILES[k]}?"},
-            {"role": "assistant", "content": None, "tool_calls": [{
-                "id": call_id, "type": "function",
-                "function": {"name": "read_file", "arguments": json.dumps({"path": FILES[k]})},
-            }]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": call_id,
+                        "type": "function",
+                        "function": {"name": "read_file", "arguments": json.dumps({"path": FILES[k]})},
+                    }
+                ],
+            },
             {"role": "tool", "tool_call_id": call_id, "content": LINES[k]},
             {"role": "assistant", "content": f"The first line of {FILES[k]} is `{LINES[k]}`."},
         ],
@@ -60,10 +69,12 @@ def text_chat(rng: random.Random, i: int) -> dict:
 
 def audio_chat(wav: Path, transcript: str) -> dict:
     data = base64.b64encode(wav.read_bytes()).decode("ascii")
-    return {"messages": [
-        {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}]},
-        {"role": "assistant", "content": f"You said: {transcript}."},
-    ]}
+    return {
+        "messages": [
+            {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}]},
+            {"role": "assistant", "content": f"You said: {transcript}."},
+        ]
+    }
 
 
 def write_tiny_chats(out: Path, n_text: int = 200, n_audio: int = 40, seed: int = 0) -> dict[str, Path]:

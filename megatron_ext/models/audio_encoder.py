@@ -27,8 +27,9 @@ class WhisperEncoder(MegatronModule):
         self.conv1 = torch.nn.Conv1d(encoder.num_mel_bins, d, kernel_size=3, padding=1, dtype=dtype)
         self.conv2 = torch.nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1, dtype=dtype)
         self.register_buffer("positions", sinusoids(encoder.max_source_positions, d), persistent=False)
-        self.decoder = TransformerBlock(config=config, spec=layer_spec, post_layer_norm=True,
-                                        pre_process=True, post_process=True)
+        self.decoder = TransformerBlock(
+            config=config, spec=layer_spec, post_layer_norm=True, pre_process=True, post_process=True
+        )
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         hidden = conv_stem(mel.to(self.conv1.weight.device), self.conv1, self.conv2, self.positions)

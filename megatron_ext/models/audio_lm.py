@@ -34,8 +34,9 @@ class AudioTokenMismatch(ValueError):
     """The number of [AUDIO] tokens differs from the number of audio embeddings."""
 
 
-def splice_audio(embeddings: torch.Tensor, input_ids: torch.Tensor, audio: torch.Tensor, audio_token_id: int,
-                 chunks: int) -> torch.Tensor:
+def splice_audio(
+    embeddings: torch.Tensor, input_ids: torch.Tensor, audio: torch.Tensor, audio_token_id: int, chunks: int
+) -> torch.Tensor:
     """Replace embeddings [s, b, h] at [AUDIO] positions (row-major over [b, s]) by `audio` [n, h], in order."""
     mask = input_ids == audio_token_id  # [b, s]
     found = int(mask.sum())
@@ -55,10 +56,16 @@ def splice_audio(embeddings: torch.Tensor, input_ids: torch.Tensor, audio: torch
 class AudioLanguageModel(MegatronModule):
     """Decoder (`language_model`), optional `audio_encoder` + `audio_projector` (first pipeline stage only)."""
 
-    def __init__(self, config: TransformerConfig, language_model: DecoderModel,
-                 audio_encoder: WhisperEncoder | None = None, audio_projector: AudioProjector | None = None,
-                 audio_token_id: int | None = None, freeze_encoder: bool = True,
-                 freeze_projector: bool = False) -> None:
+    def __init__(
+        self,
+        config: TransformerConfig,
+        language_model: DecoderModel,
+        audio_encoder: WhisperEncoder | None = None,
+        audio_projector: AudioProjector | None = None,
+        audio_token_id: int | None = None,
+        freeze_encoder: bool = True,
+        freeze_projector: bool = False,
+    ) -> None:
         super().__init__(config=config)
         if (audio_encoder is None) != (audio_projector is None):
             raise ValueError("audio_encoder and audio_projector come together (or neither)")
@@ -106,13 +113,26 @@ class AudioLanguageModel(MegatronModule):
                 embeddings = embeddings.clone()
         return embeddings
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                audio_features: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
-                packed_seq_params=None, runtime_gather_output: bool | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        audio_features: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+        packed_seq_params=None,
+        runtime_gather_output: bool | None = None,
+    ) -> torch.Tensor:
         """Logits [b, s, vocab(/TP)] or, with `labels`, per-token loss [b, s] (last pipeline stage)."""
         decoder_input = self.embed(input_ids, audio_features) if self.pre_process else None
         return self.language_model(
-            input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
-            packed_seq_params=packed_seq_params, loss_mask=loss_mask, runtime_gather_output=runtime_gather_output,
+            input_ids,
+            position_ids,
+            attention_mask,
+            decoder_input=decoder_input,
+            labels=labels,
+            packed_seq_params=packed_seq_params,
+            loss_mask=loss_mask,
+            runtime_gather_output=runtime_gather_output,
         )

@@ -74,39 +74,76 @@ class BuildConfig:
 def _common(build: BuildConfig, tp: int, pp: int, cp: int) -> dict:
     dtype = DTYPES[build.params_dtype]
     return dict(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp,
-        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
-        use_cpu_initialization=not torch.cuda.is_available(), perform_initialization=build.init_weights,
-        hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False, bias_dropout_fusion=False,
-        masked_softmax_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=build.init_weights,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
         gradient_accumulation_fusion=build.gradient_accumulation_fusion,
     )
 
 
-def decoder_transformer_config(cfg: ModelConfig, build: BuildConfig, tp: int, pp: int, cp: int,
-                               backend: str) -> TransformerConfig:
+def decoder_transformer_config(
+    cfg: ModelConfig, build: BuildConfig, tp: int, pp: int, cp: int, backend: str
+) -> TransformerConfig:
     """Mistral decoder: RMSNorm, GQA, SwiGLU, no biases; YaRN attributes and FP8 settings attached."""
     d = cfg.decoder
     fp8 = build.fp8
     if fp8 is not None and backend != "te":
         log.warning("FP8 is off: the local (CPU) spec ignores FP8 settings; it needs the Transformer Engine spec")
         fp8 = None
-    fp8_fields = {} if fp8 is None else dict(
-        fp8=fp8.format, fp8_recipe=fp8.recipe, fp8_amax_history_len=fp8.amax_history_len,
-        fp8_amax_compute_algo=fp8.amax_compute_algo, fp8_margin=fp8.margin,
+    fp8_fields = (
+        {}
+        if fp8 is None
+        else dict(
+            fp8=fp8.format,
+            fp8_recipe=fp8.recipe,
+            fp8_amax_history_len=fp8.amax_history_len,
+            fp8_amax_compute_algo=fp8.amax_compute_algo,
+            fp8_margin=fp8.margin,
+        )
     )
-    recompute = {} if build.recompute_granularity is None else dict(
-        recompute_granularity=build.recompute_granularity,
-        **({"recompute_method": "uniform", "recompute_num_layers": build.recompute_num_layers}
-           if build.recompute_granularity == "full" else {}),
+    recompute = (
+        {}
+        if build.recompute_granularity is None
+        else dict(
+            recompute_granularity=build.recompute_granularity,
+            **(
+                {"recompute_method": "uniform", "recompute_num_layers": build.recompute_num_layers}
+                if build.recompute_granularity == "full"
+                else {}
+            ),
+        )
     )
     tc = TransformerConfig(
-        num_layers=d.num_layers, hidden_size=d.hidden_size, ffn_hidden_size=d.ffn_hidden_size,
-        num_attention_heads=d.num_attention_heads, num_query_groups=d.num_query_groups, kv_channels=d.kv_channels,
-        normalization="RMSNorm", layernorm_epsilon=d.norm_eps, gated_linear_unit=True, activation_func=F.silu,
-        add_bias_linear=False, add_qkv_bias=False, rotary_interleaved=False,
+        num_layers=d.num_layers,
+        hidden_size=d.hidden_size,
+        ffn_hidden_size=d.ffn_hidden_size,
+        num_attention_heads=d.num_attention_heads,
+        num_query_groups=d.num_query_groups,
+        kv_channels=d.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=d.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        rotary_interleaved=False,
         sequence_parallel=build.sequence_parallel and tp > 1,
-        **_common(build, tp, pp, cp), **fp8_fields, **recompute, **build.extra,
+        **_common(build, tp, pp, cp),
+        **fp8_fields,
+        **recompute,
+        **build.extra,
     )
     for key, value in rope_config_attributes(d.rope).items():
         setattr(tc, key, value)  # read by GPTModel and the attention, not declared by TransformerConfig 0.16
@@ -118,11 +155,20 @@ def encoder_transformer_config(cfg: ModelConfig, build: BuildConfig, tp: int) ->
     e = cfg.encoder
     assert e is not None
     return TransformerConfig(
-        num_layers=e.num_layers, hidden_size=e.hidden_size, ffn_hidden_size=e.ffn_hidden_size,
-        num_attention_heads=e.num_attention_heads, num_query_groups=e.num_attention_heads,
-        kv_channels=e.hidden_size // e.num_attention_heads, normalization="LayerNorm", layernorm_epsilon=e.norm_eps,
-        gated_linear_unit=False, activation_func=F.gelu, add_bias_linear=True, add_qkv_bias=True,
-        sequence_parallel=False, **_common(build, tp, 1, 1),
+        num_layers=e.num_layers,
+        hidden_size=e.hidden_size,
+        ffn_hidden_size=e.ffn_hidden_size,
+        num_attention_heads=e.num_attention_heads,
+        num_query_groups=e.num_attention_heads,
+        kv_channels=e.hidden_size // e.num_attention_heads,
+        normalization="LayerNorm",
+        layernorm_epsilon=e.norm_eps,
+        gated_linear_unit=False,
+        activation_func=F.gelu,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        sequence_parallel=False,
+        **_common(build, tp, 1, 1),
     )
 
 
@@ -130,14 +176,25 @@ def projector_transformer_config(cfg: ModelConfig, build: BuildConfig, tp: int) 
     """Projector MLP: decoder-width linear -> GELU -> linear, no biases (num_layers/heads are unused)."""
     h = cfg.decoder.hidden_size
     return TransformerConfig(
-        num_layers=1, hidden_size=h, ffn_hidden_size=h, num_attention_heads=cfg.decoder.num_attention_heads,
-        gated_linear_unit=False, activation_func=F.gelu, add_bias_linear=False, sequence_parallel=False,
+        num_layers=1,
+        hidden_size=h,
+        ffn_hidden_size=h,
+        num_attention_heads=cfg.decoder.num_attention_heads,
+        gated_linear_unit=False,
+        activation_func=F.gelu,
+        add_bias_linear=False,
+        sequence_parallel=False,
         **_common(build, tp, 1, 1),
     )
 
 
-def build_model(cfg: ModelConfig, build: BuildConfig | None = None, pre_process: bool | None = None,
-                post_process: bool | None = None, vp_stage: int | None = None) -> AudioLanguageModel:
+def build_model(
+    cfg: ModelConfig,
+    build: BuildConfig | None = None,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    vp_stage: int | None = None,
+) -> AudioLanguageModel:
     """The model for this rank (parallel_state must be initialised; see compat.cpu.init_distributed)."""
     build = build or BuildConfig()
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -153,21 +210,36 @@ def build_model(cfg: ModelConfig, build: BuildConfig | None = None, pre_process:
     dec_tc = decoder_transformer_config(cfg, build, tp, pp, cp, backend)
     rope = cfg.decoder.rope
     language_model = DecoderModel(
-        dec_tc, decoder_layer_spec(backend), vocab_size=cfg.decoder.vocab_size,
-        max_sequence_length=cfg.decoder.max_position_embeddings, pre_process=pre_process,
-        post_process=post_process, parallel_output=build.parallel_output,
+        dec_tc,
+        decoder_layer_spec(backend),
+        vocab_size=cfg.decoder.vocab_size,
+        max_sequence_length=cfg.decoder.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=build.parallel_output,
         share_embeddings_and_output_weights=False,
-        position_embedding_type="yarn" if rope.type == "yarn" else "rope", rotary_base=rope.theta,
-        scatter_embedding_sequence_parallel=False, vp_stage=vp_stage,
+        position_embedding_type="yarn" if rope.type == "yarn" else "rope",
+        rotary_base=rope.theta,
+        scatter_embedding_sequence_parallel=False,
+        vp_stage=vp_stage,
     )
     encoder = projector = None
     if cfg.encoder is not None and build.with_audio and pre_process:
         encoder = WhisperEncoder(encoder_transformer_config(cfg, build, tp), encoder_layer_spec(backend), cfg.encoder)
-        projector = AudioProjector(projector_transformer_config(cfg, build, tp), projector_submodules(backend),
-                                   cfg.encoder.hidden_size, cfg.projector_stack)
+        projector = AudioProjector(
+            projector_transformer_config(cfg, build, tp),
+            projector_submodules(backend),
+            cfg.encoder.hidden_size,
+            cfg.projector_stack,
+        )
     model = AudioLanguageModel(
-        dec_tc, language_model, encoder, projector, cfg.audio_token_id if build.with_audio else None,
-        freeze_encoder=build.freeze_encoder, freeze_projector=build.freeze_projector,
+        dec_tc,
+        language_model,
+        encoder,
+        projector,
+        cfg.audio_token_id if build.with_audio else None,
+        freeze_encoder=build.freeze_encoder,
+        freeze_projector=build.freeze_projector,
     )
     model.backend = backend
     return model

@@ -60,16 +60,25 @@ class CheckResult:
     tokens_per_second: float
 
     def line(self) -> str:
-        return (f"{self.precision}: {self.tflops:.1f} model TFLOP/s (causal), {self.tokens_per_second:,.0f} tokens/s, "
-                f"{self.step_seconds * 1e3:.1f} ms/step, peak memory {self.peak_memory_gib:.2f} GiB")
+        return (
+            f"{self.precision}: {self.tflops:.1f} model TFLOP/s (causal), {self.tokens_per_second:,.0f} tokens/s, "
+            f"{self.step_seconds * 1e3:.1f} ms/step, peak memory {self.peak_memory_gib:.2f} GiB"
+        )
 
 
 def _model_config(shape: LayerShape) -> ModelConfig:
-    return ModelConfig(DecoderConfig(
-        num_layers=shape.layers, hidden_size=shape.hidden, ffn_hidden_size=shape.ffn, num_attention_heads=shape.heads,
-        num_query_groups=shape.kv_groups, kv_channels=shape.head_dim, vocab_size=131072,
-        max_position_embeddings=max(131072, shape.seq),
-    ))
+    return ModelConfig(
+        DecoderConfig(
+            num_layers=shape.layers,
+            hidden_size=shape.hidden,
+            ffn_hidden_size=shape.ffn,
+            num_attention_heads=shape.heads,
+            num_query_groups=shape.kv_groups,
+            kv_channels=shape.head_dim,
+            vocab_size=131072,
+            max_position_embeddings=max(131072, shape.seq),
+        )
+    )
 
 
 def require_gpu() -> None:
@@ -98,8 +107,14 @@ def build_layers(shape: LayerShape, precision: str, backend: str = "te", fp8_rec
     build = BuildConfig(backend=backend, params_dtype=dtype, fp8=fp8)
     tc = decoder_transformer_config(cfg, build, tp=1, pp=1, cp=1, backend=backend)
     return DecoderModel(
-        tc, decoder_layer_spec(backend), vocab_size=cfg.decoder.vocab_size, max_sequence_length=shape.seq,
-        pre_process=False, post_process=False, position_embedding_type="rope", rotary_base=cfg.decoder.rope.theta,
+        tc,
+        decoder_layer_spec(backend),
+        vocab_size=cfg.decoder.vocab_size,
+        max_sequence_length=shape.seq,
+        pre_process=False,
+        post_process=False,
+        position_embedding_type="rope",
+        rotary_base=cfg.decoder.rope.theta,
     )
 
 
@@ -122,8 +137,9 @@ def time_steps(model, x, steps: int, warmup: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def run_check(shape: LayerShape, precision: str, steps: int = 10, warmup: int = 3,
-              fp8_recipe: str = "delayed") -> CheckResult:
+def run_check(
+    shape: LayerShape, precision: str, steps: int = 10, warmup: int = 3, fp8_recipe: str = "delayed"
+) -> CheckResult:
     """Time `steps` forward+backward passes of the layers on the TE spec in BF16 or FP8 (TP=1, one GPU)."""
     import torch
     from megatron.core import parallel_state
@@ -136,11 +152,11 @@ def run_check(shape: LayerShape, precision: str, steps: int = 10, warmup: int = 
     if not parallel_state.model_parallel_is_initialized():
         init_distributed(tp=1, pp=1)
     model = build_layers(shape, precision, "te", fp8_recipe).cuda()
-    x = torch.randn(shape.seq, shape.micro_batch, shape.hidden, device="cuda", dtype=torch.bfloat16,
-                    requires_grad=True)
+    x = torch.randn(shape.seq, shape.micro_batch, shape.hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     torch.cuda.reset_peak_memory_stats()
     seconds = time_steps(model, x, steps, warmup)
     tokens = shape.seq * shape.micro_batch
     flops = training_flops_per_token(shape) * tokens
-    return CheckResult(precision, flops / seconds / 1e12, seconds, torch.cuda.max_memory_allocated() / 2**30,
-                       tokens / seconds)
+    return CheckResult(
+        precision, flops / seconds / 1e12, seconds, torch.cuda.max_memory_allocated() / 2**30, tokens / seconds
+    )

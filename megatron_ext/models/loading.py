@@ -56,10 +56,10 @@ def load_full_tensors(model: torch.nn.Module, get: Getter) -> int:
                 full = get(name)
             except KeyError:
                 raise LoadError(f"checkpoint has no tensor {name}") from None
-            expected = tuple(sh.global_shape[sh.prepend_axis_num:])
+            expected = tuple(sh.global_shape[sh.prepend_axis_num :])
             if tuple(full.shape) != expected:
                 raise LoadError(f"{name}: checkpoint shape {tuple(full.shape)}, model expects {expected}")
-            offsets = sh.global_offset[sh.prepend_axis_num:]
+            offsets = sh.global_offset[sh.prepend_axis_num :]
             index = tuple(slice(o, o + s) for o, s in zip(offsets, sh.local_shape, strict=True))
             sh.data.copy_(full[index])
             base = sh.data._base if sh.data._base is not None else sh.data

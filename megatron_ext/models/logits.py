@@ -61,8 +61,11 @@ def hf_reference_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> to
     hf = cfg.to_hf()
     cls = getattr(transformers, hf["architectures"][0])
     with tempfile.TemporaryDirectory(prefix="hf-reference-") as tmp:
-        save_file({n: t.float().contiguous() for n, t in tensors.items()}, f"{tmp}/model.safetensors",
-                  metadata={"format": "pt"})
+        save_file(
+            {n: t.float().contiguous() for n, t in tensors.items()},
+            f"{tmp}/model.safetensors",
+            metadata={"format": "pt"},
+        )
         Path(tmp, "config.json").write_text(json.dumps({**hf, "dtype": "float32"}))
         return cls.from_pretrained(tmp, dtype=torch.float32).eval()
 
@@ -73,8 +76,9 @@ def _hf_tensors(inp: InputCheckpoint) -> dict[str, torch.Tensor]:
     return {name: inp.get(name) for name in mapping.hf_names(inp.cfg)}
 
 
-def checkpoint_logits(directory: Path, tokens: list[int], audio: list[Path] | None = None,
-                      compare_hf: bool = False) -> LogitsResult:
+def checkpoint_logits(
+    directory: Path, tokens: list[int], audio: list[Path] | None = None, compare_hf: bool = False
+) -> LogitsResult:
     """Run the checkpoint in `directory` on `tokens` (+ audio clips) and return fp32 logits [seq, vocab]."""
     inp = open_input(Path(directory))
     try:
@@ -106,8 +110,9 @@ def checkpoint_logits(directory: Path, tokens: list[int], audio: list[Path] | No
             model = build_model(cfg, BuildConfig(backend="local", init_weights=False)).eval()
             load_full_tensors(model, megatron_tensor_getter(inp))
             with torch.no_grad():
-                logits = model(ids, torch.arange(ids.shape[1])[None], audio_features=features,
-                               runtime_gather_output=True)[0].float()
+                logits = model(
+                    ids, torch.arange(ids.shape[1])[None], audio_features=features, runtime_gather_output=True
+                )[0].float()
         finally:
             if started:
                 destroy_distributed()

@@ -119,10 +119,12 @@ class DecoderModel(GPTModel):
         out = self.rotary_pos_emb.get_emb(length)
         return out[0] if isinstance(out, tuple) else out  # YaRN returns (angles, mscale)
 
-    def _preprocess(self, input_ids, position_ids, decoder_input=None, inference_context=None,
-                    packed_seq_params=None, **kwargs: Any):
-        out = super()._preprocess(input_ids, position_ids, decoder_input, inference_context, packed_seq_params,
-                                  **kwargs)
+    def _preprocess(
+        self, input_ids, position_ids, decoder_input=None, inference_context=None, packed_seq_params=None, **kwargs: Any
+    ):
+        out = super()._preprocess(
+            input_ids, position_ids, decoder_input, inference_context, packed_seq_params, **kwargs
+        )
         rot = out[1]
         thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
         if rot is None or inference_context is not None or thd:
@@ -133,8 +135,9 @@ class DecoderModel(GPTModel):
             rot = table[:, 0, 0][position_ids.t().long()].unsqueeze(2)
         beta = getattr(self.config, "llama4_scaling_beta", None)
         if beta is not None:
-            scale = llama4_query_scale(self._true_positions(position_ids, rot), beta,
-                                       self.config.llama4_original_max_position_embeddings)
+            scale = llama4_query_scale(
+                self._true_positions(position_ids, rot), beta, self.config.llama4_original_max_position_embeddings
+            )
             rot = pack_query_scale(rot, scale)
         return (out[0], rot, *out[2:])
 

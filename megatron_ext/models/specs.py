@@ -29,8 +29,10 @@ from megatron_ext.models.rope import QueryScaledSelfAttention
 
 Backend = Literal["local", "te"]
 # The local spec stores norms separately; checkpoints use TE's fused names (see module docstring).
-LOCAL_NORM_KEYS = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-                   "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+LOCAL_NORM_KEYS = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
 
 
 def te_available() -> bool:
@@ -70,10 +72,12 @@ def encoder_layer_spec(backend: Backend) -> ModuleSpec:
             TERowParallelLinear,
         )
 
-        return _encoder_layer(IdentityOp, TELayerNormColumnParallelLinear, TEDotProductAttention,
-                              TERowParallelLinear, keys_map={})
-    return _encoder_layer(WrappedTorchNorm, ColumnParallelLinear, DotProductAttention, RowParallelLinear,
-                          keys_map=LOCAL_NORM_KEYS)
+        return _encoder_layer(
+            IdentityOp, TELayerNormColumnParallelLinear, TEDotProductAttention, TERowParallelLinear, keys_map={}
+        )
+    return _encoder_layer(
+        WrappedTorchNorm, ColumnParallelLinear, DotProductAttention, RowParallelLinear, keys_map=LOCAL_NORM_KEYS
+    )
 
 
 def _encoder_layer(norm, column, attention, row, keys_map: dict[str, str]) -> ModuleSpec:

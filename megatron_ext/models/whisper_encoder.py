@@ -17,7 +17,6 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> tor
     return torch.cat([scaled_time.sin(), scaled_time.cos()], dim=1)
 
 
-
 def conv_stem(
     mel: torch.Tensor, conv1: torch.nn.Conv1d, conv2: torch.nn.Conv1d, positions: torch.Tensor
 ) -> torch.Tensor:

@@ -54,7 +54,9 @@ def _rng_object() -> ShardedObject:
     tp, dp = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_data_parallel_rank()
     tp_n, dp_n = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_data_parallel_world_size()
     state = {
-        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
@@ -83,8 +85,14 @@ def _state(model: Any, optimizer: Any, scheduler: Any, loading: bool) -> dict[st
 class Checkpointer:
     """Saves (sync or async) with keep-last-N, and loads the newest checkpoint to resume."""
 
-    def __init__(self, save_dir: str | None, keep_last: int, async_save: bool,
-                 meta: Callable[[], CheckpointMeta], tokenizer: Path) -> None:
+    def __init__(
+        self,
+        save_dir: str | None,
+        keep_last: int,
+        async_save: bool,
+        meta: Callable[[], CheckpointMeta],
+        tokenizer: Path,
+    ) -> None:
         self.save_dir = Path(save_dir) if save_dir else None
         self.keep_last, self.async_save = keep_last, async_save
         self.meta, self.tokenizer = meta, tokenizer
@@ -124,7 +132,7 @@ class Checkpointer:
         os.replace(latest, self.save_dir / LATEST)
         fsync_dir(self.save_dir)
         steps = sorted(p for p in self.save_dir.iterdir() if ITER_RE.match(p.name))
-        for old in steps[:-self.keep_last]:
+        for old in steps[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
     def poll(self, blocking: bool = False) -> None:

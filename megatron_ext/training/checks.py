@@ -61,8 +61,10 @@ def check_tokenizer(tokenizer_path: Path, meta: CheckpointMeta, checkpoint: str)
         raise StartupError(f"{checkpoint}: checkpoint metadata records no tokenizer sha256")
     got = sha256_file(tokenizer_path)
     if got != meta.tokenizer_sha256:
-        raise StartupError(f"{tokenizer_path}: sha256 {got[:12]}... differs from the checkpoint's tokenizer "
-                           f"{meta.tokenizer_sha256[:12]}... ({checkpoint})")
+        raise StartupError(
+            f"{tokenizer_path}: sha256 {got[:12]}... differs from the checkpoint's tokenizer "
+            f"{meta.tokenizer_sha256[:12]}... ({checkpoint})"
+        )
 
 
 def startup_checks(cfg: TrainConfig) -> tuple[ModelConfig, CheckpointMeta, Path]:

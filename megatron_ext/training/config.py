@@ -184,12 +184,15 @@ def validate(cfg: TrainConfig) -> None:
         if value not in allowed:
             raise TrainConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
     positive = {
-        "training.seq_length": cfg.training.seq_length, "training.micro_batch_size": cfg.training.micro_batch_size,
-        "training.global_batch_size": cfg.training.global_batch_size, "training.train_iters": cfg.training.train_iters,
+        "training.seq_length": cfg.training.seq_length,
+        "training.micro_batch_size": cfg.training.micro_batch_size,
+        "training.global_batch_size": cfg.training.global_batch_size,
+        "training.train_iters": cfg.training.train_iters,
         "training.loss_chunk_tokens": cfg.training.loss_chunk_tokens,
         "parallel.tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
         "parallel.context_parallel_size": cfg.parallel.context_parallel_size,
-        "checkpoint.keep_last": cfg.checkpoint.keep_last, "checkpoint.save_interval": cfg.checkpoint.save_interval,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "checkpoint.save_interval": cfg.checkpoint.save_interval,
         "logging.log_interval": cfg.logging.log_interval,
     }
     for key, value in positive.items():
@@ -199,8 +202,10 @@ def validate(cfg: TrainConfig) -> None:
         raise TrainConfigError(f"optimizer.min_lr_ratio: must be in [0, 1], got {cfg.optimizer.min_lr_ratio}")
     decay = cfg.optimizer.decay_steps or cfg.training.train_iters
     if cfg.optimizer.warmup_steps >= decay:
-        raise TrainConfigError(f"optimizer.warmup_steps={cfg.optimizer.warmup_steps} must be below the decay "
-                               f"steps ({decay}: optimizer.decay_steps, else training.train_iters)")
+        raise TrainConfigError(
+            f"optimizer.warmup_steps={cfg.optimizer.warmup_steps} must be below the decay "
+            f"steps ({decay}: optimizer.decay_steps, else training.train_iters)"
+        )
     if not cfg.data.sources:
         raise TrainConfigError("data.sources: at least one training source is required")
     for group in ("sources", "validation"):

@@ -29,12 +29,21 @@ SAMPLES_PER_CHUNK = 16000 * 30
 
 def slice_config(layers: int, encoder_layers: int) -> ModelConfig:
     """Full-width Devstral-Audio decoder/encoder with fewer layers."""
-    rope = RopeConfig(theta=1e8, type="yarn", factor=48.0, original_max_position_embeddings=8192, beta_fast=32.0,
-                      beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)
+    rope = RopeConfig(
+        theta=1e8,
+        type="yarn",
+        factor=48.0,
+        original_max_position_embeddings=8192,
+        beta_fast=32.0,
+        beta_slow=1.0,
+        mscale=1.0,
+        mscale_all_dim=1.0,
+    )
     decoder = mistral_small_decoder(layers, rope)
     encoder = EncoderConfig(num_layers=encoder_layers, hidden_size=1280, ffn_hidden_size=5120, num_attention_heads=20)
-    return ModelConfig(decoder, encoder if encoder_layers else None,
-                       AUDIO_TOKEN_ID if encoder_layers else None, 4, "voxtral")
+    return ModelConfig(
+        decoder, encoder if encoder_layers else None, AUDIO_TOKEN_ID if encoder_layers else None, 4, "voxtral"
+    )
 
 
 def synthetic_batch(seq_length: int, docs: int, audio_chunks: int, seed: int) -> dict[str, Any]:
@@ -47,11 +56,13 @@ def synthetic_batch(seq_length: int, docs: int, audio_chunks: int, seed: int) ->
         tokens = rng.integers(1000, 131072, n)
         tokens[0] = 1
         if d == 0 and audio_chunks:
-            tokens[1:1 + 375 * audio_chunks] = AUDIO_TOKEN_ID
+            tokens[1 : 1 + 375 * audio_chunks] = AUDIO_TOKEN_ID
         mask = np.zeros(n, dtype=bool)
-        mask[n // 2:] = True
-        chunks = [rng.standard_normal(SAMPLES_PER_CHUNK).astype(np.float32) * 0.1
-                  for _ in range(audio_chunks if d == 0 else 0)]
+        mask[n // 2 :] = True
+        chunks = [
+            rng.standard_normal(SAMPLES_PER_CHUNK).astype(np.float32) * 0.1
+            for _ in range(audio_chunks if d == 0 else 0)
+        ]
         out.append(EncodedDoc(tokens, mask, chunks))
     return out
 
@@ -69,8 +80,17 @@ def plan(layers: int, encoder_layers: int, seq_length: int, docs: int, audio_chu
     }
 
 
-def run(layers: int = 4, encoder_layers: int = 2, seq_length: int = 16384, docs: int = 4, audio_chunks: int = 1,
-        steps: int = 5, warmup: int = 2, fp8: str | None = "hybrid", recompute: str | None = None) -> dict[str, float]:
+def run(
+    layers: int = 4,
+    encoder_layers: int = 2,
+    seq_length: int = 16384,
+    docs: int = 4,
+    audio_chunks: int = 1,
+    steps: int = 5,
+    warmup: int = 2,
+    fp8: str | None = "hybrid",
+    recompute: str | None = None,
+) -> dict[str, float]:
     """Train `warmup + steps` steps on one GPU; returns the measured figures of the last `steps`."""
     if not torch.cuda.is_available():
         raise RuntimeError("the GPU benchmark needs CUDA (use --check on CPU)")
@@ -85,15 +105,22 @@ def run(layers: int = 4, encoder_layers: int = 2, seq_length: int = 16384, docs:
     init_distributed(tp=1)
     try:
         model_cfg = slice_config(layers, encoder_layers)
-        model = build_model(model_cfg, BuildConfig(
-            backend="te", params_dtype="bfloat16", fp8=FP8Config(format=fp8) if fp8 else None,
-            recompute_granularity=recompute, extra={"calculate_per_token_loss": True},
-        )).cuda()
+        model = build_model(
+            model_cfg,
+            BuildConfig(
+                backend="te",
+                params_dtype="bfloat16",
+                fp8=FP8Config(format=fp8) if fp8 else None,
+                recompute_granularity=recompute,
+                extra={"calculate_per_token_loss": True},
+            ),
+        ).cuda()
         cfg = TrainConfig()
         cfg.training = dataclasses.replace(cfg.training, seq_length=seq_length, train_iters=warmup + steps + 10)
         cfg.optimizer = dataclasses.replace(cfg.optimizer, warmup_steps=1)
-        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=True), model)
+        ddp = DistributedDataParallel(
+            model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True), model
+        )
         optimizer, scheduler = sft._optimizer(cfg, ddp)
         model.config.finalize_model_grads_func = finalize_model_grads
         model.config.grad_scale_func = optimizer.scale_loss
@@ -107,8 +134,15 @@ def run(layers: int = 4, encoder_layers: int = 2, seq_length: int = 16384, docs:
             t0 = time.perf_counter()
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
-            forward_backward(forward_step_func=step_fn, data_iterator=iter([batch]), model=[ddp], num_microbatches=1,
-                             seq_length=seq_length, micro_batch_size=1, forward_only=False)
+            forward_backward(
+                forward_step_func=step_fn,
+                data_iterator=iter([batch]),
+                model=[ddp],
+                num_microbatches=1,
+                seq_length=seq_length,
+                micro_batch_size=1,
+                forward_only=False,
+            )
             optimizer.step()
             scheduler.step(increment=1)
             torch.cuda.synchronize()
@@ -116,8 +150,13 @@ def run(layers: int = 4, encoder_layers: int = 2, seq_length: int = 16384, docs:
                 times.append(time.perf_counter() - t0)
         flops = step_flops(model_cfg, batch["doc_lengths"], int(batch["loss_mask"].sum()), audio_chunks)
         step_s = float(np.median(times))
-        return {"step_s": step_s, "tokens_per_s": seq_length / step_s, "model_tflops": flops / step_s / 1e12,
-                "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30, "backend": model.backend,
-                "fp8": fp8 or "off"}
+        return {
+            "step_s": step_s,
+            "tokens_per_s": seq_length / step_s,
+            "model_tflops": flops / step_s / 1e12,
+            "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
+            "backend": model.backend,
+            "fp8": fp8 or "off",
+        }
     finally:
         destroy_distributed()

@@ -21,8 +21,12 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
 
 
 def supervised_token_losses(
-    hidden: torch.Tensor, output_weight: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
-    chunk: int, sequence_parallel: bool,
+    hidden: torch.Tensor,
+    output_weight: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    chunk: int,
+    sequence_parallel: bool,
 ) -> torch.Tensor:
     """Per-token cross entropy [n_supervised] for positions where `loss_mask` is set.
 
@@ -39,7 +43,7 @@ def supervised_token_losses(
     selected, targets = flat.index_select(0, index), labels.reshape(-1).index_select(0, index)
     losses = []
     for start in range(0, len(index), chunk):
-        h, t = selected[start:start + chunk], targets[start:start + chunk]
+        h, t = selected[start : start + chunk], targets[start : start + chunk]
         if torch.is_grad_enabled():
             losses.append(checkpoint(_chunk_loss, h, output_weight, t, use_reentrant=False))
         else:

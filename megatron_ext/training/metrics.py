@@ -23,8 +23,14 @@ def decoder_matmul_params(cfg: ModelConfig) -> int:
     return d.num_layers * per_layer
 
 
-def step_flops(cfg: ModelConfig, doc_lens: list[int], supervised: int, audio_chunks: int,
-               encoder_trained: bool = False, projector_trained: bool = True) -> float:
+def step_flops(
+    cfg: ModelConfig,
+    doc_lens: list[int],
+    supervised: int,
+    audio_chunks: int,
+    encoder_trained: bool = False,
+    projector_trained: bool = True,
+) -> float:
     """Model FLOPs of one fwd+bwd over documents of `doc_lens` tokens (padding excluded)."""
     d = cfg.decoder
     tokens = sum(doc_lens)

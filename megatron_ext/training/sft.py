@@ -76,7 +76,8 @@ def _build(cfg: TrainConfig, model_cfg: ModelConfig) -> torch.nn.Module:
         backend={"auto": "auto", "local": "local", "transformer_engine": "te"}[cfg.model.transformer_impl],
         params_dtype="bfloat16" if cfg.training.bf16 else "float32",
         sequence_parallel=cfg.parallel.sequence_parallel,
-        freeze_encoder=cfg.model.freeze_encoder, freeze_projector=cfg.model.freeze_projector,
+        freeze_encoder=cfg.model.freeze_encoder,
+        freeze_projector=cfg.model.freeze_projector,
         fp8=FP8Config(format=cfg.training.fp8) if cfg.training.fp8 else None,
         init_weights=False,
         recompute_granularity=None if cfg.training.recompute == "none" else cfg.training.recompute,
@@ -96,16 +97,33 @@ def _build(cfg: TrainConfig, model_cfg: ModelConfig) -> torch.nn.Module:
 
 def _optimizer(cfg: TrainConfig, ddp: DistributedDataParallel) -> tuple[Any, OptimizerParamScheduler]:
     o = cfg.optimizer
-    opt = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=o.lr, min_lr=o.lr * o.min_lr_ratio, weight_decay=o.weight_decay,
-        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
-        bf16=cfg.training.bf16, params_dtype=torch.bfloat16 if cfg.training.bf16 else torch.float32,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-    ), [ddp])
+    opt = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=o.lr,
+            min_lr=o.lr * o.min_lr_ratio,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad,
+            bf16=cfg.training.bf16,
+            params_dtype=torch.bfloat16 if cfg.training.bf16 else torch.float32,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        ),
+        [ddp],
+    )
     scheduler = OptimizerParamScheduler(
-        opt, init_lr=0.0, max_lr=o.lr, min_lr=o.lr * o.min_lr_ratio, lr_warmup_steps=o.warmup_steps,
-        lr_decay_steps=o.decay_steps or cfg.training.train_iters, lr_decay_style=o.decay_style,
-        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=cfg.training.train_iters,
+        opt,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.lr * o.min_lr_ratio,
+        lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=o.decay_steps or cfg.training.train_iters,
+        lr_decay_style=o.decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=cfg.training.train_iters,
         wd_incr_style="constant",
     )
     return opt, scheduler
@@ -131,8 +149,13 @@ def _attention_inputs(batch: dict[str, Any], backend: str) -> tuple[torch.Tensor
     if backend == "te":
         dev = torch.cuda.current_device()
         cu = batch["cu_seqlens"].to(dev)
-        return None, PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                     max_seqlen_q=batch["max_seqlen"], max_seqlen_kv=batch["max_seqlen"])
+        return None, PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=cu,
+            cu_seqlens_kv=cu,
+            max_seqlen_q=batch["max_seqlen"],
+            max_seqlen_kv=batch["max_seqlen"],
+        )
     return document_causal_mask(batch["doc_ids"]), None
 
 
@@ -168,10 +191,17 @@ def _forward_step(cfg: TrainConfig, n_sources: int, data_iterator: Iterator[dict
     if mel is not None:
         mel = mel.to(next(core.parameters()).dtype)
     with _decoder_hidden_states(core.language_model):
-        hidden = model(batch["tokens"], batch["position_ids"], attention_mask, audio_features=mel,
-                       packed_seq_params=packed)
-    losses = supervised_token_losses(hidden, core.language_model.output_layer.weight, batch["labels"],
-                                     batch["loss_mask"], cfg.training.loss_chunk_tokens, core.config.sequence_parallel)
+        hidden = model(
+            batch["tokens"], batch["position_ids"], attention_mask, audio_features=mel, packed_seq_params=packed
+        )
+    losses = supervised_token_losses(
+        hidden,
+        core.language_model.output_layer.weight,
+        batch["labels"],
+        batch["loss_mask"],
+        cfg.training.loss_chunk_tokens,
+        core.config.sequence_parallel,
+    )
     return losses, partial(_loss_func, batch, n_sources)
 
 
@@ -193,8 +223,11 @@ def _reduce(outputs: list[dict[str, torch.Tensor]], n_sources: int) -> tuple[tor
 def _batch_counts(batches: list[dict[str, Any]], audio_token_id: int | None) -> dict[str, int]:
     """Token bookkeeping for this rank's batches (documents, padding excluded)."""
     tokens = sum(int((b["source_ids"] >= 0).sum()) for b in batches)
-    audio = sum(int(((b["tokens"] == audio_token_id) & (b["source_ids"] >= 0)).sum()) for b in batches) \
-        if audio_token_id is not None else 0
+    audio = (
+        sum(int(((b["tokens"] == audio_token_id) & (b["source_ids"] >= 0)).sum()) for b in batches)
+        if audio_token_id is not None
+        else 0
+    )
     sup = sum(int(b["loss_mask"].sum()) for b in batches)
     chunks = sum(b["num_audio_chunks"] for b in batches)
     return {"tokens": tokens, "audio": audio, "supervised": sup, "chunks": chunks}
@@ -209,16 +242,22 @@ def _memory_gb() -> float:
 # ---- the run -------------------------------------------------------------------------------------------
 def _check_batch_layout(t: Any, dp: int) -> None:
     if t.global_batch_size % (t.micro_batch_size * dp):
-        raise StartupError(f"training.global_batch_size={t.global_batch_size} is not a multiple of "
-                           f"micro_batch_size x data-parallel size = {t.micro_batch_size * dp}")
+        raise StartupError(
+            f"training.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"micro_batch_size x data-parallel size = {t.micro_batch_size * dp}"
+        )
 
 
 def _chat_encoder(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer_path: Path) -> ChatEncoder:
     """Tokenizer + audio layout of this model: [AUDIO] tokens per 30 s chunk = encoder frames / stack."""
-    per_chunk = audio_tokens_per_chunk(model_cfg.encoder.max_source_positions, model_cfg.projector_stack) \
-        if model_cfg.encoder is not None else None
-    return ChatEncoder(load_tokenizer(tokenizer_path), per_chunk, model_cfg.audio_token_id,
-                       cfg.data.system_prompt_with_audio)
+    per_chunk = (
+        audio_tokens_per_chunk(model_cfg.encoder.max_source_positions, model_cfg.projector_stack)
+        if model_cfg.encoder is not None
+        else None
+    )
+    return ChatEncoder(
+        load_tokenizer(tokenizer_path), per_chunk, model_cfg.audio_token_id, cfg.data.system_prompt_with_audio
+    )
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -244,9 +283,14 @@ def _train(cfg: TrainConfig) -> TrainResult:
     model = _build(cfg, model_cfg)
     if rank == 0 and cfg.training.fp8 and model.backend != "te":
         log.warning("training.fp8=%s is OFF: the local (CPU) spec has no FP8; it needs Transformer Engine", t.fp8)
-    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-    ), model)
+    ddp = DistributedDataParallel(
+        model.config,
+        DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        ),
+        model,
+    )
     optimizer, scheduler = _optimizer(cfg, ddp)
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.grad_scale_func = optimizer.scale_loss
@@ -258,12 +302,18 @@ def _train(cfg: TrainConfig) -> TrainResult:
     n_sources = len(data.source_names)
 
     def sft_meta() -> CheckpointMeta:
-        return CheckpointMeta(model=model_cfg, tokenizer_sha256=meta.tokenizer_sha256, command=command_line(),
-                              tool="sft", sources=[{"path": cfg.model.checkpoint}],
-                              extra={"sft_config": to_yaml(cfg)})
+        return CheckpointMeta(
+            model=model_cfg,
+            tokenizer_sha256=meta.tokenizer_sha256,
+            command=command_line(),
+            tool="sft",
+            sources=[{"path": cfg.model.checkpoint}],
+            extra={"sft_config": to_yaml(cfg)},
+        )
 
-    ckpt = Checkpointer(cfg.checkpoint.save_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save,
-                        sft_meta, tokenizer_path)
+    ckpt = Checkpointer(
+        cfg.checkpoint.save_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save, sft_meta, tokenizer_path
+    )
     start, resumed_from = 0, None
     resume = latest_checkpoint(cfg.checkpoint.save_dir) if cfg.checkpoint.resume else None
     if resume is not None:
@@ -289,8 +339,12 @@ def _train(cfg: TrainConfig) -> TrainResult:
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         outputs = forward_backward(
-            forward_step_func=step_fn, data_iterator=iter(batches), model=[ddp],
-            num_microbatches=len(batches), seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
+            forward_step_func=step_fn,
+            data_iterator=iter(batches),
+            model=[ddp],
+            num_microbatches=len(batches),
+            seq_length=t.seq_length,
+            micro_batch_size=t.micro_batch_size,
             forward_only=False,
         )
         _, grad_norm, _ = optimizer.step()
@@ -304,19 +358,33 @@ def _train(cfg: TrainConfig) -> TrainResult:
             counts = _batch_counts(batches, model_cfg.audio_token_id)
             totals = torch.tensor([counts["tokens"], counts["audio"], counts["supervised"]], dtype=torch.float64)
             doc_lens = [n for b in batches for n in b["doc_lengths"]]
-            flops = torch.tensor([step_flops(model_cfg, doc_lens, counts["supervised"], counts["chunks"],
-                                             not cfg.model.freeze_encoder, not cfg.model.freeze_projector)],
-                                 dtype=torch.float64)
+            flops = torch.tensor(
+                [
+                    step_flops(
+                        model_cfg,
+                        doc_lens,
+                        counts["supervised"],
+                        counts["chunks"],
+                        not cfg.model.freeze_encoder,
+                        not cfg.model.freeze_projector,
+                    )
+                ],
+                dtype=torch.float64,
+            )
             both = torch.cat([totals, flops])
             both = both.cuda() if torch.cuda.is_available() else both
             dist.all_reduce(both, group=parallel_state.get_data_parallel_group())
             tokens, audio, supervised, total_flops = both.cpu().tolist()
             world = dist.get_world_size()
             scalars = {
-                "train/loss": loss, "train/lr": scheduler.get_lr(optimizer.param_groups[0]),
-                "train/grad_norm": float(grad_norm or 0.0), "train/tokens_per_s": tokens / elapsed,
+                "train/loss": loss,
+                "train/lr": scheduler.get_lr(optimizer.param_groups[0]),
+                "train/grad_norm": float(grad_norm or 0.0),
+                "train/tokens_per_s": tokens / elapsed,
                 "train/tflops_per_gpu": total_flops / elapsed / world / 1e12,
-                "train/memory_gb": _memory_gb(), "train/audio_tokens": audio, "train/text_tokens": tokens - audio,
+                "train/memory_gb": _memory_gb(),
+                "train/audio_tokens": audio,
+                "train/text_tokens": tokens - audio,
                 "train/supervised_tokens": supervised,
             }
             for i, name in enumerate(data.source_names):
@@ -324,8 +392,15 @@ def _train(cfg: TrainConfig) -> TrainResult:
                     scalars[f"train/loss_{name}"] = float(per_source[i, 0] / per_source[i, 1])
             board.scalars(step, scalars)
             if rank == 0:
-                log.info("step %d/%d loss %.5f lr %.3g grad-norm %.3f tokens/s %.0f", step, t.train_iters, loss,
-                         scalars["train/lr"], scalars["train/grad_norm"], scalars["train/tokens_per_s"])
+                log.info(
+                    "step %d/%d loss %.5f lr %.3g grad-norm %.3f tokens/s %.0f",
+                    step,
+                    t.train_iters,
+                    loss,
+                    scalars["train/lr"],
+                    scalars["train/grad_norm"],
+                    scalars["train/tokens_per_s"],
+                )
 
         if cfg.logging.eval_interval and (step % cfg.logging.eval_interval == 0 or step == last):
             val = _validate(cfg, data, ddp, forward_backward, step_fn, n_sources)
@@ -347,15 +422,20 @@ def _train(cfg: TrainConfig) -> TrainResult:
 
 def _optimizer_state_numel(optimizer: Any) -> int:
     """Elements of Adam's first moment held for this TP rank, summed over its data-parallel shards."""
-    n = sum(state["exp_avg"].numel() for opt in getattr(optimizer, "chained_optimizers", [optimizer])
-            for state in opt.optimizer.state.values() if "exp_avg" in state)
+    n = sum(
+        state["exp_avg"].numel()
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+        for state in opt.optimizer.state.values()
+        if "exp_avg" in state
+    )
     total = torch.tensor([n], dtype=torch.long, device="cuda" if torch.cuda.is_available() else "cpu")
     dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
     return int(total.item())
 
 
-def _validate(cfg: TrainConfig, data: SFTData, ddp: DistributedDataParallel, forward_backward, step_fn,
-              n_sources: int) -> float | None:
+def _validate(
+    cfg: TrainConfig, data: SFTData, ddp: DistributedDataParallel, forward_backward, step_fn, n_sources: int
+) -> float | None:
     """Mean loss over the fixed validation batches (no gradients)."""
     batches = data.validation_batches(cfg.logging.eval_iters, cfg.training.micro_batch_size)
     if not batches:
@@ -363,8 +443,13 @@ def _validate(cfg: TrainConfig, data: SFTData, ddp: DistributedDataParallel, for
     ddp.eval()
     with torch.no_grad():
         outputs = forward_backward(
-            forward_step_func=step_fn, data_iterator=iter(batches), model=[ddp], num_microbatches=len(batches),
-            seq_length=cfg.training.seq_length, micro_batch_size=cfg.training.micro_batch_size, forward_only=True,
+            forward_step_func=step_fn,
+            data_iterator=iter(batches),
+            model=[ddp],
+            num_microbatches=len(batches),
+            seq_length=cfg.training.seq_length,
+            micro_batch_size=cfg.training.micro_batch_size,
+            forward_only=True,
         )
     ddp.train()
     lm, _ = _reduce(outputs, n_sources)
@@ -384,17 +469,21 @@ def dry_run(cfg: TrainConfig, world_size: int) -> list[str]:
     _check_batch_layout(t, dp)
     encoder = _chat_encoder(cfg, model_cfg, tokenizer_path)
     rope = model_cfg.decoder.rope
-    lines = [f"model {cfg.model.checkpoint}: rope {rope.type} theta {rope.theta:g}"
-             + (f" factor {rope.factor:g}" if rope.type == "yarn" else ""),
-             f"layout: world {world_size} = TP {p.tensor_model_parallel_size} x CP {p.context_parallel_size} "
-             f"x DP {dp}; {t.global_batch_size // (t.micro_batch_size * dp)} micro-batches of "
-             f"{t.micro_batch_size} x {t.seq_length} tokens per rank; "
-             f"{t.global_batch_size * t.seq_length / 1e6:.2f}M tokens per step"]
+    lines = [
+        f"model {cfg.model.checkpoint}: rope {rope.type} theta {rope.theta:g}"
+        + (f" factor {rope.factor:g}" if rope.type == "yarn" else ""),
+        f"layout: world {world_size} = TP {p.tensor_model_parallel_size} x CP {p.context_parallel_size} "
+        f"x DP {dp}; {t.global_batch_size // (t.micro_batch_size * dp)} micro-batches of "
+        f"{t.micro_batch_size} x {t.seq_length} tokens per rank; "
+        f"{t.global_batch_size * t.seq_length / 1e6:.2f}M tokens per step",
+    ]
     for group in (cfg.data.sources, cfg.data.validation):
         for s in group:
             source = open_source(s.path, s.format, s.name)
             doc = encoder.encode(source[0], s.name, source.where(0))
-            lines.append(f"source {s.name} ({s.format}, ratio {s.ratio:g}, epochs {s.epochs}): {len(source)} samples; "
-                         f"first has {len(doc)} tokens, {int(doc.loss_mask.sum())} supervised, "
-                         f"{len(doc.audio_chunks)} audio chunks")
+            lines.append(
+                f"source {s.name} ({s.format}, ratio {s.ratio:g}, epochs {s.epochs}): {len(source)} samples; "
+                f"first has {len(doc)} tokens, {int(doc.loss_mask.sum())} supervised, "
+                f"{len(doc.audio_chunks)} audio chunks"
+            )
     return lines
