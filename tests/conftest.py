@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megatron_ext.tiny import build_tiny_models  # noqa: E402
+from megatron_ext.testing.tiny_models import build_tiny_models  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

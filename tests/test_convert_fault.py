@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.convert import write_synthetic_hf
 from megatron_ext.checkpoint import mapping
 from megatron_ext.checkpoint.atomic import CheckpointError
-from megatron_ext.checkpoint.bench import write_synthetic_hf
 from megatron_ext.checkpoint.convert import convert
 from megatron_ext.checkpoint.formats import open_input
 from megatron_ext.checkpoint.metadata import read_meta

@@ -19,7 +19,7 @@ from megatron_ext.checkpoint.convert import convert
 from megatron_ext.checkpoint.metadata import read_meta, sha256_file
 from megatron_ext.checkpoint.safetensors_io import SafetensorsSource, SafetensorsWriter
 from megatron_ext.checkpoint.torch_dist_io import TorchDistReader
-from megatron_ext.tiny import DEVSTRAL, DEVSTRAL2, VOXTRAL
+from megatron_ext.testing.tiny_models import DEVSTRAL, DEVSTRAL2, VOXTRAL
 
 MODELS = {"voxtral": VOXTRAL, "devstral": DEVSTRAL, "devstral2": DEVSTRAL2}
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.synthetic import write_pair
 from megatron_ext.config import DecoderConfig, EncoderConfig
 from megatron_ext.merge.methods import MergeParams
 from megatron_ext.merge.run import MergeJob, run_merge
-from megatron_ext.merge.synthetic import write_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 # ~25 M parameters per parent (fp32, ~100 MB): the merge itself takes about a second, in ~25 shards.

@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from benchmarks.synthetic import write_mistral_view
 from megatron_ext.merge.methods import MergeParams, magprune, slerp, tensor_generator
-from megatron_ext.merge.reference import mergekit_config, run_mergekit
 from megatron_ext.merge.run import MergeJob, run_merge
-from megatron_ext.merge.synthetic import write_mistral_view
+from megatron_ext.testing.mergekit_reference import mergekit_config, run_mergekit
 
 ALPHAS = (0.1, 0.3, 0.5, 0.9)
 SPECIALS = 1000

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.gpu_check import LayerShape, layer_flops_per_token, training_flops_per_token
 from megatron_ext.config import ConfigError
-from megatron_ext.models.gpu_check import LayerShape, layer_flops_per_token, training_flops_per_token
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,8 +48,8 @@ def test_cli_without_gpu_says_so() -> None:
 
 def test_timing_loop_runs_the_layers_on_cpu() -> None:
     """The same build + forward/backward loop as the GPU run, local spec in fp32 at a tiny width."""
+    from benchmarks.gpu_check import build_layers, time_steps
     from megatron_ext.compat.cpu import destroy_distributed, init_distributed
-    from megatron_ext.models.gpu_check import build_layers, time_steps
 
     init_distributed()
     try:
@@ -67,7 +67,7 @@ def test_timing_loop_runs_the_layers_on_cpu() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA + Transformer Engine")
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
 def test_gpu_check_runs(precision: str) -> None:
-    from megatron_ext.models.gpu_check import run_check
+    from benchmarks.gpu_check import run_check
 
     result = run_check(LayerShape(layers=2, seq=8192), precision, steps=3, warmup=2)
     print(result.line())
@@ -85,7 +85,7 @@ def test_te_spec_matches_hf_on_tiny_voxtral(tiny_dir: Path) -> None:
     from megatron_ext.compat.cpu import destroy_distributed, init_distributed
     from megatron_ext.models.build import BuildConfig, build_model
     from megatron_ext.models.loading import load_full_tensors
-    from megatron_ext.tiny import VOXTRAL
+    from megatron_ext.testing.tiny_models import VOXTRAL
 
     init_distributed()
     try:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from megatron_ext.checkpoint import mapping
 from megatron_ext.config import ModelConfig
-from megatron_ext.tiny import DEVSTRAL, DEVSTRAL2, VOXTRAL
+from megatron_ext.testing.tiny_models import DEVSTRAL, DEVSTRAL2, VOXTRAL
 
 
 def _read(path: Path) -> dict[str, torch.Tensor]:

@@ -39,7 +39,7 @@ def _worker(rank: int, world: int, port: int, tiny_dir: str, out_dir: str) -> No
     from megatron_ext.compat.cpu import destroy_distributed, init_distributed
     from megatron_ext.models.build import BuildConfig, build_model
     from megatron_ext.models.loading import load_full_tensors
-    from megatron_ext.tiny import VOXTRAL
+    from megatron_ext.testing.tiny_models import VOXTRAL
 
     hf = load_file(str(Path(tiny_dir) / "voxtral-hf" / "model.safetensors"))
     full = dict(mapping.hf_to_megatron(VOXTRAL, hf.__getitem__))

@@ -19,7 +19,7 @@ from megatron_ext.models.audio_lm import AudioLanguageModel, AudioTokenMismatch
 from megatron_ext.models.build import BuildConfig, FP8Config, build_model
 from megatron_ext.models.loading import load_checkpoint, load_full_tensors
 from megatron_ext.models.tokens import audio_token_id, check_audio_token
-from megatron_ext.tiny import DEVSTRAL, DEVSTRAL2, VOXTRAL
+from megatron_ext.testing.tiny_models import DEVSTRAL, DEVSTRAL2, VOXTRAL
 
 TOL = 1e-5  # fp32 max-abs on logits / encoder states
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox/sense_and_sensibility_01_austen_64kb-0930.wav")

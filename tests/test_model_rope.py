@@ -9,7 +9,7 @@ import torch
 
 from megatron_ext.compat.cpu import apply_cpu_patches
 from megatron_ext.config import DecoderConfig, ModelConfig, RopeConfig
-from megatron_ext.models.rope import llama4_query_scale, thd_positions, yarn_config_attributes
+from megatron_ext.models.decoder import llama4_query_scale, thd_positions, yarn_config_attributes
 
 DEVSTRAL2_ROPE = RopeConfig(
     theta=1e8,

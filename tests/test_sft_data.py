@@ -18,7 +18,7 @@ from megatron_ext.data.loader import PAD_ID
 from megatron_ext.data.mixture import Mixture
 from megatron_ext.data.packing import Packer, collate, document_causal_mask
 from megatron_ext.data.sources import DataSourceError, EnergonSource, JsonlSource
-from megatron_ext.data.tiny_chats import text_chat, write_tiny_chats
+from megatron_ext.testing.tiny_chats import text_chat, write_tiny_chats
 
 
 @pytest.fixture(scope="module")

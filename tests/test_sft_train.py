@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megatron_ext.checkpoint.convert import convert
-from megatron_ext.data.tiny_chats import write_tiny_chats
+from megatron_ext.testing.tiny_chats import write_tiny_chats
 from megatron_ext.training.config import TrainConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -296,7 +296,7 @@ def test_make_sft_style_run_loss_falls_over_50_steps(env: dict[str, Path]) -> No
 # ---- FLOPs convention, launch scripts, GPU script (CPU side) ---------------------------------------------
 def test_flops_per_token_matches_the_causal_convention() -> None:
     """Mistral Small 3 at s=131072, LM head on every token: ~266 GFLOP/token, 48% attention (FACTS.md 7)."""
-    from megatron_ext.training.gpu_bench import slice_config
+    from benchmarks.sft_gpu import slice_config
     from megatron_ext.training.metrics import step_flops
 
     cfg = slice_config(layers=40, encoder_layers=0)
@@ -358,7 +358,7 @@ def test_gpu_bench_plans_on_cpu_and_refuses_to_run_without_cuda() -> None:
 @pytest.mark.gpu
 def test_gpu_bench_te_fp8_slice() -> None:
     """On one H100/H200: a few TE/FP8 steps of a full-width 2-layer slice run and report sane figures."""
-    from megatron_ext.training.gpu_bench import run
+    from benchmarks.sft_gpu import run
 
     result = run(layers=2, encoder_layers=1, seq_length=8192, docs=2, audio_chunks=1, steps=2, warmup=1)
     assert result["backend"] == "te" and result["tokens_per_s"] > 0 and 0 < result["peak_memory_gb"] < 80

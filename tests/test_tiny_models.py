@@ -20,7 +20,7 @@ from megatron_ext.checkpoint.mistral_native import (
     rope_heads,
 )
 from megatron_ext.config import ConfigError, ModelConfig, RopeConfig
-from megatron_ext.tiny import DEVSTRAL, DEVSTRAL2, VOXTRAL, build_tiny_models
+from megatron_ext.testing.tiny_models import DEVSTRAL, DEVSTRAL2, VOXTRAL, build_tiny_models
 
 HF_CLASSES = {
     "voxtral-hf": "VoxtralForConditionalGeneration",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_ext.checkpoint.bench import format_results, run_bench  # noqa: E402
+from benchmarks.convert import format_results, run_bench  # noqa: E402
 
 
 def main() -> None:

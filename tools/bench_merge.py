@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # Transparent huge pages for torch's large CPU buffers: ~40x fewer page faults on multi-GB tensors.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from megatron_ext.merge.bench import child, run_benchmark  # noqa: E402
+from benchmarks.merge import child, run_benchmark  # noqa: E402
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_ext.data.synth.bench import bench_run  # noqa: E402
+from benchmarks.synth import bench_run  # noqa: E402
 from megatron_ext.data.synth.tts import OFFLINE_ENGINES  # noqa: E402
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore", module=r"megatron\.")  # import-time notices
 
+from benchmarks.gpu_check import LayerShape, layer_flops_per_token, run_check, training_flops_per_token  # noqa: E402,E501
 from megatron_ext.config import ConfigError  # noqa: E402
-from megatron_ext.models.gpu_check import LayerShape, layer_flops_per_token, run_check, training_flops_per_token  # noqa: E402,E501
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_ext.data.tiny_chats import write_tiny_chats  # noqa: E402
+from megatron_ext.testing.tiny_chats import write_tiny_chats  # noqa: E402
 
 
 def main() -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_ext.tiny import build_tiny_models  # noqa: E402
+from megatron_ext.testing.tiny_models import build_tiny_models  # noqa: E402
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_ext.training.gpu_bench import plan, run  # noqa: E402
+from benchmarks.sft_gpu import plan, run  # noqa: E402
 
 
 def main() -> int:

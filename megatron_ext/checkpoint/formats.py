@@ -17,15 +17,15 @@ from typing import Any, Literal
 
 import torch
 
+from megatron_ext.audio.positions import sinusoids
 from megatron_ext.checkpoint import mapping
 from megatron_ext.checkpoint.atomic import CheckpointError
 from megatron_ext.checkpoint.metadata import META_FILE, TOKENIZER_FILE, CheckpointMeta, read_meta
 from megatron_ext.checkpoint.mistral_native import config_from_params, convert_name, interleaved_to_half, rope_heads
 from megatron_ext.checkpoint.safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsSource
+from megatron_ext.checkpoint.shapes import decoder_shapes, encoder_shapes, to_hf_names
 from megatron_ext.checkpoint.torch_dist_io import TorchDistReader, is_torch_dist
 from megatron_ext.config import ConfigError, ModelConfig, RopeConfig
-from megatron_ext.models.whisper_encoder import sinusoids
-from megatron_ext.tiny import decoder_shapes, encoder_shapes, to_hf_names
 
 Kind = Literal["hf", "native", "torch_dist"]
 SCALE_SUFFIX = "_scale_inv"

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_ext.audio.positions import sinusoids
 from megatron_ext.checkpoint.mistral_native import hf_decoder_prefix
 from megatron_ext.config import ModelConfig
-from megatron_ext.models.whisper_encoder import sinusoids
 
 Getter = Callable[[str], torch.Tensor]
 HF_POSITIONS = "audio_tower.embed_positions.weight"

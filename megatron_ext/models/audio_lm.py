@@ -25,9 +25,9 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_ext.models.audio_encoder import WhisperEncoder
+from megatron_ext.models.decoder import DecoderModel
 from megatron_ext.models.projector import AudioProjector
-from megatron_ext.models.rope import DecoderModel
+from megatron_ext.models.whisper_encoder import WhisperEncoder
 
 
 class AudioTokenMismatch(ValueError):

@@ -16,16 +16,16 @@ from megatron.core import parallel_state
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext.config import ConfigError, ModelConfig
-from megatron_ext.models.audio_encoder import WhisperEncoder
 from megatron_ext.models.audio_lm import AudioLanguageModel
+from megatron_ext.models.decoder import DecoderModel, rope_config_attributes
 from megatron_ext.models.projector import AudioProjector
-from megatron_ext.models.rope import DecoderModel, rope_config_attributes
 from megatron_ext.models.specs import (
     decoder_layer_spec,
     encoder_layer_spec,
     projector_submodules,
     resolve_backend,
 )
+from megatron_ext.models.whisper_encoder import WhisperEncoder
 from megatron_ext.parallel_layout import validate_parallelism
 
 log = logging.getLogger(__name__)

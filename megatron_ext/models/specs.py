@@ -25,7 +25,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_ext.config import ConfigError
-from megatron_ext.models.rope import QueryScaledSelfAttention
+from megatron_ext.models.decoder import QueryScaledSelfAttention
 
 Backend = Literal["local", "te"]
 # The local spec stores norms separately; checkpoints use TE's fused names (see module docstring).

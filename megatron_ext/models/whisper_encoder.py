@@ -1,20 +1,22 @@
-"""Whisper-large-v3 encoder (Voxtral's audio tower)."""
+"""Whisper-large-v3 encoder (Voxtral's audio tower) on Megatron-Core: conv stem + sinusoids, a
+bidirectional `TransformerBlock`, final LayerNorm.
+
+Each 30 s chunk is one batch column of the block, so chunks never attend to each other. Attention heads
+are split over tensor-parallel ranks; the conv stem is replicated and outputs are replicated (no sequence
+parallelism inside the encoder). Attribute names give the checkpoint names `audio_encoder.conv{1,2}.*`
+and `audio_encoder.decoder.*`; the sinusoidal table is a non-persistent buffer, recomputed on load.
+"""
 
 from __future__ import annotations
 
-import math
-
 import torch
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
 
-
-def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
-    """Whisper's fixed positional table [length, channels]: sin half then cos half (never trained)."""
-    if channels % 2:
-        raise ValueError(f"sinusoidal positions need an even channel count, got {channels}")
-    log_timescale_increment = math.log(max_timescale) / (channels // 2 - 1)
-    inv_timescales = torch.exp(-log_timescale_increment * torch.arange(channels // 2, dtype=torch.float32))
-    scaled_time = torch.arange(length, dtype=torch.float32)[:, None] * inv_timescales[None, :]
-    return torch.cat([scaled_time.sin(), scaled_time.cos()], dim=1)
+from megatron_ext.audio.positions import sinusoids
+from megatron_ext.config import EncoderConfig
 
 
 def conv_stem(
@@ -32,3 +34,21 @@ def conv_stem(
     x = torch.nn.functional.gelu(conv1(mel.to(conv1.weight.dtype)))
     x = torch.nn.functional.gelu(conv2(x))  # [chunks, d, positions]
     return (x.permute(2, 0, 1) + positions[:, None, :]).to(conv1.weight.dtype)
+
+
+class WhisperEncoder(MegatronModule):
+    """log-mel [chunks, mels, 3000] -> hidden states [1500, chunks, d] (sequence-first)."""
+
+    def __init__(self, config: TransformerConfig, layer_spec: ModuleSpec, encoder: EncoderConfig) -> None:
+        super().__init__(config=config)
+        d, dtype = encoder.hidden_size, config.params_dtype
+        self.conv1 = torch.nn.Conv1d(encoder.num_mel_bins, d, kernel_size=3, padding=1, dtype=dtype)
+        self.conv2 = torch.nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1, dtype=dtype)
+        self.register_buffer("positions", sinusoids(encoder.max_source_positions, d), persistent=False)
+        self.decoder = TransformerBlock(
+            config=config, spec=layer_spec, post_layer_norm=True, pre_process=True, post_process=True
+        )
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        hidden = conv_stem(mel.to(self.conv1.weight.device), self.conv1, self.conv2, self.positions)
+        return self.decoder(hidden_states=hidden, attention_mask=None)

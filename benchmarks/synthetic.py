@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from megatron_ext.checkpoint.shapes import decoder_shapes, encoder_shapes, to_hf_names
 from megatron_ext.config import DecoderConfig, EncoderConfig, ModelConfig
 from megatron_ext.merge.safetensors_io import header_bytes, read_header, read_tensor, tensor_bytes
-from megatron_ext.tiny import decoder_shapes, encoder_shapes, to_hf_names
 from megatron_ext.tokenizer.tekken_builder import build_tekken, devstral_spec, voxtral_spec, write_tekken
 
 BLOCK = 4 * 1024 * 1024

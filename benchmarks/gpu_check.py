@@ -96,7 +96,7 @@ def require_gpu() -> None:
 def build_layers(shape: LayerShape, precision: str, backend: str = "te", fp8_recipe: str = "delayed"):
     """`shape.layers` decoder layers as a DecoderModel without embedding or LM head (hidden states in and out)."""
     from megatron_ext.models.build import BuildConfig, FP8Config, decoder_transformer_config
-    from megatron_ext.models.rope import DecoderModel
+    from megatron_ext.models.decoder import DecoderModel
     from megatron_ext.models.specs import decoder_layer_spec
 
     if precision not in ("bf16", "fp8", "fp32"):

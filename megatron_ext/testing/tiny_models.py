@@ -18,15 +18,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from megatron_ext.audio.positions import sinusoids
 from megatron_ext.checkpoint.mistral_native import (
     convert_name,
     half_to_interleaved,
-    hf_decoder_prefix,
     params_from_config,
     rope_heads,
 )
+from megatron_ext.checkpoint.shapes import decoder_shapes, encoder_shapes, to_hf_names
 from megatron_ext.config import DecoderConfig, EncoderConfig, ModelConfig, RopeConfig
-from megatron_ext.models.whisper_encoder import sinusoids
 from megatron_ext.tokenizer.tekken_builder import (
     COMMON_SPECIALS,
     DEVSTRAL_SPECIALS,
@@ -77,66 +77,6 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn value
 DELTA_SCALE = {"devstral": 0.05, "voxtral": 0.2, "devstral2": 0.05}
 
 
-def decoder_shapes(dec: DecoderConfig) -> dict[str, tuple[int, ...]]:
-    """Decoder tensor shapes under their HF MistralForCausalLM names (prefix `model.`, `lm_head`)."""
-    q, kv = dec.num_attention_heads * dec.kv_channels, dec.num_query_groups * dec.kv_channels
-    h, f = dec.hidden_size, dec.ffn_hidden_size
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (dec.vocab_size, h)}
-    for i in range(dec.num_layers):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (f, h),
-            p + "mlp.up_proj.weight": (f, h),
-            p + "mlp.down_proj.weight": (h, f),
-        }
-    return shapes | {"model.norm.weight": (h,), "lm_head.weight": (dec.vocab_size, h)}
-
-
-def encoder_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Audio tower + projector shapes under HF Voxtral names (k_proj has no bias, as in Whisper)."""
-    e = cfg.encoder
-    assert e is not None
-    d, f = e.hidden_size, e.ffn_hidden_size
-    shapes: dict[str, tuple[int, ...]] = {
-        "audio_tower.conv1.weight": (d, e.num_mel_bins, 3),
-        "audio_tower.conv1.bias": (d,),
-        "audio_tower.conv2.weight": (d, d, 3),
-        "audio_tower.conv2.bias": (d,),
-    }
-    for i in range(e.num_layers):
-        p = f"audio_tower.layers.{i}."
-        shapes |= {
-            p + "self_attn.q_proj.weight": (d, d),
-            p + "self_attn.q_proj.bias": (d,),
-            p + "self_attn.k_proj.weight": (d, d),
-            p + "self_attn.v_proj.weight": (d, d),
-            p + "self_attn.v_proj.bias": (d,),
-            p + "self_attn.out_proj.weight": (d, d),
-            p + "self_attn.out_proj.bias": (d,),
-            p + "self_attn_layer_norm.weight": (d,),
-            p + "self_attn_layer_norm.bias": (d,),
-            p + "fc1.weight": (f, d),
-            p + "fc1.bias": (f,),
-            p + "fc2.weight": (d, f),
-            p + "fc2.bias": (d,),
-            p + "final_layer_norm.weight": (d,),
-            p + "final_layer_norm.bias": (d,),
-        }
-    h = cfg.decoder.hidden_size
-    return shapes | {
-        "audio_tower.layer_norm.weight": (d,),
-        "audio_tower.layer_norm.bias": (d,),
-        "multi_modal_projector.linear_1.weight": (h, cfg.projector_input_size),
-        "multi_modal_projector.linear_2.weight": (h, h),
-    }
-
-
 def _random(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     """Norm weights ~ 1 + 0.1 N, biases ~ 0.1 N, matrices ~ N / sqrt(fan_in): activations stay O(1)."""
     x = torch.randn(shape, generator=gen, dtype=torch.float32)
@@ -175,12 +115,6 @@ def decoder_family(seed: int) -> dict[str, dict[str, torch.Tensor]]:
     for tag, named in specials.items():
         _zero_placeholder_rows(out[tag], named)
     return out
-
-
-def to_hf_names(decoder: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
-    """Rename MistralForCausalLM decoder names to `arch`'s HF layout."""
-    pre, head = hf_decoder_prefix(arch)
-    return {head if n == "lm_head.weight" else pre + n.removeprefix("model."): t for n, t in decoder.items()}
 
 
 def quantize_fp8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -29,15 +29,15 @@ import torch
 
 from megatron_ext.checkpoint.metadata import sha256_file
 from megatron_ext.checkpoint.safetensors_io import SafetensorsWriter
+from megatron_ext.checkpoint.shapes import decoder_shapes
 from megatron_ext.config import ModelConfig, mistral_small_decoder
-from megatron_ext.tiny import decoder_shapes
 from megatron_ext.user_cache import CACHE_ENV
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 SHA256_ALONE = "sha256 of the sources alone (one core)"
 # Runs a script (argv[1:]) in this interpreter and reports the process's own peak RSS on exit.
 _RUN_REPORTING_RSS = (
-    "import atexit, runpy, sys; from megatron_ext.checkpoint.bench import peak_rss_gb; "
+    "import atexit, runpy, sys; from benchmarks.convert import peak_rss_gb; "
     "atexit.register(lambda: print(f'PEAK_RSS_GB {peak_rss_gb()}', file=sys.stderr)); "
     "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 )

@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
-from megatron_ext.checkpoint.bench import peak_rss_gb
+from benchmarks.convert import peak_rss_gb
+from benchmarks.synthetic import write_mistral_view, write_pair
 from megatron_ext.checkpoint.direct_io import DirectWriter, aligned_empty
 from megatron_ext.config import EncoderConfig, mistral_small_decoder
 from megatron_ext.merge.methods import MergeParams
 from megatron_ext.merge.run import MergeJob, run_merge
-from megatron_ext.merge.synthetic import write_mistral_view, write_pair
 
 GB = 1024**3
 
@@ -77,7 +77,7 @@ def child(kind: str, root: Path) -> dict[str, Any]:
             )
         )
     elif kind.startswith("mergekit-"):
-        from megatron_ext.merge.reference import mergekit_config, run_mergekit
+        from megatron_ext.testing.mergekit_reference import mergekit_config, run_mergekit
 
         params = MergeParams(method=kind.removeprefix("mergekit-"), alpha=0.1)
         run_mergekit(mergekit_config(params, dev, view, "bfloat16"), out)

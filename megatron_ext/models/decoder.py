@@ -1,4 +1,5 @@
-"""Rotary positions for the decoder: plain rope / YaRN from `RopeConfig`, true per-token positions, llama-4 scaling.
+"""The decoder (`DecoderModel`, a GPTModel) and its rotary positions: plain rope / YaRN from
+`RopeConfig`, true per-token positions, llama-4 scaling.
 
 Megatron-Core's GPTModel builds rope angles for positions 0..s-1 and ignores `position_ids`; Devstral-2's
 "llama-4" query scaling (q *= 1 + beta * ln(1 + floor(pos / original_max_position))) is not in Megatron
