@@ -40,10 +40,10 @@ def slice_config(layers: int, encoder_layers: int) -> ModelConfig:
         mscale_all_dim=1.0,
     )
     decoder = mistral_small_decoder(layers, rope)
+    if not encoder_layers:
+        return ModelConfig(decoder, None, None, 4, "voxtral")
     encoder = EncoderConfig(num_layers=encoder_layers, hidden_size=1280, ffn_hidden_size=5120, num_attention_heads=20)
-    return ModelConfig(
-        decoder, encoder if encoder_layers else None, AUDIO_TOKEN_ID if encoder_layers else None, 4, "voxtral"
-    )
+    return ModelConfig(decoder, encoder, AUDIO_TOKEN_ID, 4, "voxtral")
 
 
 def synthetic_batch(seq_length: int, docs: int, audio_chunks: int, seed: int) -> dict[str, Any]:

@@ -25,6 +25,22 @@ class ConfigError(ValueError):
     """A model configuration is missing a field or holds an invalid value."""
 
 
+def _check_int(value: object, name: str, minimum: int = 1) -> None:
+    """`value` is an int (not a bool or a numeric string) >= minimum, else a ConfigError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}={value!r}: expected an integer >= {minimum}")
+
+
+def _check_float(value: object, name: str, minimum: float | None = None, strict: bool = False) -> None:
+    """`value` is a finite number (> minimum if strict, else >= minimum), else a ConfigError naming the field."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and minimum is not None:
+        ok = value > minimum if strict else value >= minimum
+    if not ok:
+        bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
+        raise ConfigError(f"{name}={value!r}: expected a finite number{bound}")
+
+
 @dataclass(frozen=True)
 class RopeConfig:
     """Rotary embedding settings; `type="yarn"` needs every YaRN field explicit (no library defaults)."""
@@ -47,6 +63,21 @@ class RopeConfig:
     def __post_init__(self) -> None:
         if self.type not in ("rope", "yarn"):
             raise ConfigError(f"rope.type={self.type!r}: expected 'rope' or 'yarn'")
+        _check_float(self.theta, "rope.theta", 0.0, strict=True)
+        for name, minimum, strict in (
+            ("factor", 0.0, True),
+            ("beta_fast", None, False),
+            ("beta_slow", None, False),
+            ("mscale", 0.0, False),
+            ("mscale_all_dim", 0.0, False),
+            ("llama4_scaling_beta", 0.0, False),
+        ):
+            if getattr(self, name) is not None:
+                _check_float(getattr(self, name), f"rope.{name}", minimum, strict)
+        if self.original_max_position_embeddings is not None:
+            _check_int(self.original_max_position_embeddings, "rope.original_max_position_embeddings")
+        if not isinstance(self.truncate, bool):
+            raise ConfigError(f"rope.truncate={self.truncate!r}: expected true or false")
         if self.type == "yarn":
             missing = [f for f in self.YARN_FIELDS if getattr(self, f) is None]
             if missing:
@@ -81,6 +112,12 @@ class DecoderConfig:
     rope: RopeConfig = field(default_factory=RopeConfig)
 
     def __post_init__(self) -> None:
+        ints = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+        for name in (*ints, "kv_channels", "vocab_size", "max_position_embeddings"):
+            _check_int(getattr(self, name), f"decoder.{name}")
+        _check_float(self.norm_eps, "decoder.norm_eps", 0.0, strict=True)
+        if not isinstance(self.rope, RopeConfig):
+            raise ConfigError(f"decoder.rope={self.rope!r}: expected a rope section")
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"decoder.num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -114,6 +151,12 @@ class EncoderConfig:
     max_source_positions: int = 1500
     norm_eps: float = 1e-5
 
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_mel_bins"):
+            _check_int(getattr(self, name), f"encoder.{name}")
+        _check_int(self.max_source_positions, "encoder.max_source_positions")
+        _check_float(self.norm_eps, "encoder.norm_eps", 0.0, strict=True)
+
     @property
     def mel_frames(self) -> int:
         """Mel frames per chunk: conv2 has stride 2, so 2 x max_source_positions (3000 = 30 s)."""
@@ -132,8 +175,21 @@ class ModelConfig:
     hf_architecture: HFArchitecture = "mistral"
 
     def __post_init__(self) -> None:
+        if self.hf_architecture not in HF_CLASS_NAMES:
+            raise ConfigError(f"hf_architecture={self.hf_architecture!r}: expected one of {', '.join(HF_CLASS_NAMES)}")
+        if not isinstance(self.decoder, DecoderConfig):
+            raise ConfigError(f"decoder={self.decoder!r}: expected a decoder section")
+        if self.encoder is not None and not isinstance(self.encoder, EncoderConfig):
+            raise ConfigError(f"encoder={self.encoder!r}: expected an encoder section")
+        _check_int(self.projector_stack, "projector_stack")
         if self.encoder is not None and self.audio_token_id is None:
             raise ConfigError("model has an audio encoder but no audio_token_id")
+        if self.audio_token_id is not None:
+            _check_int(self.audio_token_id, "audio_token_id", 0)
+            if self.audio_token_id >= self.decoder.vocab_size:
+                raise ConfigError(
+                    f"audio_token_id={self.audio_token_id} is outside the vocabulary (size {self.decoder.vocab_size})"
+                )
 
     @property
     def has_audio(self) -> bool:

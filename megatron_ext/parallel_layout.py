@@ -16,6 +16,9 @@ def divisors(n: int) -> list[int]:
 def validate_parallelism(cfg: ModelConfig, tp: int, cp: int = 1, pp: int = 1, with_audio: bool = True) -> None:
     """Refuse layouts the model cannot run: TP must split whole encoder heads and KV groups, CP is 1 with
     audio (Whisper never attends across 30 s chunks, so there is nothing to ring), PP divides the layers."""
+    for name, size in (("tensor", tp), ("context", cp), ("pipeline", pp)):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigError(f"{name}_model_parallel_size={size!r}: must be an integer >= 1")
     if with_audio and cfg.encoder is not None:
         heads = cfg.encoder.num_attention_heads
         if heads % tp:

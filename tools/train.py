@@ -32,7 +32,7 @@ def main() -> int:
         from megatron_ext.training.sft import dry_run, train  # imports Megatron-Core (slow): after config checks
 
         if args.dry_run:
-            world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
             for line in dry_run(cfg, world):
                 print(line)
             print("dry run OK")

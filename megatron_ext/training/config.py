@@ -8,6 +8,7 @@ code on the tiny models.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,20 @@ def validate(cfg: TrainConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise TrainConfigError(f"{key}: must be >= 1, got {value}")
+    opt = cfg.optimizer
+    ranges = {  # key: (value, what is allowed, check)
+        "optimizer.lr": (opt.lr, "> 0", lambda v: v > 0),
+        "optimizer.weight_decay": (opt.weight_decay, ">= 0", lambda v: v >= 0),
+        "optimizer.adam_beta1": (opt.adam_beta1, "in [0, 1)", lambda v: 0 <= v < 1),
+        "optimizer.adam_beta2": (opt.adam_beta2, "in [0, 1)", lambda v: 0 <= v < 1),
+        "optimizer.adam_eps": (opt.adam_eps, "> 0", lambda v: v > 0),
+        "optimizer.clip_grad": (opt.clip_grad, ">= 0", lambda v: v >= 0),
+    }
+    for key, (value, allowed, ok) in ranges.items():
+        if not (math.isfinite(value) and ok(value)):
+            raise TrainConfigError(f"{key}: must be a finite number {allowed}, got {value}")
+    if opt.warmup_steps < 0:
+        raise TrainConfigError(f"optimizer.warmup_steps: must be >= 0, got {opt.warmup_steps}")
     if not 0 <= cfg.optimizer.min_lr_ratio <= 1:
         raise TrainConfigError(f"optimizer.min_lr_ratio: must be in [0, 1], got {cfg.optimizer.min_lr_ratio}")
     decay = cfg.optimizer.decay_steps or cfg.training.train_iters
@@ -216,9 +231,9 @@ def validate(cfg: TrainConfig) -> None:
                 raise TrainConfigError(f"{where}.format: {src.format!r} is not 'jsonl' or 'energon'")
             if src.modality not in ("text", "audio"):
                 raise TrainConfigError(f"{where}.modality: {src.modality!r} is not 'text' or 'audio'")
-            if src.ratio < 0:
+            if not math.isfinite(src.ratio) or src.ratio < 0:
                 raise TrainConfigError(f"{where}.ratio: must be >= 0, got {src.ratio}")
-            if src.epochs is not None and src.epochs <= 0:
+            if src.epochs is not None and not (math.isfinite(src.epochs) and src.epochs > 0):
                 raise TrainConfigError(f"{where}.epochs: must be > 0 or null, got {src.epochs}")
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:

@@ -463,6 +463,8 @@ def dry_run(cfg: TrainConfig, world_size: int) -> list[str]:
     model_cfg, _, tokenizer_path = startup_checks(cfg)
     model_cfg = check_audio_token(model_cfg, tokenizer_path)
     model_parallel = p.tensor_model_parallel_size * p.context_parallel_size
+    if world_size < 1:
+        raise StartupError(f"world size {world_size}: must be >= 1")
     if world_size % model_parallel:
         raise StartupError(f"world size {world_size} is not a multiple of TP x CP = {model_parallel}")
     dp = world_size // model_parallel
