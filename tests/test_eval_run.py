@@ -358,6 +358,23 @@ def test_cli_wer_and_errors(tmp_path, capsys):
     assert not (tmp_path / "r.jsonl").exists()
 
 
+def test_wer_files_refuse_duplicate_and_unmatched_ids(tmp_path):
+    """A repeated id (reference or hypothesis) or a hypothesis without a reference is an error, not a WER."""
+    from megatron_ext.eval.runner import wer_of_files
+
+    refs, hyps = tmp_path / "refs.jsonl", tmp_path / "hyps.jsonl"
+    refs.write_text('{"id": "a", "text": "one two"}\n{"id": "b", "text": "three"}\n')
+    hyps.write_text('{"id": "a", "text": "one two"}\n{"id": "b", "text": "three"}\n')
+    assert wer_of_files(refs, hyps).wer == 0.0
+    refs.write_text('{"id": "a", "text": "one two"}\n{"id": "a", "text": "one two"}\n{"id": "b", "text": "three"}\n')
+    with pytest.raises(ValueError, match=r"refs.jsonl:2: duplicate id 'a'"):
+        wer_of_files(refs, hyps)
+    refs.write_text('{"id": "a", "text": "one two"}\n{"id": "b", "text": "three"}\n')
+    hyps.write_text('{"id": "a", "text": "one two"}\n{"id": "b", "text": "three"}\n{"id": "c", "text": "x"}\n')
+    with pytest.raises(ValueError, match=r"hyps.jsonl: 1 id\(s\) not in .*refs.jsonl, e.g. 'c'"):
+        wer_of_files(refs, hyps)
+
+
 def test_labels_follow_conversion_and_sft_metadata(merged, tmp_path, monkeypatch):
     """A torch_dist copy of the merge keeps its recipe labels (via checkpoint_meta sources); an SFT step
     checkpoint gets role, run, mixture, audio epochs and base from the saved SFT config."""

@@ -150,9 +150,11 @@ def wer_of_files(references: str | Path, hypotheses: str | Path):
     from megatron_ext.eval.metrics import corpus_wer
 
     refs, hyps = _texts_by_id(references), _texts_by_id(hypotheses)
-    missing = sorted(set(refs) - set(hyps))
+    missing, extra = sorted(set(refs) - set(hyps)), sorted(set(hyps) - set(refs))
     if missing:
         raise ValueError(f"{hypotheses}: no hypothesis for {len(missing)} reference id(s), e.g. {missing[0]!r}")
+    if extra:
+        raise ValueError(f"{hypotheses}: {len(extra)} id(s) not in {references}, e.g. {extra[0]!r}")
     ids = sorted(refs)
     return corpus_wer([refs[i] for i in ids], [hyps[i] for i in ids])
 
@@ -164,7 +166,10 @@ def _texts_by_id(path: str | Path) -> dict[str, str]:
             continue
         try:
             row = json.loads(line)
-            texts[str(row["id"])] = str(row["text"])
+            key, text = str(row["id"]), str(row["text"])
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f'{path}:{number}: expected {{"id": ..., "text": ...}} ({type(e).__name__})') from e
+        if key in texts:
+            raise ValueError(f"{path}:{number}: duplicate id {key!r}")
+        texts[key] = text
     return texts
