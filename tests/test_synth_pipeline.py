@@ -140,6 +140,15 @@ def test_fail_policy_stops_before_any_work_with_one_line_error(tmp_path, capsys)
     assert not (tmp_path / "out").exists()
 
 
+def test_empty_input_is_an_error_not_a_complete_dataset(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    rc = main(["--input", str(empty), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == f"error: {empty}: the input has no rows"
+    assert not (tmp_path / "out").exists()
+
+
 def test_resume_repairs_a_torn_line_and_reproduces_the_same_bytes(tmp_path):
     cfg = offline(tmp_path)
     run(cfg)

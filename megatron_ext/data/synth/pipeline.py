@@ -128,6 +128,8 @@ def run(cfg: SynthConfig) -> dict:
         total_rows = check_rows(cfg.input) if cfg.on_bad_row == "fail" else count_rows(cfg.input)
     except InputError as e:
         raise SynthError(f"{e} (--on-bad-row fail)") from None
+    if total_rows == 0:
+        raise SynthError(f"{cfg.input}: the input has no rows")
     claim_output(cfg)
     shards = [cfg.shard] if cfg.shard is not None else list(range(cfg.num_shards))
     _run_workers(cfg, shards, total_rows)
