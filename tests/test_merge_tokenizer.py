@@ -116,6 +116,16 @@ def test_refuses_different_regular_vocab(tiny_dir: Path, tmp_path: Path) -> None
         align_tokenizers(tmp_path / "tekken.json", tiny_dir / "voxtral-hf/tekken.json")
 
 
+def test_refuses_swapped_or_wrong_parent_tokenizers(tiny_dir: Path) -> None:
+    dev, vox = tiny_dir / "devstral-hf/tekken.json", tiny_dir / "voxtral-hf/tekken.json"
+    with pytest.raises(
+        AlignmentError, match=r"tokenizers look swapped: .*voxtral-hf/tekken.json \(given for Devstral\)"
+    ):
+        align_tokenizers(vox, dev)
+    with pytest.raises(AlignmentError, match=r"devstral-hf/tekken.json: no \[AUDIO\] special token: not a Voxtral"):
+        align_tokenizers(dev, dev)
+
+
 def test_cli_one_line_error(tiny_dir: Path, tmp_path: Path) -> None:
     res = subprocess.run(
         [

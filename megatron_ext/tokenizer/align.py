@@ -25,6 +25,7 @@ from megatron_ext.tokenizer.tekken_builder import special_token_list, write_tekk
 
 PLACEHOLDER_RE = re.compile(r"^<SPECIAL_\d+>$")
 RULE = "keep-own-rank-if-placeholder-else-lowest-free-placeholder"
+AUDIO_TOKEN = "[AUDIO]"
 
 
 class AlignmentError(ValueError):
@@ -98,6 +99,19 @@ def _check_same_regular_vocab(dev: dict, vox: dict, dev_path: Path, vox_path: Pa
         )
 
 
+def _check_roles(dev_named: dict[int, str], vox_named: dict[int, str], dev_path: Path, vox_path: Path) -> None:
+    """Voxtral's tokenizer names the audio token; a Devstral one given in its place (or the two swapped) is
+    refused here, before it turns into a merge whose audio rows are placeholders."""
+    if AUDIO_TOKEN in vox_named.values():
+        return
+    if AUDIO_TOKEN in dev_named.values():
+        raise AlignmentError(
+            f"the tokenizers look swapped: {dev_path} (given for Devstral) has {AUDIO_TOKEN}, {vox_path} "
+            "(given for Voxtral) has none"
+        )
+    raise AlignmentError(f"{vox_path}: no {AUDIO_TOKEN} special token: not a Voxtral tokenizer")
+
+
 def _assign(dev_named: dict[int, str], vox_named: dict[int, str], num_special: int) -> dict[str, int]:
     """Merged rank for each Voxtral-only special (see the module docstring for the rule)."""
     dev_names = set(dev_named.values())
@@ -135,6 +149,7 @@ def align_tokenizers(devstral: Path, voxtral: Path) -> tuple[TokenizerAlignment,
     _check_same_regular_vocab(dev, vox, dev_path, vox_path)
     num_special = int(dev["config"]["default_num_special_tokens"])
     dev_named, vox_named = _named_specials(dev, dev_path), _named_specials(vox, vox_path)
+    _check_roles(dev_named, vox_named, dev_path, vox_path)
     dev_by_name = {s: r for r, s in dev_named.items()}
     placed = _assign(dev_named, vox_named, num_special)
     merged_specials = dict(sorted({**dev_named, **{r: s for s, r in placed.items()}}.items()))
