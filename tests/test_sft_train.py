@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -337,6 +338,21 @@ def test_launch_scripts_dry_run_validate_the_config(env: dict[str, Path]) -> Non
     assert bad.stderr.strip().splitlines()[-1] == (
         "error: training.global_batch_size=2 is not a multiple of micro_batch_size x data-parallel size = 64"
     )
+
+
+def test_dry_run_checks_every_row_and_the_world_size(env: dict[str, Path], tmp_path: Path) -> None:
+    """A malformed row past the first, or a world size <= 0, stops the dry run (training would fail later)."""
+    from megatron_ext.training.checks import StartupError
+    from megatron_ext.training.sft import dry_run
+
+    rows = env["text"].read_text().splitlines()
+    bad = tmp_path / "text.jsonl"
+    bad.write_text("\n".join([*rows[:5], json.dumps({"messages": [{"role": "user", "content": 3}]}), *rows[5:]]) + "\n")
+    assert any("all valid" in line for line in dry_run(tiny_cfg(env, "dry-ok"), 1))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(bad))}: sample 5: cannot encode chat"):
+        dry_run(tiny_cfg(env, "dry-bad", **{"data.sources.0.path": bad}), 1)
+    with pytest.raises(StartupError, match="world size 0: must be >= 1"):
+        dry_run(tiny_cfg(env, "dry-world"), 0)
 
 
 def test_gpu_bench_plans_on_cpu_and_refuses_to_run_without_cuda() -> None:

@@ -34,6 +34,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from tqdm import tqdm
 
 from megatron_ext.checkpoint.metadata import CheckpointMeta, command_line
 from megatron_ext.checkpoint.torch_dist_io import TorchDistReader
@@ -458,7 +459,8 @@ def _validate(
 
 def dry_run(cfg: TrainConfig, world_size: int) -> list[str]:
     """Validate a run without starting it (no process group, no model): config, refusals, batch layout,
-    data sources and one encoded sample per source. Returns a short summary; raises on the first problem."""
+    and every sample of every data source encoded as training would. Returns a short summary; raises on the
+    first problem."""
     t, p = cfg.training, cfg.parallel
     model_cfg, _, tokenizer_path = startup_checks(cfg)
     model_cfg = check_audio_token(model_cfg, tokenizer_path)
@@ -483,9 +485,11 @@ def dry_run(cfg: TrainConfig, world_size: int) -> list[str]:
         for s in group:
             source = open_source(s.path, s.format, s.name)
             doc = encoder.encode(source[0], s.name, source.where(0))
+            for i in tqdm(range(1, len(source)), desc=f"checking {s.name}", unit="sample", leave=False):
+                encoder.encode(source[i], s.name, source.where(i))  # training would refuse it at this step
             lines.append(
-                f"source {s.name} ({s.format}, ratio {s.ratio:g}, epochs {s.epochs}): {len(source)} samples; "
-                f"first has {len(doc)} tokens, {int(doc.loss_mask.sum())} supervised, "
+                f"source {s.name} ({s.format}, ratio {s.ratio:g}, epochs {s.epochs}): {len(source)} samples, "
+                f"all valid; first has {len(doc)} tokens, {int(doc.loss_mask.sum())} supervised, "
                 f"{len(doc.audio_chunks)} audio chunks"
             )
     return lines
