@@ -151,6 +151,26 @@ def test_unreadable_tokenizer_is_named(tiny_dir: Path, tmp_path: Path) -> None:
         align_tokenizers(tmp_path / "tekken.json", tiny_dir / "voxtral-hf/tekken.json")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "not-an-object", "missing"])
+def test_every_tokenizer_reader_names_a_bad_file(tiny_dir: Path, tmp_path: Path, damage: str) -> None:
+    """Training, evaluation and the model's token lookup all read tekken.json through one loader."""
+    from megatron_ext.data.chat import load_tokenizer as training_tokenizer
+    from megatron_ext.eval.prompts import load_tokenizer as eval_tokenizer
+    from megatron_ext.models.tokens import audio_token_id
+    from megatron_ext.tokenizer.loading import TokenizerFileError
+
+    raw = (tiny_dir / "voxtral-hf/tekken.json").read_bytes()
+    path = tmp_path / "tekken.json"
+    if damage != "missing":
+        path.write_bytes(raw[: len(raw) // 3] if damage == "truncated" else b"[1, 2]")
+    expected = (FileNotFoundError, TokenizerFileError) if damage == "missing" else TokenizerFileError
+    for read in (training_tokenizer, eval_tokenizer, audio_token_id):
+        with pytest.raises(expected, match=re.escape(str(tmp_path))) as info:
+            read(tmp_path if read is eval_tokenizer else path)
+        assert "\n" not in str(info.value)
+    assert audio_token_id(tiny_dir / "voxtral-hf/tekken.json") == 24
+
+
 def test_written_tokenizer_is_compact_utf8_json(tiny_dir: Path, tmp_path: Path) -> None:
     """write_tekken gives json.dumps(ensure_ascii=False, separators=(",", ":"))'s bytes (non-ASCII and
     control characters, floats and nesting included)."""

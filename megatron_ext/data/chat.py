@@ -23,6 +23,8 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
+from megatron_ext.tokenizer.loading import load_tekken
+
 
 class SampleError(ValueError):
     """A chat sample cannot be encoded (the message names the sample and the reason)."""
@@ -43,12 +45,7 @@ class EncodedDoc:
 
 def load_tokenizer(path: str | Path) -> MistralTokenizer:
     """A Tekken tokenizer in fine-tuning validation mode (conversations may end with an assistant turn)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "tekken.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: tokenizer file not found")
-    return MistralTokenizer.from_file(path, mode=ValidationMode.finetuning)
+    return load_tekken(path, ValidationMode.finetuning)
 
 
 class ChatEncoder:

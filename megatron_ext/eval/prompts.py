@@ -20,6 +20,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from megatron_ext.data.synth.audio import SAMPLE_RATE
 from megatron_ext.eval.benchmarks import Benchmark, Sample, mcq_text
+from megatron_ext.tokenizer.loading import load_tekken
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ def load_tokenizer(checkpoint: str | Path) -> MistralTokenizer:
     path = Path(checkpoint) / "tekken.json"
     if not path.is_file():
         raise FileNotFoundError(f"{checkpoint}: no tekken.json (every checkpoint carries its tokenizer)")
-    return MistralTokenizer.from_file(str(path))
+    return load_tekken(path)
 
 
 def build_prompt(tokenizer: MistralTokenizer, bench: Benchmark, sample: Sample) -> Prompt:

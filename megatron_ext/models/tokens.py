@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from megatron_ext.config import ConfigError, ModelConfig
+from megatron_ext.tokenizer.loading import load_tekken
 
 
 def audio_token_id(tekken_path: str | Path) -> int:
     """Id of `[AUDIO]` in a tekken.json (mistral-common); ConfigError if the tokenizer has none."""
-    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-
-    tokenizer = MistralTokenizer.from_file(str(tekken_path)).instruct_tokenizer.tokenizer
+    tokenizer = load_tekken(tekken_path).instruct_tokenizer.tokenizer
     try:
         return int(tokenizer.get_special_token("[AUDIO]"))
     except ValueError:
