@@ -1,8 +1,9 @@
 """The CLI error policy, implemented once: the user's mistakes are one `error:` line, the program's keep a traceback.
 
-ProjectError (bad input or settings), OSError (missing, unreadable or unwritable paths) and ValueError
-(json.JSONDecodeError included) print one line to stderr and exit 2. Anything else, e.g. a RuntimeError
-from a CUDA OOM or an NCCL timeout at step 10k, propagates with its full traceback (exit 1).
+ProjectError (bad input or settings), OSError (missing, unreadable or unwritable paths), ValueError
+(json.JSONDecodeError and pydantic's ValidationError included) and a YAML file that does not parse print one
+line to stderr and exit 2. Anything else, e.g. a RuntimeError from a CUDA OOM or an NCCL timeout at step 10k,
+propagates with its full traceback (exit 1).
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import functools
 import sys
 from collections.abc import Callable
 
+import yaml
+
 from megatron_ext.errors import ProjectError
 
-USER_ERRORS = (ProjectError, OSError, ValueError)
+USER_ERRORS = (ProjectError, OSError, ValueError, yaml.YAMLError)
 USER_ERROR_EXIT = 2
 
 
