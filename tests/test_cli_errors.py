@@ -148,3 +148,15 @@ def test_every_library_exception_is_a_project_error() -> None:
     exceptions = sorted(n for n in bases if n != "ProjectError" and is_exception(n))
     assert {"CheckpointError", "ConfigError", "MergeError", "SynthError", "StartupError"} <= set(exceptions)
     assert [n for n in exceptions if not is_project(n)] == []
+
+
+def test_convert_entry_point_starts_without_torch() -> None:
+    """Moving the tools into megatron_ext/cli keeps convert's order: THP default set and source hashing
+    started before anything imports torch (importing the entry point must not load it)."""
+    script = (
+        "import os, sys; os.environ.pop('THP_MEM_ALLOC_ENABLE', None)\n"
+        "import megatron_ext.cli.convert\n"
+        "print('torch' in sys.modules, os.environ.get('THP_MEM_ALLOC_ENABLE'))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["False", "1"], proc.stderr
