@@ -10,13 +10,17 @@ BUILD ?= build
 TINY ?= $(BUILD)/tiny
 APT_PACKAGES := espeak-ng sox pocketsphinx-testdata
 
-.PHONY: venv system-deps tiny demo demo-convert convert bench bench-convert demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint clean synth bench-synth eval eval-data eval-model eval-sft report demo-eval sft sft-dry-run demo-synth gpu-check
+.PHONY: venv system-deps tiny demo demo-convert convert bench bench-convert demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint format clean synth bench-synth eval eval-data eval-model eval-sft report demo-eval sft sft-dry-run demo-synth gpu-check
 
 # ---- environment ---------------------------------------------------------------------------------
-$(VENV)/.installed: requirements.txt requirements-test.txt constraints.txt
+# The pinned requirements first, then this project editable (--no-deps: torch stays the pinned CPU wheel):
+# that installs the megatron-ext-* console scripts and lets tools/*.py import megatron_ext without path edits.
+$(VENV)/.installed: requirements.txt requirements-test.txt constraints.txt pyproject.toml
 	test -x $(PYTHON) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PIP_INSTALL) -r requirements.txt -r requirements-test.txt 2>&1 | grep -v "^WARNING: Location" || true
+	$(PIP_INSTALL) --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
 	$(PYTHON) -c "import torch, megatron.core, mistral_common; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	cd / && $(abspath $(PYTHON)) -c "import megatron_ext.cli; print('megatron_ext installed from', megatron_ext.cli.__file__)"
 	touch $@
 
 venv: $(VENV)/.installed system-deps
@@ -232,8 +236,15 @@ test-slow: venv
 test-gpu:
 	NVIDIA_TF32_OVERRIDE=0 $(PYTEST) -q -m gpu tests
 
+# Formatting and lint over all Python code (run by .ci/run before the tests); `make format` applies the fixes.
+LINT_PATHS := megatron_ext benchmarks tools tests
 lint: venv
-	$(VENV)/bin/ruff check megatron_ext tools tests
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+
+format: venv
+	$(VENV)/bin/ruff format $(LINT_PATHS)
+	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
 
 clean:
 	rm -rf $(BUILD)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_ext.config import EncoderConfig, ModelConfig, RopeConfig, mistral_small_decoder
+from megatron_ext.config import ConfigError, EncoderConfig, ModelConfig, RopeConfig, mistral_small_decoder
 from megatron_ext.data.chat import EncodedDoc
 from megatron_ext.data.packing import collate, pack
 from megatron_ext.training.config import TrainConfig
@@ -93,7 +93,7 @@ def run(
 ) -> dict[str, float]:
     """Train `warmup + steps` steps on one GPU; returns the measured figures of the last `steps`."""
     if not torch.cuda.is_available():
-        raise RuntimeError("the GPU benchmark needs CUDA (use --check on CPU)")
+        raise ConfigError("the GPU benchmark needs CUDA (use --check on CPU)")
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from megatron_ext.errors import ProjectError
+
 HFArchitecture = Literal["voxtral", "mistral", "ministral3"]
 
 HF_CLASS_NAMES: dict[str, str] = {
@@ -21,7 +23,7 @@ HF_CLASS_NAMES: dict[str, str] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(ProjectError, ValueError):
     """A model configuration is missing a field or holds an invalid value."""
 
 

@@ -10,6 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# Tool subprocesses (python tools/*.py, launch scripts) import this checkout's megatron_ext, installed or not.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 from megatron_ext.testing.tiny_models import build_tiny_models  # noqa: E402
 

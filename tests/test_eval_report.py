@@ -231,7 +231,7 @@ def test_report_cli_and_bad_store(tmp_path, capsys):
     import tools.report as cli
 
     (tmp_path / "bad.jsonl").write_text(json.dumps({"checkpoint": "x"}) + "\n")
-    assert cli.main(["--results", str(tmp_path), "--output", str(tmp_path / "out")]) == 1
+    assert cli.main(["--results", str(tmp_path), "--output", str(tmp_path / "out")]) == 2
     assert (
         "bad.jsonl:1: not a result record (missing benchmark, metric, value, higher_is_better)"
         in capsys.readouterr().err

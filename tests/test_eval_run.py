@@ -347,14 +347,14 @@ def test_cli_wer_and_errors(tmp_path, capsys):
     assert cli.main(["wer", "--references", str(refs), "--hypotheses", str(hyps)]) == 0
     assert capsys.readouterr().out.strip() == f"wer={1 / 7:.6f}"
     hyps.write_text('{"id": "b", "text": "x"}\n')
-    assert cli.main(["wer", "--references", str(refs), "--hypotheses", str(hyps)]) == 1
+    assert cli.main(["wer", "--references", str(refs), "--hypotheses", str(hyps)]) == 2
     assert "no hypothesis for 1 reference id(s), e.g. 'a'" in capsys.readouterr().err
     bad = tmp_path / "b.jsonl"
     bad.write_text('{"id": 1}\n')
     code = cli.main(
         ["mmlu_text", "--checkpoint", str(tmp_path), "--data", str(bad), "--output", str(tmp_path / "r.jsonl")]
     )
-    assert code == 1 and f"{bad}:1: missing field 'question'" in capsys.readouterr().err
+    assert code == 2 and f"{bad}:1: missing field 'question'" in capsys.readouterr().err
     assert not (tmp_path / "r.jsonl").exists()
 
 

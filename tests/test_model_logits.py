@@ -84,6 +84,6 @@ def test_cli_bad_input_is_one_line(tiny_dir: Path, tmp_path: Path) -> None:
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --tokens: id 99999 is outside the vocabulary [0, 2048)"]
     assert not out.exists()

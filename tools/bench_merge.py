@@ -7,14 +7,19 @@ import os
 import sys
 from pathlib import Path
 
+# benchmarks/ is a top-level package of the checkout, deliberately not installed with megatron_ext: the bench
+# tools run from the repository and put its root on the path themselves.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # Transparent huge pages for torch's large CPU buffers: ~40x fewer page faults on multi-GB tensors.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from benchmarks.merge import child, run_benchmark  # noqa: E402
+from megatron_ext.cli._errors import error_policy  # noqa: E402
 
 
-def main() -> None:
+@error_policy
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (or, with --child, one measured merge in this process) and print the results."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--dir", type=Path, default=Path("build/bench/merge"), help="scratch directory (deleted afterwards)")
     p.add_argument("--layers", type=int, default=1, help="decoder layers of the main pair (1: ~3.8 GB per parent)")
@@ -23,14 +28,15 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=2, help="rounds of one run per kind; the fastest is reported")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--child", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.dir)))
-        return
+        return 0
     results = run_benchmark(args.dir, args.layers, args.big_layers, Path(__file__).resolve(), args.keep, args.repeat)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

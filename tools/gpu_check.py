@@ -12,14 +12,18 @@ import sys
 import warnings
 from pathlib import Path
 
+# benchmarks/ is a top-level package of the checkout, deliberately not installed with megatron_ext: the bench
+# tools run from the repository and put its root on the path themselves.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore", module=r"megatron\.")  # import-time notices
 
 from benchmarks.gpu_check import LayerShape, layer_flops_per_token, run_check, training_flops_per_token  # noqa: E402,E501
-from megatron_ext.config import ConfigError  # noqa: E402
+from megatron_ext.cli._errors import error_policy  # noqa: E402
 
 
-def main() -> int:
+@error_policy
+def main(argv: list[str] | None = None) -> int:
+    """Print the FLOP model, then time each precision on the GPU (unless --flops-only)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = LayerShape()
     for name, default, text in (
@@ -43,22 +47,18 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default 3)")
     parser.add_argument("--flops-only", action="store_true", help="print the FLOP model and exit (no GPU needed)")
-    args = parser.parse_args()
-    try:
-        shape = LayerShape(
-            args.layers, args.hidden, args.heads, args.kv_groups, args.head_dim, args.ffn, args.seq, args.micro_batch
-        )
-        parts = layer_flops_per_token(shape)
-        print(f"shape: {shape}")
-        print("forward GFLOP/token/layer: " + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in parts.items()))
-        print(f"training GFLOP/token ({shape.layers} layers, causal): {training_flops_per_token(shape) / 1e9:.2f}")
-        if args.flops_only:
-            return 0
-        for precision in ["bf16", "fp8"] if args.precision == "both" else [args.precision]:
-            print(run_check(shape, precision, args.steps, args.warmup, args.fp8_recipe).line(), flush=True)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    args = parser.parse_args(argv)
+    shape = LayerShape(
+        args.layers, args.hidden, args.heads, args.kv_groups, args.head_dim, args.ffn, args.seq, args.micro_batch
+    )
+    parts = layer_flops_per_token(shape)
+    print(f"shape: {shape}")
+    print("forward GFLOP/token/layer: " + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in parts.items()))
+    print(f"training GFLOP/token ({shape.layers} layers, causal): {training_flops_per_token(shape) / 1e9:.2f}")
+    if args.flops_only:
+        return 0
+    for precision in ["bf16", "fp8"] if args.precision == "both" else [args.precision]:
+        print(run_check(shape, precision, args.steps, args.warmup, args.fp8_recipe).line(), flush=True)
     return 0
 
 

@@ -1,52 +1,7 @@
 #!/usr/bin/env python
-"""Voice a text benchmark through the data pipeline's TTS, writing its spoken version (e.g. MMLU Audio).
+"""Console script megatron-ext-voice-benchmark run from a checkout (code: megatron_ext/cli/voice_benchmark.py)."""
 
-  voice_benchmark.py mmlu_audio --data mmlu_text.jsonl --output build/eval/mmlu_audio.jsonl --engine espeak
-
-BENCH is the spoken benchmark to produce (fleurs, librispeech, llama_questions, mmlu_audio); --data holds
-its fields without audio. WAVs go to OUTPUT_STEM_audio/ beside the output (reused on rerun).
-"""
-
-import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_ext.data.synth.errors import SynthError  # noqa: E402
-from megatron_ext.data.synth.http import RetryPolicy  # noqa: E402
-from megatron_ext.data.synth.tts import OFFLINE_ENGINES, make_tts  # noqa: E402
-from megatron_ext.data.synth.voices import load_voices  # noqa: E402
-from megatron_ext.eval.benchmarks import BENCHMARKS  # noqa: E402
-from megatron_ext.eval.voice import voice_benchmark  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "bench",
-        choices=[n for n, b in BENCHMARKS.items() if b.needs_audio],
-        metavar="BENCH",
-        help="spoken benchmark to produce: %(choices)s",
-    )
-    p.add_argument("--data", type=Path, required=True, help="text benchmark JSONL (the same fields, no audio)")
-    p.add_argument("--output", type=Path, required=True, help="spoken benchmark JSONL to write")
-    p.add_argument("--engine", choices=OFFLINE_ENGINES, default="espeak", help="offline TTS engine")
-    p.add_argument("--tts-url", help="base URL serving POST /audio/speech (voice cloning) instead of --engine")
-    p.add_argument("--tts-model", help="TTS model name for --tts-url")
-    p.add_argument("--voices", type=Path, help="reference clips for cloning with --tts-url (*.wav + transcripts)")
-    p.add_argument("--inline", action="store_true", help="embed audio as audio_b64 instead of WAV paths")
-    args = p.parse_args(argv)
-    try:
-        tts = make_tts(args.engine, args.tts_url, args.tts_model, RetryPolicy())
-        voices = load_voices(args.voices)[0] if args.voices else None
-        count = voice_benchmark(args.bench, args.data, args.output, tts, voices=voices, inline=args.inline)
-    except (ValueError, OSError, SynthError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"{args.output}: {count} spoken {args.bench} samples ({tts.name})")
-    return 0
-
+from megatron_ext.cli.voice_benchmark import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -12,8 +12,10 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from megatron_ext.errors import ProjectError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(ProjectError, ValueError):
     """Bad checkpoint input or output; the message is one line naming the file, tensor or field."""
 
 

@@ -25,12 +25,13 @@ import torch
 from megatron_ext.audio.positions import sinusoids
 from megatron_ext.checkpoint.mistral_native import hf_decoder_prefix
 from megatron_ext.config import ModelConfig
+from megatron_ext.errors import ProjectError
 
 Getter = Callable[[str], torch.Tensor]
 HF_POSITIONS = "audio_tower.embed_positions.weight"
 
 
-class MappingError(ValueError):
+class MappingError(ProjectError, ValueError):
     """A tensor does not have the shape its mapping rule expects."""
 
 

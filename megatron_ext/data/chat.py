@@ -23,10 +23,11 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
+from megatron_ext.errors import ProjectError
 from megatron_ext.tokenizer.loading import load_tekken
 
 
-class SampleError(ValueError):
+class SampleError(ProjectError, ValueError):
     """A chat sample cannot be encoded (the message names the sample and the reason)."""
 
 

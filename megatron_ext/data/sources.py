@@ -13,8 +13,10 @@ import json
 from pathlib import Path
 from typing import Any, Protocol
 
+from megatron_ext.errors import ProjectError
 
-class DataSourceError(ValueError):
+
+class DataSourceError(ProjectError, ValueError):
     """A data file is missing or holds a malformed sample (the message names file and sample)."""
 
 

@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from megatron_ext.data.synth.audio import decode_wav, to_16k_mono
+from megatron_ext.errors import ProjectError
 from megatron_ext.eval import metrics
 
 MCQ_INSTRUCTION = "Answer with the letter of the correct choice only."
 
 
-class BenchmarkFormatError(ValueError):
+class BenchmarkFormatError(ProjectError, ValueError):
     """A benchmark file line that does not follow its documented format."""
 
 

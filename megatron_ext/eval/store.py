@@ -14,10 +14,12 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from megatron_ext.errors import ProjectError
+
 REQUIRED = ("checkpoint", "benchmark", "metric", "value", "higher_is_better")
 
 
-class StoreError(ValueError):
+class StoreError(ProjectError, ValueError):
     """A results file that cannot be read as records."""
 
 

@@ -22,11 +22,12 @@ from megatron_ext.checkpoint.atomic import CheckpointError
 from megatron_ext.checkpoint.metadata import META_FILE, TOKENIZER_FILE, CheckpointMeta, read_meta
 from megatron_ext.checkpoint.torch_dist_io import TorchDistReader, is_torch_dist
 from megatron_ext.config import ConfigError, ModelConfig
+from megatron_ext.errors import ProjectError
 from megatron_ext.merge import bf16_kernels
 from megatron_ext.merge.safetensors_io import Entry, SafetensorsError, read_header, read_tensor
 
 
-class ParentError(ValueError):
+class ParentError(ProjectError, ValueError):
     """A parent checkpoint is missing, malformed, or holds invalid values."""
 
 

@@ -34,6 +34,7 @@ from megatron_ext.checkpoint.direct_io import ALIGN, DirectWriter
 from megatron_ext.checkpoint.metadata import TOKENIZER_FILE, CheckpointMeta, command_line, sha256_file, write_meta
 from megatron_ext.checkpoint.torch_dist_io import TorchDistWriter
 from megatron_ext.config import ConfigError, ModelConfig, RopeConfig
+from megatron_ext.errors import ProjectError
 from megatron_ext.merge.embeddings import merge_vocab_rows
 from megatron_ext.merge.methods import METHODS, MergeParams, TensorContext
 from megatron_ext.merge.names import classify, num_layers
@@ -56,7 +57,7 @@ DECODER_FIELDS = (
 PROVENANCE_FILE = "merge.json"
 
 
-class MergeError(ValueError):
+class MergeError(ProjectError, ValueError):
     """A merge cannot run: inconsistent parents, bad parameters or a bad output path."""
 
 

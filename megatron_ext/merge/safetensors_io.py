@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from megatron_ext.checkpoint.safetensors_io import DTYPE_NAMES, DTYPES, map_bytes
+from megatron_ext.errors import ProjectError
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(ProjectError, ValueError):
     """A safetensors file is unreadable or inconsistent."""
 
 

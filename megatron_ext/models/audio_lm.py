@@ -25,12 +25,13 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_ext.errors import ProjectError
 from megatron_ext.models.decoder import DecoderModel
 from megatron_ext.models.projector import AudioProjector
 from megatron_ext.models.whisper_encoder import WhisperEncoder
 
 
-class AudioTokenMismatch(ValueError):
+class AudioTokenMismatch(ProjectError, ValueError):
     """The number of [AUDIO] tokens differs from the number of audio embeddings."""
 
 

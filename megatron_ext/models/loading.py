@@ -15,11 +15,12 @@ import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
 from megatron_ext.config import ModelConfig
+from megatron_ext.errors import ProjectError
 
 Getter = Callable[[str], torch.Tensor]
 
 
-class LoadError(ValueError):
+class LoadError(ProjectError, ValueError):
     """A checkpoint tensor is missing or has the wrong shape for this model."""
 
 

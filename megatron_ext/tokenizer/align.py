@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel
 
+from megatron_ext.errors import ProjectError
 from megatron_ext.tokenizer.tekken_builder import special_token_list, write_tekken
 
 PLACEHOLDER_RE = re.compile(r"^<SPECIAL_\d+>$")
@@ -28,7 +29,7 @@ RULE = "keep-own-rank-if-placeholder-else-lowest-free-placeholder"
 AUDIO_TOKEN = "[AUDIO]"
 
 
-class AlignmentError(ValueError):
+class AlignmentError(ProjectError, ValueError):
     """The two tokenizers cannot be aligned (regular vocabularies differ, or no placeholder left)."""
 
 

@@ -8,8 +8,10 @@ from pathlib import Path
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
+from megatron_ext.errors import ProjectError
 
-class TokenizerFileError(ValueError):
+
+class TokenizerFileError(ProjectError, ValueError):
     """A tokenizer file is missing or cannot be parsed (the message names it)."""
 
 

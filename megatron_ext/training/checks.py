@@ -14,11 +14,12 @@ from pathlib import Path
 from megatron_ext.checkpoint.atomic import CheckpointError
 from megatron_ext.checkpoint.metadata import CheckpointMeta, read_meta, sha256_file
 from megatron_ext.config import ConfigError, ModelConfig
+from megatron_ext.errors import ProjectError
 from megatron_ext.parallel_layout import validate_parallelism
 from megatron_ext.training.config import TrainConfig, rope_config
 
 
-class StartupError(RuntimeError):
+class StartupError(ProjectError, RuntimeError):
     """The run cannot start with this configuration/checkpoint (one line naming the setting)."""
 
 

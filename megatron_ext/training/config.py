@@ -18,9 +18,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megatron_ext.config import RopeConfig
+from megatron_ext.errors import ProjectError
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(ProjectError, ValueError):
     """The training configuration is invalid (the message names the key)."""
 
 

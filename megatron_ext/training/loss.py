@@ -36,11 +36,13 @@ def supervised_token_losses(
     """
     if sequence_parallel:  # all-gather along s forward, reduce-scatter of the gradient backward
         hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden)
-    else:  # identity forward, all-reduce of the input gradient over TP backward (column parallel)
-        hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
     flat = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])  # [b*s, h], batch-major
     index = loss_mask.reshape(-1).nonzero().squeeze(1)
     selected, targets = flat.index_select(0, index), labels.reshape(-1).index_select(0, index)
+    if not sequence_parallel:  # identity forward, all-reduce of the input gradient over TP backward (column
+        # parallel). Here, not before the transpose: Megatron all-reduces `grad.contiguous()` and returns `grad`,
+        # so a transposed (micro-batch > 1) gradient would come back unreduced.
+        selected = tensor_parallel.copy_to_tensor_model_parallel_region(selected)
     losses = []
     for start in range(0, len(index), chunk):
         h, t = selected[start : start + chunk], targets[start : start + chunk]

@@ -1,7 +1,9 @@
 """Errors the synth pipeline reports to its user as one line (the CLI turns them into exit code 2)."""
 
+from megatron_ext.errors import ProjectError
 
-class SynthError(Exception):
+
+class SynthError(ProjectError):
     """A problem with the input, the settings or the output directory; the message is one line."""
 
 
