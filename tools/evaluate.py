@@ -16,14 +16,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_ext.data.synth.errors import EndpointError  # noqa: E402
-from megatron_ext.data.synth.http import RetryPolicy  # noqa: E402
 from megatron_ext.eval.benchmarks import BENCHMARKS  # noqa: E402
 from megatron_ext.eval.generation import BACKENDS  # noqa: E402
-from megatron_ext.eval.judge import AnswerJudge  # noqa: E402
+from megatron_ext.eval.judge import make_answer_judge  # noqa: E402
 from megatron_ext.eval.runner import evaluate, wer_of_files  # noqa: E402
 from megatron_ext.eval.store import parse_labels  # noqa: E402
 from megatron_ext.eval.swebench import VERIFIED_SIZE, ingest_swebench  # noqa: E402
+from megatron_ext.http_client import EndpointError  # noqa: E402
 
 
 def _record_args(p: argparse.ArgumentParser) -> None:
@@ -86,11 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.data, args.checkpoint, args.output, name=args.name, labels=labels, total=args.total
             )
         else:
-            judge = (
-                AnswerJudge(args.judge_url, args.judge_model, RetryPolicy())
-                if getattr(args, "judge_url", None)
-                else None
-            )
+            judge = make_answer_judge(getattr(args, "judge_url", None), getattr(args, "judge_model", None))
             record = evaluate(
                 args.bench,
                 args.checkpoint,

@@ -13,12 +13,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_ext.audio.tts import OFFLINE_ENGINES  # noqa: E402
+from megatron_ext.audio.voices import DEFAULT_VOICES  # noqa: E402
 from megatron_ext.data.synth.config import BAD_ROW_POLICIES, SynthConfig  # noqa: E402
 from megatron_ext.data.synth.errors import SynthError  # noqa: E402
-from megatron_ext.data.synth.http import RetryPolicy  # noqa: E402
 from megatron_ext.data.synth.pipeline import run  # noqa: E402
-from megatron_ext.data.synth.tts import OFFLINE_ENGINES  # noqa: E402
-from megatron_ext.data.synth.voices import DEFAULT_VOICES  # noqa: E402
+from megatron_ext.http_client import RetryPolicy  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> SynthConfig:

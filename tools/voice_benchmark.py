@@ -13,12 +13,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_ext.audio.tts import OFFLINE_ENGINES, make_tts  # noqa: E402
+from megatron_ext.audio.voices import load_voices  # noqa: E402
 from megatron_ext.data.synth.errors import SynthError  # noqa: E402
-from megatron_ext.data.synth.http import RetryPolicy  # noqa: E402
-from megatron_ext.data.synth.tts import OFFLINE_ENGINES, make_tts  # noqa: E402
-from megatron_ext.data.synth.voices import load_voices  # noqa: E402
 from megatron_ext.eval.benchmarks import BENCHMARKS  # noqa: E402
 from megatron_ext.eval.voice import voice_benchmark  # noqa: E402
+from megatron_ext.http_client import RetryPolicy  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from megatron_ext.data.synth.audio import encode_wav
-from megatron_ext.data.synth.tts import TTS
-from megatron_ext.data.synth.voices import RefVoice, pick_voice
+from megatron_ext.audio.tts import TTS
+from megatron_ext.audio.voices import RefVoice, pick_voice
+from megatron_ext.audio.waveform import encode_wav
 from megatron_ext.eval.benchmarks import Sample, get_benchmark, load_samples
 from megatron_ext.eval.metrics import LETTERS
 from megatron_ext.eval.store import write_jsonl
