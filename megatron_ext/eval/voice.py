@@ -1,4 +1,4 @@
-"""Make the spoken version of a text benchmark with the data pipeline's TTS (e.g. MMLU -> MMLU Audio).
+"""Make the spoken version of a text benchmark with the shared TTS engines (e.g. MMLU -> MMLU Audio).
 
 Each output line is the input line plus `audio` (a WAV beside the output JSONL, in `<stem>_audio/`) or
 `audio_b64`; existing WAVs are reused, so a rerun resumes. What is spoken: the transcript for ASR,
