@@ -97,8 +97,8 @@ def run(
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_ext.audio.features import log_mel_chunks
     from megatron_ext.compat.cpu import destroy_distributed, init_distributed
-    from megatron_ext.models.audio_features import log_mel_chunks
     from megatron_ext.models.build import BuildConfig, FP8Config, build_model
     from megatron_ext.training import sft
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_ext.audio.wer import corpus_wer
 from megatron_ext.eval.benchmarks import get_benchmark, load_samples
-from megatron_ext.eval.metrics import corpus_wer
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRIVOX_BENCH = ROOT / "examples" / "eval" / "librispeech.jsonl"

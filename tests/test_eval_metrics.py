@@ -1,10 +1,12 @@
-"""Metric functions: WER against jiwer with Whisper's normaliser, answer match, choice letters."""
+"""Metric functions: the one WER (megatron_ext.audio.wer) against jiwer's own `wer` with Whisper's normaliser,
+answer match, choice letters."""
 
 from __future__ import annotations
 
 import jiwer
 import pytest
 
+from megatron_ext.audio import wer
 from megatron_ext.eval import metrics
 
 # Pairs that exercise the normaliser: numbers, currency, punctuation, case, contractions, spelling,
@@ -24,19 +26,19 @@ TRICKY = [
 
 
 def _jiwer_wer(refs, hyps):
-    norm = metrics.normalize_english
+    norm = wer.normalize_english
     return jiwer.wer([norm(r) for r in refs], [norm(h) for h in hyps])
 
 
 @pytest.mark.parametrize("pair", TRICKY, ids=[p[0][:20] for p in TRICKY])
 def test_wer_matches_jiwer_per_pair(pair):
     ref, hyp = pair
-    assert metrics.corpus_wer([ref], [hyp]).wer == pytest.approx(_jiwer_wer([ref], [hyp]), abs=1e-12)
+    assert wer.corpus_wer([ref], [hyp]).wer == pytest.approx(_jiwer_wer([ref], [hyp]), abs=1e-12)
 
 
 def test_corpus_wer_matches_jiwer_over_the_set():
     refs, hyps = zip(*TRICKY, strict=True)
-    ours = metrics.corpus_wer(refs, hyps)
+    ours = wer.corpus_wer(refs, hyps)
     assert ours.wer == pytest.approx(_jiwer_wer(refs, hyps), abs=1e-12)
     # corpus WER weights pairs by length: it is not the mean of per-pair WERs
     mean_of_pairs = sum(_jiwer_wer([r], [h]) for r, h in TRICKY) / len(TRICKY)
@@ -44,22 +46,27 @@ def test_corpus_wer_matches_jiwer_over_the_set():
 
 
 def test_normaliser_makes_formatting_free():
-    assert metrics.corpus_wer(["It's 21 dollars, Mr. Smith!"], ["it is twenty one dollars mister smith"]).wer == 0.0
-    assert metrics.corpus_wer(["It's 21"], ["it is 21"], normalize=False).wer > 0
+    assert wer.corpus_wer(["It's 21 dollars, Mr. Smith!"], ["it is twenty one dollars mister smith"]).wer == 0.0
+    assert wer.corpus_wer(["It's 21"], ["it is 21"], normalize=False).wer > 0
 
 
 def test_wer_errors():
     with pytest.raises(ValueError, match="2 references but 1"):
-        metrics.corpus_wer(["a", "b"], ["a"])
+        wer.corpus_wer(["a", "b"], ["a"])
     with pytest.raises(ValueError, match="empty after normalisation"):
-        metrics.corpus_wer(["uh, um!"], ["hello"])
+        wer.corpus_wer(["uh, um!"], ["hello"])
 
 
 def test_edit_distance_counts_each_kind():
-    assert metrics.word_edit_distance("a b c".split(), "a x c".split()) == 1
-    assert metrics.word_edit_distance("a b c".split(), "a c".split()) == 1
-    assert metrics.word_edit_distance("a b".split(), "a b c d".split()) == 2
-    assert metrics.word_edit_distance([], "a b".split()) == 2
+    def errors(ref: str, hyp: str) -> int:
+        return wer.word_errors([ref], [hyp], normalize=False).errors
+
+    assert errors("a b c", "a x c") == 1
+    assert errors("a b c", "a c") == 1
+    assert errors("a b", "a b c d") == 2
+    assert errors("", "a b") == 2
+    # words split on any whitespace, as str.split() does (jiwer's default splits on " " only)
+    assert wer.word_errors(["a\tb\nc"], ["a b  c"], normalize=False) == wer.WerResult(0, 3)
 
 
 @pytest.mark.parametrize(

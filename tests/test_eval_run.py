@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_ext.data.synth.tts import EspeakTTS
+from megatron_ext.audio.tts import EspeakTTS
+from megatron_ext.audio.wer import corpus_wer
 from megatron_ext.eval import metrics
 from megatron_ext.eval.benchmarks import BENCHMARKS, BenchmarkFormatError, get_benchmark, load_samples
 from megatron_ext.eval.generation import HFGenerator, load_generator
@@ -90,9 +91,7 @@ def test_every_benchmark_end_to_end(merged, generator, data, tmp_path):
         assert sorted(r["id"] for r in rows) == sorted(samples)
         # the headline number equals the metric recomputed from the saved predictions
         if bench in ("fleurs", "librispeech"):
-            expected = metrics.corpus_wer(
-                [samples[r["id"]].fields["text"] for r in rows], [r["prediction"] for r in rows]
-            ).wer
+            expected = corpus_wer([samples[r["id"]].fields["text"] for r in rows], [r["prediction"] for r in rows]).wer
         elif bench == "llama_questions":
             expected = metrics.mean(
                 [metrics.answer_contained(r["prediction"], samples[r["id"]].fields["answers"]) for r in rows]
@@ -242,7 +241,7 @@ def judge_server():
 
 
 def test_llm_judge_over_http(judge_server, monkeypatch):
-    from megatron_ext.data.synth.http import RetryPolicy
+    from megatron_ext.http_client import RetryPolicy
 
     monkeypatch.setenv("JUDGE_API_KEY", "sk-test-secret")
     judge = AnswerJudge(f"http://127.0.0.1:{judge_server.server_address[1]}/v1", "grader", RetryPolicy(2.0, 2, 0.01))
@@ -255,7 +254,7 @@ def test_llm_judge_over_http(judge_server, monkeypatch):
 
 
 def test_judge_replaces_the_match_in_records(merged, generator, data, tmp_path, judge_server):
-    from megatron_ext.data.synth.http import RetryPolicy
+    from megatron_ext.http_client import RetryPolicy
 
     judge = AnswerJudge(f"http://127.0.0.1:{judge_server.server_address[1]}/v1", "grader", RetryPolicy(2.0, 0, 0.01))
     record = evaluate(

@@ -11,10 +11,11 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from megatron_ext.audio.features import audio_tokens_per_chunk, log_mel_chunks
+from megatron_ext.audio.waveform import load_audio
 from megatron_ext.checkpoint import mapping
 from megatron_ext.compat.cpu import destroy_distributed, init_distributed
 from megatron_ext.config import ConfigError, ModelConfig
-from megatron_ext.models.audio_features import audio_tokens_per_chunk, load_audio, log_mel_chunks
 from megatron_ext.models.audio_lm import AudioLanguageModel, AudioTokenMismatch
 from megatron_ext.models.build import BuildConfig, FP8Config, build_model
 from megatron_ext.models.loading import load_checkpoint, load_full_tensors

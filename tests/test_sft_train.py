@@ -184,13 +184,13 @@ def test_frozen_encoder_is_bit_identical_and_has_no_optimizer_state(runs, env: d
 def test_packed_document_logits_equal_alone(env: dict[str, Path]) -> None:
     """A document's logits are the same packed between others or alone (fp32, atol 1e-5); a plain causal
     mask over the same packed row changes them (so the test can fail)."""
+    from megatron_ext.audio.features import log_mel_chunks
     from megatron_ext.checkpoint.metadata import read_meta
     from megatron_ext.checkpoint.torch_dist_io import TorchDistReader
     from megatron_ext.compat.cpu import destroy_distributed, init_distributed
     from megatron_ext.data.chat import ChatEncoder, load_tokenizer
     from megatron_ext.data.packing import collate, document_causal_mask, pack
     from megatron_ext.data.sources import JsonlSource
-    from megatron_ext.models.audio_features import log_mel_chunks
     from megatron_ext.models.build import BuildConfig, build_model
     from megatron_ext.models.loading import load_full_tensors
 

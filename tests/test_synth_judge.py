@@ -7,8 +7,8 @@ from synth_http_server import FakeEndpoints
 
 from megatron_ext.data.synth import rules
 from megatron_ext.data.synth.fidelity import lost_tokens
-from megatron_ext.data.synth.http import RetryPolicy
 from megatron_ext.data.synth.judge import HttpJudge, RuleJudge
+from megatron_ext.http_client import RetryPolicy
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "data" / "coding_trajectories.jsonl"
 FAST = RetryPolicy(timeout_s=0.5, retries=2, backoff_s=0.01)

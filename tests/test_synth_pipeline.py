@@ -14,9 +14,9 @@ from synth_http_server import FakeEndpoints
 from megatron_ext.data.synth.config import SynthConfig
 from megatron_ext.data.synth.errors import SynthError
 from megatron_ext.data.synth.files import reserved
-from megatron_ext.data.synth.http import RetryPolicy
 from megatron_ext.data.synth.pipeline import run, shard_costs
 from megatron_ext.data.synth.shards import ShardPaths, process_shard
+from megatron_ext.http_client import RetryPolicy
 from tools.synth_audio import main
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "data" / "coding_trajectories.jsonl"

@@ -11,8 +11,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.synth import bench_run  # noqa: E402
+from megatron_ext.audio.tts import OFFLINE_ENGINES  # noqa: E402
 from megatron_ext.cli._errors import error_policy  # noqa: E402
-from megatron_ext.data.synth.tts import OFFLINE_ENGINES  # noqa: E402
 
 
 @error_policy

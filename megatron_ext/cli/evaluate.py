@@ -15,10 +15,9 @@ import argparse
 from pathlib import Path
 
 from megatron_ext.cli._errors import error_policy
-from megatron_ext.data.synth.http import RetryPolicy
 from megatron_ext.eval.benchmarks import BENCHMARKS
 from megatron_ext.eval.generation import BACKENDS
-from megatron_ext.eval.judge import AnswerJudge
+from megatron_ext.eval.judge import make_answer_judge
 from megatron_ext.eval.runner import evaluate, wer_of_files
 from megatron_ext.eval.store import parse_labels
 from megatron_ext.eval.swebench import VERIFIED_SIZE, ingest_swebench
@@ -86,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             args.data, args.checkpoint, args.output, name=args.name, labels=labels, total=args.total
         )
     else:
-        judge = (
-            AnswerJudge(args.judge_url, args.judge_model, RetryPolicy()) if getattr(args, "judge_url", None) else None
-        )
+        judge = make_answer_judge(getattr(args, "judge_url", None), getattr(args, "judge_model", None))
         record = evaluate(
             args.bench,
             args.checkpoint,

@@ -11,12 +11,12 @@ import argparse
 import json
 from pathlib import Path
 
+from megatron_ext.audio.tts import OFFLINE_ENGINES
+from megatron_ext.audio.voices import DEFAULT_VOICES
 from megatron_ext.cli._errors import error_policy
 from megatron_ext.data.synth.config import BAD_ROW_POLICIES, SynthConfig
-from megatron_ext.data.synth.http import RetryPolicy
 from megatron_ext.data.synth.pipeline import run
-from megatron_ext.data.synth.tts import OFFLINE_ENGINES
-from megatron_ext.data.synth.voices import DEFAULT_VOICES
+from megatron_ext.http_client import RetryPolicy
 
 
 def parse_args(argv: list[str] | None = None) -> SynthConfig:

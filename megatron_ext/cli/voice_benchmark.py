@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from megatron_ext.audio.tts import OFFLINE_ENGINES, make_tts
+from megatron_ext.audio.voices import load_voices
 from megatron_ext.cli._errors import error_policy
-from megatron_ext.data.synth.http import RetryPolicy
-from megatron_ext.data.synth.tts import OFFLINE_ENGINES, make_tts
-from megatron_ext.data.synth.voices import load_voices
 from megatron_ext.eval.benchmarks import BENCHMARKS
 from megatron_ext.eval.voice import voice_benchmark
+from megatron_ext.http_client import RetryPolicy
 
 
 @error_policy

@@ -11,7 +11,6 @@ the file's bytes base64-encoded; any sample rate, resampled to 16 kHz mono):
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_ext.data.synth.audio import decode_wav, to_16k_mono
+from megatron_ext.audio.waveform import decode_audio, to_16k_mono
+from megatron_ext.audio.wer import word_errors
 from megatron_ext.errors import ProjectError
 from megatron_ext.eval import metrics
 
@@ -46,10 +46,12 @@ class Sample:
                 data = Path(self.audio_source).read_bytes()
             else:
                 data = base64.b64decode(self.fields["audio_b64"], validate=True)
-            samples, rate = decode_wav(data)
-        except (OSError, binascii.Error, RuntimeError) as e:  # soundfile raises RuntimeError subclasses
+        except (OSError, ValueError) as e:  # binascii.Error is a ValueError
             raise BenchmarkFormatError(f"{self.where}: cannot read audio: {e}") from e
-        return to_16k_mono(samples, rate)
+        try:
+            return to_16k_mono(*decode_audio(data, self.where))
+        except ValueError as e:
+            raise BenchmarkFormatError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,8 @@ class Benchmark:
     def score(self, sample: Sample, prediction: str) -> dict:
         """Per-sample score fields kept next to the prediction."""
         if self.kind == "asr":
-            ref, hyp = metrics.normalize_english(sample.fields["text"]), metrics.normalize_english(prediction)
-            return {"errors": metrics.word_edit_distance(ref.split(), hyp.split()), "reference_words": len(ref.split())}
+            result = word_errors([sample.fields["text"]], [prediction])
+            return {"errors": result.errors, "reference_words": result.reference_words}
         if self.kind == "spoken_qa":
             return {"correct": metrics.answer_contained(prediction, sample.fields["answers"])}
         letter = metrics.extract_choice(prediction, len(sample.fields["choices"]))

@@ -16,8 +16,8 @@ from typing import Protocol
 
 import torch
 
+from megatron_ext.audio.features import log_mel_chunks
 from megatron_ext.eval.prompts import Prompt
-from megatron_ext.models.audio_features import log_mel_chunks
 
 EOS_ID = 2
 PAD_ID = 11

@@ -1,15 +1,14 @@
 """Optional LLM judge for spoken QA: is a free-form answer correct given the acceptable answers?
 
-Talks to an OpenAI-compatible `/chat/completions` endpoint with JSON-schema output, through the data
-pipeline's HTTP helper (timeouts, retries, API key from the environment, never logged).
+Talks to an OpenAI-compatible `/chat/completions` endpoint with JSON-schema output, through the library's
+HTTP client (timeouts, retries, API key from the environment, never logged).
 """
 
 from __future__ import annotations
 
 import json
 
-from megatron_ext.data.synth.errors import EndpointError
-from megatron_ext.data.synth.http import RetryPolicy, api_key, post_json
+from megatron_ext.http_client import EndpointError, RetryPolicy, api_key, endpoint_url, post_json
 
 PROMPT = """You grade answers to spoken trivia questions. Given the question, the list of acceptable \
 answers and a model's answer, decide whether the model's answer gives one of the acceptable answers \
@@ -57,3 +56,9 @@ class AnswerJudge:
         if not isinstance(verdict, bool):
             raise EndpointError(f"{self.url}: judge returned correct={verdict!r}, not a boolean")
         return verdict
+
+
+def make_answer_judge(url: str | None, model: str | None) -> AnswerJudge | None:
+    """The judge at `url` (else at `$OPENAI_BASE_URL` when a model is named), or None: answer match."""
+    endpoint = endpoint_url(url, model)
+    return AnswerJudge(endpoint, model, RetryPolicy()) if endpoint and model else None

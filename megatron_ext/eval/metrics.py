@@ -1,70 +1,17 @@
-"""Pure metric functions: WER with Whisper's English normaliser, answer-contained match, choice letters.
+"""Pure metric functions: answer-contained match and choice letters (WER lives in megatron_ext.audio.wer,
+shared with the synth intelligibility check).
 
-Every function here is deterministic and side-effect free so it can be checked against reference
-implementations (jiwer for WER) on hand-picked tricky inputs.
+Every function here is deterministic and side-effect free so it can be checked on hand-picked tricky inputs.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import lru_cache
 
-from whisper_normalizer.english import EnglishTextNormalizer
+from megatron_ext.audio.wer import normalize_english
 
 LETTERS = "ABCDEFGHIJ"
-
-
-@lru_cache(maxsize=1)
-def _english_normalizer() -> EnglishTextNormalizer:
-    return EnglishTextNormalizer()
-
-
-def normalize_english(text: str) -> str:
-    """Whisper's English text normaliser (numbers, spelling, contractions, punctuation, case)."""
-    return _english_normalizer()(text)
-
-
-def word_edit_distance(reference: Sequence[str], hypothesis: Sequence[str]) -> int:
-    """Levenshtein distance over words (substitutions + deletions + insertions), one row at a time."""
-    previous = list(range(len(hypothesis) + 1))
-    for i, ref_word in enumerate(reference, start=1):
-        current = [i]
-        for j, hyp_word in enumerate(hypothesis, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_word != hyp_word)))
-        previous = current
-    return previous[-1]
-
-
-@dataclass(frozen=True)
-class WerResult:
-    """Corpus WER = total word edits / total reference words, over normalised texts."""
-
-    errors: int
-    reference_words: int
-
-    @property
-    def wer(self) -> float:
-        return self.errors / self.reference_words
-
-
-def corpus_wer(references: Sequence[str], hypotheses: Sequence[str], normalize: bool = True) -> WerResult:
-    """Word error rate of a whole test set (jiwer's corpus definition), after Whisper's English normaliser.
-
-    Raises ValueError when the lists differ in length or every normalised reference is empty.
-    """
-    if len(references) != len(hypotheses):
-        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
-    errors = words = 0
-    for ref, hyp in zip(references, hypotheses, strict=True):
-        ref_words = (normalize_english(ref) if normalize else ref).split()
-        hyp_words = (normalize_english(hyp) if normalize else hyp).split()
-        errors += word_edit_distance(ref_words, hyp_words)
-        words += len(ref_words)
-    if words == 0:
-        raise ValueError("all references are empty after normalisation: WER is undefined")
-    return WerResult(errors, words)
 
 
 def answer_contained(prediction: str, answers: Sequence[str]) -> bool:

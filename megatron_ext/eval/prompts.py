@@ -18,7 +18,7 @@ from mistral_common.protocol.transcription.request import TranscriptionRequest
 from mistral_common.tokens.tokenizers.audio import Audio
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from megatron_ext.data.synth.audio import SAMPLE_RATE
+from megatron_ext.audio.waveform import SAMPLE_RATE
 from megatron_ext.eval.benchmarks import Benchmark, Sample, mcq_text
 from megatron_ext.tokenizer.loading import load_tekken
 

@@ -147,7 +147,7 @@ def _slug(name: str) -> str:
 
 def wer_of_files(references: str | Path, hypotheses: str | Path):
     """Corpus WER of two `{"id", "text"}` JSONL files matched by id (every reference needs a hypothesis)."""
-    from megatron_ext.eval.metrics import corpus_wer
+    from megatron_ext.audio.wer import corpus_wer
 
     refs, hyps = _texts_by_id(references), _texts_by_id(hypotheses)
     missing, extra = sorted(set(refs) - set(hyps)), sorted(set(hyps) - set(refs))

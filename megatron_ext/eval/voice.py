@@ -1,4 +1,4 @@
-"""Make the spoken version of a text benchmark with the data pipeline's TTS (e.g. MMLU -> MMLU Audio).
+"""Make the spoken version of a text benchmark with the shared TTS engines (e.g. MMLU -> MMLU Audio).
 
 Each output line is the input line plus `audio` (a WAV beside the output JSONL, in `<stem>_audio/`) or
 `audio_b64`; existing WAVs are reused, so a rerun resumes. What is spoken: the transcript for ASR,
@@ -14,9 +14,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from megatron_ext.data.synth.audio import encode_wav
-from megatron_ext.data.synth.tts import TTS
-from megatron_ext.data.synth.voices import RefVoice, pick_voice
+from megatron_ext.audio.tts import TTS
+from megatron_ext.audio.voices import RefVoice, pick_voice
+from megatron_ext.audio.waveform import encode_wav
 from megatron_ext.eval.benchmarks import Sample, get_benchmark, load_samples
 from megatron_ext.eval.metrics import LETTERS
 from megatron_ext.eval.store import write_jsonl

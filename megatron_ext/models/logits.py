@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from megatron_ext.audio.features import audio_tokens_per_chunk, log_mel_chunks
+from megatron_ext.audio.waveform import load_audio
 from megatron_ext.checkpoint import mapping
 from megatron_ext.checkpoint.formats import InputCheckpoint, open_input
 from megatron_ext.config import ConfigError, ModelConfig
-from megatron_ext.models.audio_features import audio_tokens_per_chunk, load_audio, log_mel_chunks
 from megatron_ext.models.tokens import check_audio_token
 
 

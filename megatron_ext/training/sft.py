@@ -36,6 +36,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from tqdm import tqdm
 
+from megatron_ext.audio.features import audio_tokens_per_chunk, log_mel_chunks
 from megatron_ext.checkpoint.metadata import CheckpointMeta, command_line
 from megatron_ext.checkpoint.torch_dist_io import TorchDistReader
 from megatron_ext.compat.cpu import destroy_distributed, init_distributed
@@ -44,7 +45,6 @@ from megatron_ext.data.chat import ChatEncoder, load_tokenizer
 from megatron_ext.data.loader import SFTData
 from megatron_ext.data.packing import document_causal_mask
 from megatron_ext.data.sources import open_source
-from megatron_ext.models.audio_features import audio_tokens_per_chunk, log_mel_chunks
 from megatron_ext.models.build import BuildConfig, FP8Config, build_model
 from megatron_ext.models.loading import load_full_tensors
 from megatron_ext.models.tokens import check_audio_token

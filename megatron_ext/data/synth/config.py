@@ -4,11 +4,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_ext.audio.tts import OFFLINE_ENGINES
+from megatron_ext.audio.voices import DEFAULT_VOICES
 from megatron_ext.data.synth.errors import SynthError
 from megatron_ext.data.synth.files import write_atomic
-from megatron_ext.data.synth.http import RetryPolicy
-from megatron_ext.data.synth.tts import OFFLINE_ENGINES
-from megatron_ext.data.synth.voices import DEFAULT_VOICES
+from megatron_ext.http_client import RetryPolicy, endpoint_url
 
 BAD_ROW_POLICIES = ("keep", "fail")
 RUN_FILE = "run.json"
@@ -36,6 +36,16 @@ class SynthConfig:
     energon_prepare: bool = True
     retry: RetryPolicy = RetryPolicy()
 
+    @property
+    def judge_endpoint(self) -> str | None:
+        """The judge's base URL: --judge-url, else $OPENAI_BASE_URL when --judge-model is given; None: rules."""
+        return endpoint_url(self.judge_url, self.judge_model)
+
+    @property
+    def tts_endpoint(self) -> str | None:
+        """The TTS base URL: --tts-url, else $OPENAI_BASE_URL when --tts-model is given; None: offline engine."""
+        return endpoint_url(self.tts_url, self.tts_model)
+
     def validate(self) -> None:
         """Raise SynthError (one line) for settings that cannot work."""
         if not self.input.is_file():
@@ -57,9 +67,9 @@ class SynthConfig:
             "input": str(self.input.resolve()),
             "num_shards": self.num_shards,
             "seed": self.seed,
-            "judge": self.judge_model if self.judge_url else "rules-v1",
-            "tts": f"http:{self.tts_model or 'tts'}" if self.tts_url else self.tts_engine,
-            "voices": str(self.voices) if self.tts_url else None,
+            "judge": self.judge_model if self.judge_endpoint else "rules-v1",
+            "tts": f"http:{self.tts_model or 'tts'}" if self.tts_endpoint else self.tts_engine,
+            "voices": str(self.voices) if self.tts_endpoint else None,
             "max_chars": self.max_chars,
         }
 

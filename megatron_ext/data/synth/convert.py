@@ -6,13 +6,13 @@ says NO to, that fails the fidelity check, or whose TTS fails keeps its original
 
 from dataclasses import dataclass
 
-from megatron_ext.data.synth.audio import SAMPLE_RATE, encode_wav
+from megatron_ext.audio.tts import TTS
+from megatron_ext.audio.voices import RefVoice, pick_voice
+from megatron_ext.audio.waveform import SAMPLE_RATE, encode_wav
 from megatron_ext.data.synth.conversation import audio_turn, parse_row, speech_candidates
 from megatron_ext.data.synth.errors import InputError
 from megatron_ext.data.synth.fidelity import lost_tokens
 from megatron_ext.data.synth.judge import Judge
-from megatron_ext.data.synth.tts import TTS
-from megatron_ext.data.synth.voices import RefVoice, pick_voice
 
 
 @dataclass

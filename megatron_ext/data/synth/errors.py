@@ -1,4 +1,5 @@
-"""Errors the synth pipeline reports to its user as one line (the CLI turns them into exit code 2)."""
+"""Errors the synth pipeline reports to its user as one line (the CLI turns them into exit code 2).
+A judge or TTS endpoint that keeps failing raises `megatron_ext.http_client.EndpointError`."""
 
 from megatron_ext.errors import ProjectError
 
@@ -13,7 +14,3 @@ class InputError(SynthError):
     def __init__(self, path: str, row: int, field: str, message: str):
         self.path, self.row, self.field, self.reason = path, row, field, message
         super().__init__(f"{path}:{row}: {field}: {message}")
-
-
-class EndpointError(SynthError):
-    """A judge or TTS endpoint kept failing after all retries."""

@@ -10,8 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Protocol
 
 from megatron_ext.data.synth import rules
-from megatron_ext.data.synth.errors import EndpointError
-from megatron_ext.data.synth.http import RetryPolicy, api_key, post_json
+from megatron_ext.http_client import EndpointError, RetryPolicy, api_key, post_json
 
 DECISIONS = ("DIRECT", "REWRITE", "NO")
 

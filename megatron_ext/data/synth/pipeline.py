@@ -7,6 +7,8 @@ import signal
 import sys
 from pathlib import Path
 
+from megatron_ext.audio.tts import make_tts
+from megatron_ext.audio.voices import VoicesError, load_voices
 from megatron_ext.data.synth.config import SynthConfig, claim_output
 from megatron_ext.data.synth.conversation import parse_row
 from megatron_ext.data.synth.convert import RowConverter
@@ -15,8 +17,6 @@ from megatron_ext.data.synth.files import reserved, write_atomic
 from megatron_ext.data.synth.judge import HttpJudge, RuleJudge
 from megatron_ext.data.synth.report import build_report
 from megatron_ext.data.synth.shards import ShardPaths, process_shard, read_rows
-from megatron_ext.data.synth.tts import make_tts
-from megatron_ext.data.synth.voices import load_voices
 from megatron_ext.data.synth.webdataset import energon_prepare
 
 
@@ -50,9 +50,12 @@ def shard_costs(path: Path, num_shards: int) -> list[int]:
 
 def _work(cfg: SynthConfig, shards: list[int], total_rows: int, position: int) -> None:
     """Build this process's engines once, then finish each of its shards."""
-    judge = HttpJudge(cfg.judge_url, cfg.judge_model, cfg.retry) if cfg.judge_url else RuleJudge()
-    tts = make_tts(cfg.tts_engine, cfg.tts_url, cfg.tts_model, cfg.retry)
-    voices = load_voices(cfg.voices)[0] if tts.clones_voice else []
+    judge = HttpJudge(cfg.judge_endpoint, cfg.judge_model, cfg.retry) if cfg.judge_endpoint else RuleJudge()
+    tts = make_tts(cfg.tts_engine, cfg.tts_endpoint, cfg.tts_model, cfg.retry)
+    try:
+        voices = load_voices(cfg.voices)[0] if tts.clones_voice else []
+    except VoicesError as e:
+        raise SynthError(str(e)) from None
 
     def make_converter(cache: dict) -> RowConverter:
         return RowConverter(str(cfg.input), judge, tts, voices, cfg.seed, cfg.max_chars, cache)

@@ -1,4 +1,5 @@
-"""Whisper log-mel front-end for real audio: waveform (16 kHz mono) -> [chunks, 128, 3000] model input.
+"""The library's one Whisper log-mel front-end: 16 kHz mono waveform -> [chunks, 128, 3000] encoder input
+(used by training, evaluation and tools/logits.py).
 
 As Voxtral prepares audio: pad the clip with silence to a multiple of 30 s, one STFT over the whole clip
 (n_fft 400, periodic Hann window, hop 160, centred with reflect padding), power spectrum, 128 Slaney mel
@@ -9,12 +10,12 @@ frame dropped, then split into 3000-frame chunks. Each chunk gives 1500 / stack 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 
-SAMPLE_RATE = 16000
+from megatron_ext.audio.waveform import SAMPLE_RATE
+
 N_FFT = 400
 HOP = 160
 N_MELS = 128
@@ -59,22 +60,6 @@ def log_mel_chunks(waveform: torch.Tensor | np.ndarray) -> torch.Tensor:
     log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
     log_spec = (log_spec + 4.0) / 4.0
     return log_spec.reshape(N_MELS, chunks, CHUNK_FRAMES).transpose(0, 1).contiguous()
-
-
-def load_audio(path: str | Path) -> torch.Tensor:
-    """Read an audio file (WAV/FLAC/OGG via soundfile) as mono float32 at 16 kHz (soxr resampling)."""
-    import soundfile
-
-    try:
-        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError) as exc:
-        raise ValueError(f"{path}: cannot read audio ({exc})") from None
-    mono = data.mean(axis=1)
-    if rate != SAMPLE_RATE:
-        import soxr
-
-        mono = soxr.resample(mono, rate, SAMPLE_RATE).astype(np.float32)
-    return torch.from_numpy(np.ascontiguousarray(mono))
 
 
 def audio_tokens_per_chunk(max_source_positions: int = 1500, stack: int = 4) -> int:

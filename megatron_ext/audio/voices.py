@@ -1,4 +1,5 @@
-"""Pool of reference recordings for voice cloning: WAV clips plus the text spoken in each.
+"""Pool of reference recordings for voice cloning (synth data and spoken benchmarks): WAV clips plus the
+text spoken in each.
 
 Transcripts come from a sidecar `NAME.txt`, or from a Sphinx-style `transcription` file in the same
 folder (`<s> text </s> (NAME)` per line), the layout of Debian's pocketsphinx-testdata LibriVox clips.
@@ -10,13 +11,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import soundfile as sf
-
-from megatron_ext.data.synth.audio import encode_wav, to_16k_mono
-from megatron_ext.data.synth.errors import SynthError
+from megatron_ext.audio.waveform import decode_audio, encode_wav, to_16k_mono
 
 DEFAULT_VOICES = Path("/usr/share/pocketsphinx/test/data/librivox")
 _SPHINX_LINE = re.compile(r"^\s*(?:<s>)?\s*(.*?)\s*(?:</s>)?\s*\(([^()]+)\)\s*$")
+
+
+class VoicesError(ValueError):
+    """The reference-voice folder cannot be used (the message names it)."""
 
 
 @dataclass(frozen=True)
@@ -39,18 +41,16 @@ def _sphinx_transcripts(folder: Path) -> dict[str, str]:
 def load_voices(folder: Path) -> tuple[list[RefVoice], list[str]]:
     """Readable clips with transcripts, sorted by name, and one problem line per clip that was skipped."""
     if not folder.is_dir():
-        raise SynthError(f"--voices {folder}: not a directory")
+        raise VoicesError(f"--voices {folder}: not a directory")
     transcripts = _sphinx_transcripts(folder)
     voices, problems = [], []
     for clip in sorted(folder.glob("*.wav")):
         sidecar = clip.with_suffix(".txt")
         text = sidecar.read_text().strip() if sidecar.is_file() else transcripts.get(clip.stem, "")
         try:
-            samples, rate = sf.read(clip, dtype="float32")
-            if len(samples) == 0:
-                raise ValueError("no audio frames")
-        except Exception as e:  # soundfile raises several types for corrupt files
-            problems.append(f"{clip}: unreadable reference clip ({type(e).__name__}: {e}); skipped")
+            samples, rate = decode_audio(clip.read_bytes(), clip.name)
+        except (OSError, ValueError) as e:
+            problems.append(f"{clip}: unreadable reference clip ({e}); skipped")
             continue
         if not text:
             problems.append(f"{clip}: no transcript ({sidecar.name} or transcription); skipped")
@@ -59,7 +59,7 @@ def load_voices(folder: Path) -> tuple[list[RefVoice], list[str]]:
     for line in problems:
         print(f"warning: {line}", file=sys.stderr)
     if not voices:
-        raise SynthError(f"--voices {folder}: no usable reference clip (need *.wav with transcripts)")
+        raise VoicesError(f"--voices {folder}: no usable reference clip (need *.wav with transcripts)")
     return voices, problems
 
 

@@ -1,4 +1,5 @@
-"""Stage 2: offline engines, LibriVox reference voices, voice-cloning HTTP client with faults."""
+"""Speech synthesis (synth stage 2, spoken benchmarks): offline engines, LibriVox reference voices, and the
+voice-cloning HTTP client with faults."""
 
 import base64
 import io
@@ -8,11 +9,10 @@ import pytest
 import soundfile as sf
 from synth_http_server import FakeEndpoints
 
-from megatron_ext.data.synth.audio import SAMPLE_RATE, encode_wav
-from megatron_ext.data.synth.errors import EndpointError, SynthError
-from megatron_ext.data.synth.http import RetryPolicy
-from megatron_ext.data.synth.tts import EspeakTTS, HttpTTS, PiperTTS
-from megatron_ext.data.synth.voices import DEFAULT_VOICES, load_voices, pick_voice
+from megatron_ext.audio.tts import EspeakTTS, HttpTTS, PiperTTS
+from megatron_ext.audio.voices import DEFAULT_VOICES, VoicesError, load_voices, pick_voice
+from megatron_ext.audio.waveform import SAMPLE_RATE, encode_wav
+from megatron_ext.http_client import EndpointError, RetryPolicy
 
 FAST = RetryPolicy(timeout_s=0.5, retries=2, backoff_s=0.01)
 TEXT = "Please add a unit test for the empty password case."
@@ -49,7 +49,7 @@ def test_unreadable_reference_clip_is_reported_and_skipped(tmp_path, capsys):
     assert len(problems) == 1 and "broken.wav: unreadable reference clip" in problems[0]
     assert "broken.wav" in capsys.readouterr().err
     (tmp_path / "good.wav").unlink()
-    with pytest.raises(SynthError, match="no usable reference clip"):
+    with pytest.raises(VoicesError, match="no usable reference clip"):
         load_voices(tmp_path)
 
 

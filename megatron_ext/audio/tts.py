@@ -1,10 +1,12 @@
-"""Stage 2: text-to-speech. Every engine returns 16 kHz mono float32 samples for a text and a voice.
+"""Text-to-speech engines shared by the synth pipeline (its stage 2) and spoken benchmarks (eval/voice.py).
+Every engine returns 16 kHz mono float32 samples for a text and a voice.
 
 `HttpTTS` clones the reference voice through an OpenAI-style `POST /v1/audio/speech` endpoint (e.g.
 vLLM-Omni) with `ref_audio` (base64 data URL) and `ref_text`. No cloning model ships as a package, so
 the offline engines (`piper` with the joe-us voice, `espeak` via Debian espeak-ng) ignore the reference.
 """
 
+import base64
 import json
 import subprocess
 import threading
@@ -13,12 +15,15 @@ from typing import Protocol
 
 import numpy as np
 
-from megatron_ext.data.synth.audio import decode_wav, to_16k_mono, to_data_url
-from megatron_ext.data.synth.errors import EndpointError, SynthError
-from megatron_ext.data.synth.http import RetryPolicy, api_key, post_json
-from megatron_ext.data.synth.voices import RefVoice
+from megatron_ext.audio.voices import RefVoice
+from megatron_ext.audio.waveform import decode_audio, to_16k_mono
+from megatron_ext.http_client import EndpointError, RetryPolicy, api_key, endpoint_url, post_json
 
 OFFLINE_ENGINES = ("piper", "espeak")
+
+
+class SpeechError(OSError):
+    """An offline speech engine failed (the message is one line)."""
 
 
 class TTS(Protocol):
@@ -64,7 +69,7 @@ class PiperTTS:
         with self._lock:
             chunks = [c.audio_float_array for c in self._voice.synthesize(text, self._config)]
         if not chunks:
-            raise SynthError("piper produced no audio")
+            raise SpeechError("piper produced no audio")
         return to_16k_mono(np.concatenate(chunks), self._voice.config.sample_rate)
 
 
@@ -80,9 +85,11 @@ class EspeakTTS:
                 ["espeak-ng", "-v", "en-us", "--stdout"], input=text.encode(), capture_output=True, check=True
             )
         except (OSError, subprocess.CalledProcessError) as e:
-            raise SynthError(f"espeak-ng failed: {e}") from e
-        samples, rate = decode_wav(done.stdout)
-        return to_16k_mono(samples, rate)
+            raise SpeechError(f"espeak-ng failed: {e}") from e
+        try:
+            return to_16k_mono(*decode_audio(done.stdout, "espeak-ng output"))
+        except ValueError as e:
+            raise SpeechError(str(e)) from None
 
 
 class HttpTTS:
@@ -100,17 +107,19 @@ class HttpTTS:
     def synthesize(self, text: str, voice: RefVoice | None) -> np.ndarray:
         payload = {"model": self.model, "input": text, "voice": "clone", "response_format": "wav"}
         if voice is not None:
-            payload |= {"ref_audio": to_data_url(voice.wav), "ref_text": voice.text}
+            ref_audio = "data:audio/wav;base64," + base64.b64encode(voice.wav).decode("ascii")  # a data URL
+            payload |= {"ref_audio": ref_audio, "ref_text": voice.text}
         body = post_json(self.url, payload, self.policy, self._key)
         try:
-            samples, rate = decode_wav(body)
-        except Exception as e:  # soundfile raises several types for bad bytes
-            raise EndpointError(f"POST {self.url}: response is not audio ({type(e).__name__})") from e
-        return to_16k_mono(samples, rate)
+            return to_16k_mono(*decode_audio(body, f"POST {self.url}: response"))
+        except ValueError as e:
+            raise EndpointError(str(e)) from None
 
 
 def make_tts(engine: str, url: str | None, model: str | None, policy: RetryPolicy) -> TTS:
-    """The HTTP client when a URL is given, else the named offline engine."""
+    """The HTTP client when an endpoint is configured (`url`, or `$OPENAI_BASE_URL` with a model named),
+    else the named offline engine."""
+    url = endpoint_url(url, model)
     if url:
         return HttpTTS(url, model or "tts", policy)
     return PiperTTS() if engine == "piper" else EspeakTTS()
