@@ -11,10 +11,12 @@ from dataclasses import dataclass
 
 import httpx2
 
+from megatron_ext.errors import ProjectError
+
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
-class EndpointError(OSError):
+class EndpointError(ProjectError, OSError):
     """An endpoint kept failing after every retry, or answered something unusable (message: one line)."""
 
 

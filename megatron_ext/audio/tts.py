@@ -17,12 +17,13 @@ import numpy as np
 
 from megatron_ext.audio.voices import RefVoice
 from megatron_ext.audio.waveform import decode_audio, to_16k_mono
+from megatron_ext.errors import ProjectError
 from megatron_ext.http_client import EndpointError, RetryPolicy, api_key, endpoint_url, post_json
 
 OFFLINE_ENGINES = ("piper", "espeak")
 
 
-class SpeechError(OSError):
+class SpeechError(ProjectError, OSError):
     """An offline speech engine failed (the message is one line)."""
 
 

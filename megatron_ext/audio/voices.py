@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_ext.audio.waveform import decode_audio, encode_wav, to_16k_mono
+from megatron_ext.errors import ProjectError
 
 DEFAULT_VOICES = Path("/usr/share/pocketsphinx/test/data/librivox")
 _SPHINX_LINE = re.compile(r"^\s*(?:<s>)?\s*(.*?)\s*(?:</s>)?\s*\(([^()]+)\)\s*$")
 
 
-class VoicesError(ValueError):
+class VoicesError(ProjectError, ValueError):
     """The reference-voice folder cannot be used (the message names it)."""
 
 
