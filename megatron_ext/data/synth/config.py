@@ -4,8 +4,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_ext.checkpoint.atomic import write_atomic
 from megatron_ext.data.synth.errors import SynthError
-from megatron_ext.data.synth.files import write_atomic
 from megatron_ext.data.synth.http import RetryPolicy
 from megatron_ext.data.synth.tts import OFFLINE_ENGINES
 from megatron_ext.data.synth.voices import DEFAULT_VOICES
