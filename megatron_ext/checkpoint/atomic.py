@@ -19,6 +19,7 @@ import fcntl
 import os
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,14 +69,19 @@ def fsync_tree(root: Path) -> None:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file through a fsynced temporary sibling, rename it over `path`, fsync the directory."""
+    """Write a file through a fsynced temporary sibling (private to this thread), rename it over `path`, and
+    fsync the directory: readers see the old or the new file, never half of one, even after a power loss."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_native_id()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
