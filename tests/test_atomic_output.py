@@ -133,6 +133,15 @@ def test_merge_fsyncs_everything_before_the_rename(
     _assert_durable_before_rename(spy, out)
 
 
+def test_tokenizer_alignment_output_is_an_atomic_directory(tiny_dir: Path, tmp_path: Path, spy: Spy) -> None:
+    from megatron_ext.tokenizer.align import write_alignment
+
+    out = tmp_path / "aligned"
+    write_alignment(tiny_dir / "devstral-hf" / "tekken.json", tiny_dir / "voxtral-hf" / "tekken.json", out)
+    assert sorted(p.name for p in out.iterdir()) == ["tekken.json", "tokenizer_map.json"]
+    _assert_durable_before_rename(spy, out)
+
+
 def test_synth_fsyncs_its_shard_before_the_done_marker(tmp_path: Path, spy: Spy) -> None:
     from megatron_ext.data.synth.config import SynthConfig
     from megatron_ext.data.synth.pipeline import run
