@@ -197,7 +197,8 @@ def atomic_dir(out: Path, overwrite: bool = False, resume_key: str | None = None
         except FileExistsError:
             raise CheckpointError(f"{tmp}: this process is already writing {out}") from None
         lock = try_lock(tmp / LOCK_FILE)
-        assert lock is not None  # a new directory: no one else knows it
+        if lock is None:
+            raise CheckpointError(f"{tmp}: cannot lock the new partial directory (removed meanwhile?)")
     try:
         if resume_key is not None:
             (tmp / RESUME_FILE).write_text(resume_key)

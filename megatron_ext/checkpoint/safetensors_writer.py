@@ -10,7 +10,8 @@ and fsynced when closed. Its header is either
   a closed shard is final: an interrupted merge resumes shard by shard; or
 - written last: dtypes and shapes arrive with the tensors (conversion), so an area sized from the names
   is reserved and filled in on close (padded with spaces to exactly that size, which the format allows).
-`SafetensorsWriter` streams a whole checkpoint (conversion, benchmarks) through header-last shards.
+`PlannedShards` splits a planned checkpoint into resumable shards (the merge); `SafetensorsWriter` streams
+a checkpoint whose tensors arrive one by one (conversion, benchmarks) through header-last shards.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +170,49 @@ class ShardFile:
             self.close()
         else:
             self.abandon()
+
+
+class PlannedShards:
+    """Resumable shards of a planned checkpoint in `directory`: the split (`plan_shards`) and names are fixed
+    up front; a shard is written as `NAME.tmp` (`write`) and becomes `NAME` with a JSON state of the caller's
+    beside it (`commit`), so a rerun of the same plan finds it finished (`finished`) and skips it. `finish()`
+    writes the index (several shards) and drops the states."""
+
+    def __init__(
+        self, directory: Path, tensors: list[TensorSpec], max_shard_bytes: int, align: int = 8, direct: bool = False
+    ) -> None:
+        self.directory = Path(directory)
+        shards = plan_shards(tensors, max_shard_bytes)
+        self.shards = dict(zip(shard_names(len(shards)), shards, strict=True))
+        self.index = {name: fname for fname, shard in self.shards.items() for name, _, _ in shard}
+        self.align, self.direct = align, direct
+
+    def _state_path(self, fname: str) -> Path:
+        return self.directory / f"{fname}.state.json"
+
+    def finished(self, fname: str) -> dict[str, Any] | None:
+        """The state committed with shard `fname` by an earlier run, or None when it is still to be written."""
+        if (self.directory / fname).is_file() and self._state_path(fname).is_file():
+            return json.loads(self._state_path(fname).read_text())
+        return None
+
+    @contextmanager
+    def write(self, fname: str) -> Iterator[ShardFile]:
+        """Shard `fname` as a planned `ShardFile` under its `.tmp` name (feed its tensors' bytes in order)."""
+        with ShardFile(self.directory / f"{fname}.tmp", self.shards[fname], align=self.align, direct=self.direct) as f:
+            yield f
+
+    def commit(self, fname: str, state: dict[str, Any]) -> None:
+        """Record `state` beside the written shard and give the shard its final name."""
+        self._state_path(fname).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        (self.directory / f"{fname}.tmp").rename(self.directory / fname)
+
+    def finish(self) -> None:
+        """The index for several shards (none for one), and the states dropped: the output holds only shards."""
+        if len(self.shards) > 1:
+            write_index(self.directory / INDEX_FILE, self.index)
+        for fname in self.shards:
+            self._state_path(fname).unlink()
 
 
 class SafetensorsWriter:

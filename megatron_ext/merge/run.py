@@ -33,8 +33,7 @@ from tqdm import tqdm
 from megatron_ext.checkpoint.atomic import CheckpointError, atomic_dir
 from megatron_ext.checkpoint.direct_io import ALIGN
 from megatron_ext.checkpoint.metadata import TOKENIZER_FILE, CheckpointMeta, command_line, sha256_file, write_meta
-from megatron_ext.checkpoint.safetensors_io import INDEX_FILE
-from megatron_ext.checkpoint.safetensors_writer import ShardFile, plan_shards, shard_names, tensor_bytes, write_index
+from megatron_ext.checkpoint.safetensors_writer import PlannedShards, tensor_bytes
 from megatron_ext.checkpoint.torch_dist_io import TorchDistWriter
 from megatron_ext.config import ConfigError, ModelConfig, RopeConfig
 from megatron_ext.merge.embeddings import merge_vocab_rows
@@ -403,14 +402,16 @@ def run_merge(job: MergeJob) -> Summary:
     with atomic_dir(final, resume_key=plan_id if job.out_format == "hf" else None) as tmp:
         try:
             if job.out_format == "hf":
-                _write_shards(tmp, items, job, parents, alignment, summary)
+                shards = _write_shards(tmp, items, job, parents, alignment, summary)
             else:
                 _write_torch_dist(tmp, items, job, parents, alignment, summary)
             provenance = _provenance(job, plan_id, parents, alignment, rope, summary)
             _write_metadata(tmp, out_cfg, vox, merged_tok, alignment, provenance, job.out_format)
         except ParentError as exc:
             raise MergeError(str(exc)) from None
-        if job.out_format == "megatron":
+        if job.out_format == "hf":
+            shards.finish()  # last: until here a rerun resumes every finished shard
+        else:
             _write_megatron_meta(tmp, out_cfg, parents, provenance)
     return summary
 
@@ -422,29 +423,28 @@ def _write_shards(
     parents: dict[str, Parent],
     alignment: TokenizerAlignment,
     summary: Summary,
-) -> None:
-    """HF output: planned shards, each written as `.tmp` and renamed with a state file when complete."""
+) -> PlannedShards:
+    """HF output: planned, resumable shards (`PlannedShards`); shards an interrupted run finished are kept
+    with the input digests and row statistics saved beside them. The caller finishes the returned shards."""
     by_name = {it.out_name: it for it in items}
-    shards = plan_shards([(it.out_name, it.dtype, it.shape) for it in _write_order(items)], job.shard_bytes)
-    names = shard_names(len(shards))
-    index = {n: fname for fname, shard in zip(names, shards, strict=True) for n, _, _ in shard}
+    specs = [(it.out_name, it.dtype, it.shape) for it in _write_order(items)]
+    shards = PlannedShards(tmp, specs, job.shard_bytes, align=ALIGN, direct=True)
     todo = []
-    for fname, shard in zip(names, shards, strict=True):
-        if (tmp / fname).is_file() and (tmp / f"{fname}.state.json").is_file():
+    for fname, shard in shards.shards.items():
+        state = shards.finished(fname)
+        if state is not None:
             summary.resumed_shards += 1
-            _restore_state(tmp / f"{fname}.state.json", parents, summary)
+            _restore_state(state, parents, summary)
         else:
-            todo.append((tmp / fname, shard))
-    write_index(tmp / f"{INDEX_FILE}.tmp", index)
+            todo.append((fname, shard))
     queue = [by_name[n] for _, shard in todo for n, _, _ in shard]
     buffers = BlockBuffers()
     # Generators are closed on the way out: an abandoned one would shut its executors and kernel pool down
     # whenever the garbage collector finalizes it, possibly inside another merge's `submit` (a hang).
     stream = _stream(queue, job, parents, alignment, summary, buffers)
     with contextlib.closing(stream), _WriteBehind(job.write_behind_bytes) as writer:
-        for path, shard in todo:
-            part = path.with_name(path.name + ".tmp")
-            with ShardFile(part, shard, align=ALIGN, direct=True) as f:
+        for fname, shard in todo:
+            with shards.write(fname) as f:
                 try:
                     for _ in shard:
                         _, out = next(stream)
@@ -458,11 +458,8 @@ def _write_shards(
                 except BaseException:
                     writer.abandon()  # no queued write may reach the file once it is closed
                     raise
-            _write_json(
-                path.with_name(path.name + ".state.json"),
-                _shard_state(shard, by_name, index, path.name, parents, summary),
-            )
-            part.rename(path)
+            shards.commit(fname, _shard_state(shard, by_name, shards.index, fname, parents, summary))
+    return shards
 
 
 def _write_order(items: list[Item]) -> list[Item]:
@@ -561,9 +558,8 @@ def _shard_state(
     }
 
 
-def _restore_state(path: Path, parents: dict[str, Parent], summary: Summary) -> None:
+def _restore_state(data: dict[str, Any], parents: dict[str, Parent], summary: Summary) -> None:
     """Input digests and row statistics of a shard finished by an earlier (interrupted) run."""
-    data = json.loads(path.read_text())
     for label, p in parents.items():
         p.digests.update(data["digests"].get(label, {}))
     summary.special_rows.update(data["special_rows"])
@@ -628,14 +624,6 @@ def _write_metadata(
     hf["dtype"] = str(vox.dtype(next(n for n in vox.names if classify(n).role == "decoder"))).removeprefix("torch.")
     hf["merge"] = {k: provenance[k] for k in ("method", "params", "rope_from", "tokenizer_map_sha256")}
     _write_json(tmp / "config.json", hf)
-    index_tmp = tmp / f"{INDEX_FILE}.tmp"
-    index = json.loads(index_tmp.read_text())
-    if len(set(index["weight_map"].values())) > 1:
-        index_tmp.rename(tmp / INDEX_FILE)
-    else:
-        index_tmp.unlink()
-    for state in tmp.glob("*.state.json"):
-        state.unlink()
 
 
 def _write_megatron_meta(tmp: Path, cfg: ModelConfig, parents: dict[str, Parent], provenance: dict) -> None:
