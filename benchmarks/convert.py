@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from megatron_ext.checkpoint.metadata import sha256_file
-from megatron_ext.checkpoint.safetensors_io import SafetensorsWriter
+from megatron_ext.checkpoint.safetensors_writer import SafetensorsWriter
 from megatron_ext.checkpoint.shapes import decoder_shapes
 from megatron_ext.config import ModelConfig, mistral_small_decoder
 from megatron_ext.user_cache import CACHE_ENV

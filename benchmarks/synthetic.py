@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
+from megatron_ext.checkpoint.safetensors_writer import ShardFile, tensor_bytes
 from megatron_ext.checkpoint.shapes import decoder_shapes, encoder_shapes, to_hf_names
 from megatron_ext.config import DecoderConfig, EncoderConfig, ModelConfig
-from megatron_ext.merge.safetensors_io import header_bytes, read_header, read_tensor, tensor_bytes
+from megatron_ext.merge.safetensors_io import read_header, read_tensor
 from megatron_ext.tokenizer.tekken_builder import build_tekken, devstral_spec, voxtral_spec, write_tekken
 
 BLOCK = 4 * 1024 * 1024
@@ -66,8 +67,7 @@ def write_streaming(
 ) -> None:
     """Write one safetensors file whose tensors arrive as blocks (header planned from `specs`)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header_bytes(specs, {"format": "pt"}))
+    with ShardFile(tmp, specs) as f:
         for name, dtype, shape in specs:
             for block in blocks(name, shape, dtype):
                 f.write(tensor_bytes(block))

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from megatron_ext.checkpoint.atomic import CheckpointError
 from megatron_ext.checkpoint.convert import convert
 from megatron_ext.checkpoint.metadata import META_FILE, read_meta
-from megatron_ext.checkpoint.safetensors_io import SafetensorsWriter
+from megatron_ext.checkpoint.safetensors_writer import SafetensorsWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,8 @@ The converter runs as a child process on a ~125 MB synthetic checkpoint and is k
 random time since start (imports, reading, writing) or at a random time after its hidden partial
 output appeared (mid-write). After each kill the output either does not exist or is a complete,
 verifiable checkpoint; the partial sibling is refused by `read_meta`. Finally a re-run removes the
-stale partials and produces a checkpoint whose tensors equal the source's.
+stale partials and produces a checkpoint whose tensors equal the source's and whose files are byte for
+byte those of an uninterrupted conversion.
 """
 
 from __future__ import annotations
@@ -93,6 +94,10 @@ def _kill_runs(source: Path, out: Path, kills: int, seed: int) -> int:
     return mid_write
 
 
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
 def _rerun_and_verify(source: Path, out: Path) -> None:
     convert(source, out, "megatron", progress=False)
     assert not list(out.parent.glob(f".{out.name}.partial-*"))
@@ -100,6 +105,9 @@ def _rerun_and_verify(source: Path, out: Path) -> None:
     inp, reader = open_input(source), TorchDistReader(out)
     for name, t in mapping.hf_to_megatron(CFG, inp.get):
         assert torch.equal(reader.get(name), t), name
+    reference = out.with_name("uninterrupted")
+    convert(source, reference, "megatron", progress=False)
+    assert _files(out) == _files(reference)
 
 
 def test_three_kills_then_rerun(source: Path, tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from megatron_ext.checkpoint import mapping
 from megatron_ext.checkpoint.convert import convert
 from megatron_ext.checkpoint.metadata import read_meta, sha256_file
-from megatron_ext.checkpoint.safetensors_io import SafetensorsSource, SafetensorsWriter
+from megatron_ext.checkpoint.safetensors_io import SafetensorsSource
+from megatron_ext.checkpoint.safetensors_writer import SafetensorsWriter
 from megatron_ext.checkpoint.torch_dist_io import TorchDistReader
 from megatron_ext.testing.tiny_models import DEVSTRAL, DEVSTRAL2, VOXTRAL
 

@@ -3,12 +3,13 @@
 Layers, bottom first; a package may import its own modules and any package in a lower layer:
   0. errors: the ProjectError base every error class derives from
   1. config, parallel_layout, user_cache, compat, http_client   (parallel_layout may import config)
-  2. audio, tokenizer
-  3. checkpoint
-  4. models
-  5. merge, training, eval, data                                (training may import data)
-  6. testing: tiny fixtures and the mergekit reference, for tests, the demo and benchmarks
-  7. cli: the tools' code (argument parsing + one library call each; the fixture tools call testing)
+  2. audio
+  3. checkpoint: reading, writing and atomic outputs
+  4. tokenizer: tekken files (written through checkpoint's atomic outputs) and their alignment
+  5. models
+  6. merge, training, eval, data                                (training may import data)
+  7. testing: tiny fixtures and the mergekit reference, for tests, the demo and benchmarks
+  8. cli: the tools' code (argument parsing + one library call each; the fixture tools call testing)
 No library module imports `benchmarks`, `tools` or `tests`; below the cli, nothing imports `testing`.
 """
 
@@ -23,8 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     {"errors"},
     {"config", "parallel_layout", "user_cache", "compat", "http_client"},
-    {"audio", "tokenizer"},
+    {"audio"},
     {"checkpoint"},
+    {"tokenizer"},
     {"models"},
     {"merge", "training", "eval", "data"},
     {"testing"},
@@ -121,7 +123,7 @@ def test_library_imports_flow_one_way() -> None:
         (
             "megatron_ext.eval.voice",
             "from megatron_ext.data.synth.tts import TTS",
-            "eval (layer 5) may not import data",
+            "eval (layer 6) may not import data",
         ),
         (
             "megatron_ext.checkpoint.formats",
@@ -134,9 +136,9 @@ def test_library_imports_flow_one_way() -> None:
         ("megatron_ext.data.loader", "import benchmarks.merge_speed", "outside the library"),
         ("megatron_ext.config", "importlib.import_module('megatron_ext.audio.wer')", "config (layer 1) may not"),
         (
-            "megatron_ext.tokenizer.align",
-            "from megatron_ext.audio import wer",
-            "tokenizer (layer 2) may not import audio",
+            "megatron_ext.checkpoint.convert",
+            "from megatron_ext.tokenizer import align",
+            "checkpoint (layer 3) may not import tokenizer",
         ),
         ("megatron_ext.newpkg.x", "import os", "in no layer"),
     ],

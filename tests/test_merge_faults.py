@@ -1,5 +1,6 @@
-"""SIGKILL at random points of a merge: nothing loaders accept is left behind, and a re-run completes
-(resuming finished shards) with bytes identical to an uninterrupted merge."""
+"""SIGKILL inside a merge's write window (after its partial directory appears): nothing loaders accept is
+left behind, and a re-run completes (adopting the partial and resuming finished shards) with bytes identical
+to an uninterrupted merge, for multi-shard and single-shard outputs."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return write_pair(tmp_path_factory.mktemp("fault_parents"), DECODER, ENCODER, dtype=torch.float32)
 
 
-def _cmd(pair: tuple[Path, Path], out: Path, method: str) -> list:
+def _cmd(pair: tuple[Path, Path], out: Path, method: str, shard_gb: float) -> list:
     return [
         sys.executable,
         ROOT / "tools/merge.py",
@@ -56,7 +57,7 @@ def _cmd(pair: tuple[Path, Path], out: Path, method: str) -> list:
         "--rope-from",
         "devstral",
         "--shard-size-gb",
-        "0.004",
+        str(shard_gb),
         "--no-progress",
     ]
 
@@ -75,7 +76,7 @@ def _loadable(d: Path) -> bool:
     return (d / "model.safetensors").is_file()
 
 
-def _in_process(pair: tuple[Path, Path], out: Path, method: str) -> float:
+def _in_process(pair: tuple[Path, Path], out: Path, method: str, shard_gb: float) -> float:
     """The same merge as the CLI command, run in this process; returns its wall time."""
     t0 = time.time()
     run_merge(
@@ -85,43 +86,52 @@ def _in_process(pair: tuple[Path, Path], out: Path, method: str) -> float:
             out,
             MergeParams(method=method, alpha=0.3),
             rope_from="devstral",
-            shard_bytes=int(0.004 * 1024**3),
+            shard_bytes=int(shard_gb * 1024**3),
             progress=False,
         )
     )
     return time.time() - t0
 
 
-def _kill_runs(pair: tuple[Path, Path], tmp: Path, runs: int, method: str) -> None:
+def _kill_runs(pair: tuple[Path, Path], tmp: Path, runs: int, method: str, shard_gb: float = 0.004) -> None:
     """Kill the CLI at a random point after its partial output appears, check, re-run (in process)."""
     ref = tmp / "ref"
-    duration = _in_process(pair, ref, method)
+    duration = _in_process(pair, ref, method, shard_gb)
     reference = _files(ref)
-    assert sum(1 for n in reference if n.endswith(".safetensors")) > 10
+    shards = sum(1 for n in reference if n.endswith(".safetensors"))
+    assert shards > 10 if shard_gb < 0.01 else shards == 1
     rng = random.Random(1234)
     mid_merge = 0
     for k in range(runs):
         out = tmp / f"out{k}"
-        partial = out.with_name(f".{out.name}.partial-merge")
-        proc = subprocess.Popen(_cmd(pair, out, method), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(_cmd(pair, out, method, shard_gb), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
-        while not partial.exists() and proc.poll() is None and time.time() < deadline:
+        while not _partials(out) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.01)
         time.sleep(rng.uniform(0, 1.2 * duration))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         assert not out.exists() or _files(out) == reference  # killed after the final rename: complete
-        if partial.exists():
+        if _partials(out):
             mid_merge += 1
-            assert not _loadable(partial), f"run {k}: a killed merge left a loadable directory"
-        _in_process(pair, out, method)
+            assert not out.exists(), f"run {k}: the partial directory outlived the final rename"
+            assert not any(_loadable(p) for p in _partials(out)), f"run {k}: a killed merge left a loadable directory"
+        _in_process(pair, out, method, shard_gb)
         assert _files(out) == reference, f"run {k}: re-run after SIGKILL differs from an uninterrupted merge"
-        assert not partial.exists()
+        assert not _partials(out)
     assert mid_merge >= 1  # at least one kill landed mid-merge
+
+
+def _partials(out: Path) -> list[Path]:
+    return list(out.parent.glob(f".{out.name}.partial-*"))
 
 
 def test_sigkill_quick(pair: tuple[Path, Path], tmp_path: Path) -> None:
     _kill_runs(pair, tmp_path, 3, "linear")
+
+
+def test_sigkill_single_shard_quick(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    _kill_runs(pair, tmp_path, 2, "linear", shard_gb=1.0)
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from megatron_ext.checkpoint.atomic import CheckpointError, atomic_dir
 from megatron_ext.checkpoint.formats import InputCheckpoint, open_input
 from megatron_ext.checkpoint.metadata import TOKENIZER_FILE, CheckpointMeta, command_line, sha256_file, write_meta
 from megatron_ext.checkpoint.mistral_native import convert_name, half_to_interleaved, params_from_config, rope_heads
-from megatron_ext.checkpoint.safetensors_io import SafetensorsWriter
+from megatron_ext.checkpoint.safetensors_writer import SafetensorsWriter
 from megatron_ext.checkpoint.source_hashes import source_sha256
 from megatron_ext.checkpoint.torch_dist_io import TorchDistWriter
 from megatron_ext.config import ConfigError, ModelConfig

@@ -101,7 +101,8 @@ class DirectWriter:
         self.direct = False
 
     def close(self) -> None:
-        """Write what is staged (the whole blocks directly, the partial last one buffered) and close."""
+        """Write what is staged (the whole blocks directly, the partial last one buffered), fsync (the file's
+        size and the buffered tail are not on disk before) and close."""
         if self._fd < 0:
             return
         try:
@@ -112,10 +113,14 @@ class DirectWriter:
                     self._buffered()
                 self._write_all(self._stage[whole : self._staged])
                 self._staged = 0
+            os.fsync(self._fd)
         finally:
-            self._abandon()
+            self.abandon()
 
-    def _abandon(self) -> None:
+    def abandon(self) -> None:
+        """Close without writing what is staged (on errors)."""
+        if self._fd < 0:
+            return
         os.close(self._fd)
         self._fd = -1
         self._stage = self._map = None  # unmapped with its last view (a traceback may still hold one)
@@ -126,5 +131,5 @@ class DirectWriter:
     def __exit__(self, exc_type: object, *rest: object) -> None:
         if exc_type is None:
             self.close()
-        elif self._fd >= 0:
-            self._abandon()
+        else:
+            self.abandon()

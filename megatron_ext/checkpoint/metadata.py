@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_ext.checkpoint.atomic import PARTIAL_TAG, CheckpointError
+from megatron_ext.checkpoint.atomic import LOCK_FILE, PARTIAL_TAG, RESUME_FILE, CheckpointError
 from megatron_ext.config import ConfigError, ModelConfig
 
 META_FILE = "checkpoint_meta.json"
@@ -86,7 +86,8 @@ class CheckpointMeta:
 def write_meta(directory: Path, meta: CheckpointMeta) -> None:
     """Record every file already in `directory` with its size, then write the metadata file (last)."""
     directory = Path(directory)
-    meta.files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != META_FILE}
+    skip = {META_FILE, LOCK_FILE, RESUME_FILE}  # the last two: bookkeeping of the partial directory
+    meta.files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name not in skip}
     text = json.dumps(meta.to_dict(), indent=2, sort_keys=True) + "\n"
     tmp = directory / (META_FILE + ".tmp")
     tmp.write_text(text)

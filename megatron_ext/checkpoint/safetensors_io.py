@@ -1,11 +1,9 @@
-"""Lazy safetensors reading (single file or sharded with an index) and streaming safetensors writing.
+"""Lazy safetensors reading (single file or sharded with an index); writing is `safetensors_writer.py`.
 
 Reading: headers are parsed up front (names, dtypes, shapes, byte ranges checked against the file size,
 so a truncated shard fails before any work); each tensor is a private mapping of just its own bytes
 (`map_bytes`): page-cache pages are mapped rather than copied into fresh, zero-filled memory, and the
 mapping goes with the tensor, so resident memory follows the tensors alive, not the file.
-Writing: a header area is reserved, tensors are appended as raw bytes as they arrive, and the header is
-written last (padded with spaces, which the format allows), so no file is ever held in memory.
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ from __future__ import annotations
 import errno
 import json
 import mmap
-import os
 import struct
 import warnings
 from collections.abc import Iterable
@@ -147,100 +144,3 @@ class SafetensorsSource:
             raise CheckpointError(f"{self.directory}: tensor {name!r} not found")
         code, shape, offset = self._meta[name]
         return map_bytes(path, offset, offset + self.nbytes(name)).view(DTYPES[code]).reshape(shape)
-
-
-def _header_entry(t: torch.Tensor, start: int) -> dict:
-    return {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [start, start + t.nbytes]}
-
-
-class SafetensorsWriter:
-    """Append tensors to `model-XXXXX.safetensors` shards (or one named file) without holding them.
-
-    `names` (all tensor names that may be written) sizes the reserved header area. A new shard starts when
-    the current one would exceed `max_shard_bytes`. `finish()` writes headers and, for several shards,
-    `model.safetensors.index.json`; with one shard the file is `single_name`.
-    """
-
-    def __init__(
-        self,
-        directory: Path,
-        names: Iterable[str],
-        max_shard_bytes: int = 5 << 30,
-        single_name: str = SINGLE_FILE,
-        metadata: dict[str, str] | None = None,
-    ) -> None:
-        self.directory = Path(directory)
-        self.single_name = single_name
-        self.max_shard_bytes = max_shard_bytes
-        self.metadata = metadata or {"format": "pt"}
-        # Upper bound of the JSON header: name + dtype/shape/offsets (<= 120 chars) per tensor, + metadata.
-        self._reserve = sum(len(n) + 120 for n in names) + len(json.dumps(self.metadata)) + 64
-        self._reserve += -self._reserve % 8
-        self._shards: list[tuple[Path, dict[str, dict]]] = []
-        self._f = None
-        self._pos = 0
-        self.bytes_written = 0
-
-    def _open_shard(self) -> None:
-        self._close_shard()
-        path = self.directory / f".shard-{len(self._shards):05d}.tmp"
-        self._f = open(path, "wb")
-        self._f.write(b"\0" * (8 + self._reserve))
-        self._shards.append((path, {}))
-        self._pos = 0
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        if tensor.dtype not in DTYPE_NAMES:
-            raise CheckpointError(f"{name}: dtype {tensor.dtype} has no safetensors code")
-        t = tensor.detach().cpu().contiguous()
-        if self._f is None or (self._pos and self._pos + t.nbytes > self.max_shard_bytes):
-            self._open_shard()
-        header = self._shards[-1][1]
-        if any(name in h for _, h in self._shards):
-            raise CheckpointError(f"safetensors writer: tensor {name!r} written twice")
-        header[name] = _header_entry(t, self._pos)
-        if t.nbytes:
-            self._f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[union-attr]
-        self._pos += t.nbytes
-        self.bytes_written += t.nbytes
-
-    def _close_shard(self) -> None:
-        if self._f is None:
-            return
-        path, header = self._shards[-1]
-        text = json.dumps({"__metadata__": self.metadata, **header}, separators=(",", ":")).encode()
-        if len(text) > self._reserve:
-            raise CheckpointError(f"{path}: safetensors header larger than reserved ({len(text)} > {self._reserve})")
-        self._f.seek(0)
-        self._f.write(struct.pack("<Q", self._reserve) + text + b" " * (self._reserve - len(text)))
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        self._f = None
-
-    def finish(self) -> list[str]:
-        """Close the last shard, give shards their final names, write the index if sharded."""
-        if self._f is None and not self._shards:
-            self._open_shard()
-        self._close_shard()
-        n = len(self._shards)
-        if n == 1:
-            names = [self.single_name]
-        else:
-            names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-        weight_map: dict[str, str] = {}
-        total = 0
-        for (tmp, header), final in zip(self._shards, names, strict=True):
-            tmp.rename(self.directory / final)
-            for tensor in header:
-                weight_map[tensor] = final
-                total += header[tensor]["data_offsets"][1] - header[tensor]["data_offsets"][0]
-        if n > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        return names
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None

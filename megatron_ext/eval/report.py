@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from megatron_ext.checkpoint.atomic import write_atomic
 from megatron_ext.eval import figures
 from megatron_ext.eval.store import load_results
 from megatron_ext.eval.tables import TABLES, group_checkpoints, table_judge_statistics
@@ -69,9 +69,7 @@ def build_report(
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, text.encode())
 
 
 def read_judgments(synth: str | Path) -> list[dict]:

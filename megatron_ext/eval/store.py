@@ -8,12 +8,11 @@ Reports read every `*.jsonl` file directly inside a results directory.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from megatron_ext.checkpoint.atomic import write_atomic
 from megatron_ext.errors import ProjectError
 
 REQUIRED = ("checkpoint", "benchmark", "metric", "value", "higher_is_better")
@@ -87,17 +86,9 @@ def upsert(path: str | Path, record: Record) -> None:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write rows as JSONL atomically (temporary file in the same directory, then rename)."""
+    """Write rows as JSONL atomically (`checkpoint.atomic.write_atomic`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode())
 
 
 def checkpoint_identity(checkpoint: str | Path) -> tuple[str, dict]:

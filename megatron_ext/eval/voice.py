@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import os
 from pathlib import Path
 
 from tqdm import tqdm
@@ -17,6 +16,7 @@ from tqdm import tqdm
 from megatron_ext.audio.tts import TTS
 from megatron_ext.audio.voices import RefVoice, pick_voice
 from megatron_ext.audio.waveform import encode_wav
+from megatron_ext.checkpoint.atomic import write_atomic
 from megatron_ext.eval.benchmarks import Sample, get_benchmark, load_samples
 from megatron_ext.eval.metrics import LETTERS
 from megatron_ext.eval.store import write_jsonl
@@ -58,7 +58,7 @@ def voice_benchmark(
         wav = audio_dir / f"{_safe(sample.id)}.wav"
         if not wav.exists():
             voice = pick_voice(voices, seed, row, 0) if voices else None
-            _write_atomic(wav, encode_wav(tts.synthesize(spoken_text(bench.kind, sample), voice)))
+            write_atomic(wav, encode_wav(tts.synthesize(spoken_text(bench.kind, sample), voice)))
         fields = {k: v for k, v in sample.fields.items() if k not in ("audio", "audio_b64")}
         if inline:
             fields["audio_b64"] = base64.b64encode(wav.read_bytes()).decode("ascii")
@@ -68,12 +68,6 @@ def voice_benchmark(
     write_jsonl(output, rows)
     load_samples(bench, output)  # the result must be a valid benchmark file
     return len(rows)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _safe(sample_id: str) -> str:

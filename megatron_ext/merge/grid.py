@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from megatron_ext.checkpoint.atomic import write_atomic
 from megatron_ext.merge.methods import MergeParams
 from megatron_ext.merge.run import MergeError, MergeJob, run_merge
 
@@ -92,7 +93,5 @@ def run_grid(grid: Path, template: MergeJob) -> Path:
                 "seconds": round(time.time() - t0, 2),
             }
         )
-        tmp = root / "manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        tmp.replace(root / "manifest.json")
+        write_atomic(root / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
     return root / "manifest.json"

@@ -2,13 +2,15 @@
 
 The output is Voxtral's layout (it carries the audio stack): the audio tower and projector are copied
 byte for byte from Voxtral, decoder tensors are merged by the method, embeddings and LM head by the
-tokenizer-aware rules. Shards are written into `.<output>.partial-merge/` and renamed when complete; a
-re-run with the same plan resumes after the last finished shard (DELLA draws are seeded per tensor,
-so a resumed result is identical). Reads run one tensor ahead in a thread and writes behind in another,
+tokenizer-aware rules. The output is an atomic, resumable directory (`checkpoint/atomic.py`): shards are
+written into its hidden partial sibling, which is fsynced and renamed when complete; a re-run with the same
+plan adopts an abandoned partial and resumes after its last finished shard (DELLA draws are seeded per
+tensor, so a resumed result is identical). Reads run one tensor ahead in a thread and writes behind in another,
 so disk and compute overlap while at most a few tensors are in memory; for HF output a linear or SLERP
 merge streams every merged tensor in row blocks (`row_stream.py`), so merges and writes overlap. HF shards
-are written with O_DIRECT (`checkpoint/direct_io.py`): laid out so tensor data and the blocks' buffers sit
-on 4 KiB boundaries, they go to the device without the page-cache copy that took a core from the merge.
+are written with O_DIRECT (`checkpoint/safetensors_writer.ShardFile`): laid out so tensor data and the
+blocks' buffers sit on 4 KiB boundaries, they go to the device without the page-cache copy that took a
+core from the merge.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import shutil
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -29,9 +30,10 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
-from megatron_ext.checkpoint.atomic import CheckpointError
-from megatron_ext.checkpoint.direct_io import ALIGN, DirectWriter
+from megatron_ext.checkpoint.atomic import CheckpointError, atomic_dir
+from megatron_ext.checkpoint.direct_io import ALIGN
 from megatron_ext.checkpoint.metadata import TOKENIZER_FILE, CheckpointMeta, command_line, sha256_file, write_meta
+from megatron_ext.checkpoint.safetensors_writer import PlannedShards, tensor_bytes
 from megatron_ext.checkpoint.torch_dist_io import TorchDistWriter
 from megatron_ext.config import ConfigError, ModelConfig, RopeConfig
 from megatron_ext.errors import ProjectError
@@ -40,7 +42,6 @@ from megatron_ext.merge.methods import METHODS, MergeParams, TensorContext
 from megatron_ext.merge.names import classify, num_layers
 from megatron_ext.merge.parents import Parent, ParentError, detect_naming, is_finite, open_parent
 from megatron_ext.merge.row_stream import BlockBuffers, row_blocks, streamable
-from megatron_ext.merge.safetensors_io import header_bytes, plan_shards, shard_names, tensor_bytes
 from megatron_ext.tokenizer.align import AlignmentError, TokenizerAlignment, align_tokenizers
 from megatron_ext.tokenizer.tekken_builder import write_tekken
 
@@ -397,31 +398,23 @@ def run_merge(job: MergeJob) -> Summary:
             log.info("%s already holds this merge; nothing to do", final)
             return Summary(final, already_complete=True)
         raise MergeError(f"{final} already exists (remove it or choose another --output)")
-    tmp = final.with_name(f".{final.name}.partial-merge")  # hidden; loaders refuse ".partial-" names
     summary = Summary(final, tensors=Counter(it.kind for it in items))
-    _prepare_tmp(tmp, plan_id, resumable=job.out_format == "hf")
-    try:
+    # Only HF shards resume (torch_dist output is one data file); loaders refuse ".partial-" names.
+    with atomic_dir(final, resume_key=plan_id if job.out_format == "hf" else None) as tmp:
+        try:
+            if job.out_format == "hf":
+                shards = _write_shards(tmp, items, job, parents, alignment, summary)
+            else:
+                _write_torch_dist(tmp, items, job, parents, alignment, summary)
+            provenance = _provenance(job, plan_id, parents, alignment, rope, summary)
+            _write_metadata(tmp, out_cfg, vox, merged_tok, alignment, provenance, job.out_format)
+        except ParentError as exc:
+            raise MergeError(str(exc)) from None
         if job.out_format == "hf":
-            _write_shards(tmp, items, job, parents, alignment, summary)
+            shards.finish()  # last: until here a rerun resumes every finished shard
         else:
-            _write_torch_dist(tmp, items, job, parents, alignment, summary)
-        provenance = _provenance(job, plan_id, parents, alignment, rope, summary)
-        _write_metadata(tmp, out_cfg, vox, merged_tok, alignment, provenance, job.out_format)
-    except ParentError as exc:
-        raise MergeError(str(exc)) from None
-    (tmp / "plan_id").unlink()
-    if job.out_format == "megatron":
-        _write_megatron_meta(tmp, out_cfg, parents, provenance)
-    tmp.rename(final)
+            _write_megatron_meta(tmp, out_cfg, parents, provenance)
     return summary
-
-
-def _prepare_tmp(tmp: Path, plan_id: str, resumable: bool) -> None:
-    marker = tmp / "plan_id"
-    if tmp.exists() and not (resumable and marker.is_file() and marker.read_text() == plan_id):
-        shutil.rmtree(tmp)  # a partial output of another merge (or not resumable): start over
-    tmp.mkdir(parents=True, exist_ok=True)
-    marker.write_text(plan_id)
 
 
 def _write_shards(
@@ -431,31 +424,29 @@ def _write_shards(
     parents: dict[str, Parent],
     alignment: TokenizerAlignment,
     summary: Summary,
-) -> None:
-    """HF output: planned shards, each written as `.tmp` and renamed with a state file when complete."""
+) -> PlannedShards:
+    """HF output: planned, resumable shards (`PlannedShards`); shards an interrupted run finished are kept
+    with the input digests and row statistics saved beside them. The caller finishes the returned shards."""
     by_name = {it.out_name: it for it in items}
-    shards = plan_shards([(it.out_name, it.dtype, it.shape) for it in _write_order(items)], job.shard_bytes)
-    names = shard_names(len(shards))
-    index = {n: fname for fname, shard in zip(names, shards, strict=True) for n, _, _ in shard}
+    specs = [(it.out_name, it.dtype, it.shape) for it in _write_order(items)]
+    shards = PlannedShards(tmp, specs, job.shard_bytes, align=ALIGN, direct=True)
     todo = []
-    for fname, shard in zip(names, shards, strict=True):
-        if (tmp / fname).is_file() and (tmp / f"{fname}.state.json").is_file():
+    for fname, shard in shards.shards.items():
+        state = shards.finished(fname)
+        if state is not None:
             summary.resumed_shards += 1
-            _restore_state(tmp / f"{fname}.state.json", parents, summary)
+            _restore_state(state, parents, summary)
         else:
-            todo.append((tmp / fname, shard))
-    _write_json(tmp / "model.safetensors.index.json.tmp", {"metadata": {}, "weight_map": index})
+            todo.append((fname, shard))
     queue = [by_name[n] for _, shard in todo for n, _, _ in shard]
     buffers = BlockBuffers()
     # Generators are closed on the way out: an abandoned one would shut its executors and kernel pool down
     # whenever the garbage collector finalizes it, possibly inside another merge's `submit` (a hang).
     stream = _stream(queue, job, parents, alignment, summary, buffers)
     with contextlib.closing(stream), _WriteBehind(job.write_behind_bytes) as writer:
-        for path, shard in todo:
-            part = path.with_name(path.name + ".tmp")
-            with DirectWriter(part) as f:
+        for fname, shard in todo:
+            with shards.write(fname) as f:
                 try:
-                    f.write(header_bytes(shard, {"format": "pt"}, align=ALIGN))
                     for _ in shard:
                         _, out = next(stream)
                         if isinstance(out, torch.Tensor):
@@ -468,11 +459,8 @@ def _write_shards(
                 except BaseException:
                     writer.abandon()  # no queued write may reach the file once it is closed
                     raise
-            _write_json(
-                path.with_name(path.name + ".state.json"),
-                _shard_state(shard, by_name, index, path.name, parents, summary),
-            )
-            part.rename(path)
+            shards.commit(fname, _shard_state(shard, by_name, shards.index, fname, parents, summary))
+    return shards
 
 
 def _write_order(items: list[Item]) -> list[Item]:
@@ -571,9 +559,8 @@ def _shard_state(
     }
 
 
-def _restore_state(path: Path, parents: dict[str, Parent], summary: Summary) -> None:
+def _restore_state(data: dict[str, Any], parents: dict[str, Parent], summary: Summary) -> None:
     """Input digests and row statistics of a shard finished by an earlier (interrupted) run."""
-    data = json.loads(path.read_text())
     for label, p in parents.items():
         p.digests.update(data["digests"].get(label, {}))
     summary.special_rows.update(data["special_rows"])
@@ -638,14 +625,6 @@ def _write_metadata(
     hf["dtype"] = str(vox.dtype(next(n for n in vox.names if classify(n).role == "decoder"))).removeprefix("torch.")
     hf["merge"] = {k: provenance[k] for k in ("method", "params", "rope_from", "tokenizer_map_sha256")}
     _write_json(tmp / "config.json", hf)
-    index_tmp = tmp / "model.safetensors.index.json.tmp"
-    index = json.loads(index_tmp.read_text())
-    if len(set(index["weight_map"].values())) > 1:
-        index_tmp.rename(tmp / "model.safetensors.index.json")
-    else:
-        index_tmp.unlink()
-    for state in tmp.glob("*.state.json"):
-        state.unlink()
 
 
 def _write_megatron_meta(tmp: Path, cfg: ModelConfig, parents: dict[str, Parent], provenance: dict) -> None:

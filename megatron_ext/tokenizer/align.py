@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel
 
+from megatron_ext.checkpoint.atomic import atomic_dir, write_atomic
 from megatron_ext.errors import ProjectError
 from megatron_ext.tokenizer.tekken_builder import special_token_list, write_tekken
 
@@ -176,11 +177,17 @@ def align_tokenizers(devstral: Path, voxtral: Path) -> tuple[TokenizerAlignment,
 
 
 def write_alignment(devstral: Path, voxtral: Path, out_dir: Path) -> TokenizerAlignment:
-    """Write `out_dir/tekken.json` (merged tokenizer) and `out_dir/tokenizer_map.json` (the map)."""
+    """Write `out_dir/tekken.json` (merged tokenizer) and `out_dir/tokenizer_map.json` (the map): a new
+    `out_dir` appears complete or not at all (`atomic_dir`); in an existing one each file is replaced
+    atomically, the map last."""
     alignment, merged = align_tokenizers(devstral, voxtral)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_tekken(merged, out_dir / "tekken.json")
-    tmp = out_dir / "tokenizer_map.json.tmp"
-    tmp.write_text(alignment.model_dump_json(indent=2) + "\n")
-    tmp.replace(out_dir / "tokenizer_map.json")
+    map_json = (alignment.model_dump_json(indent=2) + "\n").encode()
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        write_tekken(merged, out_dir / "tekken.json")
+        write_atomic(out_dir / "tokenizer_map.json", map_json)
+        return alignment
+    with atomic_dir(out_dir) as tmp:
+        write_tekken(merged, tmp / "tekken.json")
+        (tmp / "tokenizer_map.json").write_bytes(map_json)
     return alignment

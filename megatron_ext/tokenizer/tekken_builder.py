@@ -15,6 +15,8 @@ from typing import Any
 import mistral_common
 import orjson
 
+from megatron_ext.checkpoint.atomic import write_atomic
+
 BUNDLED_VOCAB = Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
 NUM_SPECIAL_TOKENS = 1000
 PLACEHOLDER = "<SPECIAL_{rank}>"
@@ -109,6 +111,4 @@ def build_tekken(spec: TekkenSpec) -> dict[str, Any]:
 def write_tekken(data: dict[str, Any], path: Path) -> None:
     """Write deterministically (sorted keys are not used: mistral-common keeps file order) as compact UTF-8
     JSON: `json.dumps(ensure_ascii=False, separators=(",", ":"))`'s bytes, 10x faster (0.02 s for 8 MB)."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_bytes(orjson.dumps(data))
-    tmp.replace(path)
+    write_atomic(path, orjson.dumps(data))

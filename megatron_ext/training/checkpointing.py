@@ -2,10 +2,13 @@
 
 `SAVE_DIR/iter_NNNNNNN/` is a Megatron-Core `dist_checkpointing` (torch_dist) checkpoint whose model keys
 are the naming contract's, plus `tekken.json` and `checkpoint_meta.json` (tool "sft"), so every saved step
-is also a model checkpoint the other tools (convert, eval) read. It is written under a hidden
-`.iter_NNNNNNN.partial-PID` name and renamed when complete; `SAVE_DIR/latest` names the newest, and only
-the newest `keep_last` are kept. With `async_save` the tensor writing runs in Megatron-Core's background
-writer and the rename/metadata/cleanup happen when the save is finalised (next steps or at exit).
+is also a model checkpoint the other tools (convert, eval) read. It is written under rank 0's hidden
+`.iter_NNNNNNN.partial-HOST-PID` name and published with `checkpoint.atomic.publish` (every file and
+directory fsynced, renamed, the parent fsynced); stale partials follow `checkpoint/atomic.py`'s rules, but
+no lock file is held inside (Megatron-Core warns about saving into a non-empty one). `SAVE_DIR/latest` names
+the newest, and only the newest `keep_last` are kept. With `async_save` the tensor writing runs in
+Megatron-Core's background writer and the publishing/metadata/cleanup happen when the save is finalised
+(next steps or at exit).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +29,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-from megatron_ext.checkpoint.atomic import PARTIAL_TAG, fsync_dir
+from megatron_ext.checkpoint.atomic import partial_path, publish, remove_stale_partials, write_atomic
 from megatron_ext.checkpoint.metadata import CheckpointMeta, write_meta
 
 ITER_RE = re.compile(r"^iter_(\d{7})$")
@@ -102,10 +106,11 @@ class Checkpointer:
         """Write step `step`; `extra` (data position, counters) goes in as common, rank-0 state."""
         assert self.save_dir is not None
         final = iter_dir(self.save_dir, step)
-        tmp = self.save_dir / f".{final.name}{PARTIAL_TAG}{_rank0_pid()}"
+        tmp = _rank0_partial(final)
         if dist.get_rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_partials(final)
+            tmp.mkdir()
         dist.barrier()
         state = {**_state(model, optimizer, scheduler, loading=False), "extra": extra}
         request = dist_checkpointing.save(state, str(tmp), async_sharded_save=self.async_save)
@@ -125,12 +130,8 @@ class Checkpointer:
     def _publish(self, tmp: Path, final: Path) -> None:
         shutil.copyfile(self.tokenizer, tmp / "tekken.json")
         write_meta(tmp, self.meta())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        latest = self.save_dir / (LATEST + ".tmp")
-        latest.write_text(final.name + "\n")
-        os.replace(latest, self.save_dir / LATEST)
-        fsync_dir(self.save_dir)
+        publish(tmp, final)
+        write_atomic(self.save_dir / LATEST, (final.name + "\n").encode())
         steps = sorted(p for p in self.save_dir.iterdir() if ITER_RE.match(p.name))
         for old in steps[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -158,8 +159,8 @@ class Checkpointer:
         return loaded["extra"]
 
 
-def _rank0_pid() -> int:
-    """Rank 0's pid, shared so every rank writes into the same partial directory."""
-    pid = torch.tensor([os.getpid() if dist.get_rank() == 0 else 0], dtype=torch.long)
-    dist.broadcast(pid, 0)
-    return int(pid.item())
+def _rank0_partial(final: Path) -> Path:
+    """Rank 0's partial directory for `final` (its host and pid), shared so every rank writes into it."""
+    owner = [socket.gethostname(), os.getpid()] if dist.get_rank() == 0 else [None, None]
+    dist.broadcast_object_list(owner, 0)
+    return partial_path(final, *owner)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from megatron_ext.audio.tts import OFFLINE_ENGINES
 from megatron_ext.audio.voices import DEFAULT_VOICES
+from megatron_ext.checkpoint.atomic import write_atomic
 from megatron_ext.data.synth.errors import SynthError
-from megatron_ext.data.synth.files import write_atomic
 from megatron_ext.http_client import RetryPolicy, endpoint_url
 
 BAD_ROW_POLICIES = ("keep", "fail")

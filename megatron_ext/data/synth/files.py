@@ -1,21 +1,13 @@
-"""Crash-safe files: atomic writes, torn-line repair of append-only JSONL, and exclusive reservations."""
+"""Crash-safe files: torn-line repair of append-only JSONL and exclusive reservations (atomic writes and the
+locks themselves are `checkpoint/atomic.py`'s, shared with every checkpoint writer)."""
 
-import fcntl
 import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temp file beside `path`, fsync, then rename over it: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from megatron_ext.checkpoint.atomic import try_lock
 
 
 def repair_jsonl(path: Path) -> int:
@@ -52,13 +44,9 @@ def reserved(path: Path) -> Iterator[bool]:
     The kernel drops the lock when its holder dies, so a SIGKILLed worker never leaves a stale reservation.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    fd = try_lock(path)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
+        yield fd is not None
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)

@@ -9,11 +9,12 @@ from pathlib import Path
 
 from megatron_ext.audio.tts import make_tts
 from megatron_ext.audio.voices import VoicesError, load_voices
+from megatron_ext.checkpoint.atomic import write_atomic
 from megatron_ext.data.synth.config import SynthConfig, claim_output
 from megatron_ext.data.synth.conversation import parse_row
 from megatron_ext.data.synth.convert import RowConverter
 from megatron_ext.data.synth.errors import InputError, SynthError
-from megatron_ext.data.synth.files import reserved, write_atomic
+from megatron_ext.data.synth.files import reserved
 from megatron_ext.data.synth.judge import HttpJudge, RuleJudge
 from megatron_ext.data.synth.report import build_report
 from megatron_ext.data.synth.shards import ShardPaths, process_shard, read_rows

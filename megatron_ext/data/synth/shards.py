@@ -2,9 +2,11 @@
 
 Row r (1-based input line) belongs to shard (r - 1) % num_shards. A shard is reserved with a kernel
 lock (two processes never write the same files), resumes after its last complete JSONL line (a torn
-line is cut), reuses logged judgments, and ends by packing its tar and writing `completions/SHARD`.
+line is cut), reuses logged judgments, and ends by fsyncing its logs, packing its tar and writing
+`completions/SHARD` (both with `checkpoint.atomic.write_atomic`: fsynced, renamed, directory fsynced).
 """
 
+import os
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -15,8 +17,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from megatron_ext.checkpoint.atomic import fsync_dir, write_atomic
 from megatron_ext.data.synth.convert import Converted, RowConverter
-from megatron_ext.data.synth.files import dumps_line, read_jsonl, repair_jsonl, reserved, write_atomic
+from megatron_ext.data.synth.files import dumps_line, read_jsonl, repair_jsonl, reserved
 from megatron_ext.data.synth.webdataset import write_tar
 
 
@@ -126,6 +129,9 @@ def process_shard(
                 samples.write(dumps_line(result.sample))
                 samples.flush()
                 bar.update()
+            for f in (judgments, samples):  # durable before the tar and the done marker vouch for them
+                os.fsync(f.fileno())
+        fsync_dir(paths.root)
         write_tar(paths.samples, paths.tar)
         paths.done.parent.mkdir(exist_ok=True)
         write_atomic(paths.done, b"")

@@ -15,8 +15,9 @@ import sys
 import tarfile
 from pathlib import Path
 
+from megatron_ext.checkpoint.atomic import write_atomic
 from megatron_ext.data.synth.errors import SynthError
-from megatron_ext.data.synth.files import dumps_line, read_jsonl, write_atomic
+from megatron_ext.data.synth.files import dumps_line, read_jsonl
 
 
 def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
