@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
+from megatron_ext.checkpoint.safetensors_io import read_header, read_tensor
 from megatron_ext.checkpoint.safetensors_writer import ShardFile, tensor_bytes
 from megatron_ext.checkpoint.shapes import decoder_shapes, encoder_shapes, to_hf_names
 from megatron_ext.config import DecoderConfig, EncoderConfig, ModelConfig
-from megatron_ext.merge.safetensors_io import read_header, read_tensor
 from megatron_ext.tokenizer.tekken_builder import build_tekken, devstral_spec, voxtral_spec, write_tekken
 
 BLOCK = 4 * 1024 * 1024

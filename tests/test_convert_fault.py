@@ -25,8 +25,8 @@ from benchmarks.convert import write_synthetic_hf
 from megatron_ext.checkpoint import mapping
 from megatron_ext.checkpoint.atomic import CheckpointError
 from megatron_ext.checkpoint.convert import convert
-from megatron_ext.checkpoint.formats import open_input
 from megatron_ext.checkpoint.metadata import read_meta
+from megatron_ext.checkpoint.source import open_checkpoint
 from megatron_ext.checkpoint.torch_dist_io import TorchDistReader
 from megatron_ext.config import DecoderConfig, ModelConfig, RopeConfig
 
@@ -102,7 +102,7 @@ def _rerun_and_verify(source: Path, out: Path) -> None:
     convert(source, out, "megatron", progress=False)
     assert not list(out.parent.glob(f".{out.name}.partial-*"))
     read_meta(out)
-    inp, reader = open_input(source), TorchDistReader(out)
+    inp, reader = open_checkpoint(source), TorchDistReader(out)
     for name, t in mapping.hf_to_megatron(CFG, inp.get):
         assert torch.equal(reader.get(name), t), name
     reference = out.with_name("uninterrupted")

@@ -21,10 +21,10 @@ from tqdm import tqdm
 
 from megatron_ext.checkpoint import mapping
 from megatron_ext.checkpoint.atomic import CheckpointError, atomic_dir
-from megatron_ext.checkpoint.formats import InputCheckpoint, open_input
 from megatron_ext.checkpoint.metadata import TOKENIZER_FILE, CheckpointMeta, command_line, sha256_file, write_meta
 from megatron_ext.checkpoint.mistral_native import convert_name, half_to_interleaved, params_from_config, rope_heads
 from megatron_ext.checkpoint.safetensors_writer import SafetensorsWriter
+from megatron_ext.checkpoint.source import Source, open_checkpoint
 from megatron_ext.checkpoint.source_hashes import source_sha256
 from megatron_ext.checkpoint.torch_dist_io import TorchDistWriter
 from megatron_ext.config import ConfigError, ModelConfig
@@ -54,7 +54,7 @@ class ConversionReport:
     seconds: float
 
 
-def _hf_stream(inp: InputCheckpoint) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_stream(inp: Source) -> Iterator[tuple[str, torch.Tensor]]:
     if inp.naming == "megatron":
         yield from mapping.megatron_to_hf(inp.cfg, inp.get)
     else:
@@ -62,7 +62,7 @@ def _hf_stream(inp: InputCheckpoint) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, inp.get(name)
 
 
-def _megatron_stream(inp: InputCheckpoint) -> Iterator[tuple[str, torch.Tensor]]:
+def _megatron_stream(inp: Source) -> Iterator[tuple[str, torch.Tensor]]:
     if inp.naming == "megatron":
         for name in mapping.megatron_names(inp.cfg):
             yield name, inp.get(name)
@@ -70,7 +70,7 @@ def _megatron_stream(inp: InputCheckpoint) -> Iterator[tuple[str, torch.Tensor]]
         yield from mapping.hf_to_megatron(inp.cfg, inp.get)
 
 
-def _native_stream(inp: InputCheckpoint) -> Iterator[tuple[str, torch.Tensor]]:
+def _native_stream(inp: Source) -> Iterator[tuple[str, torch.Tensor]]:
     for name, t in _hf_stream(inp):
         if name == mapping.HF_POSITIONS:
             continue  # not stored in Mistral-native files
@@ -114,7 +114,7 @@ def _write_stream(stream: Iterator[tuple[str, torch.Tensor]], writer, total: int
     return n
 
 
-def _hf_dtype_name(inp: InputCheckpoint) -> str:
+def _hf_dtype_name(inp: Source) -> str:
     first = mapping.hf_names(inp.cfg)[0] if inp.naming == "hf" else mapping.megatron_names(inp.cfg)[-1]
     return str(inp.get(first).dtype).removeprefix("torch.")
 
@@ -135,7 +135,7 @@ def convert(
     if to not in TARGETS:
         raise CheckpointError(f"--to {to!r}: expected one of {', '.join(TARGETS)}")
     start = time.perf_counter()
-    inp = open_input(Path(input_dir), rope_from)
+    inp = open_checkpoint(Path(input_dir), rope_from)
     try:
         validate_parallel(inp.cfg, tp, pp)
         hasher = _Hasher(inp.files if to == "megatron" else [], rehash)  # only torch_dist outputs record sources
@@ -179,9 +179,7 @@ def convert(
         inp.close()
 
 
-def _write_config(
-    tmp: Path, to: str, inp: InputCheckpoint, tp: int, pp: int, sources: list, command: str | None
-) -> None:
+def _write_config(tmp: Path, to: str, inp: Source, tp: int, pp: int, sources: list, command: str | None) -> None:
     import json
 
     cfg = inp.cfg

@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from megatron_ext.checkpoint.atomic import CheckpointError
-from megatron_ext.checkpoint.safetensors_io import map_bytes
+from megatron_ext.checkpoint.safetensors_io import confined, map_bytes
 
 DCP_METADATA = ".metadata"
 DATA_FILE = "__0_0.distcp"
@@ -189,6 +189,84 @@ class TorchDistWriter:
             self._file.close()
 
 
+_DCP_CLASSES = (
+    {
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "Metadata",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "MetadataIndex",
+            "StorageMeta",
+            "_MEM_FORMAT_ENCODING",
+        )
+    }
+    | {
+        ("torch.distributed.checkpoint.planner", name)
+        for name in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")  # Megatron's planner_data
+    }
+    | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch.serialization", "_get_layout"),  # how torch pickles a layout (looks it up by name)
+        ("torch", "Size"),
+        ("collections", "OrderedDict"),
+        ("megatron.core.dist_checkpointing.strategies.torch", "MCoreMetadata"),
+    }
+)
+_BUILTINS = {"set", "frozenset", "tuple", "list", "dict", "slice"}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles only what a DCP `.metadata` holds: its metadata classes, torch.Size, dtypes, layouts,
+    memory formats and a few builtin containers. Any other global (os.system, eval, ...) is refused."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in _DCP_CLASSES or (module == "builtins" and name in _BUILTINS):
+            return super().find_class(module, name)
+        if module == "torch":
+            value = getattr(torch, name, None)
+            if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+                return value
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
+
+
+def read_dcp_metadata(path: Path) -> Metadata:
+    """A torch_dist `.metadata` read with the allow-list unpickler; anything else is a CheckpointError
+    naming the file (call before handing a directory to Megatron-Core or torch DCP, which unpickle it freely)."""
+    try:
+        with open(path, "rb") as f:
+            md = _MetadataUnpickler(f).load()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read DCP metadata ({exc.strerror or exc})") from None
+    except Exception as exc:  # a hostile or corrupt pickle can fail in any constructor: one line, no traceback
+        raise CheckpointError(f"{path}: unreadable DCP metadata ({type(exc).__name__}: {exc})") from None
+    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict):
+        raise CheckpointError(f"{path}: not DCP metadata (holds {type(md).__name__})")
+    if not isinstance(md.storage_data, dict | None):
+        raise CheckpointError(f"{path}: storage_data is {type(md.storage_data).__name__}, not a dict")
+    for rel in {info.relative_path for info in (md.storage_data or {}).values() if isinstance(info, _StorageInfo)}:
+        confined(path.parent, rel, path, "data file")
+    return md
+
+
+def check_torch_dist(directory: Path) -> None:
+    """Validate a torch_dist directory before Megatron-Core or torch DCP loads it (they unpickle `.metadata`
+    freely): `.metadata` through the allow-list unpickler, `common.pt` with `torch.load(weights_only=True)`."""
+    directory = Path(directory)
+    read_dcp_metadata(directory / DCP_METADATA)
+    common = directory / COMMON_FILE
+    if common.is_file():
+        try:
+            torch.load(common, map_location="cpu", weights_only=True)
+        except Exception as exc:  # weights_only refuses any non-allow-listed global: one line, no traceback
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise CheckpointError(
+                f"{common}: refused by torch.load(weights_only=True) ({type(exc).__name__}: {first})"
+            ) from None
+
+
 class _FileView(io.RawIOBase):
     """A seekable read-only window [offset, offset + length) of an open file, for `torch.load`."""
 
@@ -279,11 +357,7 @@ class TorchDistReader:
         md_path = self.directory / DCP_METADATA
         if not md_path.is_file():
             raise CheckpointError(f"{self.directory}: no {DCP_METADATA} (not a torch_dist checkpoint)")
-        try:
-            with open(md_path, "rb") as f:
-                self._md: Metadata = pickle.load(f)  # DCP's own format (torch's FileSystemReader does the same)
-        except (pickle.UnpicklingError, EOFError, AttributeError) as exc:
-            raise CheckpointError(f"{md_path}: unreadable DCP metadata ({exc})") from None
+        self._md = read_dcp_metadata(md_path)
         self._files: dict[str, IO[bytes]] = {}
         self._names: dict[str, tuple[str, int | None]] = {}
         for key, sm in self._md.state_dict_metadata.items():
@@ -320,10 +394,7 @@ class TorchDistReader:
 
     def _file(self, rel: str) -> IO[bytes]:
         if rel not in self._files:
-            path = self.directory / rel
-            if not path.is_file():
-                raise CheckpointError(f"{path}: data file listed in {DCP_METADATA} is missing")
-            self._files[rel] = open(path, "rb")
+            self._files[rel] = open(confined(self.directory, rel, self.directory / DCP_METADATA, "data file"), "rb")
         return self._files[rel]
 
     def _load_chunk(self, key: str, offsets: tuple[int, ...]) -> torch.Tensor:
@@ -332,12 +403,12 @@ class TorchDistReader:
             raise CheckpointError(f"{self.directory}: no storage entry for {key} at {offsets}")
         f = self._file(info.relative_path)
         size = os.fstat(f.fileno()).st_size
-        if info.offset + info.length > size:
+        if info.offset < 0 or info.length < 0 or info.offset + info.length > size:
             raise CheckpointError(
-                f"{self.directory / info.relative_path}: truncated ({size} bytes, {key} needs "
-                f"{info.offset + info.length})"
+                f"{f.name}: truncated or bad record ({size} bytes, {key} needs "
+                f"{info.offset}..{info.offset + info.length})"
             )
-        path = self.directory / info.relative_path
+        path = Path(f.name)
         try:
             mapped = _mapped_record(path, f, info)
             if mapped is not None:

@@ -84,7 +84,8 @@ class HFGenerator:
         architectures = json.loads((Path(checkpoint) / "config.json").read_text()).get("architectures", [])
         audio = "VoxtralForConditionalGeneration" in architectures
         model_cls = VoxtralForConditionalGeneration if audio else AutoModelForCausalLM
-        return cls(model_cls.from_pretrained(str(checkpoint), dtype=torch.float32), f"hf:{Path(checkpoint).name}")
+        model = model_cls.from_pretrained(str(checkpoint), dtype=torch.float32, use_safetensors=True)  # never a pickle
+        return cls(model, f"hf:{Path(checkpoint).name}")
 
     @classmethod
     def from_megatron_dir(cls, checkpoint: str | Path) -> HFGenerator:
@@ -122,7 +123,7 @@ def _attention_mask(key_padding: torch.Tensor, queries: int) -> torch.Tensor:
 
 
 class MegatronGenerator:
-    """Our `AudioLanguageModel` (Megatron-Core, local spec, TP=1) from any checkpoint `open_input` reads.
+    """Our `AudioLanguageModel` (Megatron-Core, local spec, TP=1) from any checkpoint `open_checkpoint` reads.
 
     Decoding runs on Megatron-Core's static KV cache (`StaticInferenceContext`): one prefill over the
     left-padded prompts with an explicit causal + padding mask, then one token per step. Rope there is
@@ -134,22 +135,18 @@ class MegatronGenerator:
     def __init__(self, checkpoint: str | Path):
         from megatron.core import parallel_state
 
-        from megatron_ext.checkpoint.formats import open_input
-        from megatron_ext.checkpoint.mapping import megatron_getter
+        from megatron_ext.checkpoint.source import open_checkpoint
         from megatron_ext.compat.cpu import init_distributed
         from megatron_ext.models.build import BuildConfig, build_model
         from megatron_ext.models.loading import load_full_tensors
 
-        inp = open_input(Path(checkpoint))
-        try:
+        with open_checkpoint(Path(checkpoint)) as source:
             if not parallel_state.model_parallel_is_initialized():
                 init_distributed(tp=1, pp=1)
-            self.cfg = inp.cfg
+            self.cfg = source.cfg
             build = BuildConfig(backend="local", init_weights=False, parallel_output=False)
             self.model = build_model(self.cfg, build).eval()
-            load_full_tensors(self.model, inp.get if inp.naming == "megatron" else megatron_getter(inp.cfg, inp.get))
-        finally:
-            inp.close()
+            load_full_tensors(self.model, source.megatron().get)
         self.name = f"megatron:{Path(checkpoint).name}"
         self.has_audio = self.cfg.has_audio
         self.use_cache = self.cfg.decoder.rope.llama4_scaling_beta is None

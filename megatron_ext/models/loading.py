@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
+from megatron_ext.checkpoint.source import open_checkpoint
 from megatron_ext.config import ModelConfig
 from megatron_ext.errors import ProjectError
 
@@ -74,22 +75,9 @@ def load_full_tensors(model: torch.nn.Module, get: Getter) -> int:
     return n
 
 
-def megatron_tensor_getter(inp) -> Getter:
-    """Full tensors by Megatron name for an opened input (`checkpoint.formats.open_input`): torch_dist as is,
-    HF / Mistral-native through `checkpoint/mapping.py` on the fly (one rule's HF tensors per call)."""
-    from megatron_ext.checkpoint import mapping
-
-    return inp.get if inp.naming == "megatron" else mapping.megatron_getter(inp.cfg, inp.get)
-
-
 def load_checkpoint(model: torch.nn.Module, directory: str | Path) -> ModelConfig:
     """Load a torch_dist, HF or Mistral-native checkpoint into `model` (this rank's TP/PP shard); returns its
     ModelConfig. Reads only the tensors this rank holds."""
-    from megatron_ext.checkpoint.formats import open_input
-
-    inp = open_input(Path(directory))
-    try:
-        load_full_tensors(model, megatron_tensor_getter(inp))
-        return inp.cfg
-    finally:
-        inp.close()
+    with open_checkpoint(Path(directory)) as source:
+        load_full_tensors(model, source.megatron().get)
+        return source.cfg

@@ -1,6 +1,6 @@
 """Logits of a checkpoint on CPU in fp32, from the Megatron model and, optionally, HF transformers on the same input.
 
-Used to check a conversion: any input `checkpoint.formats.open_input` reads (Megatron torch_dist with its
+Used to check a conversion: any input `checkpoint.source.open_checkpoint` reads (Megatron torch_dist with its
 metadata, HF safetensors with FP8 dequantised on read, Mistral-native) is loaded into
 `AudioLanguageModel` (local spec, TP=1) via `checkpoint/mapping.py`. The HF reference is the model's
 `hf_architecture` class built from `ModelConfig.to_hf()` and fed the same weights under HF names.
@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from megatron_ext.audio.features import audio_tokens_per_chunk, log_mel_chunks
 from megatron_ext.audio.waveform import load_audio
 from megatron_ext.checkpoint import mapping
-from megatron_ext.checkpoint.formats import InputCheckpoint, open_input
+from megatron_ext.checkpoint.source import Source, open_checkpoint
 from megatron_ext.config import ConfigError, ModelConfig
 from megatron_ext.models.tokens import check_audio_token
 
@@ -68,10 +68,10 @@ def hf_reference_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> to
             metadata={"format": "pt"},
         )
         Path(tmp, "config.json").write_text(json.dumps({**hf, "dtype": "float32"}))
-        return cls.from_pretrained(tmp, dtype=torch.float32).eval()
+        return cls.from_pretrained(tmp, dtype=torch.float32, use_safetensors=True).eval()
 
 
-def _hf_tensors(inp: InputCheckpoint) -> dict[str, torch.Tensor]:
+def _hf_tensors(inp: Source) -> dict[str, torch.Tensor]:
     if inp.naming == "megatron":
         return dict(mapping.megatron_to_hf(inp.cfg, inp.get))
     return {name: inp.get(name) for name in mapping.hf_names(inp.cfg)}
@@ -81,7 +81,7 @@ def checkpoint_logits(
     directory: Path, tokens: list[int], audio: list[Path] | None = None, compare_hf: bool = False
 ) -> LogitsResult:
     """Run the checkpoint in `directory` on `tokens` (+ audio clips) and return fp32 logits [seq, vocab]."""
-    inp = open_input(Path(directory))
+    inp = open_checkpoint(Path(directory))
     try:
         cfg = inp.cfg
         if inp.tokenizer is not None:
@@ -102,14 +102,14 @@ def checkpoint_logits(
 
         from megatron_ext.compat.cpu import destroy_distributed, init_distributed
         from megatron_ext.models.build import BuildConfig, build_model
-        from megatron_ext.models.loading import load_full_tensors, megatron_tensor_getter
+        from megatron_ext.models.loading import load_full_tensors
 
         started = not parallel_state.model_parallel_is_initialized()
         if started:  # a lone process at TP=1; torn down again below so callers keep a clean state
             init_distributed(tp=1, pp=1)
         try:
             model = build_model(cfg, BuildConfig(backend="local", init_weights=False)).eval()
-            load_full_tensors(model, megatron_tensor_getter(inp))
+            load_full_tensors(model, inp.megatron().get)
             with torch.no_grad():
                 logits = model(
                     ids, torch.arange(ids.shape[1])[None], audio_features=features, runtime_gather_output=True

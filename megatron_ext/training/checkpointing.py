@@ -31,6 +31,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 
 from megatron_ext.checkpoint.atomic import partial_path, publish, remove_stale_partials, write_atomic
 from megatron_ext.checkpoint.metadata import CheckpointMeta, write_meta
+from megatron_ext.checkpoint.torch_dist_io import check_torch_dist
 
 ITER_RE = re.compile(r"^iter_(\d{7})$")
 LATEST = "latest"
@@ -150,6 +151,7 @@ class Checkpointer:
         """Restore everything from `path`; returns its `extra` (data position, step, counters)."""
         template = _state(model, optimizer, scheduler, loading=True)
         template["extra"] = None
+        check_torch_dist(path)  # Megatron-Core unpickles .metadata freely: our allow-list reads it first
         loaded = dist_checkpointing.load(template, str(path))
         with torch.no_grad():  # fp32 main params are views of the (grad-requiring) model params
             model.load_state_dict(loaded["model"])

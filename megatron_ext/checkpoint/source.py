@@ -1,0 +1,440 @@
+"""One reader for every checkpoint format: `open_checkpoint(path) -> Source`, used by convert, merge, model
+loading, logits and evaluation.
+
+Formats: HF safetensors (single or sharded; Voxtral, Mistral, Ministral3 layouts; FP8 weights with
+`weight_scale_inv` are dequantised on read), Mistral-native (`consolidated*.safetensors` + `params.json`;
+q/k rows permuted from interleaved rope to rotate-half on read) and Megatron torch_dist (with our
+`checkpoint_meta.json`). A `Source` names its tensors the HF way (HF, Mistral-native) or the Megatron way
+(torch_dist); `Source.megatron()` presents an HF-named source under Megatron names (qkv and gate/up fused
+on read). Every bad input is one `CheckpointError` naming the file, tensor or field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import xxhash
+
+from megatron_ext.audio.positions import sinusoids
+from megatron_ext.checkpoint import mapping
+from megatron_ext.checkpoint.atomic import CheckpointError
+from megatron_ext.checkpoint.metadata import META_FILE, TOKENIZER_FILE, CheckpointMeta, read_meta
+from megatron_ext.checkpoint.mistral_native import config_from_params, convert_name, interleaved_to_half, rope_heads
+from megatron_ext.checkpoint.safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsSource
+from megatron_ext.checkpoint.shapes import decoder_shapes, encoder_shapes, to_hf_names
+from megatron_ext.checkpoint.torch_dist_io import TorchDistReader, is_torch_dist
+from megatron_ext.config import ConfigError, ModelConfig, RopeConfig
+
+Kind = Literal["hf", "native", "torch_dist"]
+Naming = Literal["hf", "megatron"]
+SCALE_SUFFIX = "_scale_inv"
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CONFIG_ERRORS = (ConfigError, KeyError, TypeError, ValueError)
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """XXH3-128 of a tensor's bytes: a non-cryptographic digest at memory speed (identifies, not authenticates)."""
+    return xxhash.xxh3_128_hexdigest(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+class Source:
+    """An opened checkpoint: model config, tokenizer file and a lazy table of tensors (names, shapes, dtypes)."""
+
+    kind: Kind
+    naming: Naming
+    directory: Path
+    cfg: ModelConfig
+    description: str
+    files: list[Path]  # the files the tensors and config come from (hashed as the sources of a conversion)
+    tokenizer: Path | None
+    config_bytes: bytes  # config.json, params.json or checkpoint_meta.json as stored
+    meta: CheckpointMeta | None = None
+
+    @property
+    def names(self) -> list[str]:
+        raise NotImplementedError
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def dtype(self, name: str) -> torch.dtype:
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:
+        """The full tensor `name` as the model sees it (dequantised, rope rows permuted)."""
+        raise NotImplementedError
+
+    def reads_rows(self, name: str) -> bool:
+        """True when `read_rows` can map a row range of `name` straight from its file."""
+        return False
+
+    def read_rows(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Rows [start, stop) of a tensor stored as is (`reads_rows`), mapped from its file."""
+        raise CheckpointError(f"{self.directory}: tensor {name} is not stored as read; it cannot be read by rows")
+
+    def content_digest(self, digests: Mapping[str, str]) -> str:
+        """sha256 over config, tokenizer and the tensor table with each tensor's digest (`tensor_digest`)."""
+        h = hashlib.sha256(self.config_bytes + (self.tokenizer.read_bytes() if self.tokenizer else b""))
+        for name in sorted(self.names):
+            h.update(f"{name}|{self.dtype(name)}|{list(self.shape(name))}|{digests.get(name, 'unread')}\n".encode())
+        return h.hexdigest()
+
+    def megatron(self) -> Source:
+        """This checkpoint under Megatron names (itself when already Megatron-named)."""
+        return self if self.naming == "megatron" else MegatronView(self)
+
+    def close(self) -> None:
+        """Release open files (torch_dist)."""
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_names(directory: Path, have: set[str], expected: set[str], what: str) -> None:
+    missing, unknown = sorted(expected - have), sorted(have - expected)
+    if missing:
+        raise CheckpointError(f"{directory}: missing {what} tensors: {', '.join(missing)}")
+    if unknown:
+        raise CheckpointError(f"{directory}: unknown {what} tensors: {', '.join(unknown)}")
+
+
+def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape implied by `cfg` in its own HF layout."""
+    shapes = to_hf_names(decoder_shapes(cfg.decoder), cfg.hf_architecture)  # type: ignore[arg-type]
+    if cfg.encoder is not None:
+        shapes |= encoder_shapes(cfg)
+        if cfg.hf_architecture == "voxtral":
+            shapes[mapping.HF_POSITIONS] = (cfg.encoder.max_source_positions, cfg.encoder.hidden_size)
+    return shapes
+
+
+def _read_json(path: Path) -> tuple[dict[str, Any], bytes]:
+    try:
+        raw = path.read_bytes()
+        data = json.loads(raw)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(data).__name__}, not an object")
+    return data, raw
+
+
+def _native_arch(params: dict[str, Any]) -> str:
+    if params.get("multimodal"):
+        return "voxtral"
+    return "ministral3" if params.get("yarn") or params.get("llama_4_scaling") else "mistral"
+
+
+def _native_config(path: Path) -> tuple[ModelConfig, bytes]:
+    params, raw = _read_json(path)
+    try:
+        return config_from_params(params, _native_arch(params)), raw
+    except _CONFIG_ERRORS as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def _hf_config(path: Path) -> tuple[ModelConfig, dict[str, Any], bytes]:
+    hf, raw = _read_json(path)
+    try:
+        return ModelConfig.from_hf(hf), hf, raw
+    except _CONFIG_ERRORS as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def _config_diff(a: ModelConfig, b: ModelConfig) -> str | None:
+    """First architecture field where two configs disagree (the HF layout name is not compared)."""
+    da, db = a.to_dict(), b.to_dict()
+    for section in ("decoder", "encoder", "audio_token_id"):
+        x, y = da.get(section), db.get(section)
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in x:
+                if x[k] != y.get(k):
+                    return f"{section}.{k}: {x[k]} vs {y.get(k)}"
+        elif x != y:
+            return f"{section}: {x} vs {y}"
+    return None
+
+
+def rope_from_file(path: Path) -> RopeConfig:
+    """Rope settings from an HF `config.json` or a Mistral-native `params.json` (for --rope-from)."""
+    data, _ = _read_json(path)
+    if "n_layers" in data:
+        return _native_config(path)[0].decoder.rope
+    return _hf_config(path)[0].decoder.rope
+
+
+def _tokenizer(directory: Path) -> Path | None:
+    tok = directory / TOKENIZER_FILE
+    return tok if tok.is_file() else None
+
+
+class HFCheckpoint(Source):
+    """HF safetensors (single file or index + shards); FP8 tensors with `weight_scale_inv` dequantised on read."""
+
+    kind = "hf"
+    naming = "hf"
+
+    def __init__(self, directory: Path, native_cfg: ModelConfig | None = None, check_layout: bool = True) -> None:
+        self.directory = directory
+        cfg_path = directory / "config.json"
+        self.cfg, hf, self.config_bytes = _hf_config(cfg_path)
+        if native_cfg is not None and (diff := _config_diff(self.cfg, native_cfg)):
+            raise CheckpointError(f"{directory}: config.json and params.json disagree on {diff}")
+        self.src = src = SafetensorsSource(directory)
+        dtype_name = hf.get("dtype") or hf.get("torch_dtype") or (hf.get("text_config") or {}).get("dtype")
+        self.target = TORCH_DTYPES.get(dtype_name or "", torch.bfloat16)
+        scales = {n for n in src.names() if n.endswith(SCALE_SUFFIX)}
+        self.fp8 = {n.removesuffix(SCALE_SUFFIX) for n in scales}
+        self._names = [n for n in src.names() if n not in scales]
+        shapes = expected_hf_shapes(self.cfg)
+        if check_layout:
+            _check_names(directory, set(self._names), set(shapes), "HF")
+        orphans = sorted(self.fp8 - set(self._names))
+        if orphans:
+            raise CheckpointError(
+                f"{directory}: scales without a weight: {', '.join(o + SCALE_SUFFIX for o in orphans)}"
+            )
+        for name in shapes if check_layout else self._names:
+            if check_layout and src.shape(name) != shapes[name]:
+                raise CheckpointError(
+                    f"{directory}: tensor {name} has shape {list(src.shape(name))}, config says {list(shapes[name])}"
+                )
+            dt = src.dtype(name)
+            if name in self.fp8:
+                if dt not in FP8_DTYPES:
+                    raise CheckpointError(f"{directory}: {name} has a weight_scale_inv but dtype {dt}, not FP8")
+            elif check_layout and dtype_name and dt != self.target:
+                raise CheckpointError(f"{directory}: tensor {name} is {dt}, config.json says {dtype_name}")
+            elif dt in FP8_DTYPES:
+                raise CheckpointError(f"{directory}: FP8 tensor {name} has no weight_scale_inv")
+        layout = "sharded" if (directory / INDEX_FILE).is_file() else "single file"
+        dequant = f", FP8 dequantised to {str(self.target).removeprefix('torch.')}" if self.fp8 else ""
+        arch = (hf.get("architectures") or ["?"])[0]
+        self.description = f"HF {arch} ({self.cfg.hf_architecture} layout, {layout}, {len(src.files)} file(s){dequant})"
+        self.files = src.files + [cfg_path]
+        self.tokenizer = _tokenizer(directory)
+
+    @property
+    def names(self) -> list[str]:
+        return self._names
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.src.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.target if name in self.fp8 else self.src.dtype(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self.src.get(name)
+        if name in self.fp8:  # per-tensor (or per-block, broadcastable) FP8 dequantisation
+            scale = self.src.get(name + SCALE_SUFFIX).to(torch.float32)
+            t = (t.to(torch.float32) * scale).to(self.target)
+        return t
+
+    def reads_rows(self, name: str) -> bool:
+        return name in self.src and name not in self.fp8
+
+    def read_rows(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        if name in self.fp8:
+            return super().read_rows(name, rows)
+        return self.src.get(name, rows)
+
+
+class NativeCheckpoint(Source):
+    """Mistral-native `consolidated*.safetensors` + `params.json`, presented under HF names and layout."""
+
+    kind = "native"
+    naming = "hf"
+
+    def __init__(self, directory: Path, check_layout: bool = True) -> None:
+        self.directory = directory
+        params_path = directory / "params.json"
+        self.cfg, self.config_bytes = _native_config(params_path)
+        if (directory / "config.json").is_file():
+            hf_cfg = _hf_config(directory / "config.json")[0]
+            if diff := _config_diff(hf_cfg, self.cfg):
+                raise CheckpointError(f"{directory}: config.json and params.json disagree on {diff}")
+        files = sorted(p.name for p in directory.glob("consolidated*.safetensors"))
+        self.src = src = SafetensorsSource(directory, files)
+        self._stored: dict[str, str] = {}
+        unknown = []
+        for n in src.names():
+            try:
+                self._stored[convert_name(n, self.cfg.hf_architecture, to_hf=True)] = n
+            except KeyError:
+                unknown.append(n)
+        if unknown:
+            raise CheckpointError(f"{directory}: unknown Mistral-native tensors: {', '.join(sorted(unknown))}")
+        expected = expected_hf_shapes(self.cfg)
+        self._shapes = {n: src.shape(native) for n, native in self._stored.items()}
+        if check_layout:
+            stored = {n: s for n, s in expected.items() if n != mapping.HF_POSITIONS}
+            _check_names(directory, set(self._stored), set(stored), "Mistral-native (as HF)")
+            for name, shape in stored.items():
+                if self._shapes[name] != shape:
+                    raise CheckpointError(
+                        f"{directory}: tensor {self._stored[name]} has shape {list(self._shapes[name])}, "
+                        f"params.json says {list(shape)}"
+                    )
+        if mapping.HF_POSITIONS in expected:  # not stored natively: recomputed on read
+            self._shapes[mapping.HF_POSITIONS] = expected[mapping.HF_POSITIONS]
+        arch = self.cfg.hf_architecture
+        self.description = f"Mistral-native ({arch} model, {len(files)} file(s) + params.json, rope rows permuted)"
+        self.files = src.files + [params_path]
+        self.tokenizer = _tokenizer(directory)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        if name == mapping.HF_POSITIONS:
+            return self.dtype("audio_tower.conv1.weight")
+        return self.src.dtype(self._stored[name])
+
+    def get(self, name: str) -> torch.Tensor:
+        if name == mapping.HF_POSITIONS:  # not stored natively: recomputed as on the Megatron path
+            e = self.cfg.encoder
+            assert e is not None
+            return sinusoids(e.max_source_positions, e.hidden_size).to(self.dtype(name))
+        if name not in self._stored:
+            raise CheckpointError(f"{self.directory}: tensor {name!r} not found")
+        t = self.src.get(self._stored[name])
+        heads = rope_heads(name, self.cfg)
+        if not heads:
+            return t
+        if t.dim() != 2 or t.shape[0] % (2 * heads):
+            raise CheckpointError(
+                f"{self.directory}: tensor {self._stored[name]} {list(t.shape)} has no {heads} rope heads"
+            )
+        return interleaved_to_half(t, heads).contiguous()
+
+
+class TorchDistCheckpoint(Source):
+    """Megatron torch_dist with our `checkpoint_meta.json`, under Megatron names (DCP metadata read safely)."""
+
+    kind = "torch_dist"
+    naming = "megatron"
+
+    def __init__(self, directory: Path, rope_from: Path | None = None, check_layout: bool = True) -> None:
+        self.directory = directory
+        meta_path = directory / META_FILE
+        data, raw = _read_json(meta_path) if meta_path.is_file() else ({}, b"")
+        decoder = data.get("model", {}).get("decoder", {"rope": None}) if isinstance(data.get("model"), dict) else {}
+        if rope_from is not None and isinstance(decoder, dict) and "rope" not in decoder:
+            # Metadata without rope settings: take them from the parent's config (--rope-from), then validate.
+            decoder["rope"] = dataclasses.asdict(rope_from_file(rope_from))
+            try:
+                self.cfg = ModelConfig.from_dict(data["model"])
+            except _CONFIG_ERRORS as exc:
+                raise CheckpointError(f"{meta_path}: {exc}") from None
+        else:
+            self.meta = read_meta(directory)
+            self.cfg = self.meta.model
+            raw = meta_path.read_bytes()
+        self.config_bytes = raw
+        self.reader = TorchDistReader(directory)
+        if check_layout:
+            _check_names(directory, set(self.reader.names()), set(mapping.megatron_names(self.cfg)), "Megatron")
+        audio = ", with audio stack" if self.cfg.has_audio else ""
+        self.description = f"Megatron torch_dist ({self.cfg.hf_architecture} model{audio})"
+        self.files = sorted(p for p in directory.iterdir() if p.suffix == ".distcp") + [directory / ".metadata"]
+        self.tokenizer = _tokenizer(directory)
+
+    @property
+    def names(self) -> list[str]:
+        return self.reader.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.reader.info(name).shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.reader.info(name).dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.reader.get(name)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class MegatronView(Source):
+    """An HF-named source under Megatron names (`checkpoint/mapping.py` rules; qkv and gate/up fused on read)."""
+
+    naming = "megatron"
+
+    def __init__(self, hf: Source) -> None:
+        self.hf = hf
+        self.kind, self.directory, self.cfg, self.description = hf.kind, hf.directory, hf.cfg, hf.description
+        self.files, self.tokenizer, self.config_bytes = hf.files, hf.tokenizer, hf.config_bytes
+        self.rules = {r.megatron: r for r in mapping.rules(hf.cfg)}
+        have = set(hf.names)
+        missing = [h for r in self.rules.values() for h in r.hf if h not in have]
+        if missing:
+            raise CheckpointError(f"{hf.directory}: missing tensors for the Megatron layout: {', '.join(missing[:4])}")
+        self._get = mapping.megatron_getter(hf.cfg, hf.get)
+        empty = mapping.megatron_getter(hf.cfg, lambda h: torch.empty(hf.shape(h), dtype=hf.dtype(h), device="meta"))
+        self._meta = {name: self._fuse(empty, name) for name in self.rules}  # shapes and dtypes, nothing read
+
+    def _fuse(self, getter: mapping.Getter, name: str) -> torch.Tensor:
+        try:
+            return getter(name)
+        except mapping.MappingError as exc:
+            raise CheckpointError(f"{self.directory}: {exc}") from None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.rules)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._meta[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._meta[name].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        """The fused tensor (KeyError for a name outside the layout, as `mapping.megatron_getter`)."""
+        return self._fuse(self._get, name)
+
+    def close(self) -> None:
+        self.hf.close()
+
+
+def open_checkpoint(directory: Path, rope_from: Path | None = None, check_layout: bool = True) -> Source:
+    """Detect the format of `directory` and open it lazily; every bad input raises a one-line CheckpointError.
+
+    `rope_from` (an HF config.json or params.json) supplies rope settings a torch_dist metadata lacks.
+    `check_layout=False` skips matching tensor names and shapes against the config (the merge plans and
+    reports those per tensor itself); files, headers and FP8 scales are checked either way."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: input directory does not exist")
+    if is_torch_dist(d) or (d / META_FILE).is_file():
+        return TorchDistCheckpoint(d, rope_from, check_layout)
+    has_hf = (d / SINGLE_FILE).is_file() or (d / INDEX_FILE).is_file()
+    has_native = any(d.glob("consolidated*.safetensors"))
+    if has_hf and has_native:
+        raise CheckpointError(f"{d}: holds both HF (model*.safetensors) and Mistral-native (consolidated*) weights")
+    if has_hf:
+        if not (d / "config.json").is_file():
+            raise CheckpointError(f"{d}: HF weights without config.json")
+        native_cfg = _native_config(d / "params.json")[0] if (d / "params.json").is_file() else None
+        return HFCheckpoint(d, native_cfg, check_layout)
+    if has_native:
+        if not (d / "params.json").is_file():
+            raise CheckpointError(f"{d}: consolidated.safetensors without params.json")
+        return NativeCheckpoint(d, check_layout)
+    raise CheckpointError(f"{d}: no model.safetensors, index, consolidated.safetensors or torch_dist checkpoint found")
