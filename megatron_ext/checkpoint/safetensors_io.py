@@ -134,7 +134,8 @@ def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
         raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is a JSON {type(header).__name__}, not an object")
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", None)
+    meta = {} if meta is None else meta
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise CheckpointError(f"{path}: __metadata__ is not an object of strings")
     base = 8 + n

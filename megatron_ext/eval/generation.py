@@ -8,7 +8,6 @@ model engineer's log-mel front-end (one clip at a time, as Voxtral prepares audi
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -78,13 +77,19 @@ class HFGenerator:
 
     @classmethod
     def from_hf_dir(cls, checkpoint: str | Path) -> HFGenerator:
-        """Load an HF checkpoint directory (config.json + safetensors)."""
+        """Load an HF checkpoint directory (config.json + safetensors), validated by the shared reader first
+        and loaded by transformers from safetensors only (a `pytorch_model.bin` pickle is never read)."""
+        from megatron_ext.checkpoint.atomic import CheckpointError
+        from megatron_ext.checkpoint.source import open_checkpoint
+
+        with open_checkpoint(Path(checkpoint)) as source:
+            if source.kind != "hf":
+                raise CheckpointError(f"{checkpoint}: {source.description}, not an HF checkpoint")
+            audio = source.cfg.hf_architecture == "voxtral"
         from transformers import AutoModelForCausalLM, VoxtralForConditionalGeneration
 
-        architectures = json.loads((Path(checkpoint) / "config.json").read_text()).get("architectures", [])
-        audio = "VoxtralForConditionalGeneration" in architectures
         model_cls = VoxtralForConditionalGeneration if audio else AutoModelForCausalLM
-        model = model_cls.from_pretrained(str(checkpoint), dtype=torch.float32, use_safetensors=True)  # never a pickle
+        model = model_cls.from_pretrained(str(checkpoint), dtype=torch.float32, use_safetensors=True)
         return cls(model, f"hf:{Path(checkpoint).name}")
 
     @classmethod
