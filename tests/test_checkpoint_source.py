@@ -148,6 +148,25 @@ def test_merge_of_native_parents_equals_merge_of_hf_parents(method: str, tiny_di
     assert {p["format"] for p in prov["parents"].values()} == {"native"}
 
 
+def test_megatron_output_from_native_parents_equals_hf_parents(tiny_dir: Path, tmp_path: Path) -> None:
+    """torch_dist output: native parents under Megatron names (fused on read) give the HF parents' tensors."""
+    outs = {}
+    for kind in ("hf", "native"):
+        job = MergeJob(
+            tiny_dir / f"devstral-{kind}",
+            tiny_dir / f"voxtral-{kind}",
+            tmp_path / kind,
+            MergeParams("slerp", 0.3),
+            rope_from="voxtral",
+            out_format="megatron",
+            progress=False,
+        )
+        run_merge(job)
+        with open_checkpoint(tmp_path / kind) as src:
+            outs[kind] = {n: src.get(n).clone() for n in src.names}
+    _assert_equal(outs["native"], outs["hf"])
+
+
 def test_merge_of_fp8_parent_equals_merge_of_its_dequantised_copy(tiny_dir: Path, tmp_path: Path) -> None:
     """Tolerance 0 (bit-exact): the FP8 parent is dequantised on read exactly as the converter writes it, so
     merging it equals merging its dequantised HF export; DELLA too (its draws are seeded per tensor)."""

@@ -36,7 +36,7 @@ Naming = Literal["hf", "megatron"]
 SCALE_SUFFIX = "_scale_inv"
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_CONFIG_ERRORS = (ConfigError, KeyError, TypeError, ValueError)
+_CONFIG_ERRORS = (ConfigError, KeyError, TypeError, ValueError, AttributeError)
 
 
 def tensor_digest(t: torch.Tensor) -> str:
