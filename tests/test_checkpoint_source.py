@@ -369,3 +369,35 @@ if __name__ == "__main__":
     md = read_dcp_metadata(out / DCP_METADATA)
     assert md.state_dict_metadata["a"].size == torch.Size([4, 3])
     check_torch_dist(out)
+
+
+def test_fuzzed_headers_and_truncations_error_or_read_the_original(tiny_dir: Path, tmp_path: Path) -> None:
+    """200 seeded variants (a random header byte changed, or the file cut short): each is one CheckpointError
+    or, where the change left the header equivalent (padding, metadata value), reads the original tensors."""
+    import random
+
+    src_dir = tiny_dir / "devstral-hf"
+    raw = (src_dir / "model.safetensors").read_bytes()
+    header_end = 8 + struct.unpack("<Q", raw[:8])[0]
+    original = load_file(src_dir / "model.safetensors")
+    d = tmp_path / "fuzz"
+    shutil.copytree(src_dir, d)
+    rng = random.Random(0)
+    outcomes = {"error": 0, "same": 0}
+    for _ in range(200):
+        if rng.random() < 0.75:
+            pos = rng.randrange(header_end)
+            variant = raw[:pos] + bytes([rng.randrange(256)]) + raw[pos + 1 :]
+        else:
+            variant = raw[: rng.randrange(len(raw))]
+        (d / "model.safetensors").write_bytes(variant)
+        try:
+            with open_checkpoint(d) as src:
+                got = {n: src.get(n) for n in src.names}
+        except CheckpointError as exc:
+            assert "\n" not in str(exc) and str(d) in str(exc), str(exc)
+            outcomes["error"] += 1
+            continue
+        _assert_equal(got, original)
+        outcomes["same"] += 1
+    assert outcomes["error"] > 100, outcomes
