@@ -348,6 +348,19 @@ def test_torch_dist_relative_path_escape_is_refused(voxtral_td: Path, tmp_path: 
     _one_line(exc, str(bad / DCP_METADATA), "not a plain file name")
 
 
+def test_torch_dist_chunk_outside_its_tensor_is_refused(voxtral_td: Path, tmp_path: Path) -> None:
+    """Allowed classes with inconsistent values (a chunk reaching past its tensor): one line, not a traceback."""
+    bad = tmp_path / "td"
+    shutil.copytree(voxtral_td, bad)
+    md = read_dcp_metadata(bad / DCP_METADATA)
+    key, sm = next((k, v) for k, v in md.state_dict_metadata.items() if hasattr(v, "chunks"))
+    sm.chunks[0].sizes = torch.Size([s + 1 for s in sm.chunks[0].sizes])
+    _plant(bad, DCP_METADATA, pickle.dumps(md))
+    with pytest.raises(CheckpointError) as exc:
+        open_checkpoint(bad)
+    _one_line(exc, str(bad / DCP_METADATA), key, "inconsistent size")
+
+
 def test_megatron_saved_metadata_passes_the_allow_list(tmp_path: Path) -> None:
     """A real Megatron-Core `dist_checkpointing.save` (tensor + object, with its planner data) is accepted."""
     script = """

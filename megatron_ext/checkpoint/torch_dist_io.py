@@ -244,11 +244,50 @@ def read_dcp_metadata(path: Path) -> Metadata:
         raise CheckpointError(f"{path}: unreadable DCP metadata ({type(exc).__name__}: {exc})") from None
     if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict):
         raise CheckpointError(f"{path}: not DCP metadata (holds {type(md).__name__})")
+    for key, sm in md.state_dict_metadata.items():
+        _check_entry(path, key, sm)
     if not isinstance(md.storage_data, dict | None):
         raise CheckpointError(f"{path}: storage_data is {type(md.storage_data).__name__}, not a dict")
-    for rel in {info.relative_path for info in (md.storage_data or {}).values() if isinstance(info, _StorageInfo)}:
+    for index, info in (md.storage_data or {}).items():
+        if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo):
+            raise CheckpointError(f"{path}: storage_data holds {type(index).__name__} -> {type(info).__name__}")
+        if not (isinstance(info.relative_path, str) and _sizes(info.offset, info.length)):
+            raise CheckpointError(f"{path}: storage entry of {index.fqn!r} has a bad path, offset or length")
+    for rel in {info.relative_path for info in (md.storage_data or {}).values()}:
         confined(path.parent, rel, path, "data file")
     return md
+
+
+def _sizes(*values: object) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+
+
+def _chunk_fits(chunk: object, size: torch.Size) -> bool:
+    """A chunk of a tensor of `size`: same rank, non-negative offsets and sizes, inside the tensor."""
+    if not isinstance(chunk, ChunkStorageMetadata) or not all(
+        isinstance(v, tuple) for v in (chunk.offsets, chunk.sizes)
+    ):
+        return False
+    if not len(chunk.offsets) == len(chunk.sizes) == len(size):
+        return False
+    spans = zip(chunk.offsets, chunk.sizes, size, strict=True)
+    return _sizes(*chunk.offsets, *chunk.sizes) and all(o + n <= d for o, n, d in spans)
+
+
+def _check_entry(path: Path, key: object, sm: object) -> None:
+    """One state-dict entry of DCP metadata: bytes, or a tensor whose chunks have its rank and lie inside it."""
+    if not isinstance(key, str) or not isinstance(sm, TensorStorageMetadata | BytesStorageMetadata):
+        raise CheckpointError(f"{path}: entry {key!r} is a {type(sm).__name__}, not tensor or bytes metadata")
+    if isinstance(sm, BytesStorageMetadata):
+        return
+    size = sm.size
+    ok = (
+        isinstance(size, torch.Size)
+        and _sizes(*size)
+        and isinstance(getattr(sm.properties, "dtype", None), torch.dtype)
+    )
+    if not (ok and isinstance(sm.chunks, list) and all(_chunk_fits(c, size) for c in sm.chunks)):
+        raise CheckpointError(f"{path}: tensor {key!r} has an inconsistent size, dtype or chunk list")
 
 
 def check_torch_dist(directory: Path) -> None:
