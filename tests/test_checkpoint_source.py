@@ -197,7 +197,14 @@ def test_crafted_dcp_metadata_never_runs(voxtral_td: Path, tmp_path: Path) -> No
     shutil.copytree(voxtral_td, bad)
     marker = tmp_path / "pwned"
     _plant(bad, DCP_METADATA, pickle.dumps(_Payload(marker)))
-    for attempt in (lambda: open_checkpoint(bad), lambda: check_torch_dist(bad), lambda: open_parent(bad, "megatron")):
+    from megatron_ext.training.checkpointing import Checkpointer
+
+    attempts = (
+        lambda: open_checkpoint(bad),
+        lambda: open_parent(bad, "megatron"),
+        lambda: Checkpointer.load(bad, None, None, None),  # validated before Megatron-Core sees the directory
+    )
+    for attempt in attempts:
         with pytest.raises(ValueError) as exc:
             attempt()
         _one_line(exc, str(bad / DCP_METADATA), "posix.system is not allowed")

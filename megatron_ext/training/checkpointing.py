@@ -149,9 +149,9 @@ class Checkpointer:
     @staticmethod
     def load(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
         """Restore everything from `path`; returns its `extra` (data position, step, counters)."""
+        check_torch_dist(path)  # Megatron-Core unpickles .metadata freely: our allow-list reads it first
         template = _state(model, optimizer, scheduler, loading=True)
         template["extra"] = None
-        check_torch_dist(path)  # Megatron-Core unpickles .metadata freely: our allow-list reads it first
         loaded = dist_checkpointing.load(template, str(path))
         with torch.no_grad():  # fp32 main params are views of the (grad-requiring) model params
             model.load_state_dict(loaded["model"])
