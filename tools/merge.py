@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from megatron_ext.config import ConfigError, RopeConfig  # noqa: E402
+from megatron_ext.merge import accel  # noqa: E402
 from megatron_ext.merge.grid import run_grid  # noqa: E402
 from megatron_ext.merge.methods import METHODS, MergeParams  # noqa: E402
 from megatron_ext.merge.run import MergeError, MergeJob, run_merge  # noqa: E402
@@ -92,6 +93,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--shard-size-gb", type=float, default=5.0, help="maximum output shard size (GB)")
     p.add_argument("--grid", type=Path, help="grid YAML (defaults + runs); method flags are then taken from it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-accel",
+        action="store_true",
+        help=f"plain merge methods only: no fused kernels, kernel pool or row streaming (same output; {accel.ENV}=0)",
+    )
     return p.parse_args()
 
 
@@ -107,6 +113,8 @@ def explicit_rope(args: argparse.Namespace) -> RopeConfig | None:
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if args.no_accel:
+        os.environ[accel.ENV] = "0"
     try:
         params = MergeParams(
             method=args.method or "linear",

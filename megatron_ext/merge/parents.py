@@ -22,7 +22,7 @@ from megatron_ext.checkpoint.atomic import CheckpointError
 from megatron_ext.checkpoint.metadata import META_FILE, TOKENIZER_FILE, CheckpointMeta, read_meta
 from megatron_ext.checkpoint.torch_dist_io import TorchDistReader, is_torch_dist
 from megatron_ext.config import ConfigError, ModelConfig
-from megatron_ext.merge import bf16_kernels
+from megatron_ext.merge import accel
 from megatron_ext.merge.safetensors_io import Entry, SafetensorsError, read_header, read_tensor
 
 
@@ -223,12 +223,13 @@ class MegatronView(Parent):
 
 def is_finite(t: torch.Tensor) -> bool:
     """False when a floating tensor holds NaN or Inf: contiguous bf16 through its exponent bits
-    (`bf16_kernels.all_finite`), else min and max, which propagate NaN and expose +-Inf (`aminmax` reads
+    (`accel.all_finite`, when on), else min and max, which propagate NaN and expose +-Inf (`aminmax` reads
     the tensor once without temporaries, several times faster than a float32 sum)."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
-    if t.dtype == torch.bfloat16 and t.is_contiguous():
-        return bf16_kernels.all_finite(t)
+    fast = accel.all_finite(t)
+    if fast is not None:
+        return fast
     lo, hi = torch.aminmax(t.reshape(-1))
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 

@@ -28,9 +28,10 @@ import torch
 import xxhash
 
 from megatron_ext.checkpoint.direct_io import ALIGN, aligned_empty
+from megatron_ext.merge import accel
+from megatron_ext.merge.accel import KernelPool
 from megatron_ext.merge.embeddings import merge_vocab_rows
-from megatron_ext.merge.kernel_pool import KernelPool
-from megatron_ext.merge.methods import METHODS, MergeParams, RowMerge, TensorContext
+from megatron_ext.merge.methods import MergeParams, RowMerge, TensorContext
 from megatron_ext.merge.parents import HFParent, ParentError, check_finite, is_finite
 from megatron_ext.tokenizer.align import TokenizerAlignment
 
@@ -39,8 +40,15 @@ Source = tuple[HFParent, str]
 
 
 def streamable(method: str, dev: object, vox: object, base: object | None) -> bool:
-    """Row streaming covers linear and SLERP merges of two HF (safetensors) parents."""
-    return method in ("linear", "slerp") and base is None and isinstance(dev, HFParent) and isinstance(vox, HFParent)
+    """Row streaming covers linear and SLERP merges of two HF (safetensors) parents, with accelerations on
+    (the blocks are merged in a `KernelPool` by the accelerated methods' `rows`)."""
+    return (
+        accel.enabled()
+        and method in ("linear", "slerp")
+        and base is None
+        and isinstance(dev, HFParent)
+        and isinstance(vox, HFParent)
+    )
 
 
 class BlockBuffers:
@@ -100,7 +108,7 @@ def row_blocks(
 ) -> Iterator[torch.Tensor]:
     """The merged tensor (at least 1-D) as consecutive row blocks. `vocab` = (alignment, min_row_norm,
     on_stats) for the embedding and LM head; blocks are taken from `buffers` when given."""
-    method, srcs = METHODS[params.method], (dev, vox)
+    method, srcs = accel.method(params.method), (dev, vox)
     shape, dtype = dev[0].shape(dev[1]), dev[0].dtype(dev[1])
     rows = shape[0]
     row_bytes = dtype.itemsize * int(torch.Size(shape[1:]).numel())

@@ -34,6 +34,7 @@ from megatron_ext.checkpoint.direct_io import ALIGN, DirectWriter
 from megatron_ext.checkpoint.metadata import TOKENIZER_FILE, CheckpointMeta, command_line, sha256_file, write_meta
 from megatron_ext.checkpoint.torch_dist_io import TorchDistWriter
 from megatron_ext.config import ConfigError, ModelConfig, RopeConfig
+from megatron_ext.merge import accel
 from megatron_ext.merge.embeddings import merge_vocab_rows
 from megatron_ext.merge.methods import METHODS, MergeParams, TensorContext
 from megatron_ext.merge.names import classify, num_layers
@@ -228,7 +229,7 @@ def _produce(
             log.warning("shape mismatch, kept Voxtral's tensor: %s", item.out_name)
             summary.skipped_shape_mismatch.append(item.out_name)
         return vox
-    method = METHODS[job.params.method]
+    method = accel.method(job.params.method)
     ctx = TensorContext(item.out_name, item.layer, item.is_mlp)
     base = tensors.get("base") if method.uses_base else None
     if item.kind == "vocab":
@@ -369,7 +370,7 @@ def run_merge(job: MergeJob) -> Summary:
         job.params.validate()
     except ValueError as exc:
         raise MergeError(str(exc)) from None
-    METHODS[job.params.method].prepare()
+    accel.method(job.params.method).prepare()
     paths = [job.devstral, job.voxtral] + ([job.base] if job.base is not None else [])
     naming = detect_naming(paths, job.out_format)
     if naming == "megatron" and job.out_format == "hf":
