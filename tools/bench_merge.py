@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Benchmark our linear/SLERP merge against mergekit and the disk floor on synthetic Mistral-Small-shaped parents."""
+"""Benchmark our linear/SLERP/DELLA merges against mergekit and the disk floor on synthetic Mistral-Small-shaped
+parents."""
 
 import argparse
 import json
@@ -11,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # Transparent huge pages for torch's large CPU buffers: ~40x fewer page faults on multi-GB tensors.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from benchmarks.merge import child, run_benchmark  # noqa: E402
+from benchmarks.merge import METHODS, child, run_benchmark  # noqa: E402
 
 
 def main() -> None:
@@ -22,12 +23,19 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the generated parents")
     p.add_argument("--repeat", type=int, default=2, help="rounds of one run per kind; the fastest is reported")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument(
+        "--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)} (linear is needed)"
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.dir)))
         return
-    results = run_benchmark(args.dir, args.layers, args.big_layers, Path(__file__).resolve(), args.keep, args.repeat)
+    methods = tuple(args.methods.split(","))
+    if "linear" not in methods or not set(methods) <= set(METHODS):
+        p.error(f"--methods {args.methods}: a subset of {','.join(METHODS)} that includes linear")
+    tool = Path(__file__).resolve()
+    results = run_benchmark(args.dir, args.layers, args.big_layers, tool, args.keep, args.repeat, methods)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
