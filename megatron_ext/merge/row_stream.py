@@ -4,17 +4,17 @@ the embedding and the LM head.
 Merged whole, a tensor is merged into fresh memory and written with no overlap, and reading ahead of a
 multi-GB matrix would break the memory budget. Streamed, a `KernelPool` (one thread per core, single-
 threaded kernels) merges the next blocks while earlier ones are written; nothing large is allocated.
-Linear maps each block of both inputs from the files as it goes; SLERP maps the whole tensors once,
-since its coefficients come from the whole (`Method.rows`: chunk tasks in the same pool), then applies
-them block by block, hashing the inputs meanwhile (the coefficient passes are CPU-bound, the block writes
-are not: hashed alongside the coefficients, SLERP took 0.2 s longer). For the vocabulary matrices the
-special-token rows (the head of the matrix, tokenizer-aware rules in `embeddings.py`) come first, their
-inputs checked directly since some of their rows are not used. Blocks are whole 4 KiB runs where the row
-size allows (boundaries at multiples of the block size, so the stream re-aligns after the head), which the
-direct writer sends to the device from the block's own buffer. Blocks give the bits of the whole-tensor
-merge; input digests run over the tensor in order and equal the whole-tensor XXH3-128; NaN/Inf, which
-propagate through both methods, are looked for in the merged blocks (the inputs are checked only then, to
-name the tensor).
+Linear maps each block of both inputs from the files as it goes; SLERP maps the whole tensors once, since
+its coefficients come from the whole (the accelerated methods' `rows`: chunk tasks in the same pool),
+then applies them block by block, hashing the inputs meanwhile (the coefficient passes are CPU-bound, the
+block writes are not: hashed alongside the coefficients, SLERP took 0.2 s longer). For the vocabulary
+matrices the special-token rows (the head of the matrix, tokenizer-aware rules in `embeddings.py`) come
+first, their inputs checked directly since some of their rows are not used. Blocks are whole 4 KiB runs
+where the row size allows (boundaries at multiples of the block size, so the stream re-aligns after the
+head), which the direct writer sends to the device from the block's own buffer. Blocks give the bits of
+the whole-tensor merge; input digests run over the tensor in order and equal the whole-tensor XXH3-128;
+NaN/Inf, which propagate through both methods, are looked for in the merged blocks (the inputs are
+checked only then, to name the tensor).
 """
 
 from __future__ import annotations
