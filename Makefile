@@ -108,8 +108,11 @@ merge-grid: venv
 	$(PYTHON) tools/merge.py $(MERGE_COMMON) --grid $(MERGE_GRID) --output $(MERGE_GRID_OUT) $(MERGE_ARGS)
 
 # Ours vs mergekit vs disk floor on synthetic Mistral-Small-shaped parents (~3.8 GB each, deleted afterwards).
+# DELLA merges whole tensors in float32: ours peaks near 14 GB, mergekit's above 19 GB (BENCH_MERGE_METHODS=linear,slerp
+# leaves it out on smaller machines).
+BENCH_MERGE_METHODS ?= linear,slerp,della
 bench-merge: venv
-	$(PYTHON) tools/bench_merge.py --dir $(BUILD)/bench/merge --json $(BUILD)/bench_merge.json
+	$(PYTHON) tools/bench_merge.py --dir $(BUILD)/bench/merge --json $(BUILD)/bench_merge.json --methods $(BENCH_MERGE_METHODS)
 
 # Demo step: align the tiny parents' tokenizers, then merge them (linear, alpha 0.1) under build/demo/
 # (HF in, HF out; and torch_dist in, torch_dist out when demo-convert ran first, as in `make demo`).

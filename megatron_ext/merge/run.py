@@ -6,9 +6,10 @@ tokenizer-aware rules. Shards are written into `.<output>.partial-merge/` and re
 re-run with the same plan resumes after the last finished shard (DELLA draws are seeded per tensor,
 so a resumed result is identical). Reads run one tensor ahead in a thread and writes behind in another,
 so disk and compute overlap while at most a few tensors are in memory; for HF output a linear or SLERP
-merge streams every merged tensor in row blocks (`row_stream.py`), so merges and writes overlap. HF shards
-are written with O_DIRECT (`checkpoint/direct_io.py`): laid out so tensor data and the blocks' buffers sit
-on 4 KiB boundaries, they go to the device without the page-cache copy that took a core from the merge.
+merge with accelerations on (`accel/`) streams every merged tensor in row blocks (`row_stream.py`), so
+merges and writes overlap. HF shards are written with O_DIRECT (`checkpoint/direct_io.py`): laid out so
+tensor data and the blocks' buffers sit on 4 KiB boundaries, they go to the device without the page-cache
+copy that took a core from the merge.
 """
 
 from __future__ import annotations
