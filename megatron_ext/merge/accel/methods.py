@@ -155,11 +155,12 @@ class Linear(plain_linear.Linear):
         bf16_kernels.prepare()
 
     def merge(self, dev, vox, base, p, ctx, out=None):
-        return linear([dev, vox], [1.0 - p.alpha, p.alpha], out)
+        return linear([dev, vox], self.weights(p), out)
 
     def rows(self, p, dev=None, vox=None, pool=None) -> RowMerge:
         """A merge of any row block of the tensors."""
-        return lambda d, v, out: linear([d, v], [1.0 - p.alpha, p.alpha], out)
+        weights = self.weights(p)
+        return lambda d, v, out: linear([d, v], weights, out)
 
 
 class Slerp(plain_slerp.Slerp):

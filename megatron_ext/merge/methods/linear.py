@@ -6,9 +6,14 @@ divided by the weights' total, cast to the first input's dtype.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from megatron_ext.merge.methods.base import Method, chunks, compute_dtype, output
+
+if TYPE_CHECKING:
+    from megatron_ext.merge.methods import MergeParams
 
 
 def linear(tensors: list[torch.Tensor], weights: list[float], out: torch.Tensor | None = None) -> torch.Tensor:
@@ -29,5 +34,10 @@ class Linear(Method):
 
     name = "linear"
 
+    @staticmethod
+    def weights(p: MergeParams) -> list[float]:
+        """[Devstral's, Voxtral's] weight."""
+        return [1.0 - p.alpha, p.alpha]
+
     def merge(self, dev, vox, base, p, ctx, out=None):
-        return linear([dev, vox], [1.0 - p.alpha, p.alpha], out)
+        return linear([dev, vox], self.weights(p), out)
