@@ -108,8 +108,8 @@ merge-grid: venv
 	$(PYTHON) tools/merge.py $(MERGE_COMMON) --grid $(MERGE_GRID) --output $(MERGE_GRID_OUT) $(MERGE_ARGS)
 
 # Ours vs mergekit vs disk floor on synthetic Mistral-Small-shaped parents (~3.8 GB each, deleted afterwards).
-# DELLA merges whole tensors in float32: ours peaks near 14 GB, mergekit's above 19 GB (BENCH_MERGE_METHODS=linear,slerp
-# leaves it out on smaller machines).
+# DELLA runs on its own pair with a 32k vocabulary (whole float32 tensors: the 131k-row embedding would take 14 GB
+# of RSS in ours and over 19 GB in mergekit). BENCH_MERGE_METHODS picks a subset.
 BENCH_MERGE_METHODS ?= linear,slerp,della
 bench-merge: venv
 	$(PYTHON) tools/bench_merge.py --dir $(BUILD)/bench/merge --json $(BUILD)/bench_merge.json --methods $(BENCH_MERGE_METHODS)
