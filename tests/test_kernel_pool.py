@@ -9,8 +9,7 @@ import time
 import pytest
 import torch
 
-from megatron_ext.merge.accel.kernel_pool import KernelPool
-from megatron_ext.merge.accel.methods import GRAIN, threaded_sum
+from megatron_ext.merge.accel.kernel_pool import GRAIN, KernelPool, threaded_sum
 
 GEN = torch.Generator().manual_seed(0)
 

@@ -11,17 +11,14 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import torch
 
 import megatron_ext.merge.methods.linear as plain_linear
 import megatron_ext.merge.methods.slerp as plain_slerp
 from megatron_ext.merge.accel import bf16_kernels
-from megatron_ext.merge.accel.kernel_pool import KernelPool
+from megatron_ext.merge.accel.kernel_pool import KernelPool, split_sum, threaded_sum
 from megatron_ext.merge.methods.base import CHUNK, RowMerge, chunks, compute_dtype, output
-
-GRAIN = 32768  # at::internal::GRAIN_SIZE: torch splits a reduction across threads above this size
 
 
 def _bf16_pair(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -87,7 +84,7 @@ def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor, pool: Kerne
     def dot(s: slice) -> torch.Tensor:
         x, y = a[s], b[s]
         if fused and x.numel() >= bf16_kernels.LANES:  # below a vector, torch sums in 4 scalar partials
-            return _threaded(x.numel(), pool.threads, lambda p: bf16_kernels.products_sum(x[p], y[p], na, nb))
+            return split_sum(x.numel(), pool.threads, lambda p: bf16_kernels.products_sum(x[p], y[p], na, nb))
         return threaded_sum((x.to(dt) / na) * (y.to(dt) / nb), pool.threads)
 
     return plain_slerp.coefficients(t, torch.stack(pool.map(dot, parts)).sum())
@@ -119,23 +116,6 @@ def _fused_reductions_match() -> bool:
     return True
 
 
-def threaded_sum(x: torch.Tensor, threads: int) -> torch.Tensor:
-    """`x.sum()` of a 1-D tensor with the bits torch gives at `threads` intra-op threads, computed with
-    single-threaded kernels (call it from a `KernelPool` task)."""
-    return _threaded(x.numel(), threads, lambda s: x[s].sum())
-
-
-def _threaded(n: int, threads: int, piece_sum: Callable[[slice], torch.Tensor]) -> torch.Tensor:
-    """A sum over n elements split as torch splits it at `threads` threads, each piece summed by
-    `piece_sum` (a 0-d tensor): at::parallel_for cuts the range into min(threads, ceil(n / GRAIN)) equal
-    pieces summed into per-thread slots (zero-initialized, one per thread), then sums the slots."""
-    if n < GRAIN or threads == 1:
-        return piece_sum(slice(0, n))
-    step = -(-n // min(threads, -(-n // GRAIN)))
-    slots = [piece_sum(slice(i, i + step)) for i in range(0, n, step)]
-    return torch.stack(slots + [torch.zeros((), dtype=slots[0].dtype)] * (threads - len(slots))).sum()
-
-
 def slerp_rows(
     v0: torch.Tensor, v1: torch.Tensor, ca: float, cb: float, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -149,6 +129,8 @@ def slerp_rows(
 
 # ---- the accelerated method classes -----------------------------------------------------------------
 class Linear(plain_linear.Linear):
+    """`methods.linear.Linear` through the fused kernel, with `rows` for row streaming."""
+
     rows_need_whole = False  # `rows` needs no whole-tensor state
 
     def prepare(self) -> None:
@@ -164,6 +146,8 @@ class Linear(plain_linear.Linear):
 
 
 class Slerp(plain_slerp.Slerp):
+    """`methods.slerp.Slerp` in kernel-pool tasks and fused kernels, with `rows` for row streaming."""
+
     rows_need_whole = True  # the coefficients come from the whole tensors
 
     def prepare(self) -> None:
