@@ -112,8 +112,11 @@ merge-grid: venv
 	$(PYTHON) tools/merge.py $(MERGE_COMMON) --grid $(MERGE_GRID) --output $(MERGE_GRID_OUT) $(MERGE_ARGS)
 
 # Ours vs mergekit vs disk floor on synthetic Mistral-Small-shaped parents (~3.8 GB each, deleted afterwards).
+# DELLA runs on its own pair with a 32k vocabulary (whole float32 tensors: the 131k-row embedding would take 14 GB
+# of RSS in ours and over 19 GB in mergekit). BENCH_MERGE_METHODS picks a subset.
+BENCH_MERGE_METHODS ?= linear,slerp,della
 bench-merge: venv
-	$(PYTHON) tools/bench_merge.py --dir $(BUILD)/bench/merge --json $(BUILD)/bench_merge.json
+	$(PYTHON) tools/bench_merge.py --dir $(BUILD)/bench/merge --json $(BUILD)/bench_merge.json --methods $(BENCH_MERGE_METHODS)
 
 # Demo step: align the tiny parents' tokenizers, then merge them (linear, alpha 0.1) under build/demo/
 # (HF in, HF out; and torch_dist in, torch_dist out when demo-convert ran first, as in `make demo`).

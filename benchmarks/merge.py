@@ -1,14 +1,16 @@
-"""Merge benchmark: our linear/SLERP vs mergekit on one synthetic pair with Mistral-Small tensor shapes,
+"""Merge benchmark: our linear/SLERP/DELLA vs mergekit on one synthetic pair with Mistral-Small tensor shapes,
 and vs the disk floor (read both inputs + write the output once). Each measurement runs in a fresh child
 process that reports its own wall time (work only, interpreter start excluded) and peak RSS (VmHWM);
 every kind is measured once per round for `repeat` rounds, each run after a `sync` and a read of its
 inputs (warm page cache for every kind alike: the host pages cold files out), and its fastest run is
 reported (shared-machine noise is one-sided). A second, larger pair checks that our peak RSS stays flat
-in model size.
+in model size. DELLA (density 0.5, epsilon 0.1, lambda 1, l1 rescale; deltas against Devstral) runs on a
+third pair with a smaller vocabulary (`DELLA_VOCAB`), with its own disk floor.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -23,13 +25,17 @@ import torch
 from benchmarks.convert import peak_rss_gb
 from benchmarks.synthetic import write_mistral_view, write_pair
 from megatron_ext.checkpoint.direct_io import DirectWriter, aligned_empty
-from megatron_ext.config import EncoderConfig, mistral_small_decoder
+from megatron_ext.config import DecoderConfig, EncoderConfig, mistral_small_decoder
 from megatron_ext.merge.methods import MergeParams
 from megatron_ext.merge.run import MergeJob, run_merge
 
 GB = 1024**3
 
 
+METHODS = ("linear", "slerp", "della")
+# DELLA merges whole tensors in float32 (ours and mergekit's): on the 131k-row embedding that is 14 GB and
+# over 19 GB of peak RSS, so it runs on a pair whose largest tensors are the 32768 x 5120 MLP matrices.
+DELLA_VOCAB = 32768
 SMALL_ENCODER = EncoderConfig(num_layers=1, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4)
 
 
@@ -121,55 +127,77 @@ def _measure(kinds: list[str], root: Path, tool: Path, repeat: int) -> dict[str,
     return results
 
 
+def _pairs(layers: int, big_layers: int, methods: tuple[str, ...]) -> list[tuple[str, DecoderConfig, list[str]]]:
+    """(label, decoder, kinds) per generated pair: linear and SLERP on the main pair, linear again on the
+    bigger one (RSS flatness), DELLA on its own pair with a 32k vocabulary (`DELLA_VOCAB`)."""
+    sides = ("ours", "mergekit")
+    pairs = []
+    main = [f"{side}-{m}" for m in methods if m != "della" for side in sides]
+    if main:
+        pairs.append(("main", mistral_small_decoder(layers), ["floor", *main]))
+    if "linear" in methods:
+        pairs.append(("big", mistral_small_decoder(big_layers), ["ours-linear"]))
+    if "della" in methods:
+        della = dataclasses.replace(mistral_small_decoder(layers), vocab_size=DELLA_VOCAB)
+        pairs.append(("della", della, ["floor", *(f"{side}-della" for side in sides)]))
+    return pairs
+
+
 def run_benchmark(
-    root: Path, layers: int, big_layers: int, tool: Path, keep: bool = False, repeat: int = 2
+    root: Path,
+    layers: int,
+    big_layers: int,
+    tool: Path,
+    keep: bool = False,
+    repeat: int = 2,
+    methods: tuple[str, ...] = METHODS,
 ) -> dict[str, Any]:
-    """Generate the pairs under `root`, measure, print ratios; deletes generated data unless `keep`."""
+    """Generate the pairs under `root`, measure `methods` (ours and mergekit's), print ratios; deletes
+    generated data unless `keep`."""
     results: dict[str, Any] = {"cpu_count": os.cpu_count(), "layers": layers, "repeat": repeat}
     try:
-        for n_layers, kinds in (
-            (layers, ["floor", "ours-linear", "mergekit-linear", "ours-slerp", "mergekit-slerp"]),
-            (big_layers, ["ours-linear"]),
-        ):
-            d = root / f"pair{n_layers}"
+        for label, decoder, kinds in _pairs(layers, big_layers, methods):
+            d = root / label
             t0 = time.time()
-            dev, vox = write_pair(d, mistral_small_decoder(n_layers), SMALL_ENCODER, torch.bfloat16, fast=True)
+            dev, vox = write_pair(d, decoder, SMALL_ENCODER, torch.bfloat16, fast=True)
             if any(k.startswith("mergekit") for k in kinds):
                 write_mistral_view(vox, dev, d / "view")
             size = _dir_bytes(dev)
             print(
-                f"pair with {n_layers} layer(s): {size / GB:.2f} GB per parent (bf16), generated in "
-                f"{time.time() - t0:.0f} s",
+                f"{label} pair, {decoder.num_layers} layer(s), vocab {decoder.vocab_size}: {size / GB:.2f} GB per "
+                f"parent (bf16), generated in {time.time() - t0:.0f} s",
                 flush=True,
             )
-            results[f"layers{n_layers}"] = {"parent_gb": size / GB, **_measure(kinds, d, tool, repeat)}
+            results[label] = {"parent_gb": size / GB, **_measure(kinds, d, tool, repeat)}
             shutil.rmtree(d)
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
-    small, big = results[f"layers{layers}"], results[f"layers{big_layers}"]
-    largest = 131072 * 5120 * 2 / GB
-    ratios = {
-        "linear_vs_mergekit": small["ours-linear"]["wall_s"] / small["mergekit-linear"]["wall_s"],
-        "slerp_vs_mergekit": small["ours-slerp"]["wall_s"] / small["mergekit-slerp"]["wall_s"],
-        "linear_vs_floor": small["ours-linear"]["wall_s"] / small["floor"]["wall_s"],
-        "slerp_vs_floor": small["ours-slerp"]["wall_s"] / small["floor"]["wall_s"],
-        "rss_budget_gb": 2 + 3 * largest,
-        "rss_growth_gb": big["ours-linear"]["peak_rss_gb"] - small["ours-linear"]["peak_rss_gb"],
-    }
+
+    def pair(m: str) -> dict[str, Any]:
+        """The results of the pair method `m` ran on."""
+        return results["della" if m == "della" else "main"]
+
+    ratios: dict[str, float] = {}
+    for m in methods:
+        ratios[f"{m}_vs_mergekit"] = pair(m)[f"ours-{m}"]["wall_s"] / pair(m)[f"mergekit-{m}"]["wall_s"]
+        ratios[f"{m}_vs_floor"] = pair(m)[f"ours-{m}"]["wall_s"] / pair(m)["floor"]["wall_s"]
     results["ratios"] = ratios
-    print(
-        f"ours/mergekit wall: linear {ratios['linear_vs_mergekit']:.2f}x, slerp {ratios['slerp_vs_mergekit']:.2f}x "
-        "(goal <= 0.5x)"
-    )
-    print(
-        f"ours/disk floor wall: linear {ratios['linear_vs_floor']:.2f}x, slerp {ratios['slerp_vs_floor']:.2f}x "
-        "(goal <= 1.5x)"
-    )
-    print(
-        f"peak RSS budget 2 GB + 3 x largest tensor ({largest:.2f} GB) = {ratios['rss_budget_gb']:.2f} GB; ours: "
-        f"linear {small['ours-linear']['peak_rss_gb']:.2f}, slerp {small['ours-slerp']['peak_rss_gb']:.2f} GB; "
-        f"growth {layers}->{big_layers} layers ({big['parent_gb'] - small['parent_gb']:.1f} GB more per parent): "
-        f"{ratios['rss_growth_gb']:+.2f} GB"
-    )
+    mk = ", ".join(f"{m} {ratios[f'{m}_vs_mergekit']:.2f}x" for m in methods)
+    floor = ", ".join(f"{m} {ratios[f'{m}_vs_floor']:.2f}x" for m in methods)
+    print(f"ours/mergekit wall: {mk} (linear, SLERP goal <= 0.5x)")
+    print(f"ours/disk floor wall: {floor} (linear, SLERP goal <= 1.5x; DELLA against its own pair's floor)")
+    rss = ", ".join(f"{m} {pair(m)[f'ours-{m}']['peak_rss_gb']:.2f}" for m in methods)
+    rss_mk = ", ".join(f"{m} {pair(m)[f'mergekit-{m}']['peak_rss_gb']:.2f}" for m in methods)
+    print(f"peak RSS: ours {rss} GB; mergekit {rss_mk} GB")
+    if "linear" in methods:
+        small, big = results["main"], results["big"]
+        largest = 131072 * 5120 * 2 / GB
+        ratios["rss_budget_gb"] = 2 + 3 * largest
+        ratios["rss_growth_gb"] = big["ours-linear"]["peak_rss_gb"] - small["ours-linear"]["peak_rss_gb"]
+        print(
+            f"peak RSS budget 2 GB + 3 x largest tensor ({largest:.2f} GB) = {ratios['rss_budget_gb']:.2f} GB; "
+            f"growth {layers}->{big_layers} layers ({big['parent_gb'] - small['parent_gb']:.1f} GB more per "
+            f"parent): {ratios['rss_growth_gb']:+.2f} GB"
+        )
     return results

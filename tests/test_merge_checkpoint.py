@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_ext.checkpoint.direct_io import ALIGN
-from megatron_ext.merge.methods import MergeParams, linear
+from megatron_ext.merge.methods import MergeParams
+from megatron_ext.merge.methods.linear import linear
 from megatron_ext.merge.run import MergeError, MergeJob, run_merge
 from megatron_ext.tokenizer.align import TokenizerAlignment
 
@@ -102,7 +103,8 @@ def test_streamed_slerp_equals_the_whole_tensor_merge(
     whole tensors and of the whole-matrix vocabulary rules."""
     from megatron_ext.merge import row_stream
     from megatron_ext.merge.embeddings import merge_vocab_rows
-    from megatron_ext.merge.methods import METHODS, TensorContext, slerp
+    from megatron_ext.merge.methods import METHODS, TensorContext
+    from megatron_ext.merge.methods.slerp import slerp
 
     monkeypatch.setattr(row_stream, "BLOCK_BYTES", 7 * 96 * 4)
     params = MergeParams(method="slerp", alpha=0.3)

@@ -17,7 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from benchmarks.synthetic import write_mistral_view
-from megatron_ext.merge.methods import MergeParams, magprune, slerp, tensor_generator
+from megatron_ext.merge.accel import methods as accel_methods
+from megatron_ext.merge.methods import MergeParams
+from megatron_ext.merge.methods import slerp as plain_slerp
+from megatron_ext.merge.methods.della import magprune, tensor_generator
 from megatron_ext.merge.run import MergeJob, run_merge
 from megatron_ext.testing.mergekit_reference import mergekit_config, run_mergekit
 
@@ -181,9 +184,11 @@ def test_per_weight_rescale_is_unbiased() -> None:
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_slerp_kernel_matches_mergekit_over_chunks_and_threads(threads: int, dtype: torch.dtype) -> None:
-    """Tensors of 2.5 chunks (1 Mi elements each) at 1-3 intra-op threads, bit for bit: our chunk tasks run
-    single-threaded and reproduce the per-thread split of torch's sums (and bf16 runs the fused kernels)."""
+@pytest.mark.parametrize("slerp", [plain_slerp.slerp, accel_methods.slerp], ids=["plain", "accel"])
+def test_slerp_kernel_matches_mergekit_over_chunks_and_threads(threads: int, dtype: torch.dtype, slerp) -> None:
+    """Tensors of 2.5 chunks (1 Mi elements each) at 1-3 intra-op threads, bit for bit: the plain function,
+    and the accelerated one whose chunk tasks run single-threaded and reproduce the per-thread split of
+    torch's sums (and bf16 runs the fused kernels)."""
     from mergekit.merge_methods.slerp import slerp as mergekit_slerp
 
     g = torch.Generator().manual_seed(threads)

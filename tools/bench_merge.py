@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Benchmark our linear/SLERP merge against mergekit and the disk floor on synthetic Mistral-Small-shaped parents."""
+"""Benchmark our linear/SLERP/DELLA merges against mergekit and the disk floor on synthetic Mistral-Small-shaped
+parents."""
 
 import argparse
 import json
@@ -13,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # Transparent huge pages for torch's large CPU buffers: ~40x fewer page faults on multi-GB tensors.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from benchmarks.merge import child, run_benchmark  # noqa: E402
+from benchmarks.merge import METHODS, child, run_benchmark  # noqa: E402
 from megatron_ext.cli._errors import error_policy  # noqa: E402
 
 
@@ -27,12 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the generated parents")
     p.add_argument("--repeat", type=int, default=2, help="rounds of one run per kind; the fastest is reported")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.dir)))
         return 0
-    results = run_benchmark(args.dir, args.layers, args.big_layers, Path(__file__).resolve(), args.keep, args.repeat)
+    methods = tuple(args.methods.split(","))
+    if not set(methods) <= set(METHODS):
+        p.error(f"--methods {args.methods}: expected a subset of {','.join(METHODS)}")
+    tool = Path(__file__).resolve()
+    results = run_benchmark(args.dir, args.layers, args.big_layers, tool, args.keep, args.repeat, methods)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -17,6 +17,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from megatron_ext.cli._errors import error_policy  # noqa: E402
 from megatron_ext.config import RopeConfig  # noqa: E402
+from megatron_ext.merge import accel  # noqa: E402
 from megatron_ext.merge.grid import run_grid  # noqa: E402
 from megatron_ext.merge.methods import METHODS, MergeParams  # noqa: E402
 from megatron_ext.merge.run import MergeError, MergeJob, run_merge  # noqa: E402
@@ -92,6 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard-size-gb", type=float, default=5.0, help="maximum output shard size (GB)")
     p.add_argument("--grid", type=Path, help="grid YAML (defaults + runs); method flags are then taken from it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-accel",
+        action="store_true",
+        help=f"plain merge methods only: no fused kernels, kernel pool or row streaming (same output; {accel.ENV}=0)",
+    )
     return p.parse_args(argv)
 
 
@@ -110,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     """megatron-ext-merge: run one merge (or a grid of them), print what was written."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if args.no_accel:
+        os.environ[accel.ENV] = "0"  # the switch every accel.enabled() of this process reads
     params = MergeParams(
         method=args.method or "linear",
         alpha=args.alpha,

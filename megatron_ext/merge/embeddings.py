@@ -16,7 +16,8 @@ from collections import Counter
 
 import torch
 
-from megatron_ext.merge.methods import MergeParams, Method, RowMerge, TensorContext, linear
+from megatron_ext.merge.methods import MergeParams, Method, RowMerge, TensorContext
+from megatron_ext.merge.methods.linear import linear
 from megatron_ext.tokenizer.align import TokenizerAlignment
 
 # Common specials taken from Voxtral as they are, per method: SLERP keeps the transcription control rows.

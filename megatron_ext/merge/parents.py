@@ -20,7 +20,7 @@ from megatron_ext.checkpoint.source import Source, open_checkpoint, tensor_diges
 from megatron_ext.checkpoint.torch_dist_io import is_torch_dist
 from megatron_ext.config import ModelConfig
 from megatron_ext.errors import ProjectError
-from megatron_ext.merge import bf16_kernels
+from megatron_ext.merge import accel
 
 
 class ParentError(ProjectError, ValueError):
@@ -88,12 +88,13 @@ class HFParent(Parent):
 
 def is_finite(t: torch.Tensor) -> bool:
     """False when a floating tensor holds NaN or Inf: contiguous bf16 through its exponent bits
-    (`bf16_kernels.all_finite`), else min and max, which propagate NaN and expose +-Inf (`aminmax` reads
+    (`accel.all_finite`, when on), else min and max, which propagate NaN and expose +-Inf (`aminmax` reads
     the tensor once without temporaries, several times faster than a float32 sum)."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
-    if t.dtype == torch.bfloat16 and t.is_contiguous():
-        return bf16_kernels.all_finite(t)
+    fast = accel.all_finite(t)
+    if fast is not None:
+        return fast
     lo, hi = torch.aminmax(t.reshape(-1))
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 

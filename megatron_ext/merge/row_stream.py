@@ -4,17 +4,17 @@ the embedding and the LM head.
 Merged whole, a tensor is merged into fresh memory and written with no overlap, and reading ahead of a
 multi-GB matrix would break the memory budget. Streamed, a `KernelPool` (one thread per core, single-
 threaded kernels) merges the next blocks while earlier ones are written; nothing large is allocated.
-Linear maps each block of both inputs from the files as it goes; SLERP maps the whole tensors once,
-since its coefficients come from the whole (`Method.rows`: chunk tasks in the same pool), then applies
-them block by block, hashing the inputs meanwhile (the coefficient passes are CPU-bound, the block writes
-are not: hashed alongside the coefficients, SLERP took 0.2 s longer). For the vocabulary matrices the
-special-token rows (the head of the matrix, tokenizer-aware rules in `embeddings.py`) come first, their
-inputs checked directly since some of their rows are not used. Blocks are whole 4 KiB runs where the row
-size allows (boundaries at multiples of the block size, so the stream re-aligns after the head), which the
-direct writer sends to the device from the block's own buffer. Blocks give the bits of the whole-tensor
-merge; input digests run over the tensor in order and equal the whole-tensor XXH3-128; NaN/Inf, which
-propagate through both methods, are looked for in the merged blocks (the inputs are checked only then, to
-name the tensor).
+Linear maps each block of both inputs from the files as it goes; SLERP maps the whole tensors once, since
+its coefficients come from the whole (the accelerated methods' `rows`: chunk tasks in the same pool),
+then applies them block by block, hashing the inputs meanwhile (the coefficient passes are CPU-bound, the
+block writes are not: hashed alongside the coefficients, SLERP took 0.2 s longer). For the vocabulary
+matrices the special-token rows (the head of the matrix, tokenizer-aware rules in `embeddings.py`) come
+first, their inputs checked directly since some of their rows are not used. Blocks are whole 4 KiB runs
+where the row size allows (boundaries at multiples of the block size, so the stream re-aligns after the
+head), which the direct writer sends to the device from the block's own buffer. Blocks give the bits of
+the whole-tensor merge; input digests run over the tensor in order and equal the whole-tensor XXH3-128;
+NaN/Inf, which propagate through both methods, are looked for in the merged blocks (the inputs are
+checked only then, to name the tensor).
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ import torch
 import xxhash
 
 from megatron_ext.checkpoint.direct_io import ALIGN, aligned_empty
+from megatron_ext.merge import accel
+from megatron_ext.merge.accel import KernelPool
 from megatron_ext.merge.embeddings import merge_vocab_rows
-from megatron_ext.merge.kernel_pool import KernelPool
-from megatron_ext.merge.methods import METHODS, MergeParams, RowMerge, TensorContext
+from megatron_ext.merge.methods import MergeParams, RowMerge, TensorContext
 from megatron_ext.merge.parents import HFParent, ParentError, check_finite, is_finite
 from megatron_ext.tokenizer.align import TokenizerAlignment
 
@@ -39,8 +40,15 @@ Source = tuple[HFParent, str]
 
 
 def streamable(method: str, dev: object, vox: object, base: object | None) -> bool:
-    """Row streaming covers linear and SLERP merges of two HF (safetensors) parents."""
-    return method in ("linear", "slerp") and base is None and isinstance(dev, HFParent) and isinstance(vox, HFParent)
+    """Row streaming covers linear and SLERP merges of two HF (safetensors) parents, with accelerations on
+    (the blocks are merged in a `KernelPool` by the accelerated methods' `rows`)."""
+    return (
+        accel.enabled()
+        and method in ("linear", "slerp")
+        and base is None
+        and isinstance(dev, HFParent)
+        and isinstance(vox, HFParent)
+    )
 
 
 class BlockBuffers:
@@ -100,7 +108,7 @@ def row_blocks(
 ) -> Iterator[torch.Tensor]:
     """The merged tensor (at least 1-D) as consecutive row blocks. `vocab` = (alignment, min_row_norm,
     on_stats) for the embedding and LM head; blocks are taken from `buffers` when given."""
-    method, srcs = METHODS[params.method], (dev, vox)
+    method, srcs = accel.method(params.method), (dev, vox)
     shape, dtype = dev[0].shape(dev[1]), dev[0].dtype(dev[1])
     rows = shape[0]
     row_bytes = dtype.itemsize * int(torch.Size(shape[1:]).numel())

@@ -7,10 +7,10 @@ written into its hidden partial sibling, which is fsynced and renamed when compl
 plan adopts an abandoned partial and resumes after its last finished shard (DELLA draws are seeded per
 tensor, so a resumed result is identical). Reads run one tensor ahead in a thread and writes behind in another,
 so disk and compute overlap while at most a few tensors are in memory; for HF output a linear or SLERP
-merge streams every merged tensor in row blocks (`row_stream.py`), so merges and writes overlap. HF shards
-are written with O_DIRECT (`checkpoint/safetensors_writer.ShardFile`): laid out so tensor data and the
-blocks' buffers sit on 4 KiB boundaries, they go to the device without the page-cache copy that took a
-core from the merge.
+merge with accelerations on (`accel/`) streams every merged tensor in row blocks (`row_stream.py`), so
+merges and writes overlap. HF shards are written with O_DIRECT (`checkpoint/safetensors_writer.ShardFile`):
+laid out so tensor data and the blocks' buffers sit on 4 KiB boundaries, they go to the device without the
+page-cache copy that took a core from the merge.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from megatron_ext.checkpoint.safetensors_writer import PlannedShards, tensor_byt
 from megatron_ext.checkpoint.torch_dist_io import TorchDistWriter
 from megatron_ext.config import ConfigError, ModelConfig, RopeConfig
 from megatron_ext.errors import ProjectError
+from megatron_ext.merge import accel
 from megatron_ext.merge.embeddings import merge_vocab_rows
 from megatron_ext.merge.methods import METHODS, MergeParams, TensorContext
 from megatron_ext.merge.names import classify, num_layers
@@ -230,7 +231,7 @@ def _produce(
             log.warning("shape mismatch, kept Voxtral's tensor: %s", item.out_name)
             summary.skipped_shape_mismatch.append(item.out_name)
         return vox
-    method = METHODS[job.params.method]
+    method = accel.method(job.params.method)
     ctx = TensorContext(item.out_name, item.layer, item.is_mlp)
     base = tensors.get("base") if method.uses_base else None
     if item.kind == "vocab":
@@ -371,7 +372,7 @@ def run_merge(job: MergeJob) -> Summary:
         job.params.validate()
     except ValueError as exc:
         raise MergeError(str(exc)) from None
-    METHODS[job.params.method].prepare()
+    accel.method(job.params.method).prepare()
     paths = [job.devstral, job.voxtral] + ([job.base] if job.base is not None else [])
     naming = detect_naming(paths, job.out_format)
     if naming == "megatron" and job.out_format == "hf":

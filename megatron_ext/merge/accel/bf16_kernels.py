@@ -434,7 +434,8 @@ def norms(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
 def products_sum(x: torch.Tensor, y: torch.Tensor, na: float, nb: float) -> torch.Tensor:
     """sum((x / na) * (y / nb)) of two equal-size bf16 tensors as a 0-d float32 tensor, added in the order
     of torch's single-threaded `sum` of the products, with no products tensor (na, nb are float32 values;
-    the caller checks that this build sums so)."""
+    the caller checks that this build sums so). For at least LANES elements: below, torch's `sum` takes
+    its scalar path (4 partial sums), which this kernel does not reproduce."""
     steps = x.numel() // ROW
     power = max(4, max(1, (steps - 1).bit_length()) // 4)  # torch: log2 of the cascade's run length
     return torch.tensor(_kernels().products_sum(*_data(x, y), na, nb, x.numel(), power), dtype=torch.float32)
