@@ -48,6 +48,16 @@ def test_example_grid_is_the_papers_table_1() -> None:
         ("runs:\n  - {name: a, method: linear, alhpa: 0.1}\n", r"run a: unknown keys \['alhpa'\]"),
         ("runs:\n  - {name: a, alpha: 0.1}\n", "run a: no method"),
         ("runs:\n  - {name: a, method: della, density: 0.1, epsilon: 0.2}\n", r"run a: density=0.1 epsilon=0.2"),
+        ("runs:\n  - {name: ../../x, method: linear}\n", r"run name '\.\./\.\./x' is not a plain directory name"),
+        ("runs:\n  - {name: /tmp/abs, method: linear}\n", r"run name '/tmp/abs' is not a plain directory name"),
+        ("runs:\n  - {name: .., method: linear}\n", r"run name '\.\.' is not a plain directory name"),
+        ("runs:\n  - {name: 5, method: linear}\n", r"run name 5 is not a plain directory name"),
+        ("- {name: a, method: linear}\n", r"expected a mapping with `defaults:` and `runs:`, got list"),
+        ("runs: {name: a}\n", r"`runs` a list"),
+        ("runs:\n  - linear\n", r"run 0 is not a mapping"),
+        ("runs:\n  - {name: a, method: della, lambda: .nan}\n", r"run a: lambda=nan: must be a finite number"),
+        ("runs:\n  - {name: a, method: linear, alpha: '0.1'}\n", r"run a: alpha='0.1': must be a finite number"),
+        ("runs:\n  - {name: a, method: della, seed: 1.5}\n", r"run a: seed=1.5: must be an integer"),
     ],
 )
 def test_bad_grid_files_are_refused_naming_the_run(tmp_path: Path, text: str, message: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from megatron_ext.checkpoint.atomic import write_atomic
 from megatron_ext.merge.methods import MergeParams
 from megatron_ext.merge.run import MergeError, MergeJob, run_merge
 
+# A run's output is OUTPUT/<name>: a plain directory name, so no run writes outside --output.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 # YAML / CLI spelling -> MergeParams field.
 PARAM_KEYS = {
     "method": "method",
@@ -49,10 +52,18 @@ def load_grid(path: Path) -> list[tuple[str, MergeParams]]:
         data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise MergeError(f"{path}: cannot read grid ({exc})") from None
-    defaults, runs = data.get("defaults", {}) or {}, data.get("runs") or []
+    if not isinstance(data, dict):
+        raise MergeError(f"{path}: expected a mapping with `defaults:` and `runs:`, got {type(data).__name__}")
+    defaults, runs = data.get("defaults") or {}, data.get("runs") or []
+    if not isinstance(defaults, dict) or not isinstance(runs, list):
+        raise MergeError(f"{path}: `defaults` must be a mapping and `runs` a list")
     out, names = [], set()
     for i, run in enumerate(runs):
+        if not isinstance(run, dict):
+            raise MergeError(f"{path}: run {i} is not a mapping")
         name = run.get("name") or f"run{i}"
+        if not isinstance(name, str) or not RUN_NAME.fullmatch(name):
+            raise MergeError(f"{path}: run name {name!r} is not a plain directory name ({RUN_NAME.pattern})")
         if name in names:
             raise MergeError(f"{path}: duplicate run name {name}")
         names.add(name)

@@ -7,6 +7,7 @@ tensor is read. Faster twins with the same bits live in `megatron_ext.merge.acce
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from megatron_ext.merge.methods.base import Method, RowMerge, TensorContext
@@ -17,6 +18,12 @@ from megatron_ext.merge.methods.slerp import Slerp
 METHODS: dict[str, Method] = {m.name: m for m in (Linear(), Slerp(), Della())}
 
 __all__ = ["METHODS", "MergeParams", "Method", "RowMerge", "TensorContext"]
+
+
+def _check_number(value: object, name: str) -> None:
+    """A finite int or float, else ValueError naming the parameter (NaN passes every range check)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r}: must be a finite number")
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,11 @@ class MergeParams:
         """Raise ValueError naming the first parameter out of range for this method."""
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: expected one of {', '.join(METHODS)}")
+        for field in ("alpha", "density", "epsilon", "lam", "mlp_density_boost", "early_lambda_scale"):
+            _check_number(getattr(self, field), "lambda" if field == "lam" else field)
+        for field in ("seed", "early_layers"):
+            if isinstance(getattr(self, field), bool) or not isinstance(getattr(self, field), int):
+                raise ValueError(f"{field}={getattr(self, field)!r}: must be an integer")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha={self.alpha}: must lie in [0, 1]")
         if self.method == "della":
