@@ -15,7 +15,9 @@ from pathlib import Path
 # Transparent huge pages for torch's large CPU buffers: ~40x fewer page faults on multi-GB tensors.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+from megatron_ext.checkpoint.metadata import verification  # noqa: E402
 from megatron_ext.cli._errors import error_policy  # noqa: E402
+from megatron_ext.cli._verify import add_no_verify  # noqa: E402
 from megatron_ext.config import RopeConfig  # noqa: E402
 from megatron_ext.merge.grid import run_grid  # noqa: E402
 from megatron_ext.merge.methods import METHODS, MergeParams  # noqa: E402
@@ -92,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard-size-gb", type=float, default=5.0, help="maximum output shard size (GB)")
     p.add_argument("--grid", type=Path, help="grid YAML (defaults + runs); method flags are then taken from it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_no_verify(p)
     return p.parse_args(argv)
 
 
@@ -110,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     """megatron-ext-merge: run one merge (or a grid of them), print what was written."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    with verification(not args.no_verify):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The merge (or grid) the parsed flags ask for."""
     params = MergeParams(
         method=args.method or "linear",
         alpha=args.alpha,

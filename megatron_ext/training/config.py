@@ -47,6 +47,7 @@ class ModelSection:
     tokenizer: str | None = None  # tekken.json; default: the checkpoint's own
     rope: RopeSection | None = None  # None: take the checkpoint's rope metadata as it is
     rope_override: bool = False  # train with `rope` even if the checkpoint metadata disagrees or lacks it
+    verify: bool = True  # compare the checkpoint's files with their recorded sha256 on load (false: --no-verify)
     freeze_encoder: bool = True
     freeze_projector: bool = False
     transformer_impl: str = "auto"  # auto | local | transformer_engine
