@@ -84,7 +84,7 @@ def verify_files(directory: Path, sizes: Any, digests: Any, record: Path) -> Non
     """Each file `record` lists exists with its size and (when verification is on) its sha256; one
     CheckpointError naming the first file that differs. Names are plain file names inside `directory`."""
     if not isinstance(sizes, dict) or not isinstance(digests, dict):
-        raise CheckpointError(f"{record}: `files` / `sha256` are not objects")
+        raise CheckpointError(f"{record}: records no file sizes and sha256 (`files`, `sha256` objects)")
     for name, size in sizes.items():
         if not isinstance(name, str) or Path(name).name != name or name in {"", ".", ".."}:
             raise CheckpointError(f"{record}: file name {name!r} is not a plain name inside {directory}")

@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             rehash=args.rehash,
         )
     print(f"input: {report.input_description}")
+    if report.already_complete:
+        print(f"{report.output} already holds this conversion (same input files, verified): nothing to do")
+        return 0
     print(
         f"output: {report.output} ({report.target}, {report.tensors} tensors, "
         f"{report.bytes_written / 1e9:.3f} GB in {report.seconds:.1f} s)"
