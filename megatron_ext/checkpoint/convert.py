@@ -31,7 +31,7 @@ from megatron_ext.checkpoint.metadata import (
 )
 from megatron_ext.checkpoint.mistral_native import convert_name, half_to_interleaved, params_from_config, rope_heads
 from megatron_ext.checkpoint.safetensors_writer import SafetensorsWriter
-from megatron_ext.checkpoint.source import Source, open_checkpoint
+from megatron_ext.checkpoint.source import Source, all_finite, open_checkpoint
 from megatron_ext.checkpoint.source_hashes import source_sha256
 from megatron_ext.checkpoint.torch_dist_io import TorchDistWriter
 from megatron_ext.config import ConfigError, ModelConfig
@@ -108,11 +108,13 @@ class _Hasher(threading.Thread):
             self.error = exc
 
 
-def _write_stream(stream: Iterator[tuple[str, torch.Tensor]], writer, total: int, progress: bool) -> int:
+def _write_stream(stream: Iterator[tuple[str, torch.Tensor]], writer, total: int, progress: bool, source: Path) -> int:
     n = 0
     with tqdm(total=total, unit="tensor", disable=not progress, dynamic_ncols=True, desc="convert") as bar:
         start = time.perf_counter()
         for name, t in stream:
+            if not all_finite(t):
+                raise CheckpointError(f"{source}: tensor {name} holds NaN or Inf values; not converting it")
             writer.write(name, t)
             n += 1
             gb = writer.bytes_written / 1e9
@@ -173,7 +175,7 @@ def convert(
                 total = len(names)
                 stream = _hf_stream(inp) if to == "hf" else _native_stream(inp)
             try:
-                n = _write_stream(stream, writer, total, progress)
+                n = _write_stream(stream, writer, total, progress, inp.directory)
                 writer.finish()
             finally:
                 writer.close()
