@@ -183,10 +183,6 @@ def atomic_dir(out: Path, overwrite: bool = False, resume_key: str | None = None
     out = Path(out)
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise CheckpointError(f"{out}: output already exists (remove it or pass --overwrite)")
-    if (out.exists() or out.is_symlink()) and not (out.is_dir() and not out.is_symlink()):
-        raise CheckpointError(
-            f"{out}: is a file or a link, not a directory: --overwrite replaces only an output directory"
-        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_path(out)
     lock = None
