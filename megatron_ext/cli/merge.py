@@ -112,6 +112,8 @@ def explicit_rope(args: argparse.Namespace) -> RopeConfig | None:
 def main(argv: list[str] | None = None) -> int:
     """megatron-ext-merge: run one merge (or a grid of them), print what was written."""
     args = parse_args(argv)
+    if not 0 < args.shard_size_gb < float("inf"):
+        raise MergeError(f"--shard-size-gb {args.shard_size_gb}: expected a finite size > 0")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     with verification(not args.no_verify):
         return _run(args)
