@@ -43,6 +43,7 @@ from megatron_ext.checkpoint.metadata import (
     write_meta,
 )
 from megatron_ext.checkpoint.safetensors_writer import PlannedShards, tensor_bytes
+from megatron_ext.checkpoint.source_hashes import source_sha256
 from megatron_ext.checkpoint.torch_dist_io import TorchDistWriter
 from megatron_ext.config import ConfigError, ModelConfig, RopeConfig
 from megatron_ext.errors import ProjectError
@@ -414,6 +415,9 @@ def run_merge(job: MergeJob) -> Summary:
         try:
             if job.out_format == "hf":
                 shards = _write_shards(tmp, items, job, parents, alignment, summary)
+                # Hash the shards now (cached for `_record_files`): not after config.json exists, which would
+                # widen the window in which a killed run leaves a directory that looks loadable.
+                source_sha256([tmp / name for name in shards.shards])
             else:
                 _write_torch_dist(tmp, items, job, parents, alignment, summary)
             provenance = _provenance(job, plan_id, parents, alignment, rope, summary)
