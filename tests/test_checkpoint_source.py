@@ -3,6 +3,7 @@ Mistral-native and FP8 parents, crafted pickles that must never run, and one tes
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -43,10 +44,11 @@ def voxtral_td(tiny_dir: Path, work: Path) -> Path:
 
 
 def _plant(directory: Path, name: str, data: bytes) -> None:
-    """Replace a torch_dist file and record its new size in checkpoint_meta.json, as an attacker would."""
+    """Replace a torch_dist file and record its new size and sha256 in checkpoint_meta.json, as an attacker would."""
     (directory / name).write_bytes(data)
     meta = json.loads((directory / "checkpoint_meta.json").read_text())
     meta["files"][name] = len(data)
+    meta["sha256"][name] = hashlib.sha256(data).hexdigest()
     (directory / "checkpoint_meta.json").write_text(json.dumps(meta))
 
 

@@ -96,3 +96,35 @@ def test_random_sigkills_then_resume_give_every_row_exactly_once_quick(tmp_path)
 @pytest.mark.slow
 def test_random_sigkills_then_resume_give_every_row_exactly_once_20_runs(tmp_path):
     _check_exactly_once(tmp_path, runs=20, seed=2)
+
+
+def _first_sample_line(out: Path, proc: subprocess.Popen, timeout_s: float = 120) -> bool:
+    """Wait until a samples file holds a complete line (the write window is open); False if the run ended first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(b"\n" in p.read_bytes() for p in out.glob("samples-*.jsonl")):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_sigkill_inside_the_write_window_then_rerun_is_byte_identical(tmp_path):
+    """Killed right after its first sample line is written: no shard is marked complete and no report is
+    written (nothing a consumer accepts); the rerun's outputs equal an uninterrupted run's bytes."""
+    inp = _input(tmp_path, copies=1)
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    subprocess.run(_command(inp, reference), check=True, capture_output=True, timeout=300)
+    proc = subprocess.Popen(_command(inp, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    in_window = _first_sample_line(out, proc)
+    for pid in [c.pid for c in psutil.Process(proc.pid).children(recursive=True)] + [proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=60)
+    assert in_window, "the run ended before its first sample line appeared"
+    assert not (out / "report.json").exists()
+    assert len(list((out / "completions").glob("*"))) < 3  # three shards: at least one was still being written
+    done = subprocess.run(_command(inp, out), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _outputs(out) == _outputs(reference)

@@ -21,10 +21,17 @@ from tqdm import tqdm
 
 from megatron_ext.checkpoint import mapping
 from megatron_ext.checkpoint.atomic import CheckpointError, atomic_dir
-from megatron_ext.checkpoint.metadata import TOKENIZER_FILE, CheckpointMeta, command_line, sha256_file, write_meta
+from megatron_ext.checkpoint.metadata import (
+    TOKENIZER_FILE,
+    CheckpointMeta,
+    command_line,
+    read_meta,
+    sha256_file,
+    write_meta,
+)
 from megatron_ext.checkpoint.mistral_native import convert_name, half_to_interleaved, params_from_config, rope_heads
 from megatron_ext.checkpoint.safetensors_writer import SafetensorsWriter
-from megatron_ext.checkpoint.source import Source, open_checkpoint
+from megatron_ext.checkpoint.source import Source, all_finite, open_checkpoint
 from megatron_ext.checkpoint.source_hashes import source_sha256
 from megatron_ext.checkpoint.torch_dist_io import TorchDistWriter
 from megatron_ext.config import ConfigError, ModelConfig
@@ -52,6 +59,7 @@ class ConversionReport:
     tensors: int
     bytes_written: int
     seconds: float
+    already_complete: bool = False  # --output already held this conversion (verified): nothing was written
 
 
 def _hf_stream(inp: Source) -> Iterator[tuple[str, torch.Tensor]]:
@@ -100,11 +108,13 @@ class _Hasher(threading.Thread):
             self.error = exc
 
 
-def _write_stream(stream: Iterator[tuple[str, torch.Tensor]], writer, total: int, progress: bool) -> int:
+def _write_stream(stream: Iterator[tuple[str, torch.Tensor]], writer, total: int, progress: bool, source: Path) -> int:
     n = 0
     with tqdm(total=total, unit="tensor", disable=not progress, dynamic_ncols=True, desc="convert") as bar:
         start = time.perf_counter()
         for name, t in stream:
+            if not all_finite(t):
+                raise CheckpointError(f"{source}: tensor {name} holds NaN or Inf values; not converting it")
             writer.write(name, t)
             n += 1
             gb = writer.bytes_written / 1e9
@@ -138,6 +148,9 @@ def convert(
     inp = open_checkpoint(Path(input_dir), rope_from)
     try:
         validate_parallel(inp.cfg, tp, pp)
+        out = Path(output_dir)
+        if not overwrite and to == "megatron" and out.is_dir() and _holds_conversion(out, inp, tp, pp):
+            return ConversionReport(inp.description, out, to, 0, 0, time.perf_counter() - start, already_complete=True)
         hasher = _Hasher(inp.files if to == "megatron" else [], rehash)  # only torch_dist outputs record sources
         hasher.start()
         with atomic_dir(Path(output_dir), overwrite) as tmp:
@@ -162,7 +175,7 @@ def convert(
                 total = len(names)
                 stream = _hf_stream(inp) if to == "hf" else _native_stream(inp)
             try:
-                n = _write_stream(stream, writer, total, progress)
+                n = _write_stream(stream, writer, total, progress, inp.directory)
                 writer.finish()
             finally:
                 writer.close()
@@ -177,6 +190,29 @@ def convert(
         )
     finally:
         inp.close()
+
+
+def _holds_conversion(out: Path, inp: Source, tp: int, pp: int) -> bool:
+    """True when `out` is a complete, verified torch_dist conversion of `inp`'s current files at this TP/PP;
+    an output that claims to be one but fails verification is refused, naming the file."""
+    try:
+        meta = read_meta(out, check_files=False)
+    except CheckpointError:
+        return False
+    recorded = [(s.get("path"), s.get("sha256")) for s in meta.sources if isinstance(s, dict)]
+    same = (
+        meta.tool == "convert"
+        and meta.parallel == {"tp": tp, "pp": pp}
+        and meta.extra.get("input") == str(inp.directory)
+        and [p for p, _ in recorded] == [str(p) for p in inp.files]
+    )
+    if not same or [h for _, h in recorded] != source_sha256(inp.files):
+        return False
+    try:
+        read_meta(out)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{out}: holds this conversion, but {exc}; remove it or pass --overwrite") from None
+    return True
 
 
 def _write_config(tmp: Path, to: str, inp: Source, tp: int, pp: int, sources: list, command: str | None) -> None:

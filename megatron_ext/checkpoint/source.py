@@ -44,6 +44,15 @@ def tensor_digest(t: torch.Tensor) -> str:
     return xxhash.xxh3_128_hexdigest(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """False when a floating tensor holds NaN or Inf (min and max propagate NaN and expose +-Inf; `aminmax`
+    reads the tensor once, without a mask the size of the tensor)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 class Source:
     """An opened checkpoint: model config, tokenizer file and a lazy table of tensors (names, shapes, dtypes)."""
 

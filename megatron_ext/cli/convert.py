@@ -15,8 +15,10 @@ from pathlib import Path
 # faults while each tensor streams through a fresh buffer (~10% less system time).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+from megatron_ext.checkpoint.metadata import verification  # noqa: E402  (no torch)
 from megatron_ext.checkpoint.source_hashes import prefetch  # noqa: E402  (no torch)
 from megatron_ext.cli._errors import error_policy  # noqa: E402  (no torch)
+from megatron_ext.cli._verify import add_no_verify  # noqa: E402
 
 
 def _hash_sources_early(argv: list[str] | None) -> None:
@@ -71,19 +73,24 @@ def main(argv: list[str] | None = None) -> int:
         help="sha256 every source file afresh instead of reusing a known hash (HF hub blob "
         "name or the per-user cache in $MEGATRON_EXT_CACHE, default ~/.cache/megatron_ext)",
     )
+    add_no_verify(parser)
     args = parser.parse_args(argv)
-    report = convert(
-        args.input,
-        args.output,
-        args.to,
-        args.tp,
-        args.pp,
-        args.overwrite,
-        args.rope_from,
-        progress=not args.no_progress,
-        rehash=args.rehash,
-    )
+    with verification(not args.no_verify):
+        report = convert(
+            args.input,
+            args.output,
+            args.to,
+            args.tp,
+            args.pp,
+            args.overwrite,
+            args.rope_from,
+            progress=not args.no_progress,
+            rehash=args.rehash,
+        )
     print(f"input: {report.input_description}")
+    if report.already_complete:
+        print(f"{report.output} already holds this conversion (same input files, verified): nothing to do")
+        return 0
     print(
         f"output: {report.output} ({report.target}, {report.tensors} tensors, "
         f"{report.bytes_written / 1e9:.3f} GB in {report.seconds:.1f} s)"

@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from megatron_ext.checkpoint.metadata import verification
 from megatron_ext.cli._errors import error_policy
+from megatron_ext.cli._verify import add_no_verify
 from megatron_ext.eval.benchmarks import BENCHMARKS
 from megatron_ext.eval.generation import BACKENDS
 from megatron_ext.eval.judge import make_answer_judge
@@ -56,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             default="megatron",
             help="megatron: our AudioLanguageModel with a KV cache (default); hf: transformers reference",
         )
+        add_no_verify(p)
         if bench.kind == "spoken_qa":
             p.add_argument("--judge-url", help="OpenAI-compatible base URL of an LLM judge (default: answer match)")
             p.add_argument("--judge-model", help="judge model name (required with --judge-url)")
@@ -86,19 +89,20 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         judge = make_answer_judge(getattr(args, "judge_url", None), getattr(args, "judge_model", None))
-        record = evaluate(
-            args.bench,
-            args.checkpoint,
-            args.data,
-            args.output,
-            name=args.name,
-            labels=labels,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            predictions=args.predictions,
-            judge=judge,
-            backend=args.backend,
-            restart=args.restart,
-        )
+        with verification(not args.no_verify):
+            record = evaluate(
+                args.bench,
+                args.checkpoint,
+                args.data,
+                args.output,
+                name=args.name,
+                labels=labels,
+                batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens,
+                predictions=args.predictions,
+                judge=judge,
+                backend=args.backend,
+                restart=args.restart,
+            )
     print(f"{record.checkpoint} {record.benchmark}: {record.metric}={record.value:.6f} (n={record.n}) -> {args.output}")
     return 0

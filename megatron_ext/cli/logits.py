@@ -16,7 +16,9 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore", module=r"megatron\.")  # import-time notices (no Apex/TE on CPU)
 
+from megatron_ext.checkpoint.metadata import verification  # noqa: E402
 from megatron_ext.cli._errors import error_policy  # noqa: E402
+from megatron_ext.cli._verify import add_no_verify  # noqa: E402
 from megatron_ext.models.logits import checkpoint_logits, write_logits  # noqa: E402
 
 
@@ -39,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--audio", type=Path, nargs="*", default=[], help="audio clips (WAV/FLAC/OGG), in order")
     parser.add_argument("--output", type=Path, required=True, help="output .safetensors (key `logits`)")
     parser.add_argument("--compare-hf", action="store_true", help="also run HF transformers; print max_abs_diff")
+    add_no_verify(parser)
     args = parser.parse_args(argv)
-    result = checkpoint_logits(args.checkpoint, args.tokens, args.audio, compare_hf=args.compare_hf)
+    with verification(not args.no_verify):
+        result = checkpoint_logits(args.checkpoint, args.tokens, args.audio, compare_hf=args.compare_hf)
     write_logits(result, args.output)
     print(f"wrote {args.output}: logits [{result.logits.shape[0]}, {result.logits.shape[1]}]")
     if result.max_abs_diff is not None:

@@ -15,7 +15,9 @@ from pathlib import Path
 # Transparent huge pages for torch's large CPU buffers: ~40x fewer page faults on multi-GB tensors.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+from megatron_ext.checkpoint.metadata import verification  # noqa: E402
 from megatron_ext.cli._errors import error_policy  # noqa: E402
+from megatron_ext.cli._verify import add_no_verify  # noqa: E402
 from megatron_ext.config import RopeConfig  # noqa: E402
 from megatron_ext.merge import accel  # noqa: E402
 from megatron_ext.merge.grid import run_grid  # noqa: E402
@@ -98,6 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help=f"plain merge methods only: no fused kernels, kernel pool or row streaming (same output; {accel.ENV}=0)",
     )
+    add_no_verify(p)
     return p.parse_args(argv)
 
 
@@ -115,9 +118,17 @@ def explicit_rope(args: argparse.Namespace) -> RopeConfig | None:
 def main(argv: list[str] | None = None) -> int:
     """megatron-ext-merge: run one merge (or a grid of them), print what was written."""
     args = parse_args(argv)
+    if not 0 < args.shard_size_gb < float("inf"):
+        raise MergeError(f"--shard-size-gb {args.shard_size_gb}: expected a finite size > 0")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if args.no_accel:
         os.environ[accel.ENV] = "0"  # the switch every accel.enabled() of this process reads
+    with verification(not args.no_verify):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The merge (or grid) the parsed flags ask for."""
     params = MergeParams(
         method=args.method or "linear",
         alpha=args.alpha,

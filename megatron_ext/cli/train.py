@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 
+from megatron_ext.checkpoint.metadata import verification
 from megatron_ext.cli._errors import error_policy
 from megatron_ext.training.config import load_config
 
@@ -31,13 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     from megatron_ext.training.sft import dry_run, train  # imports Megatron-Core (slow): after config checks
 
-    if args.dry_run:
-        world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
-        for line in dry_run(cfg, world):
-            print(line)
-        print("dry run OK")
-        return 0
-    result = train(cfg)
+    with verification(cfg.model.verify):
+        if args.dry_run:
+            world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+            for line in dry_run(cfg, world):
+                print(line)
+            print("dry run OK")
+            return 0
+        result = train(cfg)
     if result.losses and int(os.environ.get("RANK", "0")) == 0:
         first, last = min(result.losses), max(result.losses)
         print(f"trained steps {first}..{last}: loss {result.losses[first]:.4f} -> {result.losses[last]:.4f}")

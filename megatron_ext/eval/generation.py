@@ -16,10 +16,23 @@ from typing import Protocol
 import torch
 
 from megatron_ext.audio.features import log_mel_chunks
+from megatron_ext.errors import ProjectError
 from megatron_ext.eval.prompts import Prompt
 
 EOS_ID = 2
 PAD_ID = 11
+
+
+class NonFiniteLogits(ProjectError, ValueError):
+    """A model produced NaN or Inf logits while decoding: its outputs (and any score from them) are meaningless."""
+
+
+def require_finite(logits: torch.Tensor, name: str, step: int) -> torch.Tensor:
+    """The next-token logits [batch, vocab] of a decoding step, refused when any is NaN or Inf (a check of
+    batch x vocab values per step, small beside the step itself)."""
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteLogits(f"{name}: NaN or Inf logits at decoding step {step}; no prediction or score is kept")
+    return logits
 
 
 class Generator(Protocol):
@@ -106,8 +119,12 @@ class HFGenerator:
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[list[int]]:
         ids, mask, features = batch_inputs(prompts, self)
+        from transformers import LogitsProcessorList
+
         extra = {} if features is None else {"input_features": features}
+        start = ids.shape[1]
         out = self.model.generate(
+            logits_processor=LogitsProcessorList([lambda seen, scores: _checked(scores, self.name, seen, start)]),
             input_ids=ids,
             attention_mask=mask,
             max_new_tokens=max_new_tokens,
@@ -117,6 +134,11 @@ class HFGenerator:
             **extra,
         )
         return [until_eos(row) for row in out[:, ids.shape[1] :].tolist()]
+
+
+def _checked(scores: torch.Tensor, name: str, seen: torch.Tensor, start: int) -> torch.Tensor:
+    """transformers logits processor: the scores unchanged, after the finite check."""
+    return require_finite(scores, name, seen.shape[1] - start)
 
 
 def _attention_mask(key_padding: torch.Tensor, queries: int) -> torch.Tensor:
@@ -185,8 +207,8 @@ class MegatronGenerator:
         context = StaticInferenceContext(batch, length + max_new_tokens)
         logits = self._logits(ids, None, _attention_mask(padding, length), embeddings, context)
         context.sequence_len_offset = length
-        for _ in range(max_new_tokens):
-            token = logits[:, -1].argmax(-1)
+        for step in range(max_new_tokens):
+            token = require_finite(logits[:, -1], self.name, step).argmax(-1)
             yield token
             padding = torch.cat([padding, torch.zeros_like(padding[:, :1])], dim=1)
             embedded = self.model.language_model.embedding(input_ids=token[:, None], position_ids=None)
@@ -194,10 +216,10 @@ class MegatronGenerator:
             context.sequence_len_offset += 1
 
     def _recomputed_steps(self, ids, padding, embeddings, max_new_tokens):
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             positions = ((~padding).long().cumsum(1) - 1).clamp(min=0)
             logits = self._logits(ids, positions, _attention_mask(padding, ids.shape[1]), embeddings)
-            token = logits[:, -1].argmax(-1)
+            token = require_finite(logits[:, -1], self.name, step).argmax(-1)
             yield token
             ids = torch.cat([ids, token[:, None]], dim=1)
             padding = torch.cat([padding, torch.zeros_like(padding[:, :1])], dim=1)

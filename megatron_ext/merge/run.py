@@ -30,10 +30,20 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
-from megatron_ext.checkpoint.atomic import CheckpointError, atomic_dir
+from megatron_ext.checkpoint.atomic import LOCK_FILE, RESUME_FILE, CheckpointError, atomic_dir
 from megatron_ext.checkpoint.direct_io import ALIGN
-from megatron_ext.checkpoint.metadata import TOKENIZER_FILE, CheckpointMeta, command_line, sha256_file, write_meta
+from megatron_ext.checkpoint.metadata import (
+    TOKENIZER_FILE,
+    CheckpointMeta,
+    command_line,
+    file_records,
+    read_meta,
+    sha256_file,
+    verify_files,
+    write_meta,
+)
 from megatron_ext.checkpoint.safetensors_writer import PlannedShards, tensor_bytes
+from megatron_ext.checkpoint.source_hashes import source_sha256
 from megatron_ext.checkpoint.torch_dist_io import TorchDistWriter
 from megatron_ext.config import ConfigError, ModelConfig, RopeConfig
 from megatron_ext.errors import ProjectError
@@ -396,6 +406,7 @@ def run_merge(job: MergeJob) -> Summary:
     if final.exists():
         done = final / PROVENANCE_FILE
         if done.is_file() and json.loads(done.read_text()).get("plan_id") == plan_id:
+            _verify_done(final, job.out_format)
             log.info("%s already holds this merge; nothing to do", final)
             return Summary(final, already_complete=True)
         raise MergeError(f"{final} already exists (remove it or choose another --output)")
@@ -405,6 +416,9 @@ def run_merge(job: MergeJob) -> Summary:
         try:
             if job.out_format == "hf":
                 shards = _write_shards(tmp, items, job, parents, alignment, summary)
+                # Hash the shards now (cached for `_record_files`): not after config.json exists, which would
+                # widen the window in which a killed run leaves a directory that looks loadable.
+                source_sha256([tmp / name for name in shards.shards])
             else:
                 _write_torch_dist(tmp, items, job, parents, alignment, summary)
             provenance = _provenance(job, plan_id, parents, alignment, rope, summary)
@@ -413,9 +427,28 @@ def run_merge(job: MergeJob) -> Summary:
             raise MergeError(str(exc)) from None
         if job.out_format == "hf":
             shards.finish()  # last: until here a rerun resumes every finished shard
+            _record_files(tmp, provenance)
         else:
             _write_megatron_meta(tmp, out_cfg, parents, provenance)
     return summary
+
+
+def _record_files(tmp: Path, provenance: dict) -> None:
+    """HF output: merge.json rewritten with the size and sha256 of every other file (what a rerun verifies)."""
+    sizes, digests = file_records(tmp, frozenset({PROVENANCE_FILE, LOCK_FILE, RESUME_FILE}))
+    _write_json(tmp / PROVENANCE_FILE, provenance | {"files": sizes, "sha256": digests})
+
+
+def _verify_done(final: Path, out_format: str) -> None:
+    """A finished merge counts as done only while its files are all there, unaltered (sizes and sha256)."""
+    try:
+        if out_format == "hf":
+            record = json.loads((final / PROVENANCE_FILE).read_text())
+            verify_files(final, record.get("files"), record.get("sha256"), final / PROVENANCE_FILE)
+        else:
+            read_meta(final)
+    except CheckpointError as exc:
+        raise MergeError(f"{final} holds a record of this merge, but {exc}; remove it and rerun") from None
 
 
 def _write_shards(

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from megatron_ext.audio.features import audio_tokens_per_chunk, log_mel_chunks
 from megatron_ext.audio.waveform import load_audio
 from megatron_ext.checkpoint import mapping
+from megatron_ext.checkpoint.atomic import CheckpointError
 from megatron_ext.checkpoint.source import Source, open_checkpoint
 from megatron_ext.config import ConfigError, ModelConfig
 from megatron_ext.models.tokens import check_audio_token
@@ -117,6 +118,7 @@ def checkpoint_logits(
         finally:
             if started:
                 destroy_distributed()
+        _check_finite(logits, directory, tokens)
         result = LogitsResult(tokens, logits)
         if compare_hf:
             hf = hf_reference_model(cfg, _hf_tensors(inp))
@@ -127,6 +129,17 @@ def checkpoint_logits(
         return result
     finally:
         inp.close()
+
+
+def _check_finite(logits: torch.Tensor, directory: Path, tokens: list[int]) -> None:
+    """Refuse NaN/Inf logits, naming the checkpoint and the first position (and its token) that has them."""
+    bad = (~torch.isfinite(logits)).any(-1).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise CheckpointError(
+            f"{directory}: logits are NaN or Inf from position {i} (token {tokens[i]}) on; "
+            "the checkpoint's weights or settings give non-finite values"
+        )
 
 
 def write_logits(result: LogitsResult, output: Path) -> None:

@@ -139,9 +139,18 @@ def _load(path: Path) -> tuple[bytes, dict[str, Any]]:
     """A tekken.json's bytes and content."""
     try:
         raw = path.read_bytes()
-        return raw, orjson.loads(raw)  # 8 MB: 0.10 s, json 0.14 s
+        data = orjson.loads(raw)  # 8 MB: 0.10 s, json 0.14 s
     except (OSError, ValueError) as exc:
         raise AlignmentError(f"{path}: cannot read tokenizer: {exc}") from None
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("config"), dict)
+        or not isinstance(data.get("vocab"), list)
+    ):
+        raise AlignmentError(
+            f"{path}: not a tekken.json (expected an object with a `config` object and a `vocab` list)"
+        )
+    return raw, data
 
 
 def align_tokenizers(devstral: Path, voxtral: Path) -> tuple[TokenizerAlignment, dict[str, Any]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megatron_ext.config import RopeConfig
@@ -47,6 +47,7 @@ class ModelSection:
     tokenizer: str | None = None  # tekken.json; default: the checkpoint's own
     rope: RopeSection | None = None  # None: take the checkpoint's rope metadata as it is
     rope_override: bool = False  # train with `rope` even if the checkpoint metadata disagrees or lacks it
+    verify: bool = True  # compare the checkpoint's files with their recorded sha256 on load (false: --no-verify)
     freeze_encoder: bool = True
     freeze_projector: bool = False
     transformer_impl: str = "auto"  # auto | local | transformer_engine
@@ -154,7 +155,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         if path is not None:
             if not Path(path).is_file():
                 raise TrainConfigError(f"{path}: config file not found")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
+            if not isinstance(loaded, DictConfig):
+                raise TrainConfigError(f"{path}: holds a YAML {type(loaded).__name__}, not a mapping of sections")
+            cfg = OmegaConf.merge(cfg, loaded)
         for override in overrides:
             key, sep, value = override.partition("=")
             if not sep or not key:
