@@ -81,8 +81,8 @@ def test_merges_have_the_same_bytes_with_and_without_accel(
 
 
 def test_no_accel_flag_merges_plainly_with_the_same_bytes(parents, tmp_path: Path) -> None:
-    """`tools/merge.py --no-accel` on bf16 parents: no kernel is compiled or loaded (an empty kernel cache
-    stays empty) and the output equals the accelerated merge's."""
+    """`tools/merge.py --no-accel` on bf16 parents: no kernel is compiled or loaded (no kernel object appears
+    in an emptied cache) and the output equals the accelerated merge's."""
     dev, vox = parents["bfloat16"]
     env = {**os.environ, CACHE_ENV: str(tmp_path / "cache")}
     env.pop(accel.ENV, None)
@@ -96,7 +96,7 @@ def test_no_accel_flag_merges_plainly_with_the_same_bytes(parents, tmp_path: Pat
         res = subprocess.run(cmd + ["--no-progress", *extra], env=env, capture_output=True, text=True)
         assert res.returncode == 0, res.stderr[-2000:]
         outputs[bool(extra)] = _files(out)
-    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    assert not list((tmp_path / "cache").glob("bf16_kernels-*"))  # the cache also holds file digests
     assert outputs[True] == outputs[False]
 
 
