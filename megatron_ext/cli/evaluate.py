@@ -6,7 +6,9 @@
 
 Each run upserts one record per (checkpoint, benchmark) into the results JSONL; per-sample predictions
 go to DIR-of-output/predictions/NAME.BENCH.jsonl, and a rerun with the same checkpoint files, data and
-settings resumes them. Generation is greedy and batched, on our Megatron model (default) or transformers.
+settings resumes them. Generation is greedy and batched: on our Megatron model (default; --dtype bf16,
+--tp N under `torchrun --nproc-per-node N`, rank 0 writes), on transformers (--backend hf), or on a served
+model (--backend openai --endpoint URL --model NAME: OpenAI chat completions with input_audio parts).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from megatron_ext.cli._errors import error_policy
 from megatron_ext.eval.benchmarks import BENCHMARKS
-from megatron_ext.eval.generation import BACKENDS
+from megatron_ext.eval.generation import BACKENDS, DTYPES
 from megatron_ext.eval.judge import make_answer_judge
 from megatron_ext.eval.runner import evaluate, wer_of_files
 from megatron_ext.eval.store import parse_labels
@@ -54,8 +56,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--backend",
             choices=BACKENDS,
             default="megatron",
-            help="megatron: our AudioLanguageModel with a KV cache (default); hf: transformers reference",
+            help="megatron: our AudioLanguageModel with a KV cache (default); hf: transformers reference; "
+            "openai: a served model (--endpoint, --model)",
         )
+        p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights and activations (megatron, hf)")
+        p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (megatron; run under torchrun)")
+        p.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (openai)")
+        p.add_argument("--model", help="served model name (openai)")
+        p.add_argument("--concurrency", type=int, default=4, help="requests in flight (openai)")
         if bench.kind == "spoken_qa":
             p.add_argument("--judge-url", help="OpenAI-compatible base URL of an LLM judge (default: answer match)")
             p.add_argument("--judge-model", help="judge model name (required with --judge-url)")
@@ -69,6 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if getattr(args, "judge_url", None) and not args.judge_model:
         parser.error("--judge-url needs --judge-model")
+    if getattr(args, "backend", None) == "openai" and not (args.endpoint and args.model):
+        parser.error("--backend openai needs --endpoint and --model")
+    if getattr(args, "tp", 1) < 1 or getattr(args, "concurrency", 1) < 1:
+        parser.error("--tp and --concurrency must be >= 1")
     return args
 
 
@@ -98,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
             predictions=args.predictions,
             judge=judge,
             backend=args.backend,
+            dtype=args.dtype,
+            tp=args.tp,
+            endpoint=args.endpoint,
+            model=args.model,
+            concurrency=args.concurrency,
             restart=args.restart,
         )
     print(f"{record.checkpoint} {record.benchmark}: {record.metric}={record.value:.6f} (n={record.n}) -> {args.output}")

@@ -191,6 +191,16 @@ class MegatronGenerator:
                 break
         return [until_eos(row) for row in out.tolist()]
 
+    @torch.inference_mode()
+    def logits(self, prompts: Sequence[Prompt]) -> torch.Tensor:
+        """Logits [b, s, vocab] of every position of the left-padded batch, no cache (for precision checks)."""
+        ids, mask, features = batch_inputs(prompts, self)
+        device = next(self.model.parameters()).device
+        ids, padding = ids.to(device), (mask == 0).to(device)
+        features = None if features is None else features.to(device, self.dtype)
+        embeddings = self.model.embed(ids, features)
+        return self._logits(ids, _true_positions(padding), _attention_mask(padding, ids.shape[1]), embeddings)
+
     def _logits(self, ids, positions, mask, embeddings, context=None) -> torch.Tensor:
         return self.model.language_model(
             ids, positions, mask, decoder_input=embeddings, inference_context=context, runtime_gather_output=True
