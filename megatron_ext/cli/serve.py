@@ -6,18 +6,18 @@ Routes: GET /v1/models, POST /v1/chat/completions (one user message of `text` / 
 WAV as vLLM's Voxtral takes it; `max_tokens`; greedy only; extra field `transcription_language` for
 Voxtral's ASR prompt). The prompt is built by `eval.prompts.prompt_from_request`, the same code the
 in-process evaluation uses, so `evaluate.py --backend openai` against this server gives its records.
-One request generates at a time; prints `serving NAME at http://HOST:PORT/v1` once listening (port 0 picks
-a free one). For trying a checkpoint and pointing an agent harness at it; not a production server.
+One request at a time (queued connections wait); prints `serving NAME at http://HOST:PORT/v1` once
+listening (port 0 picks a free one). For trying a checkpoint and pointing an agent harness at it; not a
+production server.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 from megatron_ext.cli._errors import error_policy
@@ -28,15 +28,13 @@ from megatron_ext.eval.store import checkpoint_identity
 DEFAULT_MAX_TOKENS = 128
 
 
-class ChatServer(ThreadingHTTPServer):
-    """An HTTP server over one generator and its tokenizer, generating one request at a time."""
-
-    daemon_threads = True
+class ChatServer(HTTPServer):
+    """An HTTP server over one generator and its tokenizer: one request at a time, on the main thread (the
+    CPU patches' torch function mode is per thread), one request per connection (HTTP/1.0)."""
 
     def __init__(self, address: tuple[str, int], generator: Generator, tokenizer, model_name: str):
         super().__init__(address, _Handler)
         self.generator, self.tokenizer, self.model_name = generator, tokenizer, model_name
-        self.lock = threading.Lock()
 
     def complete(self, body: dict) -> dict:
         """The chat.completion object for a request body; ValueError for a request this server cannot serve."""
@@ -48,8 +46,7 @@ class ChatServer(ThreadingHTTPServer):
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
             raise ValueError(f"max_tokens: expected a positive integer, got {limit!r}")
         prompt = prompt_from_request(self.tokenizer, body)
-        with self.lock:
-            tokens = self.generator.generate([prompt], limit)[0]
+        tokens = self.generator.generate([prompt], limit)[0]
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -72,7 +69,6 @@ class ChatServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     server: ChatServer
-    protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args) -> None:  # quiet: one line per request is noise in tests and logs
         pass
