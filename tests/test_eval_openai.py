@@ -129,7 +129,7 @@ def _rows(record) -> dict[str, dict]:
 def test_openai_backend_gives_the_in_process_records(tiny_dir, served, tmp_path):
     """LibriVox ASR (input_audio) and text MCQ: predictions, scores and values equal the in-process Megatron run."""
     checkpoint = tiny_dir / "voxtral-hf"
-    local = MegatronGenerator(checkpoint)
+    local = MegatronGenerator.load(checkpoint)
     for bench in ("librispeech", "mmlu_text"):
         data = EXAMPLES / f"{bench}.jsonl"
         ref = evaluate(bench, checkpoint, data, tmp_path / "a" / "r.jsonl", generator=local, max_new_tokens=8)

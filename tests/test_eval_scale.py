@@ -42,7 +42,7 @@ def _tp_worker(rank: int, world: int, port: int, jobs: dict, out_dir: str) -> No
     results = {}
     for name, (checkpoint, prompts) in jobs.items():
         for tp in (1, 2):
-            results[f"{name}_tp{tp}"] = MegatronGenerator(checkpoint, tp=tp).generate(prompts, 24)
+            results[f"{name}_tp{tp}"] = MegatronGenerator.load(checkpoint, tp=tp).generate(prompts, 24)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
     destroy_distributed()
 
@@ -69,7 +69,7 @@ def test_bf16_logits_within_tolerance_of_fp32_on_librivox(tiny_dir):
     BF16_LOGIT_TOL of fp32's, and bf16's greedy token is fp32's wherever fp32's top-2 margin exceeds it."""
     checkpoint = tiny_dir / "voxtral-hf"
     prompts = _prompts(checkpoint, ("librispeech",), per_bench=5)
-    fp32, bf16 = MegatronGenerator(checkpoint), MegatronGenerator(checkpoint, dtype="bf16")
+    fp32, bf16 = MegatronGenerator.load(checkpoint), MegatronGenerator.load(checkpoint, dtype="bf16")
     assert next(bf16.model.parameters()).dtype == torch.bfloat16
     new = fp32.generate(prompts, 16)
     continued = [Prompt(p.tokens + t, p.audio) for p, t in zip(prompts, new, strict=True)]
@@ -90,7 +90,7 @@ def test_bf16_logits_within_tolerance_of_fp32_on_librivox(tiny_dir):
 def test_cached_llama4_decoding_equals_recomputed_and_is_faster(tiny_dir):
     """Devstral-2's llama-4 query scaling on the KV cache: 64 new tokens, past YaRN's original context (32),
     left-padded batch; same tokens as recomputing the prefix every step, and faster."""
-    generator = MegatronGenerator(tiny_dir / "devstral2-hf")
+    generator = MegatronGenerator.load(tiny_dir / "devstral2-hf")
     prompts = _prompts(tiny_dir / "devstral2-hf", ("mmlu_text",), per_bench=2)
     assert len({len(p.tokens) for p in prompts}) > 1
     timings, outputs = {}, {}
@@ -108,3 +108,16 @@ def test_cached_llama4_decoding_equals_recomputed_and_is_faster(tiny_dir):
         f"recomputed {timings[False]:.2f}s, speed-up {speedup:.2f}x"
     )
     assert speedup > 1.0
+
+
+@pytest.mark.gpu
+def test_bf16_te_generation_on_a_full_width_slice():
+    """GPU tier (make test-gpu): 2 Mistral-Small layers + the 131k vocabulary in bf16 on the TE spec, batch 1
+    and 32 through the KV cache; prints tokens/s and peak memory (fits an 80 GB GPU with room to spare)."""
+    from benchmarks.gen_gpu import run_generation
+
+    results = run_generation(layers=2, batches=(1, 32), prompt_len=256, new_tokens=64)
+    for r in results:
+        print(f"\nbatch {r.batch}: {r.tokens_per_second:.1f} tok/s, peak {r.peak_memory_gib:.1f} GiB")
+        assert r.new_tokens > 0 and r.peak_memory_gib < 70
+    assert results[1].tokens_per_second > results[0].tokens_per_second  # batching pays

@@ -121,6 +121,25 @@ class HFGenerator:
         return [until_eos(row) for row in out[:, ids.shape[1] :].tolist()]
 
 
+def build_generation_model(cfg, dtype: str, tp: int, backend: str = "auto", init_weights: bool = False):
+    """`AudioLanguageModel` for generation on this rank: `dtype` fp32|bf16, TP `tp`, gathered logits."""
+    from megatron.core import parallel_state
+
+    from megatron_ext.compat.cpu import init_distributed
+    from megatron_ext.models.build import BuildConfig, build_model
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if (
+        not parallel_state.model_parallel_is_initialized()
+        or parallel_state.get_tensor_model_parallel_world_size() != tp
+    ):
+        init_distributed(tp=tp, pp=1)
+    params_dtype = "bfloat16" if dtype == "bf16" else "float32"
+    build = BuildConfig(backend=backend, params_dtype=params_dtype, init_weights=init_weights, parallel_output=False)
+    return build_model(cfg, build)
+
+
 def _true_positions(padding: torch.Tensor) -> torch.Tensor:
     """Each token's position in its own prompt, [b, s] (left padding gets 0)."""
     return ((~padding).long().cumsum(1) - 1).clamp(min=0)
@@ -130,12 +149,13 @@ def _attention_mask(key_padding: torch.Tensor, queries: int) -> torch.Tensor:
     """Megatron's boolean mask [b, 1, queries, keys] (True = masked): causal over the last `queries`
     positions plus the left padding of every row."""
     keys = key_padding.shape[1]
-    causal = torch.ones(queries, keys, dtype=torch.bool).triu(keys - queries + 1)
+    causal = torch.ones(queries, keys, dtype=torch.bool, device=key_padding.device).triu(keys - queries + 1)
     return causal[None, None] | key_padding[:, None, None, :]
 
 
 class MegatronGenerator:
-    """Our `AudioLanguageModel` (Megatron-Core) from any checkpoint `open_checkpoint` reads.
+    """Greedy decoding on our `AudioLanguageModel` (Megatron-Core): a built model, or `load` from any checkpoint
+    `open_checkpoint` reads.
 
     `dtype` fp32|bf16; the layer spec is Megatron's choice (`resolve_backend`: TE with CUDA, else local);
     `tp` > 1 shards the model over the process group's ranks (start with torchrun; gloo on CPU), each
@@ -147,31 +167,23 @@ class MegatronGenerator:
     `use_cache=False` recomputes the whole prefix each step instead (the check of the cached path).
     """
 
-    def __init__(self, checkpoint: str | Path, dtype: str = "fp32", tp: int = 1, backend: str = "auto"):
-        from megatron.core import parallel_state
+    def __init__(self, model: torch.nn.Module, cfg, name: str):
+        self.model, self.cfg, self.name = model.eval(), cfg, name
+        self.dtype = next(model.parameters()).dtype
+        self.has_audio = cfg.has_audio
+        self.use_cache = True
 
+    @classmethod
+    def load(cls, checkpoint: str | Path, dtype: str = "fp32", tp: int = 1, backend: str = "auto") -> MegatronGenerator:
+        """Build the model for this rank (TP `tp`, starting Megatron's parallel state) and load its shards."""
         from megatron_ext.checkpoint.source import open_checkpoint
-        from megatron_ext.compat.cpu import init_distributed
-        from megatron_ext.models.build import BuildConfig, build_model
         from megatron_ext.models.loading import load_full_tensors
 
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
         with open_checkpoint(Path(checkpoint)) as source:
-            if (
-                not parallel_state.model_parallel_is_initialized()
-                or parallel_state.get_tensor_model_parallel_world_size() != tp
-            ):
-                init_distributed(tp=tp, pp=1)
-            self.cfg = source.cfg
-            params_dtype = "bfloat16" if dtype == "bf16" else "float32"
-            build = BuildConfig(backend=backend, params_dtype=params_dtype, init_weights=False, parallel_output=False)
-            self.model = build_model(self.cfg, build).eval()
-            load_full_tensors(self.model, source.megatron().get)
-        self.name = f"megatron:{Path(checkpoint).name}" + ("" if dtype == "fp32" else f":{dtype}")
-        self.dtype = DTYPES[dtype]
-        self.has_audio = self.cfg.has_audio
-        self.use_cache = True
+            model = build_generation_model(source.cfg, dtype, tp, backend, init_weights=False)
+            load_full_tensors(model, source.megatron().get)
+            cfg = source.cfg
+        return cls(model, cfg, f"megatron:{Path(checkpoint).name}" + ("" if dtype == "fp32" else f":{dtype}"))
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[list[int]]:
@@ -247,7 +259,7 @@ def load_generator(checkpoint: str | Path, backend: str = "megatron", dtype: str
 
     checkpoint = Path(checkpoint)
     if backend == "megatron":
-        return MegatronGenerator(checkpoint, dtype=dtype, tp=tp)
+        return MegatronGenerator.load(checkpoint, dtype=dtype, tp=tp)
     if backend != "hf":
         raise ValueError(f"unknown in-process generation backend {backend!r}; known: megatron, hf")
     if tp != 1:
