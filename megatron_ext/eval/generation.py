@@ -68,7 +68,8 @@ def until_eos(tokens: Sequence[int], eos_id: int = EOS_ID) -> list[int]:
 
 
 class HFGenerator:
-    """A transformers model (VoxtralForConditionalGeneration or a causal LM), fp32 by default; the reference."""
+    """A transformers model (VoxtralForConditionalGeneration or a causal LM), fp32 by default, on the GPU when
+    there is one (whole, no TP); the reference."""
 
     def __init__(self, model: torch.nn.Module, name: str):
         from transformers import VoxtralForConditionalGeneration
@@ -92,6 +93,8 @@ class HFGenerator:
 
         model_cls = VoxtralForConditionalGeneration if audio else AutoModelForCausalLM
         model = model_cls.from_pretrained(str(checkpoint), dtype=DTYPES[dtype], use_safetensors=True)
+        if torch.cuda.is_available():
+            model = model.cuda()
         return cls(model, f"hf:{Path(checkpoint).name}")
 
     @classmethod
@@ -108,10 +111,11 @@ class HFGenerator:
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[list[int]]:
         ids, mask, features = batch_inputs(prompts, self)
-        extra = {} if features is None else {"input_features": features.to(self.model.dtype)}
+        device = self.model.device
+        extra = {} if features is None else {"input_features": features.to(device, self.model.dtype)}
         out = self.model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=EOS_ID,
