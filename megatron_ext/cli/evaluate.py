@@ -69,7 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.add_argument("--judge-model", help="judge model name (required with --judge-url)")
     p = sub.add_parser("swebench", help="ingest SWE-Bench harness results (resolved instance ids)")
     _record_args(p)
-    p.add_argument("--data", type=Path, required=True, help="harness report JSON, or a JSON list of resolved ids")
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="harness report JSON naming the served model (model_name_or_path, or file MODEL.RUN_ID.json)",
+    )
     p.add_argument("--total", type=int, help=f"instances in the set (default: from the report, else {VERIFIED_SIZE})")
     p = sub.add_parser("wer", help="corpus WER (Whisper English normaliser) of two JSONL files")
     p.add_argument("--references", type=Path, required=True, help='JSONL lines {"id": ..., "text": ...}')
