@@ -10,7 +10,7 @@ BUILD ?= build
 TINY ?= $(BUILD)/tiny
 APT_PACKAGES := espeak-ng sox pocketsphinx-testdata
 
-.PHONY: venv system-deps tiny demo demo-convert convert bench bench-convert demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint format clean synth bench-synth eval eval-data eval-model eval-sft report demo-eval sft sft-dry-run demo-synth gpu-check
+.PHONY: venv system-deps tiny demo demo-convert convert bench bench-convert demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint format clean synth bench-synth eval eval-data eval-model eval-sft eval-grid report demo-eval sft sft-dry-run demo-synth gpu-check
 
 # ---- environment ---------------------------------------------------------------------------------
 # The pinned requirements first, then this project editable (--no-deps: torch stays the pinned CPU wheel):
@@ -199,6 +199,22 @@ eval-sft: eval-data
 	for ckpt in $(EVAL_SFT_RUN)/iter_*; do \
 	  for b in mmlu_audio llama_questions mmlu_text; do $(EVALUATE) $$b --checkpoint $$ckpt --label role=sft \
 	    $(EVAL_SFT_LABELS) --data $(EVAL_DATA)/$$b.jsonl $(EVAL_ARGS) $(EVAL_STORE) || exit 1; done; done
+
+# Every checkpoint of a merge grid (`make merge-grid`'s manifest) plus its two parents on every benchmark
+# (labels from each checkpoint's merge.json), then the report. Resumable: a rerun reuses finished predictions.
+GRID_MANIFEST ?= $(MERGE_GRID_OUT)/manifest.json
+GRID_MANIFEST_READ = $(PYTHON) -c 'import json, sys; m = json.load(open(sys.argv[1])); \
+  print(*([r["output"] for r in m["runs"]] if sys.argv[2] == "runs" else [m[sys.argv[2]]]))' $(GRID_MANIFEST)
+eval-grid: eval-data
+	test -f $(GRID_MANIFEST) || { echo "no $(GRID_MANIFEST): run make merge-grid first"; exit 1; }
+	for ckpt in $$($(GRID_MANIFEST_READ) runs); do for b in $(AUDIO_BENCHES) mmlu_text; do \
+	  $(EVALUATE) $$b --checkpoint $$ckpt --label role=merge --data $(EVAL_DATA)/$$b.jsonl $(EVAL_ARGS) $(EVAL_STORE) \
+	  || exit 1; done; done
+	for b in $(AUDIO_BENCHES) mmlu_text; do $(EVALUATE) $$b --checkpoint $$($(GRID_MANIFEST_READ) voxtral) --name voxtral \
+	  --label role=parent --data $(EVAL_DATA)/$$b.jsonl $(EVAL_ARGS) $(EVAL_STORE) || exit 1; done
+	$(EVALUATE) mmlu_text --checkpoint $$($(GRID_MANIFEST_READ) devstral) --name devstral --label role=parent \
+	  --data $(EVAL_DATA)/mmlu_text.jsonl $(EVAL_ARGS) $(EVAL_STORE)
+	$(MAKE) report
 
 report: venv
 	$(PYTHON) tools/report.py --results $(EVAL_RESULTS) --output $(REPORT_DIR) \
