@@ -10,7 +10,7 @@ BUILD ?= build
 TINY ?= $(BUILD)/tiny
 APT_PACKAGES := espeak-ng sox pocketsphinx-testdata
 
-.PHONY: venv system-deps tiny demo demo-convert convert bench bench-convert demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint format clean synth bench-synth eval eval-data eval-model eval-sft report demo-eval sft sft-dry-run demo-synth gpu-check
+.PHONY: venv system-deps tiny demo demo-convert convert bench bench-convert demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint format clean synth bench-synth eval eval-data eval-model eval-sft eval-grid report demo-eval sft sft-dry-run demo-synth gpu-check
 
 # ---- environment ---------------------------------------------------------------------------------
 # The pinned requirements first, then this project editable (--no-deps: torch stays the pinned CPU wheel):
@@ -159,7 +159,8 @@ bench-synth: venv
 # ---- evaluation and report (tiny models; example benchmarks in examples/eval, voiced with espeak-ng) ----
 # `make eval` scores EVAL_MODEL (default: the tiny linear alpha=0.1 merge, built here) on every benchmark,
 # plus the tiny parents; `make eval-sft EVAL_SFT_RUN=DIR` scores each DIR/iter_* checkpoint of an SFT run;
-# `make report` regenerates all tables and figures from the results store.
+# `make report` regenerates all tables and figures from the results store. SWE-Bench is never faked: a
+# checkpoint shows "not run" until its own harness report is ingested (README: SWE-Bench).
 EVAL_DIR ?= $(BUILD)/eval
 EVAL_DATA := $(EVAL_DIR)/data
 EVAL_RESULTS ?= $(EVAL_DIR)/results
@@ -173,7 +174,6 @@ REPORT_SYNTH ?=
 EVAL_ARGS ?= --max-new-tokens 32
 EVALUATE := $(PYTHON) tools/evaluate.py
 EVAL_STORE := --output $(EVAL_RESULTS)/records.jsonl
-SWEBENCH_EXAMPLE := examples/eval/swebench_report.json
 AUDIO_BENCHES := librispeech fleurs llama_questions mmlu_audio
 
 eval-data: venv
@@ -191,22 +191,33 @@ eval: eval-data eval-model
 	for b in $(AUDIO_BENCHES) mmlu_text; do \
 	  $(EVALUATE) $$b --checkpoint $(EVAL_MODEL) $(EVAL_MODEL_LABELS) --data $(EVAL_DATA)/$$b.jsonl $(EVAL_ARGS) \
 	    $(EVAL_STORE) || exit 1; done
-	$(EVALUATE) swebench --checkpoint $(EVAL_MODEL) $(EVAL_MODEL_LABELS) --data $(SWEBENCH_EXAMPLE) $(EVAL_STORE)
 	for b in $(AUDIO_BENCHES) mmlu_text; do $(EVALUATE) $$b --checkpoint $(TINY)/voxtral-hf --name voxtral \
 	  --label role=parent --label "display=Voxtral (tiny)" --data $(EVAL_DATA)/$$b.jsonl $(EVAL_ARGS) $(EVAL_STORE) || exit 1; done
 	$(EVALUATE) mmlu_text --checkpoint $(TINY)/devstral-hf --name devstral --label role=parent \
 	  --label "display=Devstral (tiny)" --data $(EVAL_DATA)/mmlu_text.jsonl $(EVAL_ARGS) $(EVAL_STORE)
-	$(EVALUATE) swebench --checkpoint $(TINY)/devstral-hf --name devstral --label role=parent \
-	  --label "display=Devstral (tiny)" --data $(SWEBENCH_EXAMPLE) $(EVAL_STORE)
 	@echo "eval: records in $(EVAL_RESULTS)/records.jsonl, per-sample predictions in $(EVAL_RESULTS)/predictions/"
 
 eval-sft: eval-data
 	test -n "$(EVAL_SFT_RUN)" || { echo "set EVAL_SFT_RUN=DIR (an SFT run with iter_* checkpoints)"; exit 1; }
 	for ckpt in $(EVAL_SFT_RUN)/iter_*; do \
 	  for b in mmlu_audio llama_questions mmlu_text; do $(EVALUATE) $$b --checkpoint $$ckpt --label role=sft \
-	    $(EVAL_SFT_LABELS) --data $(EVAL_DATA)/$$b.jsonl $(EVAL_ARGS) $(EVAL_STORE) || exit 1; done; \
-	  $(EVALUATE) swebench --checkpoint $$ckpt --label role=sft $(EVAL_SFT_LABELS) --data $(SWEBENCH_EXAMPLE) \
-	    $(EVAL_STORE) || exit 1; done
+	    $(EVAL_SFT_LABELS) --data $(EVAL_DATA)/$$b.jsonl $(EVAL_ARGS) $(EVAL_STORE) || exit 1; done; done
+
+# Every checkpoint of a merge grid (`make merge-grid`'s manifest) plus its two parents on every benchmark
+# (labels from each checkpoint's merge.json), then the report. Resumable: a rerun reuses finished predictions.
+GRID_MANIFEST ?= $(MERGE_GRID_OUT)/manifest.json
+GRID_MANIFEST_READ = $(PYTHON) -c 'import json, sys; m = json.load(open(sys.argv[1])); \
+  print(*([r["output"] for r in m["runs"]] if sys.argv[2] == "runs" else [m[sys.argv[2]]]))' $(GRID_MANIFEST)
+eval-grid: eval-data
+	test -f $(GRID_MANIFEST) || { echo "no $(GRID_MANIFEST): run make merge-grid first"; exit 1; }
+	for ckpt in $$($(GRID_MANIFEST_READ) runs); do for b in $(AUDIO_BENCHES) mmlu_text; do \
+	  $(EVALUATE) $$b --checkpoint $$ckpt --label role=merge --data $(EVAL_DATA)/$$b.jsonl $(EVAL_ARGS) $(EVAL_STORE) \
+	  || exit 1; done; done
+	for b in $(AUDIO_BENCHES) mmlu_text; do $(EVALUATE) $$b --checkpoint $$($(GRID_MANIFEST_READ) voxtral) --name voxtral \
+	  --label role=parent --data $(EVAL_DATA)/$$b.jsonl $(EVAL_ARGS) $(EVAL_STORE) || exit 1; done
+	$(EVALUATE) mmlu_text --checkpoint $$($(GRID_MANIFEST_READ) devstral) --name devstral --label role=parent \
+	  --data $(EVAL_DATA)/mmlu_text.jsonl $(EVAL_ARGS) $(EVAL_STORE)
+	$(MAKE) report
 
 report: venv
 	$(PYTHON) tools/report.py --results $(EVAL_RESULTS) --output $(REPORT_DIR) \

@@ -44,13 +44,22 @@ def endpoint_url(url: str | None, model: str | None) -> str | None:
 
 def post_json(url: str, payload: dict, policy: RetryPolicy, key: str | None = None) -> bytes:
     """POST `payload` as JSON and return the response body; retry timeouts, connection errors and 5xx/429."""
+    return _request("POST", url, policy, key, payload)
+
+
+def get_json(url: str, policy: RetryPolicy, key: str | None = None) -> bytes:
+    """GET `url` and return the response body, retried like `post_json`."""
+    return _request("GET", url, policy, key)
+
+
+def _request(method: str, url: str, policy: RetryPolicy, key: str | None, payload: dict | None = None) -> bytes:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     last = ""
     for attempt in range(policy.retries + 1):
         if attempt:
             time.sleep(policy.backoff_s * 2 ** (attempt - 1))
         try:
-            response = httpx2.post(url, json=payload, headers=headers, timeout=policy.timeout_s)
+            response = httpx2.request(method, url, json=payload, headers=headers, timeout=policy.timeout_s)
         except httpx2.TimeoutException:
             last = "timeout"
             continue
@@ -62,4 +71,4 @@ def post_json(url: str, payload: dict, policy: RetryPolicy, key: str | None = No
         last = f"HTTP {response.status_code}"
         if response.status_code not in RETRYABLE_STATUS:
             break
-    raise EndpointError(f"POST {url} failed after {attempt + 1} attempt(s): {last}")
+    raise EndpointError(f"{method} {url} failed after {attempt + 1} attempt(s): {last}")

@@ -105,7 +105,9 @@ def test_every_benchmark_end_to_end(merged, generator, data, tmp_path):
                 ]
             )
         assert record.value == pytest.approx(expected, abs=1e-12), bench
-    ingest_swebench(EXAMPLES / "swebench_report.json", merged, results)
+    report = tmp_path / "linear-0.1.verified-run.json"  # the harness names its report MODEL.RUN_ID.json
+    report.write_text(json.dumps({"total_instances": 500, "resolved_ids": ["a__a-1", "b__b-2", "c__c-3"]}))
+    ingest_swebench(report, merged, results)
     stored = {r.benchmark: r for r in load_results(results)}
     assert set(stored) == set(BENCHMARKS) | {"swebench"}
     assert stored["swebench"].value == 3 / 500 and stored["swebench"].n == 500
@@ -172,10 +174,10 @@ def test_megatron_greedy_equals_hf_on_the_merged_model(merged, generator, data):
 
 @pytest.mark.parametrize("parent", ["devstral-hf", "devstral2-hf"])
 def test_megatron_greedy_equals_hf_on_text_parents(tiny_dir, data, parent):
-    """Devstral (plain rope) uses the KV cache; Devstral-2 (YaRN + llama-4 query scaling, FP8 weights)
-    recomputes over true positions."""
+    """Devstral (plain rope) and Devstral-2 (YaRN + llama-4 query scaling, FP8 weights) both decode on the
+    KV cache, the llama-4 scale following every row's true positions."""
     megatron, reference = load_generator(tiny_dir / parent), load_generator(tiny_dir / parent, "hf")
-    assert megatron.use_cache is (parent == "devstral-hf")
+    assert megatron.use_cache
     prompts = _mixed_prompts(tiny_dir / parent, data, ("mmlu_text",))
     assert megatron.generate(prompts, 40) == reference.generate(prompts, 40)  # past YaRN's original context of 32
 
@@ -271,18 +273,30 @@ def test_judge_replaces_the_match_in_records(merged, generator, data, tmp_path, 
     assert len(judge_server.requests) == len(rows)
 
 
-def test_swebench_ingest_forms(tmp_path, merged):
-    ids = tmp_path / "resolved.json"
-    ids.write_text(json.dumps(["a__a-1", "b__b-2"]))
-    assert ingest_swebench(ids, merged, tmp_path / "r.jsonl").value == 2 / 500
-    assert ingest_swebench(ids, merged, tmp_path / "r.jsonl", total=50, name="proxy").value == 2 / 50
-    ids.write_text(json.dumps({"resolved_ids": ["a", "a"], "total_instances": 500}))
-    with pytest.raises(ValueError, match="duplicate instance ids"):
-        ingest_swebench(ids, merged, tmp_path / "r.jsonl")
-    ids.write_text(json.dumps({"resolved_ids": ["a", "b", "c"], "total_instances": 2}))
-    with pytest.raises(ValueError, match="instance count 2"):
-        ingest_swebench(ids, merged, tmp_path / "r.jsonl")
+def test_swebench_ingest_is_tied_to_the_served_model(tmp_path, merged, capsys):
+    """The report names the checkpoint's served model (field or harness file name), or it is refused."""
+    from megatron_ext.cli.evaluate import main
+
+    named = tmp_path / "report.json"
+    named.write_text(json.dumps({"model_name_or_path": "linear-0.1", "resolved_ids": ["a__a-1", "b__b-2"]}))
+    assert ingest_swebench(named, merged, tmp_path / "r.jsonl").value == 2 / 500
+    by_file = tmp_path / "proxy.run1.json"
+    by_file.write_text(json.dumps({"resolved_ids": ["a__a-1"], "total_instances": 50}))
+    assert ingest_swebench(by_file, merged, tmp_path / "r.jsonl", name="proxy").value == 1 / 50
     assert {r.checkpoint for r in load_results(tmp_path / "r.jsonl")} == {"linear-0.1", "proxy"}
+    for body, message in [
+        ({"model_name_or_path": "devstral", "resolved_ids": []}, "report for model 'devstral'"),
+        ({"resolved_ids": ["a"]}, "the report names no model"),
+        (["a__a-1"], "expected a harness report object"),
+        ({"model_name_or_path": "linear-0.1", "resolved_ids": ["a", "a"]}, "duplicate instance ids"),
+        ({"model_name_or_path": "linear-0.1", "resolved_ids": ["a", "b", "c"], "total_instances": 2}, "count 2"),
+    ]:
+        named.write_text(json.dumps(body))
+        out = tmp_path / "refused" / "r.jsonl"
+        assert main(["swebench", "--checkpoint", str(merged), "--data", str(named), "--output", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+        assert not out.exists()
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,9 @@
 
 Each run upserts one record per (checkpoint, benchmark) into the results JSONL; per-sample predictions
 go to DIR-of-output/predictions/NAME.BENCH.jsonl, and a rerun with the same checkpoint files, data and
-settings resumes them. Generation is greedy and batched, on our Megatron model (default) or transformers.
+settings resumes them. Generation is greedy and batched: on our Megatron model (default; --dtype bf16,
+--tp N under `torchrun --nproc-per-node N`, rank 0 writes), on transformers (--backend hf), or on a served
+model (--backend openai --endpoint URL --model NAME: OpenAI chat completions with input_audio parts).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from megatron_ext.checkpoint.metadata import verification
 from megatron_ext.cli._errors import error_policy
 from megatron_ext.cli._verify import add_no_verify
 from megatron_ext.eval.benchmarks import BENCHMARKS
-from megatron_ext.eval.generation import BACKENDS
+from megatron_ext.eval.generation import BACKENDS, DTYPES
 from megatron_ext.eval.judge import make_answer_judge
 from megatron_ext.eval.runner import evaluate, wer_of_files
 from megatron_ext.eval.store import parse_labels
@@ -56,15 +58,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--backend",
             choices=BACKENDS,
             default="megatron",
-            help="megatron: our AudioLanguageModel with a KV cache (default); hf: transformers reference",
+            help="megatron: our AudioLanguageModel with a KV cache (default); hf: transformers reference; "
+            "openai: a served model (--endpoint, --model)",
         )
         add_no_verify(p)
+        p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights and activations (megatron, hf)")
+        p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (megatron; run under torchrun)")
+        p.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (openai)")
+        p.add_argument("--model", help="served model name (openai)")
+        p.add_argument("--concurrency", type=int, default=4, help="requests in flight (openai)")
         if bench.kind == "spoken_qa":
             p.add_argument("--judge-url", help="OpenAI-compatible base URL of an LLM judge (default: answer match)")
             p.add_argument("--judge-model", help="judge model name (required with --judge-url)")
     p = sub.add_parser("swebench", help="ingest SWE-Bench harness results (resolved instance ids)")
     _record_args(p)
-    p.add_argument("--data", type=Path, required=True, help="harness report JSON, or a JSON list of resolved ids")
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="harness report JSON naming the served model (model_name_or_path, or file MODEL.RUN_ID.json)",
+    )
     p.add_argument("--total", type=int, help=f"instances in the set (default: from the report, else {VERIFIED_SIZE})")
     p = sub.add_parser("wer", help="corpus WER (Whisper English normaliser) of two JSONL files")
     p.add_argument("--references", type=Path, required=True, help='JSONL lines {"id": ..., "text": ...}')
@@ -72,6 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if getattr(args, "judge_url", None) and not args.judge_model:
         parser.error("--judge-url needs --judge-model")
+    if getattr(args, "backend", None) == "openai" and not (args.endpoint and args.model):
+        parser.error("--backend openai needs --endpoint and --model")
+    if getattr(args, "tp", 1) < 1 or getattr(args, "concurrency", 1) < 1:
+        parser.error("--tp and --concurrency must be >= 1")
     return args
 
 
@@ -102,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
                 predictions=args.predictions,
                 judge=judge,
                 backend=args.backend,
+                dtype=args.dtype,
+                tp=args.tp,
+                endpoint=args.endpoint,
+                model=args.model,
+                concurrency=args.concurrency,
                 restart=args.restart,
             )
     print(f"{record.checkpoint} {record.benchmark}: {record.metric}={record.value:.6f} (n={record.n}) -> {args.output}")

@@ -1,9 +1,10 @@
 """Greedy, batched generation for text and audio prompts behind one interface.
 
 `HFGenerator` (transformers on an HF directory, or on a Megatron checkpoint exported to HF) is the
-reference; `MegatronGenerator` runs our `AudioLanguageModel` (Megatron-Core) with a static KV cache and
-is tested against it token for token. Prompts are left-padded into one batch; audio goes through the
-model engineer's log-mel front-end (one clip at a time, as Voxtral prepares audio).
+reference; `MegatronGenerator` runs our `AudioLanguageModel` (Megatron-Core; fp32 or bf16, the TE spec on
+GPU, tensor parallel under torchrun) with a static KV cache and is tested against it token for token.
+Prompts are left-padded into one batch; audio goes through the model engineer's log-mel front-end (one
+clip at a time, as Voxtral prepares audio). Served models are reached through `eval/openai_backend.py`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from megatron_ext.eval.prompts import Prompt
 
 EOS_ID = 2
 PAD_ID = 11
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class NonFiniteLogits(ProjectError, ValueError):
@@ -79,7 +81,8 @@ def until_eos(tokens: Sequence[int], eos_id: int = EOS_ID) -> list[int]:
 
 
 class HFGenerator:
-    """A transformers model (VoxtralForConditionalGeneration or a causal LM) in fp32; the reference path."""
+    """A transformers model (VoxtralForConditionalGeneration or a causal LM), fp32 by default, on the GPU when
+    there is one (whole, no TP); the reference."""
 
     def __init__(self, model: torch.nn.Module, name: str):
         from transformers import VoxtralForConditionalGeneration
@@ -89,7 +92,7 @@ class HFGenerator:
         self.has_audio = isinstance(model, VoxtralForConditionalGeneration)
 
     @classmethod
-    def from_hf_dir(cls, checkpoint: str | Path) -> HFGenerator:
+    def from_hf_dir(cls, checkpoint: str | Path, dtype: str = "fp32") -> HFGenerator:
         """Load an HF checkpoint directory (config.json + safetensors), validated by the shared reader first
         and loaded by transformers from safetensors only (a `pytorch_model.bin` pickle is never read)."""
         from megatron_ext.checkpoint.atomic import CheckpointError
@@ -102,17 +105,19 @@ class HFGenerator:
         from transformers import AutoModelForCausalLM, VoxtralForConditionalGeneration
 
         model_cls = VoxtralForConditionalGeneration if audio else AutoModelForCausalLM
-        model = model_cls.from_pretrained(str(checkpoint), dtype=torch.float32, use_safetensors=True)
+        model = model_cls.from_pretrained(str(checkpoint), dtype=DTYPES[dtype], use_safetensors=True)
+        if torch.cuda.is_available():
+            model = model.cuda()
         return cls(model, f"hf:{Path(checkpoint).name}")
 
     @classmethod
-    def from_megatron_dir(cls, checkpoint: str | Path) -> HFGenerator:
+    def from_megatron_dir(cls, checkpoint: str | Path, dtype: str = "fp32") -> HFGenerator:
         """Export a Megatron torch_dist checkpoint to HF (the conversion tool, in a temporary dir) and load it."""
         from megatron_ext.checkpoint.convert import convert
 
         with tempfile.TemporaryDirectory(prefix="eval-hf-export-") as tmp:
             convert(Path(checkpoint), Path(tmp) / "hf", "hf", progress=False)
-            generator = cls.from_hf_dir(Path(tmp) / "hf")
+            generator = cls.from_hf_dir(Path(tmp) / "hf", dtype)
         generator.name = f"hf-export:{Path(checkpoint).name}"
         return generator
 
@@ -121,12 +126,13 @@ class HFGenerator:
         ids, mask, features = batch_inputs(prompts, self)
         from transformers import LogitsProcessorList
 
-        extra = {} if features is None else {"input_features": features}
+        device = self.model.device
+        extra = {} if features is None else {"input_features": features.to(device, self.model.dtype)}
         start = ids.shape[1]
         out = self.model.generate(
             logits_processor=LogitsProcessorList([lambda seen, scores: _checked(scores, self.name, seen, start)]),
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=EOS_ID,
@@ -141,49 +147,77 @@ def _checked(scores: torch.Tensor, name: str, seen: torch.Tensor, start: int) ->
     return require_finite(scores, name, seen.shape[1] - start)
 
 
+def build_generation_model(cfg, dtype: str, tp: int, backend: str = "auto", init_weights: bool = False):
+    """`AudioLanguageModel` for generation on this rank: `dtype` fp32|bf16, TP `tp`, gathered logits."""
+    from megatron.core import parallel_state
+
+    from megatron_ext.compat.cpu import init_distributed
+    from megatron_ext.models.build import BuildConfig, build_model
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if (
+        not parallel_state.model_parallel_is_initialized()
+        or parallel_state.get_tensor_model_parallel_world_size() != tp
+    ):
+        init_distributed(tp=tp, pp=1)
+    params_dtype = "bfloat16" if dtype == "bf16" else "float32"
+    build = BuildConfig(backend=backend, params_dtype=params_dtype, init_weights=init_weights, parallel_output=False)
+    return build_model(cfg, build)
+
+
+def _true_positions(padding: torch.Tensor) -> torch.Tensor:
+    """Each token's position in its own prompt, [b, s] (left padding gets 0)."""
+    return ((~padding).long().cumsum(1) - 1).clamp(min=0)
+
+
 def _attention_mask(key_padding: torch.Tensor, queries: int) -> torch.Tensor:
     """Megatron's boolean mask [b, 1, queries, keys] (True = masked): causal over the last `queries`
     positions plus the left padding of every row."""
     keys = key_padding.shape[1]
-    causal = torch.ones(queries, keys, dtype=torch.bool).triu(keys - queries + 1)
+    causal = torch.ones(queries, keys, dtype=torch.bool, device=key_padding.device).triu(keys - queries + 1)
     return causal[None, None] | key_padding[:, None, None, :]
 
 
 class MegatronGenerator:
-    """Our `AudioLanguageModel` (Megatron-Core, local spec, TP=1) from any checkpoint `open_checkpoint` reads.
+    """Greedy decoding on our `AudioLanguageModel` (Megatron-Core): a built model, or `load` from any checkpoint
+    `open_checkpoint` reads.
 
+    `dtype` fp32|bf16; the layer spec is Megatron's choice (`resolve_backend`: TE with CUDA, else local);
+    `tp` > 1 shards the model over the process group's ranks (start with torchrun; gloo on CPU), each
+    rank reading only its shards and every rank returning the same tokens (logits are gathered).
     Decoding runs on Megatron-Core's static KV cache (`StaticInferenceContext`): one prefill over the
     left-padded prompts with an explicit causal + padding mask, then one token per step. Rope there is
-    indexed by position in the padded row, which leaves attention unchanged (rope is relative); the
-    llama-4 query scaling is absolute, so a model with it decodes without the cache, recomputing the
-    decoder over true per-row positions each step.
+    indexed by cache slot, which leaves attention unchanged (rope is relative); the llama-4 query scale is
+    absolute, so every step passes the new tokens' true per-row positions (`DecoderModel`).
+    `use_cache=False` recomputes the whole prefix each step instead (the check of the cached path).
     """
 
-    def __init__(self, checkpoint: str | Path):
-        from megatron.core import parallel_state
+    def __init__(self, model: torch.nn.Module, cfg, name: str):
+        self.model, self.cfg, self.name = model.eval(), cfg, name
+        self.dtype = next(model.parameters()).dtype
+        self.has_audio = cfg.has_audio
+        self.use_cache = True
 
+    @classmethod
+    def load(cls, checkpoint: str | Path, dtype: str = "fp32", tp: int = 1, backend: str = "auto") -> MegatronGenerator:
+        """Build the model for this rank (TP `tp`, starting Megatron's parallel state) and load its shards."""
         from megatron_ext.checkpoint.source import open_checkpoint
-        from megatron_ext.compat.cpu import init_distributed
-        from megatron_ext.models.build import BuildConfig, build_model
         from megatron_ext.models.loading import load_full_tensors
 
         with open_checkpoint(Path(checkpoint)) as source:
-            if not parallel_state.model_parallel_is_initialized():
-                init_distributed(tp=1, pp=1)
-            self.cfg = source.cfg
-            build = BuildConfig(backend="local", init_weights=False, parallel_output=False)
-            self.model = build_model(self.cfg, build).eval()
-            load_full_tensors(self.model, source.megatron().get)
-        self.name = f"megatron:{Path(checkpoint).name}"
-        self.has_audio = self.cfg.has_audio
-        self.use_cache = self.cfg.decoder.rope.llama4_scaling_beta is None
+            model = build_generation_model(source.cfg, dtype, tp, backend, init_weights=False)
+            load_full_tensors(model, source.megatron().get)
+            cfg = source.cfg
+        return cls(model, cfg, f"megatron:{Path(checkpoint).name}" + ("" if dtype == "fp32" else f":{dtype}"))
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[list[int]]:
         ids, mask, features = batch_inputs(prompts, self)
         device = next(self.model.parameters()).device
         ids, padding = ids.to(device), (mask == 0).to(device)
-        prompt_embeddings = self.model.embed(ids, None if features is None else features.to(device))  # [s, b, h]
+        features = None if features is None else features.to(device, self.dtype)
+        prompt_embeddings = self.model.embed(ids, features)  # [s, b, h]
         step = self._cached_steps if self.use_cache else self._recomputed_steps
         out = torch.full((ids.shape[0], 0), PAD_ID, dtype=torch.long, device=device)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
@@ -195,6 +229,16 @@ class MegatronGenerator:
                 break
         return [until_eos(row) for row in out.tolist()]
 
+    @torch.inference_mode()
+    def logits(self, prompts: Sequence[Prompt]) -> torch.Tensor:
+        """Logits [b, s, vocab] of every position of the left-padded batch, no cache (for precision checks)."""
+        ids, mask, features = batch_inputs(prompts, self)
+        device = next(self.model.parameters()).device
+        ids, padding = ids.to(device), (mask == 0).to(device)
+        features = None if features is None else features.to(device, self.dtype)
+        embeddings = self.model.embed(ids, features)
+        return self._logits(ids, _true_positions(padding), _attention_mask(padding, ids.shape[1]), embeddings)
+
     def _logits(self, ids, positions, mask, embeddings, context=None) -> torch.Tensor:
         return self.model.language_model(
             ids, positions, mask, decoder_input=embeddings, inference_context=context, runtime_gather_output=True
@@ -205,20 +249,21 @@ class MegatronGenerator:
 
         batch, length = ids.shape
         context = StaticInferenceContext(batch, length + max_new_tokens)
-        logits = self._logits(ids, None, _attention_mask(padding, length), embeddings, context)
+        positions = _true_positions(padding)
+        logits = self._logits(ids, positions, _attention_mask(padding, length), embeddings, context)
         context.sequence_len_offset = length
         for step in range(max_new_tokens):
             token = require_finite(logits[:, -1], self.name, step).argmax(-1)
             yield token
             padding = torch.cat([padding, torch.zeros_like(padding[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
             embedded = self.model.language_model.embedding(input_ids=token[:, None], position_ids=None)
-            logits = self._logits(token[:, None], None, _attention_mask(padding, 1), embedded, context)
+            logits = self._logits(token[:, None], positions, _attention_mask(padding, 1), embedded, context)
             context.sequence_len_offset += 1
 
     def _recomputed_steps(self, ids, padding, embeddings, max_new_tokens):
         for step in range(max_new_tokens):
-            positions = ((~padding).long().cumsum(1) - 1).clamp(min=0)
-            logits = self._logits(ids, positions, _attention_mask(padding, ids.shape[1]), embeddings)
+            logits = self._logits(ids, _true_positions(padding), _attention_mask(padding, ids.shape[1]), embeddings)
             token = require_finite(logits[:, -1], self.name, step).argmax(-1)
             yield token
             ids = torch.cat([ids, token[:, None]], dim=1)
@@ -227,24 +272,26 @@ class MegatronGenerator:
             embeddings = torch.cat([embeddings, new], dim=0)
 
 
-BACKENDS = ("megatron", "hf")
+BACKENDS = ("megatron", "hf", "openai")
 
 
-def load_generator(checkpoint: str | Path, backend: str = "megatron") -> Generator:
-    """The generator for a checkpoint directory (Megatron torch_dist, HF or Mistral-native).
+def load_generator(checkpoint: str | Path, backend: str = "megatron", dtype: str = "fp32", tp: int = 1) -> Generator:
+    """The in-process generator for a checkpoint directory (Megatron torch_dist, HF or Mistral-native).
 
-    backend "megatron": our AudioLanguageModel; "hf": transformers on the HF layout (a Megatron checkpoint
-    is exported to HF first) — the reference.
+    backend "megatron": our AudioLanguageModel (dtype, TP); "hf": transformers on the HF layout (a Megatron
+    checkpoint is exported to HF first) — the reference. ("openai" is built by `eval.openai_backend`.)
     """
     from megatron_ext.checkpoint.metadata import META_FILE
 
     checkpoint = Path(checkpoint)
     if backend == "megatron":
-        return MegatronGenerator(checkpoint)
+        return MegatronGenerator.load(checkpoint, dtype=dtype, tp=tp)
     if backend != "hf":
-        raise ValueError(f"unknown generation backend {backend!r}; known: {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown in-process generation backend {backend!r}; known: megatron, hf")
+    if tp != 1:
+        raise ValueError("--tp applies to the megatron backend only")
     if (checkpoint / META_FILE).is_file():
-        return HFGenerator.from_megatron_dir(checkpoint)
+        return HFGenerator.from_megatron_dir(checkpoint, dtype)
     if (checkpoint / "config.json").is_file():
-        return HFGenerator.from_hf_dir(checkpoint)
+        return HFGenerator.from_hf_dir(checkpoint, dtype)
     raise ValueError(f"{checkpoint}: not a checkpoint directory (no {META_FILE} or config.json)")

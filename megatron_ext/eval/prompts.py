@@ -1,8 +1,13 @@
-"""Benchmark samples -> token prompts with mistral-common (the tokenizer every checkpoint ships as tekken.json).
+"""Benchmark samples -> OpenAI chat requests -> token prompts with mistral-common (the tokenizer every
+checkpoint ships as tekken.json).
 
+A sample first becomes an OpenAI chat-completions body (`chat_request`: `text` and `input_audio` parts,
+base64 WAV, the format vLLM's Voxtral serves); the in-process backends and `cli/serve.py` turn that same
+body into tokens (`prompt_from_request`), so a served checkpoint sees exactly the in-process prompt.
 Audio prompts follow Voxtral's chat format (`[INST][BEGIN_AUDIO][AUDIO]x375 per 30 s...[/INST]`) and
-ASR uses its transcription format (`...[/INST]lang:en[TRANSCRIBE]`); mistral-common pads audio to 30 s
-chunks and counts the [AUDIO] tokens, so prompts match what the parent models were trained on.
+ASR uses its transcription format (`...[/INST]lang:en[TRANSCRIBE]`), asked for by the extra body field
+`transcription_language` (one audio part, no text); mistral-common pads audio to 30 s chunks and counts
+the [AUDIO] tokens, so prompts match what the parent models were trained on.
 """
 
 from __future__ import annotations
@@ -42,20 +47,55 @@ def load_tokenizer(checkpoint: str | Path) -> MistralTokenizer:
 
 def build_prompt(tokenizer: MistralTokenizer, bench: Benchmark, sample: Sample) -> Prompt:
     """The prompt a benchmark sends for one sample."""
+    return prompt_from_request(tokenizer, chat_request(bench, sample))
+
+
+def chat_request(bench: Benchmark, sample: Sample) -> dict:
+    """The OpenAI chat-completions body (without model and limits) of one sample."""
+    content: list[dict] = []
+    if bench.needs_audio:
+        audio = RawAudio.from_audio(Audio(sample.audio(), SAMPLE_RATE, format="wav"))
+        content.append({"type": "input_audio", "input_audio": {"data": audio.data, "format": audio.format}})
+    if bench.kind == "mcq":
+        content.append({"type": "text", "text": mcq_text(sample, with_question=not bench.needs_audio)})
+    elif bench.kind != "asr" and sample.fields.get("instruction"):
+        content.append({"type": "text", "text": sample.fields["instruction"]})
+    body: dict = {"messages": [{"role": "user", "content": content}]}
     if bench.kind == "asr":
-        request = TranscriptionRequest(model="eval", audio=_raw_audio(sample), language="en")
+        body["transcription_language"] = "en"
+    return body
+
+
+def prompt_from_request(tokenizer: MistralTokenizer, body: dict) -> Prompt:
+    """Tokens and audio of a chat-completions body: one user message of `text`/`input_audio` parts (a string
+    content is one text part); with `transcription_language`, exactly one audio part (Voxtral's ASR format)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or len(messages) != 1 or not isinstance(messages[0], dict):
+        raise ValueError("messages: expected a list of one user message")
+    if messages[0].get("role") != "user":
+        raise ValueError(f"messages[0].role: expected 'user', got {messages[0].get('role')!r}")
+    content = messages[0].get("content")
+    parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    if not isinstance(parts, list) or not parts:
+        raise ValueError("messages[0].content: expected a string or a non-empty list of parts")
+    chunks = [_chunk(part, i) for i, part in enumerate(parts)]
+    language = body.get("transcription_language")
+    if language is not None:
+        if len(chunks) != 1 or not isinstance(chunks[0], AudioChunk):
+            raise ValueError("transcription_language needs exactly one input_audio part and no text")
+        request = TranscriptionRequest(model="eval", audio=chunks[0].input_audio, language=str(language))
         encoded = tokenizer.encode_transcription(request)
     else:
-        content: list = []
-        if bench.needs_audio:
-            content.append(AudioChunk(input_audio=_raw_audio(sample)))
-        if bench.kind == "mcq":
-            content.append(TextChunk(text=mcq_text(sample, with_question=not bench.needs_audio)))
-        elif sample.fields.get("instruction"):
-            content.append(TextChunk(text=sample.fields["instruction"]))
-        encoded = tokenizer.encode_chat_completion(ChatCompletionRequest(messages=[UserMessage(content=content)]))
+        encoded = tokenizer.encode_chat_completion(ChatCompletionRequest(messages=[UserMessage(content=chunks)]))
     return Prompt(list(encoded.tokens), [a.audio_array for a in encoded.audios])
 
 
-def _raw_audio(sample: Sample) -> RawAudio:
-    return RawAudio.from_audio(Audio(sample.audio(), SAMPLE_RATE, format="wav"))
+def _chunk(part: object, index: int) -> TextChunk | AudioChunk:
+    where = f"messages[0].content[{index}]"
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        return TextChunk(text=part["text"])
+    audio = part.get("input_audio") if kind == "input_audio" else None
+    if isinstance(audio, dict) and isinstance(audio.get("data"), str) and audio.get("format") in ("wav", "mp3", "flac"):
+        return AudioChunk(input_audio=RawAudio(data=audio["data"], format=audio["format"]))
+    raise ValueError(f"{where}: expected {{type: text, text}} or {{type: input_audio, input_audio: {{data, format}}}}")

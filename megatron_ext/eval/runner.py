@@ -1,20 +1,24 @@
 """Run one benchmark on one checkpoint: prompts -> batched greedy generation -> scores -> a result record.
 
 Predictions are appended per batch to a JSONL file, so an interrupted run resumes where it stopped.
+Under torchrun (tensor parallel) every rank generates and rank 0 alone writes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
+import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_ext.eval.benchmarks import Benchmark, Sample, get_benchmark, load_samples
 from megatron_ext.eval.generation import Generator, load_generator
-from megatron_ext.eval.prompts import build_prompt, load_tokenizer
+from megatron_ext.eval.openai_backend import OpenAIBackend
+from megatron_ext.eval.prompts import build_prompt, chat_request, load_tokenizer
 from megatron_ext.eval.provenance import checkpoint_provenance, labels_from_provenance
 from megatron_ext.eval.store import Record, checkpoint_identity, upsert, write_jsonl
 
@@ -41,16 +45,22 @@ def evaluate(
     max_new_tokens: int | None = None,
     predictions: str | Path | None = None,
     judge=None,
-    generator: Generator | None = None,
+    generator: Generator | OpenAIBackend | None = None,
     backend: str = "megatron",
+    dtype: str = "fp32",
+    tp: int = 1,
+    endpoint: str | None = None,
+    model: str | None = None,
+    concurrency: int = 4,
     restart: bool = False,
 ) -> Record:
     """Score `checkpoint` on a local benchmark file and upsert the record into the `output` JSONL store.
 
     `judge` (optional, spoken QA only) is an `AnswerJudge`; its verdict replaces the answer-contained match.
-    `backend` picks the generator (megatron: our model with a KV cache; hf: the transformers reference)
-    unless a ready `generator` is passed. Predictions already in the predictions file are reused by sample
-    id unless `restart` is set.
+    `backend` picks the generator (megatron: our model with a KV cache, in `dtype` over `tp` ranks; hf: the
+    transformers reference; openai: `model` served at `endpoint`, `concurrency` requests at a time) unless a
+    ready `generator` is passed. Predictions already in the predictions file are reused by sample id unless
+    `restart` is set.
     """
     bench = get_benchmark(benchmark)
     samples = load_samples(bench, data)
@@ -60,25 +70,30 @@ def evaluate(
     predictions = (
         Path(predictions) if predictions else output.parent / "predictions" / f"{_slug(name)}.{bench.name}.jsonl"
     )
-    generator = generator or load_generator(checkpoint, backend)
+    if generator is None and backend == "openai":
+        if not endpoint or not model:
+            raise ValueError("backend openai needs an endpoint and a model name")
+        generator = OpenAIBackend(endpoint, model, concurrency)
+    generator = generator or load_generator(checkpoint, backend, dtype, tp)
     if bench.needs_audio and not generator.has_audio:
         raise ValueError(f"{checkpoint}: no audio encoder, but benchmark {bench.name} needs audio")
-    tokenizer = load_tokenizer(checkpoint)
+    tokenizer = None if isinstance(generator, OpenAIBackend) else load_tokenizer(checkpoint)
+    writer = not dist.is_initialized() or dist.get_rank() == 0
     limit = max_new_tokens or MAX_NEW_TOKENS[bench.kind]
     data_sha256 = file_sha256(data)
     run = _run_key(checkpoint, data_sha256, generator.name, limit)
     done = {} if restart else _resume(predictions, {s.id for s in samples}, run)
-    write_jsonl(predictions, list(done.values()))  # drops stale rows, other ids and a torn last line
+    if writer:
+        write_jsonl(predictions, list(done.values()))  # drops stale rows, other ids and a torn last line
     todo = [s for s in samples if s.id not in done]
     with (
-        open(predictions, "a", encoding="utf-8") as sink,
-        tqdm(total=len(samples), initial=len(done), desc=bench.name) as bar,
+        open(predictions if writer else os.devnull, "a", encoding="utf-8") as sink,
+        tqdm(total=len(samples), initial=len(done), desc=bench.name, disable=not writer) as bar,
     ):
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            outputs = generator.generate([build_prompt(tokenizer, bench, s) for s in batch], limit)
-            for sample, tokens in zip(batch, outputs, strict=True):
-                row = {"run": run, **_scored(bench, sample, tokenizer.decode(tokens), judge)}
+            for sample, text in zip(batch, _predict(generator, tokenizer, bench, batch, limit), strict=True):
+                row = {"run": run, **_scored(bench, sample, text, judge)}
                 done[sample.id] = row
                 sink.write(json.dumps(row) + "\n")
             sink.flush()
@@ -104,8 +119,17 @@ def evaluate(
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     )
-    upsert(output, record)
+    if writer:
+        upsert(output, record)
     return record
+
+
+def _predict(generator, tokenizer, bench: Benchmark, batch: list[Sample], limit: int) -> list[str]:
+    """Answer texts of a batch: chat requests to a served model, or token prompts to an in-process one."""
+    if isinstance(generator, OpenAIBackend):
+        return generator.complete([chat_request(bench, s) for s in batch], limit)
+    outputs = generator.generate([build_prompt(tokenizer, bench, s) for s in batch], limit)
+    return [tokenizer.decode(tokens) for tokens in outputs]
 
 
 def _scored(bench: Benchmark, sample: Sample, prediction: str, judge) -> dict:

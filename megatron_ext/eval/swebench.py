@@ -1,8 +1,10 @@
 """SWE-Bench: ingest an external harness run into the results store (we never re-run SWE-Bench here).
 
-Accepted inputs: the run report `swebench.harness.run_evaluation` writes (`{"resolved_ids": [...],
-"total_instances": N, ...}`), or a bare JSON list of resolved instance ids with the set size given
-separately (500 for SWE-Bench Verified).
+Accepted input: the run report `swebench.harness.run_evaluation` writes (`{"resolved_ids": [...],
+"total_instances": N, ...}`), tied to the checkpoint: the report must name the served model, either in a
+`model_name_or_path` field or by its file name `MODEL.RUN_ID.json` as the harness writes it (`/` in the
+model name as `__`), and that model must be the checkpoint's served name (`tools/serve.py`'s default, the
+record name, or `--name`). A report for another model, or one naming none, is refused.
 """
 
 from __future__ import annotations
@@ -18,13 +20,10 @@ from megatron_ext.eval.store import Record, checkpoint_identity, upsert
 VERIFIED_SIZE = 500
 
 
-def resolved_rate(report: object, total: int | None, where: str) -> tuple[float, int, int]:
-    """(fraction resolved, resolved count, instance count) of a harness report or id list."""
-    if isinstance(report, dict):
-        ids = report.get("resolved_ids")
-        total = total or report.get("total_instances") or report.get("submitted_instances")
-    else:
-        ids, total = report, total or VERIFIED_SIZE
+def resolved_rate(report: dict, total: int | None, where: str) -> tuple[float, int, int]:
+    """(fraction resolved, resolved count, instance count) of a harness report."""
+    ids = report.get("resolved_ids")
+    total = total or report.get("total_instances") or report.get("submitted_instances") or VERIFIED_SIZE
     if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
         raise ValueError(f"{where}: expected 'resolved_ids' (a list of instance id strings)")
     if len(set(ids)) != len(ids):
@@ -32,6 +31,21 @@ def resolved_rate(report: object, total: int | None, where: str) -> tuple[float,
     if not isinstance(total, int) or total < len(ids) or total == 0:
         raise ValueError(f"{where}: instance count {total!r} is not an integer >= {len(ids)} resolved")
     return len(ids) / total, len(ids), total
+
+
+def check_report_model(report: dict, path: Path, model: str) -> None:
+    """Refuse a report that does not name `model` (its `model_name_or_path` field, else its file name)."""
+    named = report.get("model_name_or_path")
+    if named is None:
+        harness_name = model.replace("/", "__")
+        if path.name.startswith(f"{harness_name}.") and path.name.endswith(".json"):
+            return
+        raise ValueError(
+            f"{path}: the report names no model (no model_name_or_path, file name not {harness_name}.RUN_ID.json); "
+            f"expected a report for {model!r}"
+        )
+    if str(named).replace("__", "/") != model and str(named) != model:
+        raise ValueError(f"{path}: report for model {named!r}, but the checkpoint is served as {model!r}")
 
 
 def ingest_swebench(
@@ -49,8 +63,11 @@ def ingest_swebench(
         report = json.loads(report_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{report_path}: cannot read harness results: {e}") from e
-    rate, resolved, instances = resolved_rate(report, total, str(report_path))
+    if not isinstance(report, dict):
+        raise ValueError(f"{report_path}: expected a harness report object with resolved_ids and the model name")
     default_name, default_labels = checkpoint_identity(checkpoint)
+    check_report_model(report, report_path, name or default_name)
+    rate, resolved, instances = resolved_rate(report, total, str(report_path))
     provenance = checkpoint_provenance(checkpoint)
     record = Record(
         checkpoint=name or default_name,
@@ -65,6 +82,7 @@ def ingest_swebench(
             "data": str(report_path.resolve()),
             "data_sha256": file_sha256(report_path),
             "resolved": resolved,
+            "model": name or default_name,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     )

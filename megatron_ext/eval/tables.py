@@ -31,6 +31,7 @@ TABLE1_BENCHMARKS = ["swebench", "mmlu_text", "fleurs", "librispeech", "llama_qu
 METHOD_NAMES = {"linear": "Linear", "slerp": "SLERP", "della": "DELLA"}
 SFT_ROLES = ("sft", "final")
 DASH = "–"
+NOT_RUN = "not run"  # SWE-Bench without an ingested harness report for that checkpoint
 
 
 @dataclass
@@ -97,7 +98,7 @@ def higher_is_better(benchmark: str) -> bool:
 def fmt(benchmark: str, value: float | None, percent: bool) -> str:
     """Accuracies as percentages (1 decimal) or fractions (3 decimals); WER always as a fraction."""
     if value is None:
-        return DASH
+        return NOT_RUN if benchmark == "swebench" else DASH
     if percent and higher_is_better(benchmark):
         return f"{value * 100:.1f}" if benchmark != "mmlu_audio" else f"{value * 100:.2f}"
     if benchmark == "swebench":
@@ -227,14 +228,17 @@ def table3_sft_hyperparams(ckpts: list[Checkpoint]) -> Table:
 
 
 def select_final(ckpts: list[Checkpoint]) -> Checkpoint | None:
-    """The checkpoint labelled role=final, else the SFT checkpoint with the highest SWE-Bench + MMLU Audio."""
+    """The checkpoint labelled role=final, else the SFT checkpoint with the highest SWE-Bench + MMLU Audio
+    (those with a SWE-Bench score first; without any, the highest MMLU Audio, its SWE-Bench "not run")."""
     finals = [c for c in ckpts if c.role == "final"]
     if finals:
         return finals[-1]
-    both = [
-        c for c in ckpts if c.role == "sft" and c.value("swebench") is not None and c.value("mmlu_audio") is not None
-    ]
-    return max(both, key=lambda c: c.value("swebench") + c.value("mmlu_audio"), default=None)
+    scored = [c for c in ckpts if c.role == "sft" and c.value("mmlu_audio") is not None]
+    return max(
+        scored,
+        key=lambda c: (c.value("swebench") is not None, (c.value("swebench") or 0.0) + c.value("mmlu_audio")),
+        default=None,
+    )
 
 
 def base_merge(ckpts: list[Checkpoint], final: Checkpoint | None) -> Checkpoint | None:

@@ -10,7 +10,9 @@ at all. `DecoderModel` (a GPTModel) therefore:
 - computes the llama-4 per-token query scale from the same true positions (position_ids, else the THD
   cu_seqlens, else 0..s-1 sliced like Megatron slices a context-parallel sequence) and hands it to
   `QueryScaledSelfAttention` as one extra channel of the rope tensor, which Megatron passes to every layer
-  and saves for activation recompute (THD: the attention derives it from the sub-sequence boundaries).
+  and saves for activation recompute (THD: the attention derives it from the sub-sequence boundaries);
+  with a static KV cache, the scale of the new queries is written at their cache slots from the given
+  true positions (rope stays indexed by cache slot, which is relative and so unchanged by left padding).
 The scale is applied to q before rope; rope is linear per token, so this equals HF's "after rope".
 """
 
@@ -90,6 +92,11 @@ class QueryScaledSelfAttention(SelfAttention):
             self._query_scale, kwargs["rotary_pos_emb"] = rot[..., -1:], rot[..., :-1]
         elif beta is not None and packed is not None and packed.qkv_format == "thd":
             self._query_scale = self._thd_scale(packed, beta)
+        context = kwargs.get("inference_context")
+        if self._query_scale is not None and context is not None and context.is_static_batching():
+            queries = (args[0] if args else kwargs["hidden_states"]).shape[0]  # the cache slots of the new queries
+            start = context.sequence_len_offset
+            self._query_scale = self._query_scale[start : start + queries]
         try:
             return super().forward(*args, **kwargs)
         finally:
@@ -128,7 +135,9 @@ class DecoderModel(GPTModel):
         )
         rot = out[1]
         thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
-        if rot is None or inference_context is not None or thd:
+        if rot is not None and inference_context is not None:
+            return (out[0], self._inference_query_scale(rot, position_ids, inference_context), *out[2:])
+        if rot is None or thd:
             return out  # THD: Megatron restarts rope per sub-sequence; the attention derives the query scale
         if position_ids is not None:
             # [b, s] positions -> [s, b, 1, dim] angles from Megatron's own table (exactly its values).
@@ -141,6 +150,22 @@ class DecoderModel(GPTModel):
             )
             rot = pack_query_scale(rot, scale)
         return (out[0], rot, *out[2:])
+
+    def _inference_query_scale(self, rot: torch.Tensor, position_ids: torch.Tensor | None, context) -> torch.Tensor:
+        """KV-cache decoding: rope stays Megatron's table over cache slots (relative, so left padding is harmless);
+        the llama-4 scale of the new queries comes from their true `position_ids` [b, s], written at their cache
+        slots so the attention slices it like the rope table."""
+        beta = getattr(self.config, "llama4_scaling_beta", None)
+        if beta is None:
+            return rot
+        if position_ids is None:
+            raise ValueError("llama-4 query scaling with a KV cache needs the new tokens' true position_ids")
+        start, length = context.sequence_len_offset, position_ids.shape[1]
+        scale = torch.ones(rot.shape[0], position_ids.shape[0], 1, 1, device=rot.device)
+        scale[start : start + length] = llama4_query_scale(
+            position_ids.t()[:, :, None, None], beta, self.config.llama4_original_max_position_embeddings
+        )
+        return pack_query_scale(rot, scale)
 
     def _true_positions(self, position_ids: torch.Tensor | None, rot: torch.Tensor) -> torch.Tensor:
         """Positions as [s, b, 1, 1] matching the local query layout (context-parallel slice included)."""
