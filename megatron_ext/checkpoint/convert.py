@@ -179,6 +179,17 @@ def convert(
         inp.close()
 
 
+def published_record(inp: Source) -> dict[str, object]:
+    """What a published parent held beyond the model: parts dropped (vision tower, projector) and the FP8
+    static activation scales (not applied to the dequantised weights); empty for anything else."""
+    record: dict[str, object] = {}
+    if inp.dropped:
+        record["parts_dropped"] = list(inp.dropped)
+    if inp.activation_scales:
+        record["fp8"] = {"scheme": "per-tensor", "activation_scales": dict(inp.activation_scales)}
+    return record
+
+
 def _write_config(tmp: Path, to: str, inp: Source, tp: int, pp: int, sources: list, command: str | None) -> None:
     import json
 
@@ -205,6 +216,6 @@ def _write_config(tmp: Path, to: str, inp: Source, tp: int, pp: int, sources: li
             command=command or command_line(),
             tool="convert",
             parallel={"tp": tp, "pp": pp},
-            extra={"input_format": inp.kind, "input": str(inp.directory)},
+            extra={"input_format": inp.kind, "input": str(inp.directory), **published_record(inp)},
         )
         write_meta(tmp, meta)

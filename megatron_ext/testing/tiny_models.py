@@ -143,7 +143,7 @@ def write_native(out: Path, cfg: ModelConfig, hf: dict[str, torch.Tensor], tekke
     out.mkdir(parents=True, exist_ok=True)
     tensors = dict(sorted(native_names(cfg, hf).items()))
     save_file(tensors, str(out / "consolidated.safetensors"), metadata={"format": "pt"})
-    write_json(out / "params.json", params)
+    write_json(out / "params.json", params, sort=False)  # key order as published
     write_tekken(tekken, out / "tekken.json")
 
 
