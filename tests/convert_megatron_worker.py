@@ -122,7 +122,6 @@ def audio_lm_logit_diff(ckpt: Path, resave: Path | None = None, published: tuple
     (class name, directory), transformers' own `from_pretrained` of a published-layout parent; Voxtral gets
     one 30 s chunk of random log-mel features spliced at its [AUDIO] tokens."""
     import transformers
-
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 

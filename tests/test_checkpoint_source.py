@@ -193,6 +193,22 @@ def test_merge_of_fp8_parent_equals_merge_of_its_dequantised_copy(tiny_dir: Path
         _assert_equal(got, want)
 
 
+def test_repo_with_both_layouts_reads_hf_checked_against_params(tiny_dir: Path, tmp_path: Path) -> None:
+    """Devstral Small 2's hub repo ships HF shards and split consolidated files side by side."""
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_dir / "devstral2-hf", repo)
+    for f in (tiny_dir / "devstral2-native").iterdir():
+        shutil.copy(f, repo / f.name)
+    with open_checkpoint(repo) as src:
+        assert src.kind == "hf" and src.cfg == DEVSTRAL2
+        assert all(p.name.startswith(("model-", "config")) for p in src.files)
+    params = json.loads((repo / "params.json").read_text())
+    params["yarn"]["factor"] = 32
+    (repo / "params.json").write_text(json.dumps(params))
+    with pytest.raises(CheckpointError, match="config.json and params.json disagree on decoder.rope"):
+        open_checkpoint(repo)
+
+
 @pytest.fixture(scope="module")
 def published_td(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Devstral 2 (published FP8 Mistral3) and Voxtral converted to torch_dist."""

@@ -493,15 +493,12 @@ def open_checkpoint(directory: Path, rope_from: Path | None = None, check_layout
     if is_torch_dist(d) or (d / META_FILE).is_file():
         return TorchDistCheckpoint(d, rope_from, check_layout)
     has_hf = (d / SINGLE_FILE).is_file() or (d / INDEX_FILE).is_file()
-    has_native = any(d.glob("consolidated*.safetensors"))
-    if has_hf and has_native:
-        raise CheckpointError(f"{d}: holds both HF (model*.safetensors) and Mistral-native (consolidated*) weights")
-    if has_hf:
+    if has_hf:  # a hub repo may ship both layouts (Devstral Small 2 does): HF is read, checked against params.json
         if not (d / "config.json").is_file():
             raise CheckpointError(f"{d}: HF weights without config.json")
         native_cfg = _native_config(d / "params.json")[0] if (d / "params.json").is_file() else None
         return HFCheckpoint(d, native_cfg, check_layout)
-    if has_native:
+    if any(d.glob("consolidated*.safetensors")):
         if not (d / "params.json").is_file():
             raise CheckpointError(f"{d}: consolidated.safetensors without params.json")
         return NativeCheckpoint(d, check_layout)
