@@ -235,6 +235,12 @@ def test_merge_of_published_parents_equals_merge_of_their_torch_dist(
             outputs.append(out)
         for f in ("__0_0.distcp", ".metadata"):
             assert (outputs[0] / f).read_bytes() == (outputs[1] / f).read_bytes(), (method, f)
+    merged_from = json.loads((outputs[0] / "merge.json").read_text())["parents"]
+    assert (
+        len(merged_from["devstral"]["parts_dropped"]) in (2, 4)
+        and len(merged_from["devstral"]["fp8"]["activation_scales"]) == 14
+    )
+    assert "parts_dropped" not in merged_from["voxtral"]
     rope = json.loads((outputs[0] / "checkpoint_meta.json").read_text())["model"]["decoder"]["rope"]
     assert (rope["type"], rope["llama4_scaling_beta"]) == ("yarn", 0.1)  # Devstral 2's rope carried
 

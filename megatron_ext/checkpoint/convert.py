@@ -23,6 +23,7 @@ from megatron_ext.checkpoint import mapping
 from megatron_ext.checkpoint.atomic import CheckpointError, atomic_dir
 from megatron_ext.checkpoint.metadata import TOKENIZER_FILE, CheckpointMeta, command_line, sha256_file, write_meta
 from megatron_ext.checkpoint.mistral_native import convert_name, half_to_interleaved, params_from_config, rope_heads
+from megatron_ext.checkpoint.published import published_record
 from megatron_ext.checkpoint.safetensors_writer import SafetensorsWriter
 from megatron_ext.checkpoint.source import Source, open_checkpoint
 from megatron_ext.checkpoint.source_hashes import source_sha256
@@ -179,17 +180,6 @@ def convert(
         inp.close()
 
 
-def published_record(inp: Source) -> dict[str, object]:
-    """What a published parent held beyond the model: parts dropped (vision tower, projector) and the FP8
-    static activation scales (not applied to the dequantised weights); empty for anything else."""
-    record: dict[str, object] = {}
-    if inp.dropped:
-        record["parts_dropped"] = list(inp.dropped)
-    if inp.activation_scales:
-        record["fp8"] = {"scheme": "per-tensor", "activation_scales": dict(inp.activation_scales)}
-    return record
-
-
 def _write_config(tmp: Path, to: str, inp: Source, tp: int, pp: int, sources: list, command: str | None) -> None:
     import json
 
@@ -216,6 +206,10 @@ def _write_config(tmp: Path, to: str, inp: Source, tp: int, pp: int, sources: li
             command=command or command_line(),
             tool="convert",
             parallel={"tp": tp, "pp": pp},
-            extra={"input_format": inp.kind, "input": str(inp.directory), **published_record(inp)},
+            extra={
+                "input_format": inp.kind,
+                "input": str(inp.directory),
+                **published_record(inp.dropped, inp.activation_scales),
+            },
         )
         write_meta(tmp, meta)

@@ -112,6 +112,17 @@ class Fp8Scales:
         return (t.to(torch.float32) * scale).to(dtype)
 
 
+def published_record(dropped: list[str], activation_scales: Mapping[str, float]) -> dict[str, Any]:
+    """What a published parent held beyond the model, for metadata: parts dropped (vision tower, projector)
+    and the FP8 static activation scales (not applied to the dequantised weights); empty for anything else."""
+    record: dict[str, Any] = {}
+    if dropped:
+        record["parts_dropped"] = list(dropped)
+    if activation_scales:
+        record["fp8"] = {"scheme": "per-tensor", "activation_scales": dict(activation_scales)}
+    return record
+
+
 def drop_vision(directory: Path, names: list[str], prefixes: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """(kept names, dropped part prefixes): the vision tower and projector, with one log line naming them."""
     dropped = sorted({p.rstrip(".") for n in names for p in prefixes if n.startswith(p)})

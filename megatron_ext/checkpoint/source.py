@@ -448,6 +448,7 @@ class MegatronView(Source):
         self.hf = hf
         self.kind, self.directory, self.cfg, self.description = hf.kind, hf.directory, hf.cfg, hf.description
         self.files, self.tokenizer, self.config_bytes = hf.files, hf.tokenizer, hf.config_bytes
+        self.dropped, self.activation_scales = hf.dropped, hf.activation_scales
         self.rules = {r.megatron: r for r in mapping.rules(hf.cfg)}
         have = set(hf.names)
         missing = [h for r in self.rules.values() for h in r.hf if h not in have]
