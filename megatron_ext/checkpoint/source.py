@@ -1,9 +1,10 @@
 """One reader for every checkpoint format: `open_checkpoint(path) -> Source`, used by convert, merge, model
 loading, logits and evaluation.
 
-Formats: HF safetensors (single or sharded; Voxtral, Mistral, Ministral3 layouts; FP8 weights with
-`weight_scale_inv` are dequantised on read), Mistral-native (`consolidated*.safetensors` + `params.json`;
-q/k rows permuted from interleaved rope to rotate-half on read) and Megatron torch_dist (with our
+Formats: HF safetensors (single or sharded; Voxtral, Mistral, Ministral3 layouts, and Mistral3 read as its
+text model), Mistral-native (`consolidated.safetensors` or a split set + `params.json`; q/k rows permuted
+from interleaved rope to rotate-half on read); per-tensor FP8 is dequantised on read and a vision tower
+dropped (`published.py`) and Megatron torch_dist (with our
 `checkpoint_meta.json`). A `Source` names its tensors the HF way (HF, Mistral-native) or the Megatron way
 (torch_dist); `Source.megatron()` presents an HF-named source under Megatron names (qkv and gate/up fused
 on read). Every bad input is one `CheckpointError` naming the file, tensor or field.

@@ -3,7 +3,8 @@
 A shared random base decoder plus a small Devstral delta and a larger, different Voxtral delta, so
 merges are meaningful. Shapes keep Mistral Small 3's ratios (GQA 8q/2kv, heads*head_dim != hidden,
 SwiGLU, untied head, theta 1e8). Every tensor is random, norms included, so a mapping error shows in
-the logits. Everything is written byte-identically for a given seed.
+the logits. Everything is written byte-identically for a given seed. Devstral Small 2, Voxtral Small and
+Devstral Small 2507 also come in the layouts they are published in (`published_layouts.py`).
 """
 
 from __future__ import annotations
