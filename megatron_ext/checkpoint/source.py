@@ -261,13 +261,14 @@ class HFCheckpoint(_StoredTensors):
         shapes = expected_hf_shapes(self.cfg)
         if check_layout:
             _check_names(directory, set(self._stored), set(shapes), "HF")
-        for name, n in self._stored.items():
-            if check_layout and src.shape(n) != shapes[name]:
-                raise CheckpointError(
-                    f"{directory}: tensor {n} has shape {list(src.shape(n))}, config says {list(shapes[name])}"
-                )
-            if check_layout and dtype_name and name not in self.fp8 and src.dtype(n) != self.target:
-                raise CheckpointError(f"{directory}: tensor {n} is {src.dtype(n)}, config.json says {dtype_name}")
+            for name, want in shapes.items():  # in config order: the first tensor a wrong field shows in is named
+                n = self._stored[name]
+                if src.shape(n) != want:
+                    raise CheckpointError(
+                        f"{directory}: tensor {n} has shape {list(src.shape(n))}, config says {list(want)}"
+                    )
+                if dtype_name and name not in self.fp8 and src.dtype(n) != self.target:
+                    raise CheckpointError(f"{directory}: tensor {n} is {src.dtype(n)}, config.json says {dtype_name}")
         layout = "sharded" if (directory / INDEX_FILE).is_file() else "single file"
         target = str(self.target).removeprefix("torch.")
         dequant = f", FP8 dequantised to {target}" if self.fp8.weight_scale else ""
