@@ -10,7 +10,9 @@ Hugging Face hub cache snapshot (the files as a download leaves them; sha256 fro
 from a plain directory with the sha256 unknown (a private hash cache, empty), which is bound by that
 hash. Each line shows the process's wall time and the conversion's own time (imports excluded, as in
 `bench-merge`).
-Goals (issue 4): peak RSS <= 2 GB + 3 x the largest tensor; wall time <= 2 x the floor.
+A last run converts Devstral Small 2's published layout (Mistral3, per-tensor FP8 text linears, written after
+the bf16 runs' outputs are deleted) to torch_dist, dequantising to bf16.
+Goals (issues 4, 17): peak RSS <= 2 GB + 3 x the largest (dequantised) tensor; wall time <= 2 x the floor.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from megatron_ext.checkpoint.metadata import sha256_file
 from megatron_ext.checkpoint.safetensors_writer import SafetensorsWriter
 from megatron_ext.checkpoint.shapes import decoder_shapes
 from megatron_ext.config import ModelConfig, mistral_small_decoder
+from megatron_ext.testing.published_layouts import mistral3_config, vision_shapes
+from megatron_ext.testing.tiny_models import DEVSTRAL2
 from megatron_ext.user_cache import CACHE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,15 +72,50 @@ def write_synthetic_hf(
     writer = SafetensorsWriter(out, shapes, max_shard_bytes=max_shard_bytes)
     for name, shape in shapes.items():
         t = torch.empty(shape, dtype=dtype)
-        flat = t.view(-1)
-        for start in range(0, flat.numel(), block.numel()):
-            n = min(block.numel(), flat.numel() - start)
-            flat[start : start + n] = block[:n]
+        _fill(t, block)
         writer.write(name, t)
-        del t, flat
+        del t
     writer.finish()
     (out / "config.json").write_text(json.dumps({**cfg.to_hf(), "dtype": str(dtype).removeprefix("torch.")}))
     return writer.bytes_written
+
+
+def _fill(t: torch.Tensor, block: torch.Tensor) -> None:
+    flat = t.view(-1)
+    for start in range(0, flat.numel(), block.numel()):
+        n = min(block.numel(), flat.numel() - start)
+        flat[start : start + n] = block[:n]
+
+
+def write_synthetic_mistral3_fp8(out: Path, num_layers: int, seed: int = 0) -> tuple[int, float]:
+    """Devstral Small 2's published layout (Mistral3, per-tensor FP8 text linears with 0-dim scales, a tiny
+    vision tower) with Mistral Small 3 decoder shapes; returns (bytes, largest dequantised tensor in GB)."""
+    cfg = ModelConfig(mistral_small_decoder(num_layers, DEVSTRAL2.decoder.rope), hf_architecture="ministral3")
+    shapes = {"language_model." + n: s for n, s in decoder_shapes(cfg.decoder).items()}
+    shapes |= vision_shapes(cfg.decoder.hidden_size)
+    linears = [n for n in shapes if ".layers." in n and n.startswith("language_model.") and n.endswith("proj.weight")]
+    names = list(shapes) + [
+        n.removesuffix("weight") + k for n in linears for k in ("weight_scale_inv", "activation_scale")
+    ]
+    gen = torch.Generator().manual_seed(seed)
+    block = torch.randn(1 << 22, generator=gen)
+    blocks = {torch.bfloat16: block.to(torch.bfloat16), torch.float8_e4m3fn: (block * 64).to(torch.float8_e4m3fn)}
+    out.mkdir(parents=True, exist_ok=True)
+    writer = SafetensorsWriter(out, names, max_shard_bytes=5 << 30)
+    for name, shape in shapes.items():
+        dtype = torch.float8_e4m3fn if name in linears else torch.bfloat16
+        t = torch.empty(shape, dtype=dtype)
+        _fill(t, blocks[dtype])
+        writer.write(name, t)
+        if name in linears:
+            writer.write(name.removesuffix("weight") + "weight_scale_inv", torch.tensor(1 / 64, dtype=torch.float32))
+            writer.write(name.removesuffix("weight") + "activation_scale", torch.tensor(0.02, dtype=torch.float32))
+        del t
+    writer.finish()
+    config = mistral3_config(cfg) | {"dtype": "bfloat16"}
+    (out / "config.json").write_text(json.dumps(config))
+    largest = max(torch.Size(shapes[n]).numel() for n in linears) * 2 / 1e9
+    return writer.bytes_written, largest
 
 
 def disk_floor(inputs: list[Path], scratch: Path, buf_bytes: int = 64 << 20) -> tuple[float, int]:
@@ -156,6 +195,31 @@ def as_hub_snapshot(plain: Path, hub: Path) -> tuple[Path, float]:
     return snap, hash_s
 
 
+def _measure(
+    direction: str, src: Path, dst: Path, args: list[str], workdir: Path, layers: int, nbytes: int, largest: float
+) -> BenchResult:
+    """One conversion against the disk floor measured right before it (both after `sync`)."""
+    os.sync()  # no write-back of earlier steps may land in any measurement
+    floor_s, _ = disk_floor(sorted(p for p in src.iterdir() if p.is_file()), workdir / "floor.bin")
+    os.sync()
+    wall, own, rss = _run_convert(src, dst, args, workdir / "hash-cache")
+    gb = nbytes / 1e9
+    return BenchResult(
+        layers,
+        gb,
+        largest,
+        direction,
+        wall,
+        own,
+        gb / wall,
+        rss,
+        2 + 3 * largest,
+        floor_s,
+        wall / floor_s,
+        own / floor_s,
+    )
+
+
 def run_bench(workdir: Path, num_layers: int = 2, keep: bool = False) -> list[BenchResult]:
     """Generate the synthetic checkpoint, measure the floor and each conversion; clean up."""
     shutil.rmtree(workdir, ignore_errors=True)
@@ -168,7 +232,7 @@ def run_bench(workdir: Path, num_layers: int = 2, keep: bool = False) -> list[Be
         shapes = decoder_shapes(cfg.decoder)
         largest = max(torch.Size(s).numel() for s in shapes.values()) * 2 / 1e9
         results = []
-        runs = (
+        runs = [
             ("hub snapshot -> torch_dist (sha256 from the blob names)", snapshot, workdir / "td", ["--to", "megatron"]),
             ("torch_dist -> hf", workdir / "td", workdir / "hf-out", ["--to", "hf"]),
             (
@@ -177,28 +241,17 @@ def run_bench(workdir: Path, num_layers: int = 2, keep: bool = False) -> list[Be
                 workdir / "td2",
                 ["--to", "megatron", "--tp", "2"],
             ),
-        )
+        ]
         for direction, src, dst, args in runs:
-            os.sync()  # no write-back of earlier steps may land in any measurement
-            floor_s, _ = disk_floor(sorted(p for p in src.iterdir() if p.is_file()), workdir / "floor.bin")
-            os.sync()
-            wall, own, rss = _run_convert(src, dst, args, workdir / "hash-cache")
-            results.append(
-                BenchResult(
-                    num_layers,
-                    nbytes / 1e9,
-                    largest,
-                    direction,
-                    wall,
-                    own,
-                    nbytes / 1e9 / wall,
-                    rss,
-                    2 + 3 * largest,
-                    floor_s,
-                    wall / floor_s,
-                    own / floor_s,
-                )
-            )
+            results.append(_measure(direction, src, dst, args, workdir, num_layers, nbytes, largest))
+        for _, _, dst, _ in runs:  # disk room for the FP8 case
+            shutil.rmtree(dst, ignore_errors=True)
+        fp8 = workdir / "mistral3-fp8"
+        fp8_bytes, fp8_largest = write_synthetic_mistral3_fp8(fp8, num_layers)
+        direction = "FP8 Mistral3 (Devstral 2 layout) -> torch_dist, dequantised to bf16"
+        fp8_run = _measure(
+            direction, fp8, workdir / "td-fp8", ["--to", "megatron"], workdir, num_layers, fp8_bytes, fp8_largest
+        )
         floor_s = results[-1].floor_s
         results.append(
             BenchResult(
@@ -216,7 +269,7 @@ def run_bench(workdir: Path, num_layers: int = 2, keep: bool = False) -> list[Be
                 hash_s / floor_s,
             )
         )
-        return results
+        return results + [fp8_run]
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -23,6 +23,11 @@ HF_CLASS_NAMES: dict[str, str] = {
 }
 
 
+# model_type values `ModelConfig.from_hf` reads (mistral3: the text model of Mistral3ForConditionalGeneration).
+HF_MODEL_TYPES = ("voxtral", "mistral", "ministral3", "mistral3")
+VISION_ONLY_TYPES = ("pixtral", "pixtral_vision")
+
+
 class ConfigError(ProjectError, ValueError):
     """A model configuration is missing a field or holds an invalid value."""
 
@@ -230,7 +235,7 @@ class ModelConfig:
     # ---- HF config.json ----
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
-        """Read an HF `config.json` dict of a Voxtral, Mistral or Ministral3 checkpoint."""
+        """Read an HF `config.json` dict of a Voxtral, Mistral, Ministral3 or Mistral3 (text part) checkpoint."""
         model_type = hf.get("model_type")
         if model_type == "voxtral":
             text, audio = hf["text_config"], hf["audio_config"]
@@ -251,7 +256,15 @@ class ModelConfig:
             )
         if model_type in ("mistral", "ministral3"):
             return cls(decoder=_decoder_from_hf(hf), hf_architecture=model_type)
-        raise ConfigError(f"config.json: unsupported model_type={model_type!r} (voxtral, mistral, ministral3)")
+        if model_type == "mistral3":  # Mistral3ForConditionalGeneration: read its text model; vision is dropped
+            text = hf.get("text_config")
+            if not isinstance(text, dict) or text.get("model_type", "mistral") not in ("mistral", "ministral3"):
+                raise ConfigError("config.json: mistral3 text_config.model_type must be mistral or ministral3")
+            return cls(decoder=_decoder_from_hf(text), hf_architecture=text.get("model_type", "mistral"))
+        if model_type in VISION_ONLY_TYPES:
+            raise ConfigError(f"config.json: model_type={model_type!r} is a vision-only model (no language model)")
+        known = ", ".join(HF_MODEL_TYPES)
+        raise ConfigError(f"config.json: unsupported model_type={model_type!r} (known: {known})")
 
     def to_hf(self) -> dict[str, Any]:
         """The HF `config.json` dict for this model in its own layout (`hf_architecture`)."""

@@ -24,7 +24,7 @@ def _private_hash_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Directory holding voxtral-hf, devstral-hf, devstral2-hf, base-hf, *-native (seed 0)."""
+    """Directory holding every tiny parent (`build_tiny_models`, seed 0): *-hf, *-native, voxtral-hf-sharded."""
     out = tmp_path_factory.mktemp("tiny") / "models"
     build_tiny_models(out, seed=0)
     return out

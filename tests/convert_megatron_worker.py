@@ -116,10 +116,12 @@ def max_logit_diff(ckpt: Path, hf_dir: Path, resave: Path | None = None) -> floa
     return diff
 
 
-def audio_lm_logit_diff(ckpt: Path, resave: Path | None = None) -> float:
+def audio_lm_logit_diff(ckpt: Path, resave: Path | None = None, published: tuple[str, Path] | None = None) -> float:
     """Max |logits| difference: AudioLanguageModel (local spec, loaded strictly from `ckpt`) vs the HF class of
-    the checkpoint's layout holding the same weights (exported by `megatron_to_hf`); Voxtral gets one
-    30 s chunk of random log-mel features spliced at its [AUDIO] tokens."""
+    the checkpoint's layout holding the same weights (exported by `megatron_to_hf`), or, with `published`
+    (class name, directory), transformers' own `from_pretrained` of a published-layout parent; Voxtral gets
+    one 30 s chunk of random log-mel features spliced at its [AUDIO] tokens."""
+    import transformers
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
@@ -142,8 +144,11 @@ def audio_lm_logit_diff(ckpt: Path, resave: Path | None = None) -> float:
         kwargs = {"input_features": features}
     with torch.no_grad():
         ours = model(ids, torch.arange(ids.shape[1])[None], audio_features=features, runtime_gather_output=True)[0]
-        reader = TorchDistReader(ckpt)
-        ref = hf_reference_model(cfg, dict(mapping.megatron_to_hf(cfg, reader.get)))(input_ids=ids, **kwargs)
+        if published is not None:
+            hf = getattr(transformers, published[0]).from_pretrained(published[1], dtype=torch.float32).eval()
+        else:
+            hf = hf_reference_model(cfg, dict(mapping.megatron_to_hf(cfg, TorchDistReader(ckpt).get)))
+        ref = hf(input_ids=ids, **kwargs)
     if resave is not None:  # Megatron's own writer (one chunk per TP rank): the layout our reader must handle
         resave.mkdir(parents=True, exist_ok=True)
         dist_checkpointing.save(model.sharded_state_dict(), str(resave))

@@ -21,12 +21,14 @@ from safetensors.torch import load_file, save_file
 from megatron_ext.checkpoint import mapping
 from megatron_ext.checkpoint.atomic import CheckpointError
 from megatron_ext.checkpoint.convert import convert
+from megatron_ext.checkpoint.mistral_native import interleaved_to_half, rope_heads
 from megatron_ext.checkpoint.safetensors_io import read_header
 from megatron_ext.checkpoint.source import open_checkpoint, tensor_digest
 from megatron_ext.checkpoint.torch_dist_io import DCP_METADATA, check_torch_dist, read_dcp_metadata
 from megatron_ext.merge.methods import MergeParams
 from megatron_ext.merge.parents import HFParent, open_parent
 from megatron_ext.merge.run import MergeJob, run_merge
+from megatron_ext.testing.tiny_models import DEVSTRAL2
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,18 +78,30 @@ def test_hf_source_equals_the_file(model: str, tiny_dir: Path) -> None:
         assert torch.equal(src.read_rows(emb, (3, 7)), want[emb][3:7])
 
 
-def test_fp8_source_dequantises_on_read(tiny_dir: Path) -> None:
-    """FP8 weights come back as fp8.float() * weight_scale_inv in the config dtype (float32), exactly."""
-    d = tiny_dir / "devstral2-hf"
-    raw = load_file(d / "model.safetensors")
+@pytest.mark.parametrize("layout", ["hf", "native"])
+def test_fp8_source_dequantises_on_read(layout: str, tiny_dir: Path) -> None:
+    """Published Devstral 2 (Mistral3 HF or split native): text tensors under CausalLM names, FP8 weights as
+    fp8.float() * scale in float32 exactly, scales and the vision parts gone, activation scales kept."""
+    d = tiny_dir / f"devstral2-{layout}"
+    raw: dict[str, torch.Tensor] = {}
+    for f in sorted(d.glob("*.safetensors")):
+        raw |= load_file(f)
+    weight_scale, act_scale = (
+        ("weight_scale_inv", "activation_scale") if layout == "hf" else ("qscale_weight", "qscale_act")
+    )
     with open_checkpoint(d) as src:
-        assert not any(n.endswith("_scale_inv") for n in src.names)
-        fp8 = [n for n in src.names if raw[n].dtype == torch.float8_e4m3fn]
-        assert fp8 and "FP8 dequantised to float32" in src.description
-        for name in src.names:
-            scale = raw.get(name + "_scale_inv")
-            want = raw[name] if scale is None else (raw[name].float() * scale.float()).to(torch.float32)
-            assert src.dtype(name) == want.dtype and torch.equal(src.get(name), want), name
+        assert src.cfg == DEVSTRAL2 and set(src.names) == set(mapping.hf_names(DEVSTRAL2))
+        assert len(src.dropped) in (2, 4) and len(src.activation_scales) == 14
+        fp8 = [n for n in src.names if src.src.dtype(src._stored[n]) == torch.float8_e4m3fn]
+        assert len(fp8) == 14 and "FP8 dequantised" in src.description
+        for name in fp8:
+            stored = src._stored[name]
+            scale = raw[stored.removesuffix("weight") + weight_scale]
+            assert src.activation_scales[name] == raw[stored.removesuffix("weight") + act_scale].item()
+            want = (raw[stored].float() * scale.float()).to(torch.float32)
+            if layout == "native" and (heads := rope_heads(name, DEVSTRAL2)):
+                want = interleaved_to_half(want, heads)
+            assert src.dtype(name) == torch.float32 and torch.equal(src.get(name), want), name
         with pytest.raises(CheckpointError, match="cannot be read by rows"):
             src.read_rows(fp8[0], (0, 1))
 
@@ -179,6 +193,58 @@ def test_merge_of_fp8_parent_equals_merge_of_its_dequantised_copy(tiny_dir: Path
         want = _merge(dequantised, tiny_dir / "voxtral-hf", tmp_path / f"deq-{method}", method, **kw)
         got = _merge(tiny_dir / "devstral2-hf", tiny_dir / "voxtral-hf", tmp_path / f"fp8-{method}", method, **kw)
         _assert_equal(got, want)
+
+
+def test_repo_with_both_layouts_reads_hf_checked_against_params(tiny_dir: Path, tmp_path: Path) -> None:
+    """Devstral Small 2's hub repo ships HF shards and split consolidated files side by side."""
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_dir / "devstral2-hf", repo)
+    for f in (tiny_dir / "devstral2-native").iterdir():
+        shutil.copy(f, repo / f.name)
+    with open_checkpoint(repo) as src:
+        assert src.kind == "hf" and src.cfg == DEVSTRAL2
+        assert all(p.name.startswith(("model-", "config")) for p in src.files)
+    params = json.loads((repo / "params.json").read_text())
+    params["yarn"]["factor"] = 32
+    (repo / "params.json").write_text(json.dumps(params))
+    with pytest.raises(CheckpointError, match="config.json and params.json disagree on decoder.rope"):
+        open_checkpoint(repo)
+
+
+@pytest.fixture(scope="module")
+def published_td(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Devstral 2 (published FP8 Mistral3) and Voxtral converted to torch_dist."""
+    out = tmp_path_factory.mktemp("published-td")
+    convert(tiny_dir / "devstral2-hf", out / "devstral2", "megatron", progress=False)
+    convert(tiny_dir / "voxtral-hf", out / "voxtral", "megatron", progress=False)
+    return out / "devstral2", out / "voxtral"
+
+
+@pytest.mark.parametrize(
+    ("dev", "vox"), [("devstral2-hf", "voxtral-hf-sharded"), ("devstral2-native", "voxtral-native")]
+)
+def test_merge_of_published_parents_equals_merge_of_their_torch_dist(
+    dev: str, vox: str, tiny_dir: Path, tmp_path: Path, published_td: tuple[Path, Path]
+) -> None:
+    """Byte-identical outputs: the published layouts (FP8 Mistral3 with its vision tower, split native with
+    qscale names, sharded Voxtral) read as exactly the tensors their torch_dist conversions hold."""
+    for method in ("linear", "della"):  # torch_dist parents merge to torch_dist
+        outputs = []
+        for name, parents in (("published", (tiny_dir / dev, tiny_dir / vox)), ("td", published_td)):
+            params = MergeParams(method=method, alpha=0.3, density=0.5, seed=3)
+            out = tmp_path / f"{name}-{method}"
+            run_merge(MergeJob(*parents, out, params, rope_from="devstral", out_format="megatron", progress=False))
+            outputs.append(out)
+        for f in ("__0_0.distcp", ".metadata"):
+            assert (outputs[0] / f).read_bytes() == (outputs[1] / f).read_bytes(), (method, f)
+    merged_from = json.loads((outputs[0] / "merge.json").read_text())["parents"]
+    assert (
+        len(merged_from["devstral"]["parts_dropped"]) in (2, 4)
+        and len(merged_from["devstral"]["fp8"]["activation_scales"]) == 14
+    )
+    assert "parts_dropped" not in merged_from["voxtral"]
+    rope = json.loads((outputs[0] / "checkpoint_meta.json").read_text())["model"]["decoder"]["rope"]
+    assert (rope["type"], rope["llama4_scaling_beta"]) == ("yarn", 0.1)  # Devstral 2's rope carried
 
 
 # ---- crafted pickles never run -------------------------------------------------------------------------

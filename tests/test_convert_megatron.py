@@ -126,6 +126,30 @@ def test_audio_lm_tp1_loads_strictly_and_matches_hf_logits(model: str, audio_lm_
     assert diff <= TOL, diff
 
 
+# Published-layout parent -> torch_dist; transformers reads the HF layout of the same weights itself.
+PUBLISHED = {
+    "devstral2-hf": ("Mistral3ForConditionalGeneration", "devstral2-hf"),
+    "devstral2-native": ("Mistral3ForConditionalGeneration", "devstral2-hf"),
+    "voxtral-hf-sharded": ("VoxtralForConditionalGeneration", "voxtral-hf-sharded"),
+    "voxtral-native": ("VoxtralForConditionalGeneration", "voxtral-hf"),
+    "devstral2507-hf": ("MistralForCausalLM", "devstral2507-hf"),
+    "devstral2507-native": ("MistralForCausalLM", "devstral2507-hf"),
+}
+
+
+@pytest.mark.parametrize("parent", sorted(PUBLISHED))
+def test_published_parent_converts_and_matches_transformers(parent: str, tiny_dir: Path, tmp_path: Path) -> None:
+    """Devstral 2 past its original context (40 tokens > 32: YaRN + llama-4 scaling), FP8 dequantised."""
+    convert(tiny_dir / parent, tmp_path / "td", "megatron", progress=False)
+    cls, reference = PUBLISHED[parent]
+    init_distributed(tp=1, pp=1)
+    try:
+        diff = worker.audio_lm_logit_diff(tmp_path / "td", published=(cls, tiny_dir / reference))
+    finally:
+        destroy_distributed()
+    assert diff <= TOL, diff
+
+
 def test_audio_lm_voxtral_tp2_matches_hf_logits_and_megatron_resave_reads_back(
     audio_lm_ckpts: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
@@ -36,13 +35,16 @@ def dist() -> None:
 
 
 def _dequantized(path: Path) -> dict[str, torch.Tensor]:
-    raw = load_file(str(path / "model.safetensors"))
+    """The published Mistral3 FP8 shards read by hand: text tensors under CausalLM names, fp8 x weight_scale_inv."""
+    raw: dict[str, torch.Tensor] = {}
+    for shard in sorted(path.glob("model-*.safetensors")):
+        raw |= load_file(str(shard))
     out = {}
     for name, t in raw.items():
-        if name.endswith("weight_scale_inv"):
-            continue
+        if not name.startswith("language_model.") or name.endswith(("weight_scale_inv", "activation_scale")):
+            continue  # vision tower and projector, scales
         scale = raw.get(name.removesuffix("weight") + "weight_scale_inv")
-        out[name] = t.float() * scale if scale is not None else t
+        out[name.removeprefix("language_model.")] = t.float() * scale if scale is not None else t
     return out
 
 
@@ -127,13 +129,11 @@ def test_devstral_text(tiny_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def devstral2(tiny_dir: Path):
-    """Devstral-2 (YaRN factor 48 over 32 positions, llama-4 scaling); FP8 weights dequantised for both sides."""
+    """Devstral-2 (YaRN factor 48 over 32 positions, llama-4 scaling): the published Mistral3 FP8 layout read by
+    transformers itself vs Megatron holding the hand-dequantised text weights."""
     weights = _dequantized(tiny_dir / "devstral2-hf")
-    hf_cfg = json.loads((tiny_dir / "devstral2-hf" / "config.json").read_text())
-    hf_cfg.pop("quantization_config")
-    hf = transformers.Ministral3ForCausalLM(transformers.Ministral3Config(**hf_cfg)).eval()
-    hf.load_state_dict(weights)
-    return _megatron(DEVSTRAL2, weights), hf
+    hf = transformers.Mistral3ForConditionalGeneration.from_pretrained(tiny_dir / "devstral2-hf", dtype=torch.float32)
+    return _megatron(DEVSTRAL2, weights), hf.eval()
 
 
 def test_devstral2_yarn_and_query_scaling_past_original_context(devstral2) -> None:

@@ -20,13 +20,15 @@ from megatron_ext.checkpoint.mistral_native import (
     rope_heads,
 )
 from megatron_ext.config import ConfigError, ModelConfig, RopeConfig
-from megatron_ext.testing.tiny_models import DEVSTRAL, DEVSTRAL2, VOXTRAL, build_tiny_models
+from megatron_ext.testing.tiny_models import DEVSTRAL, DEVSTRAL2, DEVSTRAL2507, VOXTRAL, build_tiny_models
 
 HF_CLASSES = {
     "voxtral-hf": "VoxtralForConditionalGeneration",
     "devstral-hf": "MistralForCausalLM",
-    "devstral2-hf": "Ministral3ForCausalLM",
+    "devstral2-hf": "Mistral3ForConditionalGeneration",
     "base-hf": "MistralForCausalLM",
+    "voxtral-hf-sharded": "VoxtralForConditionalGeneration",
+    "devstral2507-hf": "MistralForCausalLM",
 }
 
 
@@ -68,18 +70,94 @@ def test_parents_share_a_base_with_different_deltas(tiny_dir: Path) -> None:
     assert "audio_tower.layers.0.self_attn.k_proj.bias" not in vox
 
 
-def test_devstral2_is_fp8_with_per_tensor_scales(tiny_dir: Path) -> None:
-    sd = load_file(tiny_dir / "devstral2-hf/model.safetensors")
-    w = sd["model.layers.0.self_attn.q_proj.weight"]
-    scale = sd["model.layers.0.self_attn.q_proj.weight_scale_inv"]
-    assert w.dtype == torch.float8_e4m3fn and scale.shape == () and scale.dtype == torch.float32
-    assert sd["model.embed_tokens.weight"].dtype == torch.float32
-    deq = w.to(torch.float32) * scale
-    assert deq.abs().max() <= 448 * scale
-    cfg = json.loads((tiny_dir / "devstral2-hf/config.json").read_text())
-    rope = cfg["rope_parameters"]
-    assert (rope["rope_type"], rope["factor"], rope["beta_fast"], rope["beta_slow"]) == ("yarn", 48.0, 32.0, 1.0)
-    assert rope["llama_4_scaling_beta"] == 0.1 and rope["original_max_position_embeddings"] == 32
+def _sharded(directory: Path, stem: str) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(directory.glob(f"{stem}-0000*-of-00002.safetensors")):
+        out |= load_file(f)
+    return out
+
+
+def test_devstral2_hf_is_the_published_mistral3_fp8_layout(tiny_dir: Path) -> None:
+    d = tiny_dir / "devstral2-hf"
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    sd = _sharded(d, "model")
+    assert set(index["weight_map"]) == set(sd) and len(set(index["weight_map"].values())) == 2
+    w = sd["language_model.model.layers.0.self_attn.q_proj.weight"]
+    scale = sd["language_model.model.layers.0.self_attn.q_proj.weight_scale_inv"]
+    act = sd["language_model.model.layers.1.mlp.down_proj.activation_scale"]
+    assert w.dtype == torch.float8_e4m3fn and scale.shape == () and act.shape == () and scale.dtype == torch.float32
+    fp8 = {n for n, t in sd.items() if t.dtype == torch.float8_e4m3fn}
+    assert len(fp8) == 2 * 7 and all(".layers." in n for n in fp8)  # text linears only
+    assert sd["language_model.lm_head.weight"].dtype == torch.float32  # in modules_to_not_convert
+    assert sd["vision_tower.patch_conv.weight"].dtype == torch.float32
+    assert "multi_modal_projector.patch_merger.merging_layer.weight" in sd
+    assert (w.to(torch.float32) * scale).abs().max() <= 448 * scale
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["architectures"] == ["Mistral3ForConditionalGeneration"] and cfg["model_type"] == "mistral3"
+    assert cfg["tie_word_embeddings"] is False and "architectures" not in cfg["text_config"]
+    assert cfg["quantization_config"] == {
+        "activation_scheme": "static",
+        "dequantize": False,
+        "modules_to_not_convert": ["model.vision_tower", "model.multi_modal_projector", "lm_head"],
+        "quant_method": "fp8",
+        "weight_block_size": None,
+    }
+    text = cfg["text_config"]
+    rope = text["rope_parameters"]
+    assert text["model_type"] == "ministral3" and rope["type"] == rope["rope_type"] == "yarn"
+    assert (rope["factor"], rope["beta_fast"], rope["beta_slow"], rope["rope_theta"]) == (48.0, 32.0, 1.0, 1e8)
+    assert (rope["mscale"], rope["mscale_all_dim"], rope["llama_4_scaling_beta"]) == (1.0, 1.0, 0.1)
+    assert text["max_position_embeddings"] == 48 * rope["original_max_position_embeddings"] == 48 * 32
+    assert cfg["vision_config"]["model_type"] == "pixtral"
+
+
+def test_devstral2_native_is_the_published_split_layout(tiny_dir: Path) -> None:
+    d = tiny_dir / "devstral2-native"
+    sd = _sharded(d, "consolidated")
+    assert {f.name for f in d.iterdir()} == {
+        "consolidated-00001-of-00002.safetensors",
+        "consolidated-00002-of-00002.safetensors",
+        "params.json",
+        "tekken.json",
+    }
+    assert sd["layers.0.attention.wq.weight"].dtype == torch.float8_e4m3fn
+    assert sd["layers.0.attention.wq.qscale_weight"].shape == sd["layers.0.feed_forward.w2.qscale_act"].shape == ()
+    for name in ("vision_encoder.transformer.layers.0.attention.wq.weight", "vision_language_adapter.w_in.weight"):
+        assert name in sd
+    assert "patch_merger.merging_layer.weight" in sd and "pre_mm_projector_norm.weight" in sd
+    params = json.loads((d / "params.json").read_text())
+    assert set(params["yarn"]) == {"factor", "original_max_position_embeddings", "beta", "alpha", "apply_scale"}
+    assert set(params["llama_4_scaling"]) == {"original_max_position_embeddings", "beta"}
+    assert params["quantization"] == {"qformat_weight": "fp8_e4m3", "qscheme_act": "TENSOR"}
+    vision = params["vision_encoder"]
+    assert (vision["mm_projector_id"], vision["add_pre_mm_projector_layer_norm"]) == ("patch_merge", True)
+    assert config_from_params(params, "ministral3") == DEVSTRAL2
+
+
+def test_voxtral_and_devstral2507_native_params_as_published(tiny_dir: Path) -> None:
+    vox = json.loads((tiny_dir / "voxtral-native/params.json").read_text())
+    whisper = vox["multimodal"]["whisper_model_args"]
+    assert set(whisper["encoder_args"]["audio_encoding_args"]) == {
+        "num_mel_bins",
+        "window_size",
+        "sampling_rate",
+        "hop_length",
+    }
+    assert whisper["downsample_args"] == {"downsample_factor": 4}
+    assert config_from_params(vox, "voxtral") == VOXTRAL
+    dev = json.loads((tiny_dir / "devstral2507-native/params.json").read_text())
+    assert list(dev) == [
+        "dim",
+        "n_layers",
+        "head_dim",
+        "hidden_dim",
+        "n_heads",
+        "n_kv_heads",
+        "rope_theta",
+        "norm_eps",
+        "vocab_size",
+    ]
+    assert dev["rope_theta"] == 1e9 and config_from_params(dev, "mistral") == DEVSTRAL2507
 
 
 @pytest.mark.parametrize("cfg", [VOXTRAL, DEVSTRAL, DEVSTRAL2], ids=["voxtral", "devstral", "devstral2"])

@@ -30,6 +30,7 @@ from megatron_ext.checkpoint.metadata import (
     write_meta,
 )
 from megatron_ext.checkpoint.mistral_native import convert_name, half_to_interleaved, params_from_config, rope_heads
+from megatron_ext.checkpoint.published import published_record
 from megatron_ext.checkpoint.safetensors_writer import SafetensorsWriter
 from megatron_ext.checkpoint.source import Source, all_finite, open_checkpoint
 from megatron_ext.checkpoint.source_hashes import source_sha256
@@ -241,6 +242,10 @@ def _write_config(tmp: Path, to: str, inp: Source, tp: int, pp: int, sources: li
             command=command or command_line(),
             tool="convert",
             parallel={"tp": tp, "pp": pp},
-            extra={"input_format": inp.kind, "input": str(inp.directory)},
+            extra={
+                "input_format": inp.kind,
+                "input": str(inp.directory),
+                **published_record(inp.dropped, inp.activation_scales),
+            },
         )
         write_meta(tmp, meta)

@@ -128,14 +128,14 @@ def params_from_config(cfg: ModelConfig) -> dict[str, Any]:
         "max_seq_len": d.max_position_embeddings,
     }
     if rope.type == "yarn":
-        if rope.mscale != rope.mscale_all_dim or not rope.truncate:
-            raise ConfigError("params.json YaRN cannot express mscale != mscale_all_dim or truncate=False")
+        if rope.mscale != 1.0 or rope.mscale_all_dim not in (0.0, 1.0) or not rope.truncate:
+            raise ConfigError("params.json YaRN expresses only mscale 1 with mscale_all_dim 0 or 1, truncate=True")
         params["yarn"] = {
             "factor": rope.factor,
             "original_max_position_embeddings": rope.original_max_position_embeddings,
             "beta": rope.beta_fast,
             "alpha": rope.beta_slow,
-            "apply_scale": rope.mscale != 0,
+            "apply_scale": rope.mscale_all_dim == 0.0,
         }
     if rope.llama4_scaling_beta is not None:
         params["llama_4_scaling"] = {
@@ -167,21 +167,27 @@ def config_from_params(params: dict[str, Any], arch: str) -> ModelConfig:
     try:
         yarn, l4 = params.get("yarn"), params.get("llama_4_scaling")
         rope = RopeConfig(theta=float(params["rope_theta"]))
+        if l4 and not yarn:
+            raise ConfigError("params.json: llama_4_scaling is set but the yarn block is missing")
         if yarn:
-            mscale = 1.0 if yarn.get("apply_scale", True) else 0.0
+            original = yarn["original_max_position_embeddings"]
+            if l4 and l4["original_max_position_embeddings"] != original:
+                raise ConfigError(
+                    "params.json: llama_4_scaling.original_max_position_embeddings "
+                    f"{l4['original_max_position_embeddings']} differs from yarn's {original}"
+                )
             rope = RopeConfig(
                 theta=float(params["rope_theta"]),
                 type="yarn",
-                factor=yarn["factor"],
-                original_max_position_embeddings=yarn["original_max_position_embeddings"],
-                beta_fast=yarn["beta"],
-                beta_slow=yarn["alpha"],
-                mscale=mscale,
-                mscale_all_dim=mscale,
-                llama4_scaling_beta=l4["beta"] if l4 else None,
+                factor=float(yarn["factor"]),
+                original_max_position_embeddings=original,
+                beta_fast=float(yarn["beta"]),
+                beta_slow=float(yarn["alpha"]),
+                # As transformers and vLLM read it: apply_scale false keeps the attention factor at 1.
+                mscale=1.0,
+                mscale_all_dim=0.0 if yarn.get("apply_scale", False) else 1.0,
+                llama4_scaling_beta=float(l4["beta"]) if l4 else None,
             )
-        elif l4:
-            raise ConfigError("params.json: llama_4_scaling without yarn is not supported")
         decoder = DecoderConfig(
             num_layers=params["n_layers"],
             hidden_size=params["dim"],
@@ -191,7 +197,7 @@ def config_from_params(params: dict[str, Any], arch: str) -> ModelConfig:
             kv_channels=params.get("head_dim") or params["dim"] // params["n_heads"],
             vocab_size=params["vocab_size"],
             norm_eps=params["norm_eps"],
-            max_position_embeddings=params.get("max_seq_len", 131072),
+            max_position_embeddings=params.get("max_position_embeddings") or params.get("max_seq_len", 131072),
             rope=rope,
         )
         mm = params.get("multimodal")

@@ -1,9 +1,10 @@
 """One reader for every checkpoint format: `open_checkpoint(path) -> Source`, used by convert, merge, model
 loading, logits and evaluation.
 
-Formats: HF safetensors (single or sharded; Voxtral, Mistral, Ministral3 layouts; FP8 weights with
-`weight_scale_inv` are dequantised on read), Mistral-native (`consolidated*.safetensors` + `params.json`;
-q/k rows permuted from interleaved rope to rotate-half on read) and Megatron torch_dist (with our
+Formats: HF safetensors (single or sharded; Voxtral, Mistral, Ministral3 layouts, and Mistral3 read as its
+text model), Mistral-native (`consolidated.safetensors` or a split set + `params.json`; q/k rows permuted
+from interleaved rope to rotate-half on read); per-tensor FP8 is dequantised on read and a vision tower
+dropped (`published.py`) and Megatron torch_dist (with our
 `checkpoint_meta.json`). A `Source` names its tensors the HF way (HF, Mistral-native) or the Megatron way
 (torch_dist); `Source.megatron()` presents an HF-named source under Megatron names (qkv and gate/up fused
 on read). Every bad input is one `CheckpointError` naming the file, tensor or field.
@@ -14,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +28,15 @@ from megatron_ext.checkpoint import mapping
 from megatron_ext.checkpoint.atomic import CheckpointError
 from megatron_ext.checkpoint.metadata import META_FILE, TOKENIZER_FILE, CheckpointMeta, read_meta
 from megatron_ext.checkpoint.mistral_native import config_from_params, convert_name, interleaved_to_half, rope_heads
+from megatron_ext.checkpoint.published import (
+    HF_VISION_PREFIXES,
+    NATIVE_VISION_PREFIXES,
+    Fp8Scales,
+    check_hf_quantization,
+    check_native_quantization,
+    drop_vision,
+    split_scale,
+)
 from megatron_ext.checkpoint.safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsSource
 from megatron_ext.checkpoint.shapes import decoder_shapes, encoder_shapes, to_hf_names
 from megatron_ext.checkpoint.torch_dist_io import TorchDistReader, is_torch_dist
@@ -33,8 +44,6 @@ from megatron_ext.config import ConfigError, ModelConfig, RopeConfig
 
 Kind = Literal["hf", "native", "torch_dist"]
 Naming = Literal["hf", "megatron"]
-SCALE_SUFFIX = "_scale_inv"
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CONFIG_ERRORS = (ConfigError, KeyError, TypeError, ValueError, AttributeError)
 
@@ -65,6 +74,8 @@ class Source:
     tokenizer: Path | None
     config_bytes: bytes  # config.json, params.json or checkpoint_meta.json as stored
     meta: CheckpointMeta | None = None
+    dropped: list[str] = []  # parts of the published checkpoint not read (vision tower, projector)
+    activation_scales: dict[str, float] = {}  # FP8 weight -> its static activation scale (recorded, not applied)
 
     @property
     def names(self) -> list[str]:
@@ -187,8 +198,54 @@ def _tokenizer(directory: Path) -> Path | None:
     return tok if tok.is_file() else None
 
 
-class HFCheckpoint(Source):
-    """HF safetensors (single file or index + shards); FP8 tensors with `weight_scale_inv` dequantised on read."""
+def _hf_text_name(name: str) -> str:
+    """A Mistral3 text tensor under its CausalLM name (legacy `language_model.model.*` or in-memory names)."""
+    for prefix in ("language_model.model.", "model.language_model."):
+        if name.startswith(prefix):
+            return "model." + name.removeprefix(prefix)
+    return name.removeprefix("language_model.")  # language_model.lm_head.weight -> lm_head.weight
+
+
+class _StoredTensors(Source):
+    """A source whose tensors are stored under other names (`_stored`), FP8 ones dequantised on read."""
+
+    src: SafetensorsSource
+    _stored: dict[str, str]  # name as presented -> name in the files
+    fp8: Fp8Scales
+    target: torch.dtype
+
+    def _scan(self, stored: list[str], rename: Callable[[str], str], what: str) -> None:
+        """Split stored names into weights and FP8 scales (`rename`: stored name -> presented name)."""
+        scales: dict[str, tuple[str, str]] = {}
+        self._stored, unknown = {}, []
+        for n in stored:
+            weight, kind = split_scale(n)
+            try:
+                presented = rename(weight)
+            except KeyError:
+                unknown.append(n)
+                continue
+            if kind:
+                scales[n] = (presented, kind)
+            else:
+                self._stored[presented] = n
+        if unknown:
+            raise CheckpointError(f"{self.directory}: unknown {what} tensors: {', '.join(sorted(unknown))}")
+        self.fp8 = Fp8Scales(self.directory, scales, self._stored, self.src.shape, self.src.dtype, self.src.get)
+        self.activation_scales = self.fp8.activation_scales
+
+    def _stored_name(self, name: str) -> str:
+        if name not in self._stored:
+            raise CheckpointError(f"{self.directory}: tensor {name!r} not found")
+        return self._stored[name]
+
+    def _read(self, name: str) -> torch.Tensor:
+        t = self.src.get(self._stored_name(name))
+        return self.fp8.dequantise(name, t, self.target) if name in self.fp8 else t
+
+
+class HFCheckpoint(_StoredTensors):
+    """HF safetensors (single file or index + shards; Mistral3 read as its text model); FP8 dequantised on read."""
 
     kind = "hf"
     naming = "hf"
@@ -199,35 +256,31 @@ class HFCheckpoint(Source):
         self.cfg, hf, self.config_bytes = _hf_config(cfg_path)
         if native_cfg is not None and (diff := _config_diff(self.cfg, native_cfg)):
             raise CheckpointError(f"{directory}: config.json and params.json disagree on {diff}")
+        quantised = check_hf_quantization(cfg_path, hf)
         self.src = src = SafetensorsSource(directory)
-        dtype_name = hf.get("dtype") or hf.get("torch_dtype") or (hf.get("text_config") or {}).get("dtype")
+        text = hf.get("text_config") if isinstance(hf.get("text_config"), dict) else {}
+        dtype_name = hf.get("dtype") or hf.get("torch_dtype") or text.get("dtype")
         self.target = TORCH_DTYPES.get(dtype_name or "", torch.bfloat16)
-        scales = {n for n in src.names() if n.endswith(SCALE_SUFFIX)}
-        self.fp8 = {n.removesuffix(SCALE_SUFFIX) for n in scales}
-        self._names = [n for n in src.names() if n not in scales]
+        stored = src.names()
+        if hf.get("model_type") == "mistral3":
+            stored, self.dropped = drop_vision(directory, stored, HF_VISION_PREFIXES)
+        self._scan(stored, _hf_text_name if hf.get("model_type") == "mistral3" else str, "HF")
+        if self.fp8.weight_scale and not quantised:
+            raise CheckpointError(f"{directory}: FP8 weights with scales but config.json has no quantization_config")
         shapes = expected_hf_shapes(self.cfg)
         if check_layout:
-            _check_names(directory, set(self._names), set(shapes), "HF")
-        orphans = sorted(self.fp8 - set(self._names))
-        if orphans:
-            raise CheckpointError(
-                f"{directory}: scales without a weight: {', '.join(o + SCALE_SUFFIX for o in orphans)}"
-            )
-        for name in shapes if check_layout else self._names:
-            if check_layout and src.shape(name) != shapes[name]:
-                raise CheckpointError(
-                    f"{directory}: tensor {name} has shape {list(src.shape(name))}, config says {list(shapes[name])}"
-                )
-            dt = src.dtype(name)
-            if name in self.fp8:
-                if dt not in FP8_DTYPES:
-                    raise CheckpointError(f"{directory}: {name} has a weight_scale_inv but dtype {dt}, not FP8")
-            elif check_layout and dtype_name and dt != self.target:
-                raise CheckpointError(f"{directory}: tensor {name} is {dt}, config.json says {dtype_name}")
-            elif dt in FP8_DTYPES:
-                raise CheckpointError(f"{directory}: FP8 tensor {name} has no weight_scale_inv")
+            _check_names(directory, set(self._stored), set(shapes), "HF")
+            for name, want in shapes.items():  # in config order: the first tensor a wrong field shows in is named
+                n = self._stored[name]
+                if src.shape(n) != want:
+                    raise CheckpointError(
+                        f"{directory}: tensor {n} has shape {list(src.shape(n))}, config says {list(want)}"
+                    )
+                if dtype_name and name not in self.fp8 and src.dtype(n) != self.target:
+                    raise CheckpointError(f"{directory}: tensor {n} is {src.dtype(n)}, config.json says {dtype_name}")
         layout = "sharded" if (directory / INDEX_FILE).is_file() else "single file"
-        dequant = f", FP8 dequantised to {str(self.target).removeprefix('torch.')}" if self.fp8 else ""
+        target = str(self.target).removeprefix("torch.")
+        dequant = f", FP8 dequantised to {target}" if self.fp8.weight_scale else ""
         arch = (hf.get("architectures") or ["?"])[0]
         self.description = f"HF {arch} ({self.cfg.hf_architecture} layout, {layout}, {len(src.files)} file(s){dequant})"
         self.files = src.files + [cfg_path]
@@ -235,31 +288,48 @@ class HFCheckpoint(Source):
 
     @property
     def names(self) -> list[str]:
-        return self._names
+        return list(self._stored)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self.src.shape(name)
+        return self.src.shape(self._stored_name(name))
 
     def dtype(self, name: str) -> torch.dtype:
-        return self.target if name in self.fp8 else self.src.dtype(name)
+        return self.target if name in self.fp8 else self.src.dtype(self._stored_name(name))
 
     def get(self, name: str) -> torch.Tensor:
-        t = self.src.get(name)
-        if name in self.fp8:  # per-tensor (or per-block, broadcastable) FP8 dequantisation
-            scale = self.src.get(name + SCALE_SUFFIX).to(torch.float32)
-            t = (t.to(torch.float32) * scale).to(self.target)
-        return t
+        return self._read(name)
 
     def reads_rows(self, name: str) -> bool:
-        return name in self.src and name not in self.fp8
+        return name in self._stored and name not in self.fp8
 
     def read_rows(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        if name in self.fp8:
+        if not self.reads_rows(name):
             return super().read_rows(name, rows)
-        return self.src.get(name, rows)
+        return self.src.get(self._stored[name], rows)
 
 
-class NativeCheckpoint(Source):
+_SPLIT = re.compile(r"^consolidated-(\d+)-of-(\d+)\.safetensors$")
+
+
+def _consolidated_files(directory: Path) -> list[str]:
+    """`consolidated.safetensors` or a complete `consolidated-0000N-of-0000M` set (a missing file is named)."""
+    files = sorted(p.name for p in directory.glob("consolidated*.safetensors"))
+    split = [m for f in files if (m := _SPLIT.match(f))]
+    if not split:
+        return files
+    total = int(split[0].group(2))
+    width = len(split[0].group(1))
+    expected = {f"consolidated-{i:0{width}d}-of-{split[0].group(2)}.safetensors" for i in range(1, total + 1)}
+    missing = sorted(expected - set(files))
+    if missing:
+        raise CheckpointError(f"{directory}: split consolidated set is missing {', '.join(missing)}")
+    extra = sorted(set(files) - expected)
+    if extra:
+        raise CheckpointError(f"{directory}: {', '.join(extra)} is not part of the {total}-file consolidated set")
+    return files
+
+
+class NativeCheckpoint(_StoredTensors):
     """Mistral-native `consolidated*.safetensors` + `params.json`, presented under HF names and layout."""
 
     kind = "native"
@@ -273,23 +343,24 @@ class NativeCheckpoint(Source):
             hf_cfg = _hf_config(directory / "config.json")[0]
             if diff := _config_diff(hf_cfg, self.cfg):
                 raise CheckpointError(f"{directory}: config.json and params.json disagree on {diff}")
-        files = sorted(p.name for p in directory.glob("consolidated*.safetensors"))
+        params = json.loads(self.config_bytes)
+        quantised = check_native_quantization(params_path, params)
+        files = _consolidated_files(directory)
         self.src = src = SafetensorsSource(directory, files)
-        self._stored: dict[str, str] = {}
-        unknown = []
-        for n in src.names():
-            try:
-                self._stored[convert_name(n, self.cfg.hf_architecture, to_hf=True)] = n
-            except KeyError:
-                unknown.append(n)
-        if unknown:
-            raise CheckpointError(f"{directory}: unknown Mistral-native tensors: {', '.join(sorted(unknown))}")
+        stored = src.names()
+        if params.get("vision_encoder"):
+            stored, self.dropped = drop_vision(directory, stored, NATIVE_VISION_PREFIXES)
+        self._scan(stored, lambda n: convert_name(n, self.cfg.hf_architecture, to_hf=True), "Mistral-native")
+        if self.fp8.weight_scale and not quantised:
+            raise CheckpointError(f"{directory}: FP8 weights with scales but params.json has no quantization block")
+        unquantised = [src.dtype(n) for h, n in self._stored.items() if h not in self.fp8]
+        self.target = unquantised[0] if unquantised else torch.bfloat16
         expected = expected_hf_shapes(self.cfg)
         self._shapes = {n: src.shape(native) for n, native in self._stored.items()}
         if check_layout:
-            stored = {n: s for n, s in expected.items() if n != mapping.HF_POSITIONS}
-            _check_names(directory, set(self._stored), set(stored), "Mistral-native (as HF)")
-            for name, shape in stored.items():
+            stored_shapes = {n: s for n, s in expected.items() if n != mapping.HF_POSITIONS}
+            _check_names(directory, set(self._stored), set(stored_shapes), "Mistral-native (as HF)")
+            for name, shape in stored_shapes.items():
                 if self._shapes[name] != shape:
                     raise CheckpointError(
                         f"{directory}: tensor {self._stored[name]} has shape {list(self._shapes[name])}, "
@@ -298,7 +369,8 @@ class NativeCheckpoint(Source):
         if mapping.HF_POSITIONS in expected:  # not stored natively: recomputed on read
             self._shapes[mapping.HF_POSITIONS] = expected[mapping.HF_POSITIONS]
         arch = self.cfg.hf_architecture
-        self.description = f"Mistral-native ({arch} model, {len(files)} file(s) + params.json, rope rows permuted)"
+        fp8 = ", FP8 dequantised" if self.fp8.weight_scale else ""
+        self.description = f"Mistral-native ({arch} model, {len(files)} file(s) + params.json, rope rows permuted{fp8})"
         self.files = src.files + [params_path]
         self.tokenizer = _tokenizer(directory)
 
@@ -312,16 +384,14 @@ class NativeCheckpoint(Source):
     def dtype(self, name: str) -> torch.dtype:
         if name == mapping.HF_POSITIONS:
             return self.dtype("audio_tower.conv1.weight")
-        return self.src.dtype(self._stored[name])
+        return self.target if name in self.fp8 else self.src.dtype(self._stored_name(name))
 
     def get(self, name: str) -> torch.Tensor:
         if name == mapping.HF_POSITIONS:  # not stored natively: recomputed as on the Megatron path
             e = self.cfg.encoder
             assert e is not None
             return sinusoids(e.max_source_positions, e.hidden_size).to(self.dtype(name))
-        if name not in self._stored:
-            raise CheckpointError(f"{self.directory}: tensor {name!r} not found")
-        t = self.src.get(self._stored[name])
+        t = self._read(name)
         heads = rope_heads(name, self.cfg)
         if not heads:
             return t
@@ -389,6 +459,7 @@ class MegatronView(Source):
         self.hf = hf
         self.kind, self.directory, self.cfg, self.description = hf.kind, hf.directory, hf.cfg, hf.description
         self.files, self.tokenizer, self.config_bytes = hf.files, hf.tokenizer, hf.config_bytes
+        self.dropped, self.activation_scales = hf.dropped, hf.activation_scales
         self.rules = {r.megatron: r for r in mapping.rules(hf.cfg)}
         have = set(hf.names)
         missing = [h for r in self.rules.values() for h in r.hf if h not in have]
@@ -434,15 +505,12 @@ def open_checkpoint(directory: Path, rope_from: Path | None = None, check_layout
     if is_torch_dist(d) or (d / META_FILE).is_file():
         return TorchDistCheckpoint(d, rope_from, check_layout)
     has_hf = (d / SINGLE_FILE).is_file() or (d / INDEX_FILE).is_file()
-    has_native = any(d.glob("consolidated*.safetensors"))
-    if has_hf and has_native:
-        raise CheckpointError(f"{d}: holds both HF (model*.safetensors) and Mistral-native (consolidated*) weights")
-    if has_hf:
+    if has_hf:  # a hub repo may ship both layouts (Devstral Small 2 does): HF is read, checked against params.json
         if not (d / "config.json").is_file():
             raise CheckpointError(f"{d}: HF weights without config.json")
         native_cfg = _native_config(d / "params.json")[0] if (d / "params.json").is_file() else None
         return HFCheckpoint(d, native_cfg, check_layout)
-    if has_native:
+    if any(d.glob("consolidated*.safetensors")):
         if not (d / "params.json").is_file():
             raise CheckpointError(f"{d}: consolidated.safetensors without params.json")
         return NativeCheckpoint(d, check_layout)

@@ -1,4 +1,5 @@
-"""Write the tiny seeded parent models (Voxtral, Devstral, Devstral-2, base) and their Tekken tokenizers."""
+"""Write the tiny seeded parent models (Voxtral, Devstral, Devstral 2, Devstral 2507, base; HF and Mistral-native,
+as published) and their Tekken tokenizers."""
 
 from __future__ import annotations
 

@@ -102,9 +102,11 @@ class HFGenerator:
             if source.kind != "hf":
                 raise CheckpointError(f"{checkpoint}: {source.description}, not an HF checkpoint")
             audio = source.cfg.hf_architecture == "voxtral"
-        from transformers import AutoModelForCausalLM, VoxtralForConditionalGeneration
+            vision = bool(source.dropped)  # Mistral3: transformers reads it whole; the vision tower is unused
+        from transformers import AutoModelForCausalLM, Mistral3ForConditionalGeneration, VoxtralForConditionalGeneration
 
         model_cls = VoxtralForConditionalGeneration if audio else AutoModelForCausalLM
+        model_cls = Mistral3ForConditionalGeneration if vision else model_cls
         model = model_cls.from_pretrained(str(checkpoint), dtype=DTYPES[dtype], use_safetensors=True)
         if torch.cuda.is_available():
             model = model.cuda()

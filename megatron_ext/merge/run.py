@@ -42,6 +42,7 @@ from megatron_ext.checkpoint.metadata import (
     verify_files,
     write_meta,
 )
+from megatron_ext.checkpoint.published import published_record
 from megatron_ext.checkpoint.safetensors_writer import PlannedShards, tensor_bytes
 from megatron_ext.checkpoint.source_hashes import source_sha256
 from megatron_ext.checkpoint.torch_dist_io import TorchDistWriter
@@ -626,7 +627,13 @@ def _provenance(
         "rope": dataclasses.asdict(rope),
         "rope_from": job.rope_from or "explicit",
         "parents": {
-            k: {"path": str(p.path), "format": p.format, "content_sha256": p.content_hash()} for k, p in parents.items()
+            k: {
+                "path": str(p.path),
+                "format": p.format,
+                "content_sha256": p.content_hash(),
+                **published_record(p.source.dropped, p.source.activation_scales),
+            }
+            for k, p in parents.items()
         },
         "tokenizer_map_sha256": alignment.sha256(),
         "min_row_norm": job.min_row_norm,

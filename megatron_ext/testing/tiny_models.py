@@ -3,30 +3,37 @@
 A shared random base decoder plus a small Devstral delta and a larger, different Voxtral delta, so
 merges are meaningful. Shapes keep Mistral Small 3's ratios (GQA 8q/2kv, heads*head_dim != hidden,
 SwiGLU, untied head, theta 1e8). Every tensor is random, norms included, so a mapping error shows in
-the logits. Everything is written byte-identically for a given seed.
+the logits. Everything is written byte-identically for a given seed. Devstral Small 2, Voxtral Small and
+Devstral Small 2507 also come in the layouts they are published in (`published_layouts.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from megatron_ext.audio.positions import sinusoids
-from megatron_ext.checkpoint.mistral_native import (
-    convert_name,
-    half_to_interleaved,
-    params_from_config,
-    rope_heads,
-)
+from megatron_ext.checkpoint.mistral_native import params_from_config
 from megatron_ext.checkpoint.shapes import decoder_shapes, encoder_shapes, to_hf_names
 from megatron_ext.config import DecoderConfig, EncoderConfig, ModelConfig, RopeConfig
+from megatron_ext.testing.published_layouts import (
+    devstral2_params,
+    mistral3_config,
+    native_names,
+    native_vision_name,
+    plain_params,
+    quantize,
+    renamed,
+    vision_shapes,
+    voxtral_params,
+    write_json,
+    write_shards,
+)
 from megatron_ext.tokenizer.tekken_builder import (
     COMMON_SPECIALS,
     DEVSTRAL_SPECIALS,
@@ -73,7 +80,11 @@ DEVSTRAL2 = ModelConfig(
     dataclasses.replace(TINY_DECODER, rope=TINY_DEVSTRAL2_ROPE, max_position_embeddings=48 * 32),
     hf_architecture="ministral3",
 )
-FP8_MAX = 448.0  # largest finite float8_e4m3fn value
+# Devstral Small 2507: Mistral Small 3.1's decoder with rope theta 1e9, as its params.json says.
+DEVSTRAL2507 = ModelConfig(
+    dataclasses.replace(TINY_DECODER, rope=RopeConfig(theta=1e9), max_position_embeddings=131072),
+    hf_architecture="mistral",
+)
 DELTA_SCALE = {"devstral": 0.05, "voxtral": 0.2, "devstral2": 0.05}
 
 
@@ -117,47 +128,41 @@ def decoder_family(seed: int) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def quantize_fp8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-tensor FP8 e4m3 as the hub ships Devstral-2: decoder linears get `weight_scale_inv` (a scalar)."""
-    out: dict[str, torch.Tensor] = {}
-    for name, t in sd.items():
-        if ".layers." in name and name.endswith("proj.weight"):
-            scale = t.abs().max() / FP8_MAX
-            out[name] = (t / scale).to(torch.float8_e4m3fn)
-            out[name.removesuffix("weight") + "weight_scale_inv"] = scale.reshape(())
-        else:
-            out[name] = t
-    return out
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def write_hf(
-    out: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], tekken: dict, extra_cfg: dict | None = None
-) -> None:
+def write_hf(out: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], tekken: dict, shards: int = 0) -> None:
+    """HF layout: `model.safetensors`, or `shards` files with an index as the hub ships them."""
     out.mkdir(parents=True, exist_ok=True)
-    save_file(dict(sorted(tensors.items())), str(out / "model.safetensors"), metadata={"format": "pt"})
-    _write_json(out / "config.json", {**cfg.to_hf(), "dtype": "float32", **(extra_cfg or {})})
+    if shards:
+        write_shards(out, tensors, "model", shards, index=True)
+    else:
+        save_file(dict(sorted(tensors.items())), str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_json(out / "config.json", {**cfg.to_hf(), "dtype": "float32"})
     write_tekken(tekken, out / "tekken.json")
 
 
-def native_tensors(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF tensors -> Mistral-native names, q/k rows back to the interleaved rope layout."""
-    for name, t in hf.items():
-        if name == "audio_tower.embed_positions.weight":
-            continue  # recomputed by every loader; not stored in Mistral-native files
-        heads = rope_heads(name, cfg)
-        yield convert_name(name, cfg.hf_architecture, to_hf=False), (half_to_interleaved(t, heads) if heads else t)
-
-
-def write_native(out: Path, cfg: ModelConfig, hf: dict[str, torch.Tensor], tekken: dict) -> None:
+def write_native(out: Path, cfg: ModelConfig, hf: dict[str, torch.Tensor], tekken: dict, params: dict) -> None:
+    """Mistral-native layout: one `consolidated.safetensors` + `params.json` (as given) + `tekken.json`."""
     out.mkdir(parents=True, exist_ok=True)
-    tensors = dict(sorted(native_tensors(cfg, hf)))
+    tensors = dict(sorted(native_names(cfg, hf).items()))
     save_file(tensors, str(out / "consolidated.safetensors"), metadata={"format": "pt"})
-    _write_json(out / "params.json", params_from_config(cfg))
+    write_json(out / "params.json", params, sort=False)  # key order as published
     write_tekken(tekken, out / "tekken.json")
+
+
+def write_devstral2(out: Path, decoder: dict[str, torch.Tensor], tekken: dict, seed: int) -> None:
+    """Devstral Small 2 as published: HF Mistral3 FP8 (sharded) and Mistral-native (split consolidated)."""
+    gen = torch.Generator().manual_seed(seed + 300)
+    fp8 = quantize(decoder, gen)
+    vision = _random_state(vision_shapes(DEVSTRAL2.decoder.hidden_size), seed + 200)
+    legacy = {"language_model." + n: t for n, t in fp8.items()}  # the names transformers saves Mistral3 under
+    hf = out / "devstral2-hf"
+    write_shards(hf, legacy | vision, "model", 2, index=True)
+    write_json(hf / "config.json", mistral3_config(DEVSTRAL2))
+    write_tekken(tekken, hf / "tekken.json")
+    native = out / "devstral2-native"
+    tensors = native_names(DEVSTRAL2, fp8) | renamed(vision, native_vision_name)
+    write_shards(native, tensors, "consolidated", 2, index=False)
+    write_json(native / "params.json", devstral2_params(DEVSTRAL2), sort=False)
+    write_tekken(tekken, native / "tekken.json")
 
 
 def build_tiny_models(out: Path, seed: int = 0) -> dict[str, str]:
@@ -173,28 +178,22 @@ def build_tiny_models(out: Path, seed: int = 0) -> dict[str, str]:
     audio["audio_tower.embed_positions.weight"] = sinusoids(TINY_ENCODER.max_source_positions, TINY_ENCODER.hidden_size)
     voxtral = to_hf_names(fam["voxtral"], "voxtral") | audio
     devstral = fam["devstral"]
-    devstral2 = quantize_fp8(fam["devstral2"])
-    fp8_config = {
-        "quantization_config": {
-            "quant_method": "fp8",
-            "activation_scheme": "dynamic",
-            "weight_block_size": None,
-            "modules_to_not_convert": ["lm_head", "model.embed_tokens"],
-        }
-    }
 
     write_hf(tmp / "voxtral-hf", VOXTRAL, voxtral, vox_tok)
+    write_hf(tmp / "voxtral-hf-sharded", VOXTRAL, voxtral, vox_tok, shards=2)
     write_hf(tmp / "devstral-hf", DEVSTRAL, devstral, dev_tok)
-    write_hf(tmp / "devstral2-hf", DEVSTRAL2, devstral2, dev_tok, fp8_config)
+    write_hf(tmp / "devstral2507-hf", DEVSTRAL2507, devstral, dev_tok, shards=2)
     write_hf(tmp / "base-hf", DEVSTRAL, fam["base"], dev_tok)
-    write_native(tmp / "voxtral-native", VOXTRAL, voxtral, vox_tok)
-    write_native(tmp / "devstral-native", DEVSTRAL, devstral, dev_tok)
+    write_devstral2(tmp, fam["devstral2"], dev_tok, seed)
+    write_native(tmp / "voxtral-native", VOXTRAL, voxtral, vox_tok, voxtral_params(VOXTRAL))
+    write_native(tmp / "devstral-native", DEVSTRAL, devstral, dev_tok, params_from_config(DEVSTRAL))
+    write_native(tmp / "devstral2507-native", DEVSTRAL2507, devstral, dev_tok, plain_params(DEVSTRAL2507))
 
     digests = {
         str(p.relative_to(tmp)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(tmp.rglob("*"))
         if p.is_file()
     }
-    _write_json(tmp / "MANIFEST.json", {"seed": seed, "files": digests})
+    write_json(tmp / "MANIFEST.json", {"seed": seed, "files": digests})
     tmp.rename(out)
     return digests
