@@ -52,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         "--to",
         choices=TARGETS,
         required=True,
-        help="megatron: torch_dist + checkpoint_meta.json; hf: the model's HF layout "
-        "(Voxtral, Mistral or Ministral3); mistral: consolidated.safetensors + params.json",
+        help="megatron: torch_dist + checkpoint_meta.json; hf: the model's HF layout (Voxtral, Mistral or "
+        "Ministral3) with generation_config.json (+ Voxtral's preprocessor_config.json); mistral: "
+        "consolidated.safetensors + params.json + tekken.json, what `vllm serve DIR --tokenizer-mode mistral "
+        "--config-format mistral --load-format mistral` loads",
     )
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to validate for (default 1)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to validate for (default 1)")
@@ -62,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=None,
         help="HF config.json or params.json supplying rope settings for a torch_dist input whose metadata lacks them",
+    )
+    parser.add_argument(
+        "--shard-size-gb",
+        type=float,
+        default=None,
+        help="split safetensors outputs into shards of at most this size with an index "
+        "(default: 5 for hf; mistral: one consolidated.safetensors)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -82,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rope_from,
         progress=not args.no_progress,
         rehash=args.rehash,
+        shard_bytes=int(args.shard_size_gb * 1024**3) if args.shard_size_gb else None,
     )
     print(f"input: {report.input_description}")
     print(

@@ -77,9 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--format",
         dest="out_format",
-        choices=["hf", "megatron"],
+        choices=["hf", "megatron", "mistral"],
         default="hf",
-        help="hf: Voxtral HF layout (config.json with rope_parameters); megatron: torch_dist + checkpoint_meta.json",
+        help="hf: Voxtral HF layout (config.json with rope_parameters, generation and processor configs); "
+        "megatron: torch_dist + checkpoint_meta.json; mistral: consolidated.safetensors + params.json + "
+        "tekken.json for vLLM (the only layout for Devstral 2's llama-4 query scaling)",
     )
     p.add_argument("--rope-from", choices=["devstral", "voxtral"], help="take rope/YaRN settings from this parent")
     p.add_argument("--rope-theta", type=float, help="explicit rope theta (instead of --rope-from)")
@@ -89,7 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--min-row-norm", type=float, default=1e-6, help="embedding rows with a smaller norm count as absent"
     )
-    p.add_argument("--shard-size-gb", type=float, default=5.0, help="maximum output shard size (GB)")
+    p.add_argument(
+        "--shard-size-gb",
+        type=float,
+        default=None,
+        help="maximum output shard size in GiB (default: 5 for hf; one consolidated.safetensors for mistral)",
+    )
     p.add_argument("--grid", type=Path, help="grid YAML (defaults + runs); method flags are then taken from it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -133,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         rope=explicit_rope(args),
         out_format=args.out_format,
         min_row_norm=args.min_row_norm,
-        shard_bytes=int(args.shard_size_gb * 1024**3),
+        shard_bytes=int(args.shard_size_gb * 1024**3) if args.shard_size_gb else None,
         progress=not args.no_progress,
     )
     if args.grid is not None:

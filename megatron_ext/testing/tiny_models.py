@@ -156,7 +156,7 @@ def write_native(out: Path, cfg: ModelConfig, hf: dict[str, torch.Tensor], tekke
     out.mkdir(parents=True, exist_ok=True)
     tensors = dict(sorted(native_tensors(cfg, hf)))
     save_file(tensors, str(out / "consolidated.safetensors"), metadata={"format": "pt"})
-    _write_json(out / "params.json", params_from_config(cfg))
+    _write_json(out / "params.json", params_from_config(cfg, tekken.get("audio")))
     write_tekken(tekken, out / "tekken.json")
 
 
