@@ -222,3 +222,55 @@ def test_cli_refuses_existing_output_unless_overwrite(tiny_dir: Path, tmp_path: 
     proc = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert {p.name for p in out.iterdir()} == {"consolidated.safetensors", "params.json", "tekken.json"}
+
+
+# ---- vLLM itself (make vllm-env; make test-slow) ---------------------------------------------------------
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+
+
+def _hf_name_of_vllm(name: str) -> str:
+    """vLLM Voxtral parameter name -> the HF Voxtral export's name for the same tensor."""
+    for vllm_prefix, hf_prefix in (
+        ("model.", "language_model.model."),
+        ("lm_head.", "language_model.lm_head."),
+        ("whisper_encoder.", "audio_tower."),
+    ):
+        if name.startswith(vllm_prefix):
+            return hf_prefix + name.removeprefix(vllm_prefix).replace(".mlp.fc", ".fc")
+    return {"audio_language_adapter.w_in.weight": "multi_modal_projector.linear_1.weight"}.get(
+        name, "multi_modal_projector.linear_2.weight"
+    )
+
+
+@pytest.mark.slow
+def test_vllm_reads_the_merged_native_export(merged_native: Path, tmp_path: Path) -> None:
+    """vLLM 0.11.0's adapt_config_dict and Voxtral/Llama weight mapping (with its q/k rope permutation) on the
+    tiny merged model give our config and exactly the tensors of our own HF-layout export."""
+    from safetensors.torch import load_file
+
+    from megatron_ext.checkpoint.source import open_checkpoint
+
+    if not VLLM_PYTHON.is_file():
+        pytest.skip("no .venv-vllm: run `make vllm-env` (make test-slow does)")
+    out = tmp_path / "vllm.safetensors"
+    proc = subprocess.run(
+        [VLLM_PYTHON, ROOT / "tests" / "vllm_worker.py", merged_native, out], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    src = open_checkpoint(merged_native)
+    cfg = src.cfg
+    assert seen["architectures"] == ["VoxtralForConditionalGeneration"] and not seen["unread"]
+    assert seen["audio"]["window_size"] == 400 and seen["audio"]["hop_length"] == 160
+    assert seen["audio"]["downsample_factor"] == cfg.projector_stack
+    assert seen["audio"]["d_model"] == cfg.encoder.hidden_size and seen["audio"]["encoder_layers"] == 2
+    t, d = seen["text"], cfg.decoder
+    assert (t["hidden_size"], t["num_hidden_layers"], t["head_dim"]) == (d.hidden_size, d.num_layers, d.kv_channels)
+    assert (t["num_attention_heads"], t["num_key_value_heads"]) == (d.num_attention_heads, d.num_query_groups)
+    assert t["rope_scaling"]["factor"] == d.rope.factor and t["rope_scaling"]["beta_fast"] == d.rope.beta_fast
+    assert t["llama_4_scaling"] == {"beta": d.rope.llama4_scaling_beta, "original_max_position_embeddings": 32}
+    loaded = load_file(out)
+    hf = {n: src.get(n) for n in src.names if n != "audio_tower.embed_positions.weight"}
+    assert {_hf_name_of_vllm(n) for n in loaded} == set(hf)
+    for name, tensor in loaded.items():
+        assert torch.equal(tensor, hf[_hf_name_of_vllm(name)]), name
