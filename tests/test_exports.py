@@ -178,8 +178,8 @@ def test_hf_export_loads_with_processor_and_matches_megatron(tiny_dir: Path, tmp
     model = AutoModelForSpeechSeq2Seq.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = model(**inputs).logits[0]
-    ours = checkpoint_logits(out, ids[0].tolist(), [LIBRIVOX]).logits
-    assert (ours - ref).abs().max().item() <= 1e-4  # + our log-mel vs WhisperFeatureExtractor's (~1e-6 apart)
+    ours = checkpoint_logits(out, ids[0].tolist(), [LIBRIVOX]).logits  # our own log-mel of the same clip
+    assert (ours - ref).abs().max().item() <= TOL  # measured 3.9e-6 (max |logit| 4.5)
 
 
 def test_devstral_hf_export_loads_with_auto_classes(tiny_dir: Path, tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
-from megatron_ext.checkpoint.atomic import CheckpointError, atomic_dir
+from megatron_ext.checkpoint.atomic import CheckpointError, atomic_dir, fsync_tree
 from megatron_ext.checkpoint.convert import convert
 from megatron_ext.checkpoint.direct_io import ALIGN
 from megatron_ext.checkpoint.export_files import hf_config_or_refusal, write_hf_files
@@ -422,6 +422,7 @@ def run_merge(job: MergeJob) -> Summary:
             raise MergeError(str(exc)) from None
         if job.out_format == "hf":
             write_hf_files(tmp, out_cfg, merged_tok.get("audio"))
+            fsync_tree(tmp)  # the slow part of publishing, done before the index makes the directory loadable
             shards.finish(_index_metadata(provenance))  # last: until here a rerun resumes every finished shard
         else:
             _write_megatron_meta(tmp, out_cfg, parents, provenance)
