@@ -274,3 +274,23 @@ def test_vllm_reads_the_merged_native_export(merged_native: Path, tmp_path: Path
     assert {_hf_name_of_vllm(n) for n in loaded} == set(hf)
     for name, tensor in loaded.items():
         assert torch.equal(tensor, hf[_hf_name_of_vllm(name)]), name
+
+
+def test_sharded_hf_exports_record_their_making_in_the_index(tiny_dir: Path, tmp_path: Path) -> None:
+    convert(tiny_dir / "voxtral-hf", tmp_path / "c", "hf", progress=False, shard_bytes=1 << 20)
+    meta = json.loads((tmp_path / "c" / "model.safetensors.index.json").read_text())["metadata"]
+    assert meta["tool"] == "convert" and meta["input_format"] == "hf" and meta["total_size"] > 1 << 20
+    job = MergeJob(
+        devstral=tiny_dir / "devstral-hf",
+        voxtral=tiny_dir / "voxtral-hf",
+        output=tmp_path / "m",
+        params=MergeParams(method="linear", alpha=0.1),
+        rope_from="devstral",
+        shard_bytes=1 << 20,
+        progress=False,
+    )
+    run_merge(job)
+    meta = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())["metadata"]
+    assert meta["tool"] == "merge" and meta["method"] == "linear" and meta["params"]["alpha"] == 0.1
+    assert set(meta["parents_content_sha256"]) == {"devstral", "voxtral"} and meta["total_size"] > 1 << 20
+    assert (tmp_path / "m" / "preprocessor_config.json").is_file()  # the merge keeps Voxtral's audio section
