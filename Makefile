@@ -10,7 +10,7 @@ BUILD ?= build
 TINY ?= $(BUILD)/tiny
 APT_PACKAGES := espeak-ng sox pocketsphinx-testdata
 
-.PHONY: venv system-deps tiny demo demo-convert convert bench bench-convert demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint format clean synth bench-synth eval eval-data eval-model eval-sft eval-grid report demo-eval sft sft-dry-run demo-synth gpu-check
+.PHONY: venv system-deps tiny demo demo-convert convert bench bench-convert demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint format clean vllm-env synth bench-synth eval eval-data eval-model eval-sft eval-grid report demo-eval sft sft-dry-run demo-synth gpu-check
 
 # ---- environment ---------------------------------------------------------------------------------
 # The pinned requirements first, then this project editable (--no-deps: torch stays the pinned CPU wheel):
@@ -243,8 +243,21 @@ demo-eval: tiny
 test: venv
 	$(PYTEST) -q -m "not slow and not gpu" tests
 
-test-slow: venv
+test-slow: venv vllm-env
 	$(PYTEST) -q -m "slow and not gpu" tests
+
+# vLLM (CPU torch, --no-deps; see requirements-vllm.txt) in its own environment, never in $(VENV): the slow
+# export test runs vLLM's Mistral-format config adapter and weight mapping on our Mistral-native export there.
+VLLM_VENV ?= .venv-vllm
+vllm-env: $(VLLM_VENV)/.installed
+$(VLLM_VENV)/.installed: requirements-vllm.txt constraints.txt
+	test -x $(VLLM_VENV)/bin/python || python3.11 -m venv $(VLLM_VENV) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q -c constraints.txt $(if $(WHEELS),--find-links $(WHEELS)) --no-deps \
+	  -r requirements-vllm.txt 2>&1 | grep -v "^WARNING: Location" || true
+	$(VLLM_VENV)/bin/pip install -q -c constraints.txt $(if $(WHEELS),--find-links $(WHEELS)) \
+	  $$(grep -v -e '^#' -e '^vllm==' requirements-vllm.txt) 2>&1 | grep -v "^WARNING: Location" || true
+	$(VLLM_VENV)/bin/python -c "import torch, vllm.model_executor.models.voxtral; assert '+cpu' in torch.__version__"
+	touch $@
 
 # On a GPU machine with a CUDA torch and requirements-gpu.txt. No TF32: the fp32 parity case compares with HF at 1e-4.
 test-gpu:

@@ -180,6 +180,22 @@ def test_frozen_encoder_is_bit_identical_and_has_no_optimizer_state(runs, env: d
     assert (env["root"] / "full" / "latest").read_text().strip() == "iter_0000004"
 
 
+def test_sft_checkpoint_exports_mistral_native(runs, env: dict[str, Path], tmp_path: Path) -> None:
+    """An SFT checkpoint converts to the Mistral-native layout vLLM serves, tensors unchanged."""
+    import json
+
+    from megatron_ext.checkpoint.convert import convert
+    from megatron_ext.checkpoint.source import open_checkpoint
+
+    it = env["root"] / "full" / "iter_0000004"
+    convert(it, tmp_path / "native", "mistral", progress=False)
+    params = json.loads((tmp_path / "native" / "params.json").read_text())
+    assert params["multimodal"]["whisper_model_args"]["encoder_args"]["audio_encoding_args"]["window_size"] == 400
+    src, out = open_checkpoint(it), open_checkpoint(tmp_path / "native")
+    head = "language_model.output_layer.weight"
+    assert torch.equal(src.megatron().get(head), out.megatron().get(head))
+
+
 # ---- packing: no attention across documents ------------------------------------------------------------
 def test_packed_document_logits_equal_alone(env: dict[str, Path]) -> None:
     """A document's logits are the same packed between others or alone (fp32, atol 1e-5); a plain causal

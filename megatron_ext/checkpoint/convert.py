@@ -8,6 +8,7 @@ are validated and recorded, and torch_dist -> torch_dist "re-sharding" is a vali
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 from megatron_ext.checkpoint import mapping
 from megatron_ext.checkpoint.atomic import CheckpointError, atomic_dir
+from megatron_ext.checkpoint.export_files import hf_config_or_refusal, require_audio, write_hf_files
 from megatron_ext.checkpoint.metadata import (
     TOKENIZER_FILE,
     CheckpointMeta,
@@ -141,8 +143,12 @@ def convert(
     progress: bool = True,
     command: str | None = None,
     rehash: bool = False,
+    shard_bytes: int | None = None,
+    carry: tuple[Path, ...] = (),
 ) -> ConversionReport:
-    """Convert `input_dir` (any supported format) to `to` in `output_dir`; see the module docstring."""
+    """Convert `input_dir` (any supported format) to `to` in `output_dir`; see the module docstring.
+    `shard_bytes` splits safetensors outputs (default: 5 GiB shards for HF, one file for Mistral-native);
+    `carry` files are copied into the output (the merge's provenance)."""
     if to not in TARGETS:
         raise CheckpointError(f"--to {to!r}: expected one of {', '.join(TARGETS)}")
     start = time.perf_counter()
@@ -152,6 +158,10 @@ def convert(
         out = Path(output_dir)
         if not overwrite and to == "megatron" and out.is_dir() and _holds_conversion(out, inp, tp, pp):
             return ConversionReport(inp.description, out, to, 0, 0, time.perf_counter() - start, already_complete=True)
+        # Refusals that depend only on the input come before any tensor is written.
+        hf_cfg = hf_config_or_refusal(inp.cfg) if to == "hf" else None
+        audio = require_audio(inp.cfg, inp.tokenizer, inp.directory) if to != "megatron" else None
+        params = _native_params(inp.cfg, audio) if to == "mistral" else None
         hasher = _Hasher(inp.files if to == "megatron" else [], rehash)  # only torch_dist outputs record sources
         hasher.start()
         with atomic_dir(Path(output_dir), overwrite) as tmp:
@@ -167,11 +177,13 @@ def convert(
                         for n in names
                         if n != mapping.HF_POSITIONS
                     ]
+                default_bytes = 5 << 30 if to == "hf" else 1 << 62
                 writer = SafetensorsWriter(
                     tmp,
                     names,
-                    single_name="model.safetensors" if to == "hf" else "consolidated.safetensors",
-                    max_shard_bytes=5 << 30 if to == "hf" else 1 << 62,
+                    max_shard_bytes=shard_bytes or default_bytes,
+                    stem="model" if to == "hf" else "consolidated",
+                    index_metadata=_index_metadata(inp, to),
                 )
                 total = len(names)
                 stream = _hf_stream(inp) if to == "hf" else _native_stream(inp)
@@ -182,10 +194,19 @@ def convert(
                 writer.close()
             if inp.tokenizer is not None:
                 shutil.copyfile(inp.tokenizer, tmp / TOKENIZER_FILE)
+            for path in carry:
+                shutil.copyfile(path, tmp / path.name)
             hasher.join()
             if hasher.error:
                 raise CheckpointError(f"hashing sources failed: {hasher.error}")
-            _write_config(tmp, to, inp, tp, pp, hasher.result, command)
+            if to == "hf":
+                hf_cfg["dtype"] = _hf_dtype_name(inp)
+                _write_json(tmp / "config.json", hf_cfg)
+                write_hf_files(tmp, inp.cfg, audio)
+            elif to == "mistral":
+                _write_json(tmp / "params.json", params)
+            else:
+                _write_meta(tmp, inp, tp, pp, hasher.result, command)
         return ConversionReport(
             inp.description, Path(output_dir), to, n, writer.bytes_written, time.perf_counter() - start
         )
@@ -216,36 +237,35 @@ def _holds_conversion(out: Path, inp: Source, tp: int, pp: int) -> bool:
     return True
 
 
-def _write_config(tmp: Path, to: str, inp: Source, tp: int, pp: int, sources: list, command: str | None) -> None:
-    import json
+def _native_params(cfg: ModelConfig, audio: dict | None) -> dict:
+    try:
+        return params_from_config(cfg, audio)
+    except ConfigError as exc:
+        raise CheckpointError(f"cannot express this model as Mistral-native params.json: {exc}") from None
 
-    cfg = inp.cfg
-    if to == "hf":
-        try:
-            hf = cfg.to_hf()
-        except ConfigError as exc:
-            raise CheckpointError(f"cannot express this model as HF {cfg.hf_architecture}: {exc}") from None
-        hf["dtype"] = _hf_dtype_name(inp)
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-    elif to == "mistral":
-        try:
-            params = params_from_config(cfg)
-        except ConfigError as exc:
-            raise CheckpointError(f"cannot express this model as Mistral-native params.json: {exc}") from None
-        (tmp / "params.json").write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
-    else:
-        tok = tmp / TOKENIZER_FILE
-        meta = CheckpointMeta(
-            model=cfg,
-            tokenizer_sha256=sha256_file(tok) if tok.is_file() else None,
-            sources=sources,
-            command=command or command_line(),
-            tool="convert",
-            parallel={"tp": tp, "pp": pp},
-            extra={
-                "input_format": inp.kind,
-                "input": str(inp.directory),
-                **published_record(inp.dropped, inp.activation_scales),
-            },
-        )
-        write_meta(tmp, meta)
+
+def _index_metadata(inp: Source, to: str) -> dict[str, str]:
+    """What a sharded export's index records about its making (safetensors index metadata holds strings)."""
+    return {"tool": "convert", "to": to, "input_format": inp.kind, "input": str(inp.directory)}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _write_meta(tmp: Path, inp: Source, tp: int, pp: int, sources: list, command: str | None) -> None:
+    tok = tmp / TOKENIZER_FILE
+    meta = CheckpointMeta(
+        model=inp.cfg,
+        tokenizer_sha256=sha256_file(tok) if tok.is_file() else None,
+        sources=sources,
+        command=command or command_line(),
+        tool="convert",
+        parallel={"tp": tp, "pp": pp},
+        extra={
+            "input_format": inp.kind,
+            "input": str(inp.directory),
+            **published_record(inp.dropped, inp.activation_scales),
+        },
+    )
+    write_meta(tmp, meta)

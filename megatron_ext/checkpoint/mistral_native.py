@@ -112,8 +112,26 @@ def rope_heads(hf_name: str, cfg: ModelConfig) -> int | None:
 # ---- params.json <-> ModelConfig ------------------------------------------------------------------
 
 
-def params_from_config(cfg: ModelConfig) -> dict[str, Any]:
-    """Mistral-native `params.json` for `cfg` (YaRN and llama-4 scaling in Mistral's own spelling)."""
+# Whisper large-v3's token vocabulary: Voxtral's params.json declares it for the encoder, which has no token
+# embedding (vLLM's adapter requires the key).
+WHISPER_VOCAB_SIZE = 51866
+AUDIO_ENCODING_KEYS = ("num_mel_bins", "window_size", "sampling_rate", "hop_length")
+
+
+def audio_encoding_args(audio: dict[str, Any] | None) -> dict[str, Any]:
+    """`encoder_args.audio_encoding_args` from a tekken.json `audio` section (Voxtral's tokenizer holds the
+    front-end settings: sampling_rate and audio_encoding_config{num_mel_bins, hop_length, window_size})."""
+    if not audio:
+        raise ConfigError("no audio encoding settings: the checkpoint's tekken.json has no 'audio' section")
+    values = {"sampling_rate": audio.get("sampling_rate"), **(audio.get("audio_encoding_config") or {})}
+    if missing := [k for k in AUDIO_ENCODING_KEYS if values.get(k) is None]:
+        raise ConfigError(f"tekken.json 'audio' section lacks {', '.join(missing)}")
+    return {k: values[k] for k in AUDIO_ENCODING_KEYS}
+
+
+def params_from_config(cfg: ModelConfig, audio: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Mistral-native `params.json` for `cfg` (YaRN and llama-4 scaling in Mistral's own spelling); `audio` is
+    the tekken.json `audio` section, required for a model with an audio encoder."""
     d, rope = cfg.decoder, cfg.decoder.rope
     params: dict[str, Any] = {
         "dim": d.hidden_size,
@@ -126,6 +144,7 @@ def params_from_config(cfg: ModelConfig) -> dict[str, Any]:
         "norm_eps": d.norm_eps,
         "vocab_size": d.vocab_size,
         "max_seq_len": d.max_position_embeddings,
+        "max_position_embeddings": d.max_position_embeddings,
     }
     if rope.type == "yarn":
         if rope.mscale != 1.0 or rope.mscale_all_dim not in (0.0, 1.0) or not rope.truncate:
@@ -152,8 +171,9 @@ def params_from_config(cfg: ModelConfig) -> dict[str, Any]:
                     "hidden_dim": e.ffn_hidden_size,
                     "n_heads": e.num_attention_heads,
                     "head_dim": e.hidden_size // e.num_attention_heads,
+                    "vocab_size": WHISPER_VOCAB_SIZE,
                     "max_source_positions": e.max_source_positions,
-                    "audio_encoding_args": {"num_mel_bins": e.num_mel_bins, "sampling_rate": 16000},
+                    "audio_encoding_args": audio_encoding_args(audio),
                 },
                 "downsample_args": {"downsample_factor": cfg.projector_stack},
             },

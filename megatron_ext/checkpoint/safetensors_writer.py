@@ -28,7 +28,7 @@ import torch
 
 from megatron_ext.checkpoint.atomic import CheckpointError
 from megatron_ext.checkpoint.direct_io import DirectWriter
-from megatron_ext.checkpoint.safetensors_io import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE
+from megatron_ext.checkpoint.safetensors_io import DTYPE_NAMES, INDEX_FILE
 
 TensorSpec = tuple[str, torch.dtype, tuple[int, ...]]  # name, dtype, shape
 DEFAULT_METADATA = {"format": "pt"}
@@ -87,9 +87,12 @@ def shard_names(count: int, stem: str = "model", single: str | None = None) -> l
     return [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
-def write_index(path: Path, weight_map: dict[str, str], total_size: int | None = None) -> None:
-    """An HF `model.safetensors.index.json` (names sorted; `metadata.total_size` when given)."""
-    index = {"metadata": {} if total_size is None else {"total_size": total_size}, "weight_map": weight_map}
+def write_index(
+    path: Path, weight_map: dict[str, str], total_size: int | None = None, metadata: dict[str, Any] | None = None
+) -> None:
+    """An HF `model.safetensors.index.json` (names sorted; `metadata.total_size` when given, plus `metadata`)."""
+    meta = ({} if total_size is None else {"total_size": total_size}) | (metadata or {})
+    index = {"metadata": meta, "weight_map": weight_map}
     path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
@@ -207,10 +210,12 @@ class PlannedShards:
         self._state_path(fname).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
         (self.directory / f"{fname}.tmp").rename(self.directory / fname)
 
-    def finish(self) -> None:
-        """The index for several shards (none for one), and the states dropped: the output holds only shards."""
+    def finish(self, metadata: dict[str, Any] | None = None) -> None:
+        """The index for several shards (none for one; `metadata` beside `total_size`), and the states dropped:
+        the output holds only shards."""
         if len(self.shards) > 1:
-            write_index(self.directory / INDEX_FILE, self.index)
+            total = sum(nbytes(dtype, shape) for shard in self.shards.values() for _, dtype, shape in shard)
+            write_index(self.directory / INDEX_FILE, self.index, total_size=total, metadata=metadata)
         for fname in self.shards:
             self._state_path(fname).unlink()
 
@@ -220,7 +225,8 @@ class SafetensorsWriter:
 
     `names` (every tensor name that may be written) sizes each shard's reserved header. A new shard starts
     when the current one would exceed `max_shard_bytes` (the rule of `plan_shards`). `finish()` gives the
-    shards their final names and, for several, writes `model.safetensors.index.json`.
+    shards their final names (`STEM.safetensors` or `STEM-0000K-of-0000N.safetensors`) and, for several,
+    writes `STEM.safetensors.index.json` with `index_metadata` beside `total_size`.
     """
 
     def __init__(
@@ -228,11 +234,12 @@ class SafetensorsWriter:
         directory: Path,
         names: Iterable[str],
         max_shard_bytes: int = 5 << 30,
-        single_name: str = SINGLE_FILE,
         metadata: dict[str, str] | None = None,
+        stem: str = "model",
+        index_metadata: dict[str, Any] | None = None,
     ) -> None:
         self.directory = Path(directory)
-        self.single_name = single_name
+        self.stem, self.index_metadata = stem, index_metadata
         self.max_shard_bytes = max_shard_bytes
         self.metadata = metadata or DEFAULT_METADATA
         # Upper bound of the JSON header: name + dtype/shape/offsets (<= 120 chars) per tensor, + metadata.
@@ -269,13 +276,14 @@ class SafetensorsWriter:
         if self._open is not None:
             self._open.close()
             self._open = None
-        names = shard_names(len(self._shards), single=self.single_name)
+        names = shard_names(len(self._shards), stem=self.stem)
         weight_map: dict[str, str] = {}
         for shard, final in zip(self._shards, names, strict=True):
             shard.path.rename(self.directory / final)
             weight_map |= {name: final for name, _, _ in shard.tensors}
         if len(names) > 1:
-            write_index(self.directory / INDEX_FILE, weight_map, total_size=self.bytes_written)
+            index = self.directory / f"{self.stem}.safetensors.index.json"
+            write_index(index, weight_map, total_size=self.bytes_written, metadata=self.index_metadata)
         return names
 
     def close(self) -> None:

@@ -17,7 +17,8 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from megatron_ext.checkpoint.metadata import verification  # noqa: E402  (no torch)
 from megatron_ext.checkpoint.source_hashes import prefetch  # noqa: E402  (no torch)
-from megatron_ext.cli._errors import error_policy  # noqa: E402  (no torch)
+from megatron_ext.cli._errors import error_policy
+from megatron_ext.cli._shards import shard_bytes  # noqa: E402  (no torch)
 from megatron_ext.cli._verify import add_no_verify  # noqa: E402
 
 
@@ -54,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         "--to",
         choices=TARGETS,
         required=True,
-        help="megatron: torch_dist + checkpoint_meta.json; hf: the model's HF layout "
-        "(Voxtral, Mistral or Ministral3); mistral: consolidated.safetensors + params.json",
+        help="megatron: torch_dist + checkpoint_meta.json; hf: the model's HF layout (Voxtral, Mistral or "
+        "Ministral3) with generation_config.json (+ Voxtral's preprocessor_config.json); mistral: "
+        "consolidated.safetensors + params.json + tekken.json, what `vllm serve DIR --tokenizer-mode mistral "
+        "--config-format mistral --load-format mistral` loads",
     )
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to validate for (default 1)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to validate for (default 1)")
@@ -64,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=None,
         help="HF config.json or params.json supplying rope settings for a torch_dist input whose metadata lacks them",
+    )
+    parser.add_argument(
+        "--shard-size-gb",
+        type=float,
+        default=None,
+        help="split safetensors outputs into shards of at most this size with an index "
+        "(default: 5 for hf; mistral: one consolidated.safetensors)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -86,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             args.rope_from,
             progress=not args.no_progress,
             rehash=args.rehash,
+            shard_bytes=shard_bytes(args.shard_size_gb),
         )
     print(f"input: {report.input_description}")
     if report.already_complete:

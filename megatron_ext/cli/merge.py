@@ -16,7 +16,8 @@ from pathlib import Path
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from megatron_ext.checkpoint.metadata import verification  # noqa: E402
-from megatron_ext.cli._errors import error_policy  # noqa: E402
+from megatron_ext.cli._errors import error_policy
+from megatron_ext.cli._shards import shard_bytes  # noqa: E402
 from megatron_ext.cli._verify import add_no_verify  # noqa: E402
 from megatron_ext.config import RopeConfig  # noqa: E402
 from megatron_ext.merge import accel  # noqa: E402
@@ -80,9 +81,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--format",
         dest="out_format",
-        choices=["hf", "megatron"],
+        choices=["hf", "megatron", "mistral"],
         default="hf",
-        help="hf: Voxtral HF layout (config.json with rope_parameters); megatron: torch_dist + checkpoint_meta.json",
+        help="hf: Voxtral HF layout (config.json with rope_parameters, generation and processor configs); "
+        "megatron: torch_dist + checkpoint_meta.json; mistral: consolidated.safetensors + params.json + "
+        "tekken.json for vLLM (the only layout for Devstral 2's llama-4 query scaling)",
     )
     p.add_argument("--rope-from", choices=["devstral", "voxtral"], help="take rope/YaRN settings from this parent")
     p.add_argument("--rope-theta", type=float, help="explicit rope theta (instead of --rope-from)")
@@ -92,7 +95,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--min-row-norm", type=float, default=1e-6, help="embedding rows with a smaller norm count as absent"
     )
-    p.add_argument("--shard-size-gb", type=float, default=5.0, help="maximum output shard size (GB)")
+    p.add_argument(
+        "--shard-size-gb",
+        type=float,
+        default=None,
+        help="maximum output shard size in GiB (default: 5 for hf; one consolidated.safetensors for mistral)",
+    )
     p.add_argument("--grid", type=Path, help="grid YAML (defaults + runs); method flags are then taken from it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
@@ -118,8 +126,6 @@ def explicit_rope(args: argparse.Namespace) -> RopeConfig | None:
 def main(argv: list[str] | None = None) -> int:
     """megatron-ext-merge: run one merge (or a grid of them), print what was written."""
     args = parse_args(argv)
-    if not 0 < args.shard_size_gb < float("inf"):
-        raise MergeError(f"--shard-size-gb {args.shard_size_gb}: expected a finite size > 0")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if args.no_accel:
         os.environ[accel.ENV] = "0"  # the switch every accel.enabled() of this process reads
@@ -152,7 +158,7 @@ def _run(args: argparse.Namespace) -> int:
         rope=explicit_rope(args),
         out_format=args.out_format,
         min_row_norm=args.min_row_norm,
-        shard_bytes=int(args.shard_size_gb * 1024**3),
+        shard_bytes=shard_bytes(args.shard_size_gb),
         progress=not args.no_progress,
     )
     if args.grid is not None:

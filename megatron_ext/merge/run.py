@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -30,8 +31,10 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
-from megatron_ext.checkpoint.atomic import LOCK_FILE, RESUME_FILE, CheckpointError, atomic_dir
+from megatron_ext.checkpoint.atomic import LOCK_FILE, RESUME_FILE, CheckpointError, atomic_dir, fsync_tree
+from megatron_ext.checkpoint.convert import convert
 from megatron_ext.checkpoint.direct_io import ALIGN
+from megatron_ext.checkpoint.export_files import hf_config_or_refusal, write_hf_files
 from megatron_ext.checkpoint.metadata import (
     TOKENIZER_FILE,
     CheckpointMeta,
@@ -46,7 +49,7 @@ from megatron_ext.checkpoint.published import published_record
 from megatron_ext.checkpoint.safetensors_writer import PlannedShards, tensor_bytes
 from megatron_ext.checkpoint.source_hashes import source_sha256
 from megatron_ext.checkpoint.torch_dist_io import TorchDistWriter
-from megatron_ext.config import ConfigError, ModelConfig, RopeConfig
+from megatron_ext.config import ModelConfig, RopeConfig
 from megatron_ext.errors import ProjectError
 from megatron_ext.merge import accel
 from megatron_ext.merge.embeddings import merge_vocab_rows
@@ -86,9 +89,9 @@ class MergeJob:
     tokenizer_map: Path | None = None
     rope_from: Literal["devstral", "voxtral"] | None = None
     rope: RopeConfig | None = None
-    out_format: Literal["hf", "megatron"] = "hf"
+    out_format: Literal["hf", "megatron", "mistral"] = "hf"
     min_row_norm: float = 1e-6
-    shard_bytes: int = 5 * 1024**3
+    shard_bytes: int | None = None  # safetensors outputs: None = 5 GiB shards for HF, one file for Mistral-native
     # Inputs read ahead while the current tensor is merged (Mistral-Small's ffn matrices: ~1 GB in flight).
     lookahead_bytes: int = 1536 * 1024**2
     # Merged outputs queued for writing while the next tensors are merged (the queue is memory).
@@ -379,6 +382,8 @@ def _plan_id(job: MergeJob, items: list[Item], parents: dict[str, Parent]) -> st
 
 def run_merge(job: MergeJob) -> Summary:
     """Merge `job.devstral` and `job.voxtral` into `job.output` (see module docstring)."""
+    if job.out_format == "mistral":
+        return _merge_to_native(job)
     try:
         job.params.validate()
     except ValueError as exc:
@@ -401,6 +406,11 @@ def run_merge(job: MergeJob) -> Summary:
     items = plan(dev, vox, base)
     parents = {"devstral": dev, "voxtral": vox} | ({"base": base} if base is not None else {})
     out_cfg = _output_config(vox.config, rope, alignment)
+    if job.out_format == "hf":  # refused before any tensor is written
+        try:
+            hf_config_or_refusal(out_cfg)
+        except CheckpointError as exc:
+            raise MergeError(f"--format hf: {exc}") from None
 
     final = Path(job.output)
     plan_id = _plan_id(job, items, parents)
@@ -427,7 +437,9 @@ def run_merge(job: MergeJob) -> Summary:
         except ParentError as exc:
             raise MergeError(str(exc)) from None
         if job.out_format == "hf":
-            shards.finish()  # last: until here a rerun resumes every finished shard
+            write_hf_files(tmp, out_cfg, merged_tok.get("audio"))
+            fsync_tree(tmp)  # the slow part of publishing, done before the index makes the directory loadable
+            shards.finish(_index_metadata(provenance))  # last: until here a rerun resumes every finished shard
             _record_files(tmp, provenance)
         else:
             _write_megatron_meta(tmp, out_cfg, parents, provenance)
@@ -452,6 +464,31 @@ def _verify_done(final: Path, out_format: str) -> None:
         raise MergeError(f"{final} holds a record of this merge, but {exc}; remove it and rerun") from None
 
 
+def _merge_to_native(job: MergeJob) -> Summary:
+    """Mistral-native output: merge into torch_dist beside the output (it holds any rope the merge chooses,
+    e.g. Devstral 2's YaRN + llama-4 scaling, which HF Voxtral cannot), then export that with the converter."""
+    final = Path(job.output)
+    if final.exists():
+        raise MergeError(f"{final} already exists (remove it or choose another --output)")
+    stage = final.with_name(f".{final.name}.torch_dist")
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        summary = run_merge(dataclasses.replace(job, output=stage, out_format="megatron"))
+        carry = (stage / PROVENANCE_FILE, stage / "tokenizer_map.json")
+        convert(stage, final, "mistral", progress=job.progress, shard_bytes=job.shard_bytes, carry=carry)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    summary.output = final
+    return summary
+
+
+def _index_metadata(provenance: dict) -> dict[str, Any]:
+    """The merge's record in a sharded HF output's index (method, parameters, rope, parents' content hashes)."""
+    keys = ("method", "params", "rope_from", "tokenizer_map_sha256")
+    parents = {k: v["content_sha256"] for k, v in provenance["parents"].items()}
+    return {"tool": "merge", **{k: provenance[k] for k in keys}, "parents_content_sha256": parents}
+
+
 def _write_shards(
     tmp: Path,
     items: list[Item],
@@ -464,7 +501,7 @@ def _write_shards(
     with the input digests and row statistics saved beside them. The caller finishes the returned shards."""
     by_name = {it.out_name: it for it in items}
     specs = [(it.out_name, it.dtype, it.shape) for it in _write_order(items)]
-    shards = PlannedShards(tmp, specs, job.shard_bytes, align=ALIGN, direct=True)
+    shards = PlannedShards(tmp, specs, job.shard_bytes or 5 * 1024**3, align=ALIGN, direct=True)
     todo = []
     for fname, shard in shards.shards.items():
         state = shards.finished(fname)
@@ -659,10 +696,7 @@ def _write_metadata(
     _write_json(tmp / PROVENANCE_FILE, provenance)
     if out_format != "hf":
         return
-    try:
-        hf = cfg.to_hf()
-    except ConfigError as exc:
-        raise MergeError(f"chosen rope cannot be stored in the Voxtral HF layout: {exc}") from None
+    hf = cfg.to_hf()  # checked before the tensors were written
     hf["dtype"] = str(vox.dtype(next(n for n in vox.names if classify(n).role == "decoder"))).removeprefix("torch.")
     hf["merge"] = {k: provenance[k] for k in ("method", "params", "rope_from", "tokenizer_map_sha256")}
     _write_json(tmp / "config.json", hf)
