@@ -3,7 +3,10 @@
 `convert()` detects the input format, validates the target TP/PP, maps names through
 `checkpoint.mapping`, and writes into a hidden temporary directory that is renamed only when complete.
 torch_dist stores global tensors, so one file set serves every TP/PP the model allows: `--tp/--pp`
-are validated and recorded, and torch_dist -> torch_dist "re-sharding" is a validated copy.
+are validated and recorded, and torch_dist -> torch_dist "re-sharding" is a validated copy. torch_dist
+outputs use Megatron-LM's layout (`release/` + `latest_checkpointed_iteration.txt`, `checkpoint/megatron_lm.py`);
+`megatron-lm` writes a text-only model under Megatron-LM's GPTModel keys (`embedding.*`, `decoder.*`,
+`output_layer.*`) instead of our `language_model.*` ones.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from tqdm import tqdm
 
 from megatron_ext.checkpoint import mapping
 from megatron_ext.checkpoint.atomic import CheckpointError, atomic_dir
+from megatron_ext.checkpoint.megatron_lm import common_state, gpt_key, move_into_release
 from megatron_ext.checkpoint.metadata import TOKENIZER_FILE, CheckpointMeta, command_line, sha256_file, write_meta
 from megatron_ext.checkpoint.mistral_native import convert_name, half_to_interleaved, params_from_config, rope_heads
 from megatron_ext.checkpoint.safetensors_writer import SafetensorsWriter
@@ -30,8 +34,9 @@ from megatron_ext.checkpoint.torch_dist_io import TorchDistWriter
 from megatron_ext.config import ConfigError, ModelConfig
 from megatron_ext.parallel_layout import validate_parallelism
 
-Target = Literal["megatron", "hf", "mistral"]
-TARGETS = ("megatron", "hf", "mistral")
+Target = Literal["megatron", "megatron-lm", "hf", "mistral"]
+TARGETS = ("megatron", "megatron-lm", "hf", "mistral")
+TORCH_DIST_TARGETS = ("megatron", "megatron-lm")
 
 
 def validate_parallel(cfg: ModelConfig, tp: int, pp: int) -> None:
@@ -130,21 +135,30 @@ def convert(
     progress: bool = True,
     command: str | None = None,
     rehash: bool = False,
+    tokenizer: Path | None = None,
 ) -> ConversionReport:
-    """Convert `input_dir` (any supported format) to `to` in `output_dir`; see the module docstring."""
+    """Convert `input_dir` (any supported format) to `to` in `output_dir`; see the module docstring.
+    `rope_from` and `tokenizer` complete a torch_dist input that lacks our metadata (Megatron-LM's own)."""
     if to not in TARGETS:
         raise CheckpointError(f"--to {to!r}: expected one of {', '.join(TARGETS)}")
     start = time.perf_counter()
-    inp = open_checkpoint(Path(input_dir), rope_from)
+    inp = open_checkpoint(Path(input_dir), rope_from, tokenizer=tokenizer)
     try:
         validate_parallel(inp.cfg, tp, pp)
-        hasher = _Hasher(inp.files if to == "megatron" else [], rehash)  # only torch_dist outputs record sources
+        if to == "megatron-lm" and inp.cfg.has_audio:
+            raise CheckpointError(
+                f"{inp.directory}: --to megatron-lm writes GPTModel keys, for text-only models; this one has an "
+                "audio stack (use --to megatron)"
+            )
+        hasher = _Hasher(inp.files if to in TORCH_DIST_TARGETS else [], rehash)  # only torch_dist records sources
         hasher.start()
         with atomic_dir(Path(output_dir), overwrite) as tmp:
-            if to == "megatron":
+            if to in TORCH_DIST_TARGETS:
                 writer = TorchDistWriter(tmp)
                 total = len(mapping.megatron_names(inp.cfg))
                 stream = _megatron_stream(inp)
+                if to == "megatron-lm":
+                    stream = ((gpt_key(name), t) for name, t in stream)
             else:
                 names = mapping.hf_names(inp.cfg)
                 if to == "mistral":
@@ -163,7 +177,10 @@ def convert(
                 stream = _hf_stream(inp) if to == "hf" else _native_stream(inp)
             try:
                 n = _write_stream(stream, writer, total, progress)
-                writer.finish()
+                if isinstance(writer, TorchDistWriter):
+                    writer.finish(common_state(inp.cfg, 0, tp, pp))
+                else:
+                    writer.finish()
             finally:
                 writer.close()
             if inp.tokenizer is not None:
@@ -172,6 +189,8 @@ def convert(
             if hasher.error:
                 raise CheckpointError(f"hashing sources failed: {hasher.error}")
             _write_config(tmp, to, inp, tp, pp, hasher.result, command)
+            if to in TORCH_DIST_TARGETS:
+                move_into_release(tmp)
         return ConversionReport(
             inp.description, Path(output_dir), to, n, writer.bytes_written, time.perf_counter() - start
         )

@@ -214,6 +214,7 @@ def load_generator(checkpoint: str | Path, backend: str = "megatron") -> Generat
     backend "megatron": our AudioLanguageModel; "hf": transformers on the HF layout (a Megatron checkpoint
     is exported to HF first) — the reference.
     """
+    from megatron_ext.checkpoint.megatron_lm import resolve
     from megatron_ext.checkpoint.metadata import META_FILE
 
     checkpoint = Path(checkpoint)
@@ -221,7 +222,7 @@ def load_generator(checkpoint: str | Path, backend: str = "megatron") -> Generat
         return MegatronGenerator(checkpoint)
     if backend != "hf":
         raise ValueError(f"unknown generation backend {backend!r}; known: {', '.join(BACKENDS)}")
-    if (checkpoint / META_FILE).is_file():
+    if (resolve(checkpoint) / META_FILE).is_file():
         return HFGenerator.from_megatron_dir(checkpoint)
     if (checkpoint / "config.json").is_file():
         return HFGenerator.from_hf_dir(checkpoint)

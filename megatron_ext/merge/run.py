@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from megatron_ext.checkpoint.atomic import CheckpointError, atomic_dir
 from megatron_ext.checkpoint.direct_io import ALIGN
+from megatron_ext.checkpoint.megatron_lm import common_state, move_into_release, resolve
 from megatron_ext.checkpoint.metadata import TOKENIZER_FILE, CheckpointMeta, command_line, sha256_file, write_meta
 from megatron_ext.checkpoint.safetensors_writer import PlannedShards, tensor_bytes
 from megatron_ext.checkpoint.torch_dist_io import TorchDistWriter
@@ -393,7 +394,7 @@ def run_merge(job: MergeJob) -> Summary:
     final = Path(job.output)
     plan_id = _plan_id(job, items, parents)
     if final.exists():
-        done = final / PROVENANCE_FILE
+        done = resolve(final) / PROVENANCE_FILE
         if done.is_file() and json.loads(done.read_text()).get("plan_id") == plan_id:
             log.info("%s already holds this merge; nothing to do", final)
             return Summary(final, already_complete=True)
@@ -405,7 +406,7 @@ def run_merge(job: MergeJob) -> Summary:
             if job.out_format == "hf":
                 shards = _write_shards(tmp, items, job, parents, alignment, summary)
             else:
-                _write_torch_dist(tmp, items, job, parents, alignment, summary)
+                _write_torch_dist(tmp, items, job, parents, alignment, summary, out_cfg)
             provenance = _provenance(job, plan_id, parents, alignment, rope, summary)
             _write_metadata(tmp, out_cfg, vox, merged_tok, alignment, provenance, job.out_format)
         except ParentError as exc:
@@ -414,6 +415,7 @@ def run_merge(job: MergeJob) -> Summary:
             shards.finish()  # last: until here a rerun resumes every finished shard
         else:
             _write_megatron_meta(tmp, out_cfg, parents, provenance)
+            move_into_release(tmp)  # Megatron-LM's layout: release/ + latest_checkpointed_iteration.txt
     return summary
 
 
@@ -520,14 +522,16 @@ def _write_torch_dist(
     parents: dict[str, Parent],
     alignment: TokenizerAlignment,
     summary: Summary,
+    cfg: ModelConfig,
 ) -> None:
-    """Megatron output through the conversion module's streaming torch_dist writer (restarts if killed)."""
+    """Megatron output through the conversion module's streaming torch_dist writer (restarts if killed), with
+    Megatron-LM's common state (iteration, checkpoint_version, args) for `cfg`."""
     writer = TorchDistWriter(tmp)
     try:
         with contextlib.closing(_stream(items, job, parents, alignment, summary)) as stream:
             for item, out in stream:
                 writer.write(item.out_name, out)
-        writer.finish()
+        writer.finish(common_state(cfg, 0))
     except CheckpointError as exc:
         raise MergeError(str(exc)) from None
     finally:
