@@ -39,7 +39,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def voxtral_td(tiny_dir: Path, work: Path) -> Path:
     out = work / "voxtral-td"
     convert(tiny_dir / "voxtral-hf", out, "megatron", progress=False)
-    return out
+    return out / "release"  # the iteration directory: a checkpoint by itself (tests/test_megatron_lm_layout.py)
 
 
 def _plant(directory: Path, name: str, data: bytes) -> None:
