@@ -79,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         dest="out_format",
         choices=["hf", "megatron"],
         default="hf",
-        help="hf: Voxtral HF layout (config.json with rope_parameters); megatron: torch_dist + checkpoint_meta.json",
+        help="hf: Voxtral HF layout (config.json with rope_parameters); megatron: torch_dist + checkpoint_meta.json "
+        "in Megatron-LM's layout (OUT/release/ + OUT/latest_checkpointed_iteration.txt)",
     )
     p.add_argument("--rope-from", choices=["devstral", "voxtral"], help="take rope/YaRN settings from this parent")
     p.add_argument("--rope-theta", type=float, help="explicit rope theta (instead of --rope-from)")
