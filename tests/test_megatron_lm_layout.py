@@ -219,3 +219,19 @@ def test_old_flat_layout_still_reads(megatron_lm_run: Path, tmp_path: Path) -> N
         assert old.names == new.names and old.cfg == new.cfg
         for name in new.names:
             assert torch.equal(old.get(name), new.get(name)), name
+
+
+def test_training_resume_follows_the_tracker_or_an_old_runs_latest_file(tmp_path: Path) -> None:
+    from megatron_ext.checkpoint.atomic import CheckpointError
+    from megatron_ext.training.checkpointing import latest_checkpoint
+
+    for step in (2, 4):
+        (tmp_path / f"iter_{step:07d}").mkdir()
+    assert latest_checkpoint(tmp_path) is None  # nothing published yet
+    (tmp_path / "latest").write_text("iter_0000002\n")  # a run saved before the tracker
+    assert latest_checkpoint(tmp_path) == tmp_path / "iter_0000002"
+    (tmp_path / TRACKER).write_text("4")
+    assert latest_checkpoint(tmp_path) == tmp_path / "iter_0000004"
+    (tmp_path / TRACKER).write_text("6")
+    with pytest.raises(CheckpointError, match="names iteration '6' but iter_0000006/ does not exist"):
+        latest_checkpoint(tmp_path)
