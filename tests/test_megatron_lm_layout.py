@@ -179,6 +179,9 @@ def test_megatron_lm_checkpoint_needs_rope_and_tokenizer(megatron_lm_run: Path, 
         "--tokenizer",
     )
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+    partial = tmp_path / ".mlm.partial-host-1"  # no metadata of ours says it is unfinished: the name does
+    shutil.copytree(megatron_lm_run / "mlm-run", partial)
+    _one_error_line(_cli("--input", str(partial), "--output", str(out), "--to", "hf"), str(partial), "partial")
 
 
 def test_bad_trackers_are_refused_in_one_line(megatron_lm_run: Path, tiny_dir: Path, tmp_path: Path) -> None:

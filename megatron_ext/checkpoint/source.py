@@ -25,7 +25,7 @@ import xxhash
 
 from megatron_ext.audio.positions import sinusoids
 from megatron_ext.checkpoint import mapping, megatron_lm
-from megatron_ext.checkpoint.atomic import CheckpointError
+from megatron_ext.checkpoint.atomic import PARTIAL_TAG, CheckpointError
 from megatron_ext.checkpoint.metadata import META_FILE, TOKENIZER_FILE, CheckpointMeta, read_meta
 from megatron_ext.checkpoint.mistral_native import config_from_params, convert_name, interleaved_to_half, rope_heads
 from megatron_ext.checkpoint.safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsSource
@@ -357,7 +357,7 @@ class TorchDistCheckpoint(Source):
                 self.meta = read_meta(directory)
                 self.cfg = self.meta.model
         self.config_bytes = raw
-        self._stored = _gpt_names(stored, self.cfg) if gpt else {n: n for n in stored}
+        self._stored = _gpt_names(stored) if gpt else {n: n for n in stored}
         if check_layout:
             _check_names(directory, set(self._stored), set(mapping.megatron_names(self.cfg)), "Megatron")
         audio = ", with audio stack" if self.cfg.has_audio else ""
@@ -388,7 +388,7 @@ class TorchDistCheckpoint(Source):
         self.reader.close()
 
 
-def _gpt_names(stored: list[str], cfg: ModelConfig) -> dict[str, str]:
+def _gpt_names(stored: list[str]) -> dict[str, str]:
     """Our name -> stored GPTModel key (`language_model.` added; separate-norm specs' norm keys aliased)."""
     out = {}
     for key in stored:
@@ -515,6 +515,8 @@ def open_checkpoint(
     d = Path(directory)
     if not d.is_dir():
         raise CheckpointError(f"{d}: input directory does not exist")
+    if PARTIAL_TAG in d.name or PARTIAL_TAG in d.parent.name:  # also where no metadata of ours says so
+        raise CheckpointError(f"{d}: is a partial (interrupted) output, not a checkpoint; re-run the tool")
     d = megatron_lm.resolve(d)
     if is_torch_dist(d) or (d / META_FILE).is_file():
         return TorchDistCheckpoint(d, rope_from, check_layout, tokenizer)
