@@ -238,3 +238,11 @@ def test_training_resume_follows_the_tracker_or_an_old_runs_latest_file(tmp_path
     (tmp_path / TRACKER).write_text("6")
     with pytest.raises(CheckpointError, match="names iteration '6' but iter_0000006/ does not exist"):
         latest_checkpoint(tmp_path)
+
+
+def test_megatron_lm_keys_are_refused_for_a_model_with_audio(tiny_dir: Path, tmp_path: Path) -> None:
+    from megatron_ext.checkpoint.atomic import CheckpointError
+
+    with pytest.raises(CheckpointError, match="--to megatron-lm writes GPTModel keys, for text-only models"):
+        convert(tiny_dir / "voxtral-hf", tmp_path / "out", "megatron-lm", progress=False)
+    assert list(tmp_path.iterdir()) == []
