@@ -22,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from megatron_ext.checkpoint.megatron_lm import resolve, safe_globals  # noqa: E402
 from megatron_ext.checkpoint.metadata import load_model_config  # noqa: E402
 from megatron_ext.config import ModelConfig  # noqa: E402
 
@@ -71,15 +72,23 @@ def build_gpt(cfg: ModelConfig, pre_process: bool = True, post_process: bool = T
 
 def load_into_gpt(ckpt: Path, strict: bool = True):
     """Build the GPTModel for `ckpt`'s config and load the checkpoint into it (current TP/PP)."""
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     model = build_gpt(load_model_config(ckpt))
     sd = model.sharded_state_dict(prefix="language_model.")
     handling = StrictHandling.RAISE_ALL if strict else StrictHandling.ASSUME_OK_UNEXPECTED
-    loaded = dist_checkpointing.load(sd, str(ckpt), strict=handling)
+    loaded = _mcore_load(sd, ckpt, handling)
     model.load_state_dict({k.removeprefix("language_model."): v for k, v in loaded.items()})
     return model.eval()
+
+
+def _mcore_load(sd: dict, ckpt: Path, strict) -> dict:
+    """Megatron-Core's `dist_checkpointing.load` of our checkpoint (the iteration its tracker names) as Megatron-LM
+    calls it: the model's tensors under "model", the args namespace of the common state allowed."""
+    from megatron.core import dist_checkpointing
+
+    with torch.serialization.safe_globals(safe_globals()):
+        return dist_checkpointing.load({"model": sd}, str(resolve(ckpt)), strict=strict)["model"]
 
 
 def tokens(vocab: int, n: int = 24) -> torch.Tensor:
@@ -132,7 +141,7 @@ def audio_lm_logit_diff(ckpt: Path, resave: Path | None = None, published: tuple
 
     cfg = load_model_config(ckpt)
     model = build_model(cfg, BuildConfig(backend="local", init_weights=False)).eval()
-    loaded = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt), strict=StrictHandling.RAISE_ALL)
+    loaded = _mcore_load(model.sharded_state_dict(), ckpt, StrictHandling.RAISE_ALL)
     model.load_state_dict(loaded)
     ids = tokens(cfg.decoder.vocab_size, 40)
     features, kwargs = None, {}
@@ -158,7 +167,7 @@ def audio_lm_logit_diff(ckpt: Path, resave: Path | None = None, published: tuple
 def check_pipeline_stage(ckpt: Path) -> str:
     """Load this pipeline stage's part of `ckpt` strictly; every loaded tensor must equal the checkpoint's
     tensor at its global layer. Returns `STAGE rank first|- last|- global-layer-indices`."""
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
@@ -167,7 +176,7 @@ def check_pipeline_stage(ckpt: Path) -> str:
     first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
     model = build_gpt(load_model_config(ckpt), pre_process=first, post_process=last)
     sd = model.sharded_state_dict(prefix="language_model.")
-    loaded = dist_checkpointing.load(sd, str(ckpt), strict=StrictHandling.RAISE_ALL)
+    loaded = _mcore_load(sd, ckpt, StrictHandling.RAISE_ALL)
     model.load_state_dict({k.removeprefix("language_model."): v for k, v in loaded.items()})
     reader, layers = TorchDistReader(ckpt), set()
     for key, sh in sd.items():

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from megatron_ext.checkpoint.atomic import CheckpointError
 from megatron_ext.checkpoint.convert import convert
+from megatron_ext.checkpoint.megatron_lm import resolve
 from megatron_ext.checkpoint.source import open_checkpoint
 from megatron_ext.cli import align_tokenizer, evaluate, logits, merge, report, synth_audio, train
 from megatron_ext.cli import convert as convert_cli
@@ -54,7 +55,8 @@ class Kit:
 def kit(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Kit:
     root = tmp_path_factory.mktemp("bad-kit")
     convert(tiny_dir / "voxtral-hf", root / "td", "megatron", progress=False)
-    return Kit(tiny_dir, root / "td", write_tiny_chats(root / "chats", n_text=6, n_audio=2))
+    # the iteration directory (release/) of the Megatron-LM layout: a complete checkpoint, damaged in copies
+    return Kit(tiny_dir, resolve(root / "td"), write_tiny_chats(root / "chats", n_text=6, n_audio=2))
 
 
 # ---- damage helpers ------------------------------------------------------------------------------------
@@ -390,7 +392,7 @@ def _done_merge(tmp: Path, kit: Kit, damage: Callable[[Path], None], fmt: str) -
     args = _merge_args(kit.tiny / "devstral-hf", kit.tiny / "voxtral-hf", tmp / "out", *_linear("--format", fmt))
     assert merge.main(args) == 0
     weights = "model.safetensors" if fmt == "hf" else "__0_0.distcp"
-    damage(tmp / "out" / weights)
+    damage(resolve(tmp / "out") / weights)
     return merge.main, args, weights, tmp / "out"
 
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from megatron_ext.checkpoint import mapping
 from megatron_ext.checkpoint.atomic import CheckpointError
 from megatron_ext.checkpoint.convert import convert
+from megatron_ext.checkpoint.megatron_lm import resolve
 from megatron_ext.checkpoint.mistral_native import interleaved_to_half, rope_heads
 from megatron_ext.checkpoint.safetensors_io import read_header
 from megatron_ext.checkpoint.source import open_checkpoint, tensor_digest
@@ -42,7 +43,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def voxtral_td(tiny_dir: Path, work: Path) -> Path:
     out = work / "voxtral-td"
     convert(tiny_dir / "voxtral-hf", out, "megatron", progress=False)
-    return out
+    return out / "release"  # the iteration directory: a checkpoint by itself (tests/test_megatron_lm_layout.py)
 
 
 def _plant(directory: Path, name: str, data: bytes) -> None:
@@ -234,7 +235,7 @@ def test_merge_of_published_parents_equals_merge_of_their_torch_dist(
             params = MergeParams(method=method, alpha=0.3, density=0.5, seed=3)
             out = tmp_path / f"{name}-{method}"
             run_merge(MergeJob(*parents, out, params, rope_from="devstral", out_format="megatron", progress=False))
-            outputs.append(out)
+            outputs.append(resolve(out))
         for f in ("__0_0.distcp", ".metadata"):
             assert (outputs[0] / f).read_bytes() == (outputs[1] / f).read_bytes(), (method, f)
     merged_from = json.loads((outputs[0] / "merge.json").read_text())["parents"]

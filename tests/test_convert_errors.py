@@ -102,9 +102,9 @@ def test_tp_and_pp_not_allowed(tiny_dir: Path, tmp_path: Path) -> None:
 def test_checkpoint_without_rope_is_refused_and_rope_from_supplies_it(tiny_dir: Path, tmp_path: Path) -> None:
     td = tmp_path / "td"
     convert(tiny_dir / "devstral-hf", td, "megatron", progress=False)
-    meta = json.loads((td / META_FILE).read_text())
+    meta = json.loads((td / "release" / META_FILE).read_text())
     del meta["model"]["decoder"]["rope"]
-    (td / META_FILE).write_text(json.dumps(meta))
+    (td / "release" / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="no rope settings .*--rope-from"):
         read_meta(td)
     _fails(td, tmp_path, "no rope settings")
@@ -119,7 +119,7 @@ def test_partial_or_altered_checkpoint_is_refused(tiny_dir: Path, tmp_path: Path
     shutil.copytree(td, partial)
     with pytest.raises(CheckpointError, match="partial"):
         read_meta(partial)
-    with open(td / "__0_0.distcp", "r+b") as fh:
+    with open(td / "release" / "__0_0.distcp", "r+b") as fh:
         fh.truncate(1000)
     with pytest.raises(CheckpointError, match=r"__0_0.distcp: expected \d+ bytes, found 1000"):
         read_meta(td)
@@ -152,7 +152,7 @@ def test_cli_prints_one_line_and_exits_nonzero(tiny_dir: Path, tmp_path: Path) -
 def test_tokenizer_that_differs_from_metadata_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
     td = tmp_path / "td"
     convert(tiny_dir / "voxtral-hf", td, "megatron", progress=False)
-    tok = td / "tekken.json"
+    tok = td / "release" / "tekken.json"
     data = tok.read_bytes()
     tok.write_bytes(data.replace(b"[AUDIO]", b"[AUDIX]"))  # same size, other content
     with pytest.raises(CheckpointError, match="tekken.json: sha256 differs"):

@@ -95,7 +95,7 @@ def _kill_runs(source: Path, out: Path, kills: int, seed: int) -> int:
 
 
 def _files(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def _rerun_and_verify(source: Path, out: Path) -> None:

@@ -77,14 +77,14 @@ def test_hf_torch_dist_hf_is_bit_exact(model: str, tp: int, tiny_dir: Path, out:
 def test_metadata_records_parts_tokenizer_sources_command(tiny_dir: Path, out: Path) -> None:
     td = out / "meta-vox"
     convert(tiny_dir / "voxtral-hf", td, "megatron", progress=False, command="convert --test")
-    data = json.loads((td / "checkpoint_meta.json").read_text())
+    data = json.loads((td / "release" / "checkpoint_meta.json").read_text())
     assert data["parts"] == {"language_model": True, "audio_encoder": True, "audio_projector": True}
     assert data["tokenizer"] == {"file": "tekken.json", "sha256": sha256_file(tiny_dir / "voxtral-hf" / "tekken.json")}
     assert {Path(s["path"]).name: s["sha256"] for s in data["sources"]}["model.safetensors"] == sha256_file(
         tiny_dir / "voxtral-hf" / "model.safetensors"
     )
     assert data["command"] == "convert --test"
-    d2 = json.loads((out / "devstral2-td1" / "checkpoint_meta.json").read_text())
+    d2 = json.loads((out / "devstral2-td1" / "release" / "checkpoint_meta.json").read_text())
     assert d2["parts"]["audio_encoder"] is False
     rope = d2["model"]["decoder"]["rope"]
     assert (rope["type"], rope["factor"], rope["llama4_scaling_beta"]) == ("yarn", 48.0, 0.1)

@@ -106,7 +106,7 @@ def test_startup_refusals(env: dict[str, Path], tmp_path: Path) -> None:
     from megatron_ext.training.checks import StartupError, startup_checks
 
     ckpt = tmp_path / "ckpt"
-    shutil.copytree(env["ckpt"], ckpt)
+    shutil.copytree(env["ckpt"] / "release", ckpt)  # the iteration directory of the conversion: a checkpoint
     cfg = lambda *o: tiny_cfg(env, "x", **{"model.checkpoint": ckpt, **dict(x.split("=", 1) for x in o)})  # noqa: E731
     yarn = [
         "model.rope={type: yarn, theta: 1e8, factor: 48, original_max_position_embeddings: 8192, "
@@ -163,6 +163,7 @@ def test_tensorboard_scalars_written(runs, env: dict[str, Path]) -> None:
 
 
 def test_frozen_encoder_is_bit_identical_and_has_no_optimizer_state(runs, env: dict[str, Path]) -> None:
+    from megatron_ext.checkpoint.megatron_lm import TRACKER, load_common
     from megatron_ext.checkpoint.torch_dist_io import TorchDistReader
 
     full, _ = runs
@@ -177,7 +178,11 @@ def test_frozen_encoder_is_bit_identical_and_has_no_optimizer_state(runs, env: d
     assert not torch.equal(start.get(head), end.get(head))  # while the decoder trained
     saved = sorted(p.name for p in (env["root"] / "full").iterdir() if p.name.startswith("iter_"))
     assert saved == ["iter_0000002", "iter_0000004"]  # keep_last=2 of 2 and 4
-    assert (env["root"] / "full" / "latest").read_text().strip() == "iter_0000004"
+    assert (env["root"] / "full" / TRACKER).read_text() == "4"  # Megatron-LM's tracker
+    common = load_common(env["root"] / "full" / "iter_0000004" / "common.pt")
+    assert common["iteration"] == 4 and common["checkpoint_version"] == 3.0 and common["args"].iteration == 4
+    assert common["args"].tensor_model_parallel_size == 1 and common["opt_param_scheduler"]["num_steps"] > 0
+    assert "scheduler" not in common and common["extra"]["step"] == 4
 
 
 def test_sft_checkpoint_exports_mistral_native(runs, env: dict[str, Path], tmp_path: Path) -> None:

@@ -110,7 +110,7 @@ def test_cli_records_true_hashes_started_early_and_rehash_ignores_a_stale_cache(
             *extra,
         ]
         subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=300)
-        sources = json.loads((tmp_path / out / "checkpoint_meta.json").read_text())["sources"]
+        sources = json.loads((tmp_path / out / "release" / "checkpoint_meta.json").read_text())["sources"]
         return next(s["sha256"] for s in sources if s["path"].endswith("model.safetensors"))
 
     assert run("a") == truth

@@ -12,6 +12,7 @@ import pytest
 
 from megatron_ext.checkpoint.atomic import CheckpointError
 from megatron_ext.checkpoint.convert import convert
+from megatron_ext.checkpoint.megatron_lm import resolve
 from megatron_ext.checkpoint.metadata import read_meta, verification
 from megatron_ext.checkpoint.source import open_checkpoint
 from megatron_ext.cli import convert as convert_cli
@@ -22,7 +23,7 @@ from megatron_ext.cli import merge as merge_cli
 def td(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("verify") / "td"
     convert(tiny_dir / "voxtral-hf", out, "megatron", progress=False)
-    return out
+    return resolve(out)  # the iteration directory (release/) of the Megatron-LM layout: a complete checkpoint
 
 
 def _flip(path: Path) -> None:
@@ -60,13 +61,13 @@ def test_convert_rerun_on_its_verified_output_is_nothing_to_do(
     out = tmp_path / "td"
     argv = ["--input", str(tiny_dir / "voxtral-hf"), "--output", str(out), "--to", "megatron", "--no-progress"]
     assert convert_cli.main(argv) == 0
-    stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    stamp = {p.name: p.stat().st_mtime_ns for p in resolve(out).iterdir()}
     capsys.readouterr()
     assert convert_cli.main(argv) == 0 and "nothing to do" in capsys.readouterr().out
-    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamp
+    assert {p.name: p.stat().st_mtime_ns for p in resolve(out).iterdir()} == stamp
     assert convert_cli.main([*argv, "--tp", "2"]) == 2  # another conversion: the output is not replaced
     assert "already exists" in capsys.readouterr().err
-    _flip(out / "__0_0.distcp")
+    _flip(resolve(out) / "__0_0.distcp")
     assert convert_cli.main(argv) == 2 and "__0_0.distcp: sha256 differs" in capsys.readouterr().err
 
 

@@ -3,7 +3,10 @@
 `convert()` detects the input format, validates the target TP/PP, maps names through
 `checkpoint.mapping`, and writes into a hidden temporary directory that is renamed only when complete.
 torch_dist stores global tensors, so one file set serves every TP/PP the model allows: `--tp/--pp`
-are validated and recorded, and torch_dist -> torch_dist "re-sharding" is a validated copy.
+are validated and recorded, and torch_dist -> torch_dist "re-sharding" is a validated copy. torch_dist
+outputs use Megatron-LM's layout (`release/` + `latest_checkpointed_iteration.txt`, `checkpoint/megatron_lm.py`);
+`megatron-lm` writes a text-only model under Megatron-LM's GPTModel keys (`embedding.*`, `decoder.*`,
+`output_layer.*`) instead of our `language_model.*` ones.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from tqdm import tqdm
 from megatron_ext.checkpoint import mapping
 from megatron_ext.checkpoint.atomic import CheckpointError, atomic_dir
 from megatron_ext.checkpoint.export_files import hf_config_or_refusal, require_audio, write_hf_files
+from megatron_ext.checkpoint.megatron_lm import common_state, gpt_key, move_into_release
 from megatron_ext.checkpoint.metadata import (
     TOKENIZER_FILE,
     CheckpointMeta,
@@ -40,8 +44,9 @@ from megatron_ext.checkpoint.torch_dist_io import TorchDistWriter
 from megatron_ext.config import ConfigError, ModelConfig
 from megatron_ext.parallel_layout import validate_parallelism
 
-Target = Literal["megatron", "hf", "mistral"]
-TARGETS = ("megatron", "hf", "mistral")
+Target = Literal["megatron", "megatron-lm", "hf", "mistral"]
+TARGETS = ("megatron", "megatron-lm", "hf", "mistral")
+TORCH_DIST_TARGETS = ("megatron", "megatron-lm")
 
 
 def validate_parallel(cfg: ModelConfig, tp: int, pp: int) -> None:
@@ -145,30 +150,39 @@ def convert(
     rehash: bool = False,
     shard_bytes: int | None = None,
     carry: tuple[Path, ...] = (),
+    tokenizer: Path | None = None,
 ) -> ConversionReport:
     """Convert `input_dir` (any supported format) to `to` in `output_dir`; see the module docstring.
     `shard_bytes` splits safetensors outputs (default: 5 GiB shards for HF, one file for Mistral-native);
-    `carry` files are copied into the output (the merge's provenance)."""
+    `carry` files are copied into the output (the merge's provenance); `rope_from` and `tokenizer` complete a
+    torch_dist input that lacks our metadata (Megatron-LM's own)."""
     if to not in TARGETS:
         raise CheckpointError(f"--to {to!r}: expected one of {', '.join(TARGETS)}")
     start = time.perf_counter()
-    inp = open_checkpoint(Path(input_dir), rope_from)
+    inp = open_checkpoint(Path(input_dir), rope_from, tokenizer=tokenizer)
     try:
         validate_parallel(inp.cfg, tp, pp)
         out = Path(output_dir)
         if not overwrite and to == "megatron" and out.is_dir() and _holds_conversion(out, inp, tp, pp):
             return ConversionReport(inp.description, out, to, 0, 0, time.perf_counter() - start, already_complete=True)
         # Refusals that depend only on the input come before any tensor is written.
+        if to == "megatron-lm" and inp.cfg.has_audio:
+            raise CheckpointError(
+                f"{inp.directory}: --to megatron-lm writes GPTModel keys, for text-only models; this one has an "
+                "audio stack (use --to megatron)"
+            )
         hf_cfg = hf_config_or_refusal(inp.cfg) if to == "hf" else None
-        audio = require_audio(inp.cfg, inp.tokenizer, inp.directory) if to != "megatron" else None
+        audio = require_audio(inp.cfg, inp.tokenizer, inp.directory) if to not in TORCH_DIST_TARGETS else None
         params = _native_params(inp.cfg, audio) if to == "mistral" else None
-        hasher = _Hasher(inp.files if to == "megatron" else [], rehash)  # only torch_dist outputs record sources
+        hasher = _Hasher(inp.files if to in TORCH_DIST_TARGETS else [], rehash)  # only torch_dist records sources
         hasher.start()
         with atomic_dir(Path(output_dir), overwrite) as tmp:
-            if to == "megatron":
+            if to in TORCH_DIST_TARGETS:
                 writer = TorchDistWriter(tmp)
                 total = len(mapping.megatron_names(inp.cfg))
                 stream = _megatron_stream(inp)
+                if to == "megatron-lm":
+                    stream = ((gpt_key(name), t) for name, t in stream)
             else:
                 names = mapping.hf_names(inp.cfg)
                 if to == "mistral":
@@ -189,7 +203,10 @@ def convert(
                 stream = _hf_stream(inp) if to == "hf" else _native_stream(inp)
             try:
                 n = _write_stream(stream, writer, total, progress, inp.directory)
-                writer.finish()
+                if isinstance(writer, TorchDistWriter):
+                    writer.finish(common_state(inp.cfg, 0, tp, pp))
+                else:
+                    writer.finish()
             finally:
                 writer.close()
             if inp.tokenizer is not None:
@@ -207,6 +224,7 @@ def convert(
                 _write_json(tmp / "params.json", params)
             else:
                 _write_meta(tmp, inp, tp, pp, hasher.result, command)
+                move_into_release(tmp)
         return ConversionReport(
             inp.description, Path(output_dir), to, n, writer.bytes_written, time.perf_counter() - start
         )

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_ext.checkpoint.atomic import LOCK_FILE, PARTIAL_TAG, RESUME_FILE, CheckpointError
+from megatron_ext.checkpoint.megatron_lm import resolve
 from megatron_ext.config import ConfigError, ModelConfig
 
 META_FILE = "checkpoint_meta.json"
@@ -168,12 +169,14 @@ def _rope_missing_message(path: Path) -> str:
 
 
 def read_meta(directory: Path, check_files: bool = True) -> CheckpointMeta:
-    """Read and validate a checkpoint's metadata; refuses partial directories, missing rope settings and (with
-    `check_files`) files missing, resized or, unless verification is off, with another sha256."""
+    """Read and validate a checkpoint's metadata (in the iteration directory the tracker names, if there is
+    one); refuses partial directories, missing rope settings and (with `check_files`) files missing, resized
+    or, unless verification is off, with another sha256."""
     directory = Path(directory)
-    path = directory / META_FILE
     if PARTIAL_TAG in directory.name:
         raise CheckpointError(f"{directory}: is a partial (interrupted) output, not a checkpoint; re-run the tool")
+    directory = resolve(directory)
+    path = directory / META_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory}: no {META_FILE} (not a complete megatron_ext checkpoint)")
     try:

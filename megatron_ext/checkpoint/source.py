@@ -4,8 +4,9 @@ loading, logits and evaluation.
 Formats: HF safetensors (single or sharded; Voxtral, Mistral, Ministral3 layouts, and Mistral3 read as its
 text model), Mistral-native (`consolidated.safetensors` or a split set + `params.json`; q/k rows permuted
 from interleaved rope to rotate-half on read); per-tensor FP8 is dequantised on read and a vision tower
-dropped (`published.py`) and Megatron torch_dist (with our
-`checkpoint_meta.json`). A `Source` names its tensors the HF way (HF, Mistral-native) or the Megatron way
+dropped (`published.py`); and Megatron torch_dist (with our `checkpoint_meta.json`, flat or in Megatron-LM's
+`release/`/`iter_N/` + tracker layout, or Megatron-LM's own GPTModel checkpoints completed by --rope-from and
+a tokenizer). A `Source` names its tensors the HF way (HF, Mistral-native) or the Megatron way
 (torch_dist); `Source.megatron()` presents an HF-named source under Megatron names (qkv and gate/up fused
 on read). Every bad input is one `CheckpointError` naming the file, tensor or field.
 """
@@ -24,8 +25,8 @@ import torch
 import xxhash
 
 from megatron_ext.audio.positions import sinusoids
-from megatron_ext.checkpoint import mapping
-from megatron_ext.checkpoint.atomic import CheckpointError
+from megatron_ext.checkpoint import mapping, megatron_lm
+from megatron_ext.checkpoint.atomic import PARTIAL_TAG, CheckpointError
 from megatron_ext.checkpoint.metadata import META_FILE, TOKENIZER_FILE, CheckpointMeta, read_meta
 from megatron_ext.checkpoint.mistral_native import config_from_params, convert_name, interleaved_to_half, rope_heads
 from megatron_ext.checkpoint.published import (
@@ -403,51 +404,138 @@ class NativeCheckpoint(_StoredTensors):
 
 
 class TorchDistCheckpoint(Source):
-    """Megatron torch_dist with our `checkpoint_meta.json`, under Megatron names (DCP metadata read safely)."""
+    """Megatron torch_dist under our Megatron names (DCP metadata read safely): ours with `checkpoint_meta.json`,
+    or Megatron-LM's (GPTModel keys, no metadata) completed by `rope_from` and `tokenizer`."""
 
     kind = "torch_dist"
     naming = "megatron"
 
-    def __init__(self, directory: Path, rope_from: Path | None = None, check_layout: bool = True) -> None:
+    def __init__(
+        self, directory: Path, rope_from: Path | None = None, check_layout: bool = True, tokenizer: Path | None = None
+    ) -> None:
         self.directory = directory
-        meta_path = directory / META_FILE
-        data, raw = _read_json(meta_path) if meta_path.is_file() else ({}, b"")
-        decoder = data.get("model", {}).get("decoder", {"rope": None}) if isinstance(data.get("model"), dict) else {}
-        if rope_from is not None and isinstance(decoder, dict) and "rope" not in decoder:
-            # Metadata without rope settings: take them from the parent's config (--rope-from), then validate.
-            decoder["rope"] = dataclasses.asdict(rope_from_file(rope_from))
-            try:
-                self.cfg = ModelConfig.from_dict(data["model"])
-            except _CONFIG_ERRORS as exc:
-                raise CheckpointError(f"{meta_path}: {exc}") from None
-        else:
-            self.meta = read_meta(directory)
-            self.cfg = self.meta.model
-            raw = meta_path.read_bytes()
-        self.config_bytes = raw
         self.reader = TorchDistReader(directory)
+        meta_path = directory / META_FILE
+        stored = self.reader.names()
+        gpt = "embedding.word_embeddings.weight" in stored  # Megatron-LM GPTModel keys, not ours
+        if not meta_path.is_file():
+            self.cfg, raw = _megatron_lm_config(directory, self.reader, rope_from, tokenizer)
+        else:
+            data, raw = _read_json(meta_path)
+            model = data.get("model")
+            decoder = model.get("decoder", {"rope": None}) if isinstance(model, dict) else {}
+            if rope_from is not None and isinstance(decoder, dict) and "rope" not in decoder:
+                # Metadata without rope settings: take them from the parent's config (--rope-from), then validate.
+                decoder["rope"] = dataclasses.asdict(rope_from_file(rope_from))
+                try:
+                    self.cfg = ModelConfig.from_dict(data["model"])
+                except _CONFIG_ERRORS as exc:
+                    raise CheckpointError(f"{meta_path}: {exc}") from None
+            else:
+                self.meta = read_meta(directory)
+                self.cfg = self.meta.model
+        self.config_bytes = raw
+        self._stored = _gpt_names(stored) if gpt else {n: n for n in stored}
         if check_layout:
-            _check_names(directory, set(self.reader.names()), set(mapping.megatron_names(self.cfg)), "Megatron")
+            _check_names(directory, set(self._stored), set(mapping.megatron_names(self.cfg)), "Megatron")
         audio = ", with audio stack" if self.cfg.has_audio else ""
-        self.description = f"Megatron torch_dist ({self.cfg.hf_architecture} model{audio})"
+        keys = ", Megatron-LM GPTModel keys" if gpt else ""
+        self.description = f"Megatron torch_dist ({self.cfg.hf_architecture} model{audio}{keys})"
         self.files = sorted(p for p in directory.iterdir() if p.suffix == ".distcp") + [directory / ".metadata"]
-        self.tokenizer = _tokenizer(directory)
+        self.tokenizer = tokenizer or _tokenizer(directory)
 
     @property
     def names(self) -> list[str]:
-        return self.reader.names()
+        return list(self._stored)
+
+    def _key(self, name: str) -> str:
+        if name not in self._stored:
+            raise CheckpointError(f"{self.directory}: no tensor {name!r} in the torch_dist checkpoint")
+        return self._stored[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.reader.info(name).shape)
+        return tuple(self.reader.info(self._key(name)).shape)
 
     def dtype(self, name: str) -> torch.dtype:
-        return self.reader.info(name).dtype
+        return self.reader.info(self._key(name)).dtype
 
     def get(self, name: str) -> torch.Tensor:
-        return self.reader.get(name)
+        return self.reader.get(self._key(name))
 
     def close(self) -> None:
         self.reader.close()
+
+
+def _gpt_names(stored: list[str]) -> dict[str, str]:
+    """Our name -> stored GPTModel key (`language_model.` added; separate-norm specs' norm keys aliased)."""
+    out = {}
+    for key in stored:
+        name = megatron_lm.GPT_PREFIX + key
+        for ours, theirs in megatron_lm.GPT_NORM_ALIASES.items():
+            if name.endswith("." + theirs) and ".layers." in name:
+                name = name.removesuffix(theirs) + ours
+        out[name] = key
+    return out
+
+
+def _megatron_lm_config(
+    directory: Path, reader: TorchDistReader, rope_from: Path | None, tokenizer: Path | None
+) -> tuple[ModelConfig, bytes]:
+    """A decoder config for a Megatron-LM checkpoint without our metadata: vocabulary, width, depth and FFN from
+    the tensors' shapes, heads / groups / head size / norm epsilon from the common state's args when present,
+    otherwise from the `rope_from` config, which also gives the rope settings."""
+    if rope_from is None or (tokenizer is None and _tokenizer(directory) is None):
+        raise CheckpointError(
+            f"{directory}: torch_dist without {META_FILE} (a Megatron-LM checkpoint): give --rope-from "
+            "PARENT/config.json|params.json (rope and attention geometry) and --tokenizer tekken.json"
+        )
+    data, _ = _read_json(rope_from)
+    base = _native_config(rope_from)[0] if "n_layers" in data else _hf_config(rope_from)[0]
+    names = set(reader.names())
+    layer = "decoder.layers.0."
+    needed = [
+        "embedding.word_embeddings.weight",
+        layer + "mlp.linear_fc2.weight",
+        layer + "self_attention.linear_qkv.weight",
+    ]
+    if missing := [n for n in needed if n not in names]:
+        raise CheckpointError(f"{directory}: not a GPTModel checkpoint (no tensor {missing[0]})")
+    vocab, hidden = reader.info(needed[0]).shape
+    ffn = reader.info(needed[1]).shape[1]
+    num_layers = 1 + max(int(n.split(".")[2]) for n in names if n.startswith("decoder.layers."))
+    common = reader.directory / "common.pt"
+    args = megatron_lm.load_common(common).get("args") if common.is_file() else None
+    d = base.decoder
+    heads, groups, kv, eps = d.num_attention_heads, d.num_query_groups, d.kv_channels, d.norm_eps
+    if getattr(args, "num_attention_heads", None):  # Megatron-LM's defaults where an arg is unset
+        heads = args.num_attention_heads
+        gqa = getattr(args, "group_query_attention", False) and getattr(args, "num_query_groups", None)
+        groups = args.num_query_groups if gqa else heads
+        kv = getattr(args, "kv_channels", None) or hidden // heads
+        eps = getattr(args, "norm_epsilon", None) or getattr(args, "layernorm_epsilon", None) or eps
+    qkv = reader.info(needed[2]).shape
+    if qkv != ((heads + 2 * groups) * kv, hidden):
+        raise CheckpointError(
+            f"{directory}: tensor {needed[2]} has shape {list(qkv)}, but {heads} heads, {groups} query groups of "
+            f"size {kv} and hidden size {hidden} need {[(heads + 2 * groups) * kv, hidden]}"
+        )
+    arch = "mistral" if base.hf_architecture == "voxtral" else base.hf_architecture
+    try:
+        decoder = dataclasses.replace(
+            d,
+            num_layers=num_layers,
+            hidden_size=hidden,
+            ffn_hidden_size=ffn,
+            num_attention_heads=heads,
+            num_query_groups=groups,
+            kv_channels=kv,
+            vocab_size=vocab,
+            norm_eps=eps,
+        )
+        cfg = ModelConfig(decoder=decoder, hf_architecture=arch)
+    except _CONFIG_ERRORS as exc:
+        raise CheckpointError(f"{directory}: {exc}") from None
+    return cfg, json.dumps(cfg.to_dict(), sort_keys=True).encode()
 
 
 class MegatronView(Source):
@@ -493,17 +581,24 @@ class MegatronView(Source):
         self.hf.close()
 
 
-def open_checkpoint(directory: Path, rope_from: Path | None = None, check_layout: bool = True) -> Source:
+def open_checkpoint(
+    directory: Path, rope_from: Path | None = None, check_layout: bool = True, tokenizer: Path | None = None
+) -> Source:
     """Detect the format of `directory` and open it lazily; every bad input raises a one-line CheckpointError.
 
-    `rope_from` (an HF config.json or params.json) supplies rope settings a torch_dist metadata lacks.
+    `rope_from` (an HF config.json or params.json) supplies rope settings a torch_dist metadata lacks, and
+    with `tokenizer` (a tekken.json) completes a Megatron-LM checkpoint that has no metadata of ours. A
+    Megatron-LM top directory is read at the iteration its `latest_checkpointed_iteration.txt` names.
     `check_layout=False` skips matching tensor names and shapes against the config (the merge plans and
     reports those per tensor itself); files, headers and FP8 scales are checked either way."""
     d = Path(directory)
     if not d.is_dir():
         raise CheckpointError(f"{d}: input directory does not exist")
+    if PARTIAL_TAG in d.name or PARTIAL_TAG in d.parent.name:  # also where no metadata of ours says so
+        raise CheckpointError(f"{d}: is a partial (interrupted) output, not a checkpoint; re-run the tool")
+    d = megatron_lm.resolve(d)
     if is_torch_dist(d) or (d / META_FILE).is_file():
-        return TorchDistCheckpoint(d, rope_from, check_layout)
+        return TorchDistCheckpoint(d, rope_from, check_layout, tokenizer)
     has_hf = (d / SINGLE_FILE).is_file() or (d / INDEX_FILE).is_file()
     if has_hf:  # a hub repo may ship both layouts (Devstral Small 2 does): HF is read, checked against params.json
         if not (d / "config.json").is_file():

@@ -45,6 +45,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from megatron_ext.checkpoint.atomic import CheckpointError
+from megatron_ext.checkpoint.megatron_lm import load_common, resolve
 from megatron_ext.checkpoint.safetensors_io import confined, map_bytes
 
 DCP_METADATA = ".metadata"
@@ -135,8 +136,9 @@ class TorchDistWriter:
         self._file.write(buf.getbuffer())
         return _StorageInfo(DATA_FILE, offset, self._file.tell() - offset)
 
-    def finish(self) -> None:
-        """Write the DCP metadata, `common.pt` and Megatron's `metadata.json`."""
+    def finish(self, common: dict | None = None) -> None:
+        """Write the DCP metadata, `common.pt` (`common`, e.g. Megatron-LM's iteration and args) and
+        Megatron's `metadata.json`."""
         state: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
         storage: dict[MetadataIndex, _StorageInfo] = {}
         for key, entries in self._tensors.items():
@@ -179,7 +181,7 @@ class TorchDistWriter:
             pickle.dump(md, f)
             _fsync(f)
         with open(self.directory / COMMON_FILE, "wb") as f:
-            torch.save({}, f)
+            torch.save(common or {}, f)
             _fsync(f)
         (self.directory / MCORE_CONFIG_FILE).write_text(json.dumps(MCORE_CONFIG))
 
@@ -292,18 +294,13 @@ def _check_entry(path: Path, key: object, sm: object) -> None:
 
 def check_torch_dist(directory: Path) -> None:
     """Validate a torch_dist directory before Megatron-Core or torch DCP loads it (they unpickle `.metadata`
-    freely): `.metadata` through the allow-list unpickler, `common.pt` with `torch.load(weights_only=True)`."""
+    freely): `.metadata` through the allow-list unpickler, `common.pt` with `torch.load(weights_only=True)`
+    (`megatron_lm.load_common`: Megatron-LM's args namespace allowed)."""
     directory = Path(directory)
     read_dcp_metadata(directory / DCP_METADATA)
     common = directory / COMMON_FILE
     if common.is_file():
-        try:
-            torch.load(common, map_location="cpu", weights_only=True)
-        except Exception as exc:  # weights_only refuses any non-allow-listed global: one line, no traceback
-            first = (str(exc).strip().splitlines() or [""])[0]
-            raise CheckpointError(
-                f"{common}: refused by torch.load(weights_only=True) ({type(exc).__name__}: {first})"
-            ) from None
+        load_common(common)
 
 
 class _FileView(io.RawIOBase):
@@ -392,7 +389,7 @@ class TorchDistReader:
     """
 
     def __init__(self, directory: Path) -> None:
-        self.directory = Path(directory)
+        self.directory = resolve(Path(directory))
         md_path = self.directory / DCP_METADATA
         if not md_path.is_file():
             raise CheckpointError(f"{self.directory}: no {DCP_METADATA} (not a torch_dist checkpoint)")

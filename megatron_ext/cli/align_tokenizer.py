@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from megatron_ext.checkpoint.megatron_lm import resolve
 from megatron_ext.cli._errors import error_policy
 from megatron_ext.tokenizer.align import write_alignment
 
 
 def _tekken(path: Path) -> Path:
-    return path / "tekken.json" if path.is_dir() else path
+    return resolve(path) / "tekken.json" if path.is_dir() else path
 
 
 @error_policy

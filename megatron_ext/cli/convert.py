@@ -1,8 +1,10 @@
-"""Convert checkpoints: HF / Mistral-native / Megatron torch_dist -> megatron (torch_dist), hf or mistral.
+"""Convert checkpoints: HF / Mistral-native / Megatron torch_dist -> megatron (torch_dist), megatron-lm, hf or mistral.
 
 The input format is detected and reported. Output is written to a hidden temporary directory next to
 --output and renamed only when complete. torch_dist holds global tensors: one checkpoint loads at any
-TP/PP the model allows; --tp/--pp are checked against the model and recorded.
+TP/PP the model allows; --tp/--pp are checked against the model and recorded. torch_dist outputs use
+Megatron-LM's layout (OUT/release/ + OUT/latest_checkpointed_iteration.txt); a Megatron-LM checkpoint
+without our checkpoint_meta.json is read when --rope-from and --tokenizer complete it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def _hash_sources_early(argv: list[str] | None) -> None:
     pre.add_argument("--to")
     pre.add_argument("--rehash", action="store_true")
     known, _ = pre.parse_known_args(argv)
-    if known.to == "megatron" and known.input is not None and known.input.is_dir():
+    if known.to in ("megatron", "megatron-lm") and known.input is not None and known.input.is_dir():
         prefetch(sorted(known.input.glob("*.safetensors")), reuse=not known.rehash)
 
 
@@ -55,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         "--to",
         choices=TARGETS,
         required=True,
-        help="megatron: torch_dist + checkpoint_meta.json; hf: the model's HF layout (Voxtral, Mistral or "
-        "Ministral3) with generation_config.json (+ Voxtral's preprocessor_config.json); mistral: "
+        help="megatron: torch_dist + checkpoint_meta.json in Megatron-LM's release/ + tracker layout; megatron-lm: "
+        "the same under Megatron-LM GPTModel keys (text-only models); hf: the model's HF layout (Voxtral, "
+        "Mistral or Ministral3) with generation_config.json (+ Voxtral's preprocessor_config.json); mistral: "
         "consolidated.safetensors + params.json + tekken.json, what `vllm serve DIR --tokenizer-mode mistral "
         "--config-format mistral --load-format mistral` loads",
     )
@@ -66,7 +69,14 @@ def main(argv: list[str] | None = None) -> int:
         "--rope-from",
         type=Path,
         default=None,
-        help="HF config.json or params.json supplying rope settings for a torch_dist input whose metadata lacks them",
+        help="HF config.json or params.json supplying rope settings for a torch_dist input whose metadata lacks "
+        "them (and the attention geometry of a Megatron-LM checkpoint without checkpoint_meta.json)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="tekken.json for a Megatron-LM checkpoint without checkpoint_meta.json (default: the input's own)",
     )
     parser.add_argument(
         "--shard-size-gb",
@@ -97,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             rehash=args.rehash,
             shard_bytes=shard_bytes(args.shard_size_gb),
+            tokenizer=args.tokenizer,
         )
     print(f"input: {report.input_description}")
     if report.already_complete:

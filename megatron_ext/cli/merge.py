@@ -84,7 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["hf", "megatron", "mistral"],
         default="hf",
         help="hf: Voxtral HF layout (config.json with rope_parameters, generation and processor configs); "
-        "megatron: torch_dist + checkpoint_meta.json; mistral: consolidated.safetensors + params.json + "
+        "megatron: torch_dist + checkpoint_meta.json in Megatron-LM's layout (OUT/release/ + "
+        "OUT/latest_checkpointed_iteration.txt); mistral: consolidated.safetensors + params.json + "
         "tekken.json for vLLM (the only layout for Devstral 2's llama-4 query scaling)",
     )
     p.add_argument("--rope-from", choices=["devstral", "voxtral"], help="take rope/YaRN settings from this parent")

@@ -283,6 +283,7 @@ def load_generator(checkpoint: str | Path, backend: str = "megatron", dtype: str
     backend "megatron": our AudioLanguageModel (dtype, TP); "hf": transformers on the HF layout (a Megatron
     checkpoint is exported to HF first) — the reference. ("openai" is built by `eval.openai_backend`.)
     """
+    from megatron_ext.checkpoint.megatron_lm import resolve
     from megatron_ext.checkpoint.metadata import META_FILE
 
     checkpoint = Path(checkpoint)
@@ -292,7 +293,7 @@ def load_generator(checkpoint: str | Path, backend: str = "megatron", dtype: str
         raise ValueError(f"unknown in-process generation backend {backend!r}; known: megatron, hf")
     if tp != 1:
         raise ValueError("--tp applies to the megatron backend only")
-    if (checkpoint / META_FILE).is_file():
+    if (resolve(checkpoint) / META_FILE).is_file():
         return HFGenerator.from_megatron_dir(checkpoint, dtype)
     if (checkpoint / "config.json").is_file():
         return HFGenerator.from_hf_dir(checkpoint, dtype)

@@ -24,6 +24,7 @@ from mistral_common.tokens.tokenizers.audio import Audio
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from megatron_ext.audio.waveform import SAMPLE_RATE
+from megatron_ext.checkpoint.megatron_lm import resolve
 from megatron_ext.eval.benchmarks import Benchmark, Sample, mcq_text
 from megatron_ext.tokenizer.loading import load_tekken
 
@@ -39,7 +40,7 @@ class Prompt:
 
 def load_tokenizer(checkpoint: str | Path) -> MistralTokenizer:
     """The checkpoint's own Tekken tokenizer (`tekken.json` beside the weights)."""
-    path = Path(checkpoint) / "tekken.json"
+    path = resolve(Path(checkpoint)) / "tekken.json"
     if not path.is_file():
         raise FileNotFoundError(f"{checkpoint}: no tekken.json (every checkpoint carries its tokenizer)")
     return load_tekken(path)

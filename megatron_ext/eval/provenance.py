@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from megatron_ext.checkpoint.megatron_lm import resolve
 from megatron_ext.checkpoint.metadata import META_FILE
 
 SKIP = {"tekken.json"}  # the tokenizer is large and says nothing about the recipe
@@ -22,10 +23,11 @@ MERGE_PARAM_LABELS = {
 
 
 def checkpoint_provenance(checkpoint: str | Path) -> dict:
-    """Path plus every small JSON metadata file of the checkpoint (config, params, merge/training recipe)."""
+    """Path plus every small JSON metadata file of the checkpoint (config, params, merge/training recipe; those
+    of the iteration a Megatron-LM tracker names)."""
     path = Path(checkpoint).resolve()
     files = {}
-    for file in sorted(path.glob("*.json")):
+    for file in sorted(resolve(path).glob("*.json")):
         if file.name in SKIP or file.name.endswith(".index.json") or file.stat().st_size > MAX_BYTES:
             continue
         try:
@@ -51,6 +53,7 @@ def labels_from_provenance(provenance: dict) -> dict:
 
 def _merge_labels(path: Path, depth: int = 3) -> dict:
     """Merge recipe labels of `path` or, following checkpoint_meta.json `sources`, of its ancestors."""
+    path = resolve(path)
     merge_file = path / MERGE_FILE
     if merge_file.is_file():
         merge = json.loads(merge_file.read_text(encoding="utf-8"))

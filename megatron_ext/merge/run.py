@@ -35,6 +35,7 @@ from megatron_ext.checkpoint.atomic import LOCK_FILE, RESUME_FILE, CheckpointErr
 from megatron_ext.checkpoint.convert import convert
 from megatron_ext.checkpoint.direct_io import ALIGN
 from megatron_ext.checkpoint.export_files import hf_config_or_refusal, write_hf_files
+from megatron_ext.checkpoint.megatron_lm import common_state, move_into_release, resolve
 from megatron_ext.checkpoint.metadata import (
     TOKENIZER_FILE,
     CheckpointMeta,
@@ -415,7 +416,7 @@ def run_merge(job: MergeJob) -> Summary:
     final = Path(job.output)
     plan_id = _plan_id(job, items, parents)
     if final.exists():
-        done = final / PROVENANCE_FILE
+        done = resolve(final) / PROVENANCE_FILE
         if done.is_file() and json.loads(done.read_text()).get("plan_id") == plan_id:
             _verify_done(final, job.out_format)
             log.info("%s already holds this merge; nothing to do", final)
@@ -431,7 +432,7 @@ def run_merge(job: MergeJob) -> Summary:
                 # widen the window in which a killed run leaves a directory that looks loadable.
                 source_sha256([tmp / name for name in shards.shards])
             else:
-                _write_torch_dist(tmp, items, job, parents, alignment, summary)
+                _write_torch_dist(tmp, items, job, parents, alignment, summary, out_cfg)
             provenance = _provenance(job, plan_id, parents, alignment, rope, summary)
             _write_metadata(tmp, out_cfg, vox, merged_tok, alignment, provenance, job.out_format)
         except ParentError as exc:
@@ -443,6 +444,7 @@ def run_merge(job: MergeJob) -> Summary:
             _record_files(tmp, provenance)
         else:
             _write_megatron_meta(tmp, out_cfg, parents, provenance)
+            move_into_release(tmp)  # Megatron-LM's layout: release/ + latest_checkpointed_iteration.txt
     return summary
 
 
@@ -474,7 +476,7 @@ def _merge_to_native(job: MergeJob) -> Summary:
     shutil.rmtree(stage, ignore_errors=True)
     try:
         summary = run_merge(dataclasses.replace(job, output=stage, out_format="megatron"))
-        carry = (stage / PROVENANCE_FILE, stage / "tokenizer_map.json")
+        carry = (resolve(stage) / PROVENANCE_FILE, resolve(stage) / "tokenizer_map.json")
         convert(stage, final, "mistral", progress=job.progress, shard_bytes=job.shard_bytes, carry=carry)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -592,14 +594,16 @@ def _write_torch_dist(
     parents: dict[str, Parent],
     alignment: TokenizerAlignment,
     summary: Summary,
+    cfg: ModelConfig,
 ) -> None:
-    """Megatron output through the conversion module's streaming torch_dist writer (restarts if killed)."""
+    """Megatron output through the conversion module's streaming torch_dist writer (restarts if killed), with
+    Megatron-LM's common state (iteration, checkpoint_version, args) for `cfg`."""
     writer = TorchDistWriter(tmp)
     try:
         with contextlib.closing(_stream(items, job, parents, alignment, summary)) as stream:
             for item, out in stream:
                 writer.write(item.out_name, out)
-        writer.finish()
+        writer.finish(common_state(cfg, 0))
     except CheckpointError as exc:
         raise MergeError(str(exc)) from None
     finally:

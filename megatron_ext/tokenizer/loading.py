@@ -8,6 +8,7 @@ from pathlib import Path
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
+from megatron_ext.checkpoint.megatron_lm import resolve
 from megatron_ext.errors import ProjectError
 
 
@@ -16,10 +17,10 @@ class TokenizerFileError(ProjectError, ValueError):
 
 
 def load_tekken(path: str | Path, mode: ValidationMode = ValidationMode.test) -> MistralTokenizer:
-    """The MistralTokenizer of `path` (a tekken.json, or a directory holding one)."""
+    """The MistralTokenizer of `path` (a tekken.json, or a checkpoint directory holding one)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "tekken.json"
+        path = resolve(path) / "tekken.json"
     if not path.is_file():
         raise TokenizerFileError(f"{path}: tokenizer file not found")
     try:

@@ -2,13 +2,16 @@
 
 `SAVE_DIR/iter_NNNNNNN/` is a Megatron-Core `dist_checkpointing` (torch_dist) checkpoint whose model keys
 are the naming contract's, plus `tekken.json` and `checkpoint_meta.json` (tool "sft"), so every saved step
-is also a model checkpoint the other tools (convert, eval) read. It is written under rank 0's hidden
+is also a model checkpoint the other tools (convert, eval) read. The common state holds what Megatron-LM
+reads (`iteration`, `checkpoint_version`, an `args` namespace; the scheduler under `opt_param_scheduler`)
+next to ours (`extra`: data position, counters). It is written under rank 0's hidden
 `.iter_NNNNNNN.partial-HOST-PID` name and published with `checkpoint.atomic.publish` (every file and
 directory fsynced, renamed, the parent fsynced); stale partials follow `checkpoint/atomic.py`'s rules, but
-no lock file is held inside (Megatron-Core warns about saving into a non-empty one). `SAVE_DIR/latest` names
-the newest, and only the newest `keep_last` are kept. With `async_save` the tensor writing runs in
-Megatron-Core's background writer and the publishing/metadata/cleanup happen when the save is finalised
-(next steps or at exit).
+no lock file is held inside (Megatron-Core warns about saving into a non-empty one).
+`SAVE_DIR/latest_checkpointed_iteration.txt` names the newest step as Megatron-LM's tracker does (runs saved
+before it have a `latest` file, still read on resume), and only the newest `keep_last` are kept. With
+`async_save` the tensor writing runs in Megatron-Core's background writer and the publishing/metadata/cleanup
+happen when the save is finalised (next steps or at exit).
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-from megatron_ext.checkpoint.atomic import partial_path, publish, remove_stale_partials, write_atomic
+from megatron_ext.checkpoint.atomic import partial_path, publish, remove_stale_partials
+from megatron_ext.checkpoint.megatron_lm import TRACKER, common_state, safe_globals, tracked_iteration, write_tracker
 from megatron_ext.checkpoint.metadata import CheckpointMeta, write_meta
 from megatron_ext.checkpoint.torch_dist_io import check_torch_dist
 
 ITER_RE = re.compile(r"^iter_(\d{7})$")
-LATEST = "latest"
+OLD_LATEST = "latest"  # the pointer file of runs saved before the Megatron-LM tracker
 # Distributed-optimizer state as Megatron-LM saves it by default: one tensor per DP buffer, written and read
 # in parallel without gathering; resumable at another DP size, not another TP size.
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -45,10 +49,13 @@ def iter_dir(save_dir: Path, step: int) -> Path:
 
 
 def latest_checkpoint(save_dir: str | Path | None) -> Path | None:
-    """The newest complete `iter_*` directory under save_dir (per the `latest` file), or None."""
+    """The newest complete `iter_*` directory under save_dir (per Megatron-LM's tracker, or the `latest` file
+    of older runs), or None when nothing was saved yet; a tracker naming a missing step is refused."""
     if save_dir is None:
         return None
-    pointer = Path(save_dir) / LATEST
+    if (Path(save_dir) / TRACKER).is_file():
+        return tracked_iteration(Path(save_dir))
+    pointer = Path(save_dir) / OLD_LATEST
     if not pointer.is_file():
         return None
     path = Path(save_dir) / pointer.read_text().strip()
@@ -83,7 +90,7 @@ def _state(model: Any, optimizer: Any, scheduler: Any, loading: bool) -> dict[st
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=OPTIMIZER_FORMAT),
         "rng_state": _rng_object(),
-        "scheduler": scheduler.state_dict(),
+        "opt_param_scheduler": scheduler.state_dict(),  # Megatron-LM's name
     }
 
 
@@ -113,13 +120,18 @@ class Checkpointer:
             remove_stale_partials(final)
             tmp.mkdir()
         dist.barrier()
-        state = {**_state(model, optimizer, scheduler, loading=False), "extra": extra}
+        tp, pp = (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+        )
+        common = common_state(self.meta().model, step, tp, pp)
+        state = {**_state(model, optimizer, scheduler, loading=False), **common, "extra": extra}
         request = dist_checkpointing.save(state, str(tmp), async_sharded_save=self.async_save)
 
         def finalize() -> None:
             dist.barrier()
             if dist.get_rank() == 0:
-                self._publish(tmp, final)
+                self._publish(tmp, final, step)
             dist.barrier()
 
         if self.queue is None:
@@ -128,11 +140,11 @@ class Checkpointer:
             request.add_finalize_fn(finalize)
             self.queue.schedule_async_request(request)
 
-    def _publish(self, tmp: Path, final: Path) -> None:
+    def _publish(self, tmp: Path, final: Path, step: int) -> None:
         shutil.copyfile(self.tokenizer, tmp / "tekken.json")
         write_meta(tmp, self.meta())
         publish(tmp, final)
-        write_atomic(self.save_dir / LATEST, (final.name + "\n").encode())
+        write_tracker(self.save_dir, step)
         steps = sorted(p for p in self.save_dir.iterdir() if ITER_RE.match(p.name))
         for old in steps[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -152,11 +164,14 @@ class Checkpointer:
         check_torch_dist(path)  # Megatron-Core unpickles .metadata freely: our allow-list reads it first
         template = _state(model, optimizer, scheduler, loading=True)
         template["extra"] = None
-        loaded = dist_checkpointing.load(template, str(path))
+        with torch.serialization.safe_globals(safe_globals()):  # Megatron-Core reads common.pt: args namespace
+            loaded = dist_checkpointing.load(template, str(path))
         with torch.no_grad():  # fp32 main params are views of the (grad-requiring) model params
             model.load_state_dict(loaded["model"])
             optimizer.load_state_dict(loaded["optimizer"])
-        scheduler.load_state_dict(loaded["scheduler"])
+        scheduler.load_state_dict(
+            loaded["opt_param_scheduler"] if "opt_param_scheduler" in loaded else loaded["scheduler"]
+        )
         _restore_rng(loaded["rng_state"])
         return loaded["extra"]
 

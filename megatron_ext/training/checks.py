@@ -12,6 +12,7 @@ import dataclasses
 from pathlib import Path
 
 from megatron_ext.checkpoint.atomic import CheckpointError
+from megatron_ext.checkpoint.megatron_lm import resolve
 from megatron_ext.checkpoint.metadata import CheckpointMeta, read_meta, sha256_file
 from megatron_ext.config import ConfigError, ModelConfig
 from megatron_ext.errors import ProjectError
@@ -73,7 +74,9 @@ def startup_checks(cfg: TrainConfig) -> tuple[ModelConfig, CheckpointMeta, Path]
     meta = read_checkpoint_meta(cfg.model.checkpoint)
     model = resolve_rope(cfg, meta)
     check_parallel_layout(cfg, model)
-    tokenizer = Path(cfg.model.tokenizer) if cfg.model.tokenizer else Path(cfg.model.checkpoint) / "tekken.json"
+    tokenizer = (
+        Path(cfg.model.tokenizer) if cfg.model.tokenizer else resolve(Path(cfg.model.checkpoint)) / "tekken.json"
+    )
     if not tokenizer.is_file():
         raise StartupError(f"{tokenizer}: tokenizer file not found")
     check_tokenizer(tokenizer, meta, cfg.model.checkpoint)
