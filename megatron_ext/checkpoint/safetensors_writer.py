@@ -211,13 +211,21 @@ class PlannedShards:
         (self.directory / f"{fname}.tmp").rename(self.directory / fname)
 
     def finish(self, metadata: dict[str, Any] | None = None) -> None:
-        """The index for several shards (none for one; `metadata` beside `total_size`), and the states dropped:
-        the output holds only shards."""
+        """The states dropped (the output holds only shards), then the index for several shards (none for one;
+        `metadata` beside `total_size`)."""
+        self.drop_states()
+        self.write_index(metadata)
+
+    def drop_states(self) -> None:
+        """Forget the resume states: every shard is written (a rerun from here rewrites them all)."""
+        for fname in self.shards:
+            self._state_path(fname).unlink(missing_ok=True)
+
+    def write_index(self, metadata: dict[str, Any] | None = None) -> None:
+        """The index for several shards, none for one: what makes the directory loadable, so written last."""
         if len(self.shards) > 1:
             total = sum(nbytes(dtype, shape) for shard in self.shards.values() for _, dtype, shape in shard)
             write_index(self.directory / INDEX_FILE, self.index, total_size=total, metadata=metadata)
-        for fname in self.shards:
-            self._state_path(fname).unlink()
 
 
 class SafetensorsWriter:

@@ -439,9 +439,10 @@ def run_merge(job: MergeJob) -> Summary:
             raise MergeError(str(exc)) from None
         if job.out_format == "hf":
             write_hf_files(tmp, out_cfg, merged_tok.get("audio"))
+            shards.drop_states()  # until here a rerun resumes every finished shard
+            _record_files(tmp, provenance)  # every file but merge.json and the index (checked on load instead)
             fsync_tree(tmp)  # the slow part of publishing, done before the index makes the directory loadable
-            shards.finish(_index_metadata(provenance))  # last: until here a rerun resumes every finished shard
-            _record_files(tmp, provenance)
+            shards.write_index(_index_metadata(provenance))  # last: only now does the partial look loadable
         else:
             _write_megatron_meta(tmp, out_cfg, parents, provenance)
             move_into_release(tmp)  # Megatron-LM's layout: release/ + latest_checkpointed_iteration.txt
