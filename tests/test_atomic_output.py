@@ -45,6 +45,13 @@ class Spy:
         end = len(self.events) if before is None else before
         return any(e == ("fsync", str(path)) for e in self.events[after + 1 : end])
 
+    def content_fsynced(self, path: Path, before: int) -> bool:
+        """`path` was fsynced before `before`, or took its name by a rename from a file fsynced before that."""
+        if self.fsynced(path, before=before):
+            return True
+        renames = [i for i, e in enumerate(self.events[:before]) if e[0] == "rename" and Path(e[2]) == path]
+        return any(self.fsynced(Path(self.events[i][1]), before=i) for i in renames)
+
     def last_change_in(self, directory: Path, before: int) -> int:
         """Index of the last rename or unlink of a name directly inside `directory` before `before` (or -1)."""
         hits = [
@@ -84,15 +91,16 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> Spy:
 
 
 def _assert_durable_before_rename(spy: Spy, out: Path) -> None:
-    """Every file and directory of `out` was fsynced (under its partial name) after its last change and before
-    the rename that published it; the parent directory was fsynced after that rename."""
+    """Every file and directory of `out` was fsynced (under its partial name, or a file under the `.pending`
+    name it was renamed from) after its last change and before the rename that published it; the parent
+    directory was fsynced after that rename."""
     final = spy.rename_to(out)
     partial = Path(spy.events[final][1])
     assert partial.name.startswith(f".{out.name}.partial-{socket.gethostname()}-")
     files = [p for p in out.rglob("*") if p.is_file()]
     assert files
     for f in files:
-        assert spy.fsynced(partial / f.relative_to(out), before=final), f"{f} not fsynced before the rename"
+        assert spy.content_fsynced(partial / f.relative_to(out), final), f"{f} not fsynced before the rename"
     for d in [out, *(p for p in out.rglob("*") if p.is_dir())]:
         where = partial / d.relative_to(out)
         assert spy.fsynced(where, before=final, after=spy.last_change_in(where, final)), f"{d} not fsynced last"

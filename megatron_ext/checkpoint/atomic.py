@@ -33,6 +33,7 @@ class CheckpointError(ProjectError, ValueError):
 
 PARTIAL_TAG = ".partial-"
 LOCK_FILE = ".lock"
+PENDING_SUFFIX = ".pending"  # a file named only when its directory is published (see `publish`)
 RESUME_FILE = ".resume"  # in a resumable partial directory: the key of the work it holds
 # A partial directory of another host (or one we cannot tell) is abandoned when nothing in it changed for a
 # day: longer than any single write of ours takes, and the lock protects live writers anyway.
@@ -160,9 +161,14 @@ def _remove(path: Path) -> None:
 
 def publish(tmp: Path, out: Path) -> None:
     """Make `tmp` durable (lock file removed, every file and directory fsynced), rename it to `out` (replacing
-    what is there), and fsync the parent so the rename is durable too."""
+    what is there), and fsync the parent so the rename is durable too. Files written as `NAME.pending` (the
+    ones that make a directory loadable, e.g. config.json) get their names only now, right before the rename,
+    so a killed writer never leaves a partial directory that looks complete."""
     (tmp / LOCK_FILE).unlink(missing_ok=True)
     fsync_tree(tmp)
+    for pending in tmp.glob(f"*{PENDING_SUFFIX}"):
+        pending.rename(pending.with_name(pending.name.removesuffix(PENDING_SUFFIX)))
+    fsync_dir(tmp)
     if out.exists() or out.is_symlink():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         out.rename(old)

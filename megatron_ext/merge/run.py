@@ -31,7 +31,14 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
-from megatron_ext.checkpoint.atomic import LOCK_FILE, RESUME_FILE, CheckpointError, atomic_dir, fsync_tree
+from megatron_ext.checkpoint.atomic import (
+    LOCK_FILE,
+    PENDING_SUFFIX,
+    RESUME_FILE,
+    CheckpointError,
+    atomic_dir,
+    fsync_tree,
+)
 from megatron_ext.checkpoint.convert import convert
 from megatron_ext.checkpoint.direct_io import ALIGN
 from megatron_ext.checkpoint.export_files import hf_config_or_refusal, write_hf_files
@@ -434,15 +441,19 @@ def run_merge(job: MergeJob) -> Summary:
             else:
                 _write_torch_dist(tmp, items, job, parents, alignment, summary, out_cfg)
             provenance = _provenance(job, plan_id, parents, alignment, rope, summary)
-            _write_metadata(tmp, out_cfg, vox, merged_tok, alignment, provenance, job.out_format)
+            _write_metadata(tmp, merged_tok, alignment, provenance)
         except ParentError as exc:
             raise MergeError(str(exc)) from None
         if job.out_format == "hf":
             write_hf_files(tmp, out_cfg, merged_tok.get("audio"))
             shards.drop_states()  # until here a rerun resumes every finished shard
-            _record_files(tmp, provenance)  # every file but merge.json and the index (checked on load instead)
-            fsync_tree(tmp)  # the slow part of publishing, done before the index makes the directory loadable
-            shards.write_index(_index_metadata(provenance))  # last: only now does the partial look loadable
+            # Every file but merge.json, the index and config.json is recorded (sizes, sha256); the index and
+            # config.json make the directory loadable, so they come last and are checked on load instead;
+            # config.json takes its name only as the directory is published (`atomic.publish`).
+            _record_files(tmp, provenance)
+            fsync_tree(tmp)
+            shards.write_index(_index_metadata(provenance))
+            _write_json(tmp / f"config.json{PENDING_SUFFIX}", _hf_config(out_cfg, vox, provenance))
         else:
             _write_megatron_meta(tmp, out_cfg, parents, provenance)
             move_into_release(tmp)  # Megatron-LM's layout: release/ + latest_checkpointed_iteration.txt
@@ -686,25 +697,19 @@ def _provenance(
     }
 
 
-def _write_metadata(
-    tmp: Path,
-    cfg: ModelConfig,
-    vox: Parent,
-    merged_tok: dict,
-    alignment: TokenizerAlignment,
-    provenance: dict,
-    out_format: str,
-) -> None:
-    """Tokenizer, map and provenance for every format; config.json (rope_parameters) for HF output."""
+def _write_metadata(tmp: Path, merged_tok: dict, alignment: TokenizerAlignment, provenance: dict) -> None:
+    """Tokenizer, map and provenance for every format (an HF output's config.json comes last: `_hf_config`)."""
     write_tekken(merged_tok, tmp / TOKENIZER_FILE)
     (tmp / "tokenizer_map.json").write_text(alignment.model_dump_json(indent=2) + "\n")
     _write_json(tmp / PROVENANCE_FILE, provenance)
-    if out_format != "hf":
-        return
+
+
+def _hf_config(cfg: ModelConfig, vox: Parent, provenance: dict) -> dict:
+    """config.json of an HF output (rope_parameters, the parents' decoder dtype, the merge's record)."""
     hf = cfg.to_hf()  # checked before the tensors were written
     hf["dtype"] = str(vox.dtype(next(n for n in vox.names if classify(n).role == "decoder"))).removeprefix("torch.")
     hf["merge"] = {k: provenance[k] for k in ("method", "params", "rope_from", "tokenizer_map_sha256")}
-    _write_json(tmp / "config.json", hf)
+    return hf
 
 
 def _write_megatron_meta(tmp: Path, cfg: ModelConfig, parents: dict[str, Parent], provenance: dict) -> None:
