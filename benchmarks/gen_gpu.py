@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass
 
 from benchmarks.gpu_check import require_gpu
-from megatron_ext.config import DecoderConfig, ModelConfig, RopeConfig
+from megatron_ext.config import ModelConfig, mistral_small_decoder
 
-VOCAB = 131072  # Tekken's vocabulary (Mistral Small 3 / Devstral / Voxtral)
+VOCAB = mistral_small_decoder().vocab_size  # Tekken's vocabulary (Mistral Small 3 / Devstral / Voxtral)
 
 
 @dataclass
@@ -27,17 +27,7 @@ class GenResult:
 
 def slice_config(layers: int) -> ModelConfig:
     """Mistral Small 3's decoder geometry with `layers` layers and the full vocabulary, text only."""
-    decoder = DecoderConfig(
-        num_layers=layers,
-        hidden_size=5120,
-        ffn_hidden_size=32768,
-        num_attention_heads=32,
-        num_query_groups=8,
-        kv_channels=128,
-        vocab_size=VOCAB,
-        rope=RopeConfig(theta=1e8),
-    )
-    return ModelConfig(decoder, hf_architecture="mistral")
+    return ModelConfig(mistral_small_decoder(layers), hf_architecture="mistral")
 
 
 def run_generation(layers: int, batches: tuple[int, ...], prompt_len: int, new_tokens: int) -> list[GenResult]:
