@@ -175,15 +175,7 @@ def devstral2_params(cfg: ModelConfig) -> dict[str, Any]:
     d, rope = cfg.decoder, cfg.decoder.rope
     v = VISION
     return {
-        "dim": d.hidden_size,
-        "n_layers": d.num_layers,
-        "head_dim": d.kv_channels,
-        "hidden_dim": d.ffn_hidden_size,
-        "n_heads": d.num_attention_heads,
-        "n_kv_heads": d.num_query_groups,
-        "rope_theta": rope.theta,
-        "norm_eps": d.norm_eps,
-        "vocab_size": d.vocab_size,
+        **plain_params(cfg),
         "tied_embeddings": False,
         "max_position_embeddings": d.max_position_embeddings,
         "q_lora_rank": None,
@@ -229,15 +221,7 @@ def voxtral_params(cfg: ModelConfig) -> dict[str, Any]:
     d, e = cfg.decoder, cfg.encoder
     assert e is not None
     return {
-        "dim": d.hidden_size,
-        "n_layers": d.num_layers,
-        "head_dim": d.kv_channels,
-        "hidden_dim": d.ffn_hidden_size,
-        "n_heads": d.num_attention_heads,
-        "n_kv_heads": d.num_query_groups,
-        "rope_theta": d.rope.theta,
-        "norm_eps": d.norm_eps,
-        "vocab_size": d.vocab_size,
+        **plain_params(cfg),
         "max_seq_len": d.max_position_embeddings,
         "multimodal": {
             "whisper_model_args": {
@@ -264,12 +248,20 @@ def voxtral_params(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def plain_params(cfg: ModelConfig) -> dict[str, Any]:
-    """Devstral Small 2507's params.json: exactly its nine keys."""
+    """Devstral Small 2507's params.json: exactly its nine keys, the decoder block every published params.json
+    starts with (in this order)."""
     d = cfg.decoder
-    keys = ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "rope_theta", "norm_eps")
-    values = (d.hidden_size, d.num_layers, d.kv_channels, d.ffn_hidden_size, d.num_attention_heads)
-    values += (d.num_query_groups, d.rope.theta, d.norm_eps)
-    return dict(zip(keys, values, strict=True)) | {"vocab_size": d.vocab_size}
+    return {
+        "dim": d.hidden_size,
+        "n_layers": d.num_layers,
+        "head_dim": d.kv_channels,
+        "hidden_dim": d.ffn_hidden_size,
+        "n_heads": d.num_attention_heads,
+        "n_kv_heads": d.num_query_groups,
+        "rope_theta": d.rope.theta,
+        "norm_eps": d.norm_eps,
+        "vocab_size": d.vocab_size,
+    }
 
 
 def native_names(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
