@@ -37,7 +37,6 @@ from megatron_ext.checkpoint.atomic import (
     RESUME_FILE,
     CheckpointError,
     atomic_dir,
-    fsync_tree,
 )
 from megatron_ext.checkpoint.convert import convert
 from megatron_ext.checkpoint.direct_io import ALIGN
@@ -55,7 +54,6 @@ from megatron_ext.checkpoint.metadata import (
 )
 from megatron_ext.checkpoint.published import published_record
 from megatron_ext.checkpoint.safetensors_writer import PlannedShards, tensor_bytes
-from megatron_ext.checkpoint.source_hashes import source_sha256
 from megatron_ext.checkpoint.torch_dist_io import TorchDistWriter
 from megatron_ext.config import ModelConfig, RopeConfig
 from megatron_ext.errors import ProjectError
@@ -435,9 +433,6 @@ def run_merge(job: MergeJob) -> Summary:
         try:
             if job.out_format == "hf":
                 shards = _write_shards(tmp, items, job, parents, alignment, summary)
-                # Hash the shards now (cached for `_record_files`): not after config.json exists, which would
-                # widen the window in which a killed run leaves a directory that looks loadable.
-                source_sha256([tmp / name for name in shards.shards])
             else:
                 _write_torch_dist(tmp, items, job, parents, alignment, summary, out_cfg)
             provenance = _provenance(job, plan_id, parents, alignment, rope, summary)
@@ -449,9 +444,8 @@ def run_merge(job: MergeJob) -> Summary:
             shards.drop_states()  # until here a rerun resumes every finished shard
             # Every file but merge.json, the index and config.json is recorded (sizes, sha256); the index and
             # config.json make the directory loadable, so they come last and are checked on load instead;
-            # config.json takes its name only as the directory is published (`atomic.publish`).
+            # config.json takes its name only as the directory is published, after its fsync (`atomic.publish`).
             _record_files(tmp, provenance)
-            fsync_tree(tmp)
             shards.write_index(_index_metadata(provenance))
             _write_json(tmp / f"config.json{PENDING_SUFFIX}", _hf_config(out_cfg, vox, provenance))
         else:
