@@ -152,6 +152,19 @@ def test_resume_continues_exactly(runs) -> None:
     assert full.losses[4] < full.losses[1]  # and it learns
 
 
+def test_worker_processes_give_the_same_losses_and_resume_without_them(runs, env: dict[str, Path]) -> None:
+    """data.num_workers=2 for 3 steps, then resumed with num_workers=0: every loss equals the in-process run's
+    bit for bit (fp32 CPU)."""
+    from megatron_ext.training.sft import train
+
+    full, _ = runs
+    workers = {"data.num_workers": 2, "data.prefetch": 4}
+    first = train(tiny_cfg(env, "workers", **workers, **{"training.exit_after_iters": 3}))
+    rest = train(tiny_cfg(env, "workers"))
+    assert first.losses == {s: full.losses[s] for s in (1, 2, 3)}
+    assert rest.resumed_from == 3 and rest.losses == {4: full.losses[4]}
+
+
 def test_tensorboard_scalars_written(runs, env: dict[str, Path]) -> None:
     full, _ = runs
     scalars = read_scalars(env["root"] / "full" / "tb")

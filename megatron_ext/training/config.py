@@ -92,6 +92,8 @@ class DataSection:
     shuffle_buffer: int = 16
     overlong: str = "truncate"  # truncate | drop documents longer than seq_length
     system_prompt_with_audio: str = "merge"  # merge into the first user turn | error
+    num_workers: int = 0  # encoding worker processes per training process (0: encode in the training loop)
+    prefetch: int = 64  # documents encoded ahead per sequence stream (with num_workers > 0)
 
 
 @dataclass
@@ -226,6 +228,10 @@ def validate(cfg: TrainConfig) -> None:
             f"optimizer.warmup_steps={cfg.optimizer.warmup_steps} must be below the decay "
             f"steps ({decay}: optimizer.decay_steps, else training.train_iters)"
         )
+    if cfg.data.num_workers < 0:
+        raise TrainConfigError(f"data.num_workers: must be >= 0, got {cfg.data.num_workers}")
+    if cfg.data.prefetch < 1:
+        raise TrainConfigError(f"data.prefetch: must be >= 1, got {cfg.data.prefetch}")
     if not cfg.data.sources:
         raise TrainConfigError("data.sources: at least one training source is required")
     for group in ("sources", "validation"):

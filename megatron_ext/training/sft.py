@@ -299,7 +299,17 @@ def _train(cfg: TrainConfig) -> TrainResult:
 
     encoder = _chat_encoder(cfg, model_cfg, tokenizer_path)
     mel = (lambda wave: log_mel_chunks(wave)[0]) if model_cfg.encoder is not None else None
-    data = SFTData(cfg.data, t.seq_length, t.seed, encoder, mel, dp_rank, dp)
+    data = SFTData(
+        cfg.data,
+        t.seq_length,
+        t.seed,
+        encoder,
+        mel,
+        dp_rank,
+        dp,
+        num_streams=t.global_batch_size,
+        group=parallel_state.get_data_parallel_group(),
+    )
     n_sources = len(data.source_names)
 
     def sft_meta() -> CheckpointMeta:
@@ -414,6 +424,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
     ckpt.poll(blocking=True)
     ckpt.close()
     board.close()
+    data.close()
     result.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     result.frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     result.trainable_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
