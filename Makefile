@@ -10,7 +10,7 @@ BUILD ?= build
 TINY ?= $(BUILD)/tiny
 APT_PACKAGES := espeak-ng sox pocketsphinx-testdata
 
-.PHONY: venv system-deps tiny demo demo-convert convert bench bench-convert demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint format clean vllm-env synth bench-synth eval eval-data eval-model eval-sft eval-grid report demo-eval sft sft-dry-run demo-synth gpu-check
+.PHONY: venv system-deps tiny demo demo-convert convert bench bench-convert bench-loader demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint format clean vllm-env synth bench-synth eval eval-data eval-model eval-sft eval-grid report demo-eval sft sft-dry-run demo-synth gpu-check
 
 # ---- environment ---------------------------------------------------------------------------------
 # The pinned requirements first, then this project editable (--no-deps: torch stays the pinned CPU wheel):
@@ -80,7 +80,7 @@ convert: venv
 	$(PYTHON) tools/convert.py --input $(IN) --output $(OUT) --to $(TO) --tp $(TP) --pp $(PP)
 
 # All benchmarks, one after the other (each prints ratios against a baseline measured in the same run).
-bench: bench-convert bench-merge bench-synth
+bench: bench-convert bench-merge bench-synth bench-loader
 
 # Synthetic Mistral-Small-shaped checkpoint (~4.9 GB, 2 layers) in build/bench: ours vs disk floor; deleted afterwards.
 bench-convert: venv
@@ -155,6 +155,11 @@ demo-synth: venv
 
 bench-synth: venv
 	$(PYTHON) tools/bench_synth.py --input $(SYNTH_INPUT) --workdir $(BUILD)/bench-synth
+
+# SFT data loader, one training process: packed tokens/s for text chats and real-speech chats (decode + log-mel
+# + packing) in-process and with 1 and 2 worker processes, and the margin over one DP rank's need in the paper's run.
+bench-loader: venv system-deps
+	$(PYTHON) tools/bench_loader.py --workdir $(BUILD)/bench-loader --json $(BUILD)/bench_loader.json
 
 # ---- evaluation and report (tiny models; example benchmarks in examples/eval, voiced with espeak-ng) ----
 # `make eval` scores EVAL_MODEL (default: the tiny linear alpha=0.1 merge, built here) on every benchmark,
