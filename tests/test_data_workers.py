@@ -7,9 +7,12 @@ Batches are compared byte for byte (every tensor's bytes, every other field by v
 from __future__ import annotations
 
 import json
+import signal
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import torch
 
@@ -163,6 +166,20 @@ def test_worker_errors_name_the_sample_and_bad_positions_are_refused(chats, enco
     small.write_text("\n".join(lines[:3]) + "\n")
     with pytest.raises(DataSourceError, match="largest source has 3 samples, fewer than the 4 sequences"):
         _data({"text": small, "audio": small}, encoder, 0)
+
+
+def test_a_killed_worker_stops_the_loader_instead_of_hanging(chats, encoder) -> None:
+    before = {c.pid for c in psutil.Process().children()}
+    data = _data(chats, encoder, 2)
+    _steps(data, 1)
+    workers = [c for c in psutil.Process().children() if c.pid not in before]
+    assert len(workers) == 2
+    workers[0].send_signal(signal.SIGUSR1)  # SLURM's save signal reaching the whole process group: ignored
+    _steps(data, 1)
+    workers[0].kill()
+    with pytest.raises(BrokenProcessPool):
+        _steps(data, 3)
+    data.close()
 
 
 def test_worker_settings_are_checked(tmp_path: Path) -> None:

@@ -10,9 +10,10 @@ after a resume and the resume stays exact for any number of workers.
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from collections import deque
 from collections.abc import Callable
-from multiprocessing.pool import AsyncResult, Pool
+from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -69,12 +70,12 @@ class PoolFeed(InlineFeed):
         self,
         mixture: Mixture,
         encode: Callable[[DocRef], EncodedDoc],
-        submit: Callable[[DocRef], AsyncResult],
+        submit: Callable[[DocRef], Future],
         prefetch: int,
     ) -> None:
         super().__init__(mixture, encode)
         self.submit, self.prefetch = submit, prefetch
-        self.pending: deque[tuple[dict[str, Any], DocRef, AsyncResult]] = deque()  # (mixture state before, ...)
+        self.pending: deque[tuple[dict[str, Any], DocRef, Future]] = deque()  # (mixture state before it, ...)
 
     def _fill(self) -> None:
         while len(self.pending) < self.prefetch:
@@ -91,7 +92,7 @@ class PoolFeed(InlineFeed):
             raise StopIteration
         _, ref, result = self.pending.popleft()
         self._fill()
-        return ref, result.get()  # a worker's SampleError / DataSourceError is raised here, message intact
+        return ref, result.result()  # a worker's SampleError / DataSourceError is raised here, message intact
 
     def state_dict(self) -> dict[str, Any]:
         return self.pending[0][0] if self.pending else self.mixture.state_dict()
@@ -106,8 +107,11 @@ _worker_encoder: Callable[[int, int, int], EncodedDoc] | None = None
 
 
 def _init_worker(build: Callable[[], DocEncoder]) -> None:
-    """Pool initializer: one intra-op thread (as torch's DataLoader workers) and this worker's own sources."""
+    """Pool initializer: one intra-op thread (as torch's DataLoader workers), this worker's own sources, and
+    Ctrl-C / SLURM's SIGUSR1 left to the training process (which stops the pool)."""
     global _worker_encoder
+    for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
     torch.set_num_threads(1)
     _worker_encoder = build()
 
@@ -116,12 +120,13 @@ def _encode_job(stream: int, source: int, index: int) -> EncodedDoc:
     return _worker_encoder(stream, source, index)
 
 
-def start_pool(num_workers: int, build: Callable[[], DocEncoder]) -> Pool:
+def start_pool(num_workers: int, build: Callable[[], DocEncoder]) -> ProcessPoolExecutor:
     """`num_workers` forked processes, each encoding with `build()` (sources re-opened in the worker: file
-    handles are never shared across a fork)."""
-    return multiprocessing.get_context("fork").Pool(num_workers, _init_worker, (build,))
+    handles are never shared across a fork). A worker that dies breaks the pool: the training process gets
+    BrokenProcessPool instead of waiting forever."""
+    return ProcessPoolExecutor(num_workers, multiprocessing.get_context("fork"), _init_worker, (build,))
 
 
-def pool_submit(pool: Pool, stream: int) -> Callable[[DocRef], AsyncResult]:
+def pool_submit(pool: ProcessPoolExecutor, stream: int) -> Callable[[DocRef], Future]:
     """Submit function of one stream's PoolFeed."""
-    return lambda ref: pool.apply_async(_encode_job, (stream, ref.source, ref.index))
+    return lambda ref: pool.submit(_encode_job, stream, ref.source, ref.index)

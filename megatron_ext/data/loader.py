@@ -26,12 +26,15 @@ from megatron_ext.data.feed import DocEncoder, InlineFeed, PoolFeed, pool_submit
 from megatron_ext.data.mixture import Mixture
 from megatron_ext.data.packing import PackedSequence, Packer, collate
 from megatron_ext.data.sources import DataSourceError, open_source
-from megatron_ext.data.streams import stream_ratios, stream_seed, stream_shards
+from megatron_ext.data.streams import SourceShard, stream_ratios, stream_seed, stream_shards
 
 PAD_ID = 11  # Tekken <pad>
 
 
-def _open_streams(specs: list[tuple[str, str, str]], num_streams: int, streams: list[int]) -> dict[int, list]:
+def _open_streams(
+    specs: list[tuple[str, str, str]], num_streams: int, streams: list[int]
+) -> dict[int, list[SourceShard]]:
+    """The listed streams' shares of the sources (path, format, name), opened in this process."""
     return stream_shards([open_source(*spec) for spec in specs], num_streams, streams)
 
 
@@ -72,7 +75,7 @@ class SFTData:
         if data_cfg.num_workers > 0:
             build = partial(_worker_encoder, specs, self.num_streams, self.streams, encoder, mel)
             self.pool = start_pool(data_cfg.num_workers, build)
-            weakref.finalize(self, self.pool.terminate)
+            weakref.finalize(self, self.pool.shutdown, wait=False, cancel_futures=True)
         self.packers: dict[int, Packer] = {}
         for j in self.streams:
             mixture = Mixture(
@@ -163,6 +166,5 @@ class SFTData:
     def close(self) -> None:
         """Stop the worker processes (also done when the object is collected or the process exits)."""
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
