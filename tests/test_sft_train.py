@@ -301,6 +301,25 @@ def test_tp2_matches_tp1_for_5_steps(env: dict[str, Path]) -> None:
 
 
 @pytest.mark.slow
+def test_dp2_with_workers_trains_on_the_dp1_batches_and_stops_with_it(env: dict[str, Path]) -> None:
+    """DP=2 (2 ranks, 1 worker each) vs DP=1 in-process, every source with an epoch budget: the same global
+    batches, so the losses agree within 1e-6 relative, and both ranks stop with DP=1 when a stream runs out."""
+    common = {
+        "training.train_iters": 100,
+        "logging.eval_interval": 0,
+        "checkpoint.save_interval": 100,
+        "data.sources.0.epochs": 1.0,
+    }
+    cfg = ["--config", str(ROOT / "examples/configs/tiny_cpu.yaml")]
+    torchrun(1, cfg + overrides(env, "dp1", **common))
+    torchrun(2, cfg + overrides(env, "dp2", **common, **{"data.num_workers": 1}))
+    dp1, dp2 = (read_scalars(env["root"] / run / "tb")["train/loss"] for run in ("dp1", "dp2"))
+    assert 5 < len(dp1) < 100 and sorted(dp1) == sorted(dp2)
+    for step in dp1:
+        assert abs(dp2[step] - dp1[step]) <= 1e-6 * abs(dp1[step]), (step, dp1[step], dp2[step])
+
+
+@pytest.mark.slow
 def test_make_sft_style_run_loss_falls_over_50_steps(env: dict[str, Path]) -> None:
     """The tiny CPU recipe (2 ranks, TP=2, 50 steps): the loss falls; TensorBoard has every scalar."""
     cfg = ["--config", str(ROOT / "examples/configs/tiny_cpu.yaml")]

@@ -13,16 +13,13 @@ DP ranks when saved): the same on all ranks, and valid for any DP size on resume
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-import numpy as np
-import torch
 import torch.distributed as dist
 
 from megatron_ext.data.chat import ChatEncoder
-from megatron_ext.data.feed import DocEncoder, InlineFeed, PoolFeed, pool_submit, start_pool
+from megatron_ext.data.feed import DocEncoder, InlineFeed, Mel, PoolFeed, pool_submit, start_pool
 from megatron_ext.data.mixture import Mixture
 from megatron_ext.data.packing import PackedSequence, Packer, collate
 from megatron_ext.data.sources import DataSourceError, open_source
@@ -39,7 +36,7 @@ def _open_streams(
 
 
 def _worker_encoder(
-    specs: list[tuple[str, str, str]], num_streams: int, streams: list[int], encoder: ChatEncoder, mel: Any
+    specs: list[tuple[str, str, str]], num_streams: int, streams: list[int], encoder: ChatEncoder, mel: Mel | None
 ) -> DocEncoder:
     """A worker's document encoder over its own freshly opened sources."""
     return DocEncoder(_open_streams(specs, num_streams, streams), encoder, mel)
@@ -54,7 +51,7 @@ class SFTData:
         seq_length: int,
         seed: int,
         encoder: ChatEncoder,
-        mel: Callable[[np.ndarray], torch.Tensor] | None,
+        mel: Mel | None,
         dp_rank: int = 0,
         dp_size: int = 1,
         num_streams: int | None = None,
