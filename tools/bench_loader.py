@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{modality:5s} {workers} worker(s): {r.tokens_per_s:7.0f} tokens/s = "
                 f"{r.tokens_per_s / base.tokens_per_s:.2f}x in-process, margin {r.tokens_per_s / needed:.2f}x needed | "
-                f"{r.tokens_per_cpu_s:7.0f} tokens per CPU-s, training process {r.main_cpu_s / r.cpu_s:4.0%} of it, "
+                f"{r.tokens_per_cpu_s:7.0f} tokens per CPU-s (one core: {r.tokens_per_cpu_s / needed:.1f}x needed), "
+                f"training process {r.main_cpu_s / r.cpu_s:4.0%} of it, "
                 f"{r.cpu_s / r.wall_s:.2f} cores busy ({r.tokens} tokens in {r.wall_s:.1f} s)"
             )
             figures["cases"].append(
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                     "tokens_per_cpu_s": r.tokens_per_cpu_s,
                     "vs_in_process": r.tokens_per_s / base.tokens_per_s,
                     "margin": r.tokens_per_s / needed,
+                    "margin_per_core": r.tokens_per_cpu_s / needed,
                 }
             )
     if a.json:
