@@ -38,6 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts compared with 0")
     p.add_argument("--json", type=Path, help="also write the figures here")
     a = p.parse_args(argv)
+    for flag, value in (
+        ("--copies", a.copies),
+        ("--seq-length", a.seq_length),
+        ("--rows", a.rows),
+        *(("--workers", w) for w in a.workers),
+    ):
+        if value < 1:
+            p.error(f"{flag}: must be >= 1, got {value}")
     torch.set_num_threads(1)  # as under torchrun (OMP_NUM_THREADS=1) and in the loader's workers
     shutil.rmtree(a.workdir, ignore_errors=True)
     paths = prepare(a.workdir, a.input, a.copies)
