@@ -298,6 +298,9 @@ def test_swebench_ingest_is_tied_to_the_served_model(tmp_path, merged, tiny_dir,
     by_file.write_text(json.dumps({"resolved_ids": ["a__a-1"], "total_instances": 50}))
     assert ingest_swebench(by_file, merged, tmp_path / "r.jsonl", name="proxy").value == 1 / 50
     assert {r.checkpoint for r in load_results(tmp_path / "r.jsonl")} == {"linear-0.1", "proxy"}
+    by_file = tmp_path / f"hosted_vllm__{model}.run2.json"  # harness file of a prefixed model name
+    by_file.write_text(json.dumps({"resolved_ids": ["a__a-1", "b__b-2"], "total_instances": 500}))
+    assert ingest_swebench(by_file, merged, tmp_path / "r.jsonl").value == 2 / 500
     parent = served_name(tiny_dir / "voxtral-hf", "linear-0.1")  # the same name on another checkpoint
     assert parent != model and parent.startswith("linear-0.1@")
     for body, message in [

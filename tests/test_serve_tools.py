@@ -22,6 +22,7 @@ import torch
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from safetensors.torch import load_file, save_file
 
+from megatron_ext.cli.serve import main as serve_main
 from megatron_ext.eval.identity import served_name
 from megatron_ext.eval.prompts import load_tokenizer
 from megatron_ext.eval.tool_calls import split_tool_calls
@@ -114,8 +115,10 @@ def tool_server(tiny_dir, tmp_path_factory) -> Iterator[tuple[str, str, Path]]:
         proc.wait(timeout=30)
 
 
-def test_server_returns_openai_tool_calls(tool_server):
+def test_server_returns_openai_tool_calls(tool_server, capsys):
     url, model, checkpoint = tool_server
+    assert serve_main(["--checkpoint", str(checkpoint), "--print-name"]) == 0  # what to give vLLM, nothing loaded
+    assert capsys.readouterr().out == f"{model}\n"
     assert model.startswith("caller@") and httpx2.get(f"{url}/models", timeout=30).json()["data"][0]["id"] == model
     body = {"model": model, "messages": _conversation(CALLS), "tools": TOOLS, "max_tokens": 16}
     answer = httpx2.post(f"{url}/chat/completions", json=body, timeout=60).json()

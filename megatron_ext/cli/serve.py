@@ -1,6 +1,7 @@
 """Serve a checkpoint as a small OpenAI-compatible endpoint (greedy chat completions, text and input_audio).
 
   serve.py --checkpoint DIR [--name NAME] [--host 127.0.0.1] [--port 8000] [--dtype bf16] [--backend megatron|hf]
+  serve.py --checkpoint DIR [--name NAME] --print-name      (the served name only; nothing is loaded)
 
 Routes: GET /v1/models, POST /v1/chat/completions (one user message of `text` / `input_audio` parts, base64
 WAV as vLLM's Voxtral takes it, or a whole conversation with `tools`; `max_tokens`; greedy only; extra field
@@ -129,6 +130,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000, help="port (0: a free one, printed)")
     parser.add_argument("--backend", choices=("megatron", "hf"), default="megatron", help="in-process generator")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights and activations")
+    parser.add_argument(
+        "--print-name", action="store_true", help="print the served name (e.g. for vLLM's --served-model-name) and exit"
+    )
     return parser.parse_args(argv)
 
 
@@ -136,9 +140,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """megatron-ext-serve: load the checkpoint, listen, serve until interrupted."""
     args = parse_args(argv)
+    name = served_name(args.checkpoint, args.name)
+    if args.print_name:
+        print(name)
+        return 0
     tokenizer = load_tokenizer(args.checkpoint)
     generator = load_generator(args.checkpoint, args.backend, args.dtype)
-    name = served_name(args.checkpoint, args.name)
     server = ChatServer((args.host, args.port), generator, tokenizer, name)
     host, port = server.server_address[:2]
     print(f"serving {name} at http://{host}:{port}/v1", flush=True)

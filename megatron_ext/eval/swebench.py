@@ -41,7 +41,8 @@ def check_report_model(report: dict, path: Path, model: str) -> None:
     named = report.get("model_name_or_path")
     if named is None:
         harness_name = model.replace("/", "__")
-        if path.name.startswith(f"{harness_name}.") and path.name.endswith(".json"):
+        unprefixed = path.name.split("__", 1)[-1]  # `openai__NAME@FP.RUN.json` for model `openai/NAME@FP`
+        if any(n.startswith(f"{harness_name}.") for n in (path.name, unprefixed)) and path.name.endswith(".json"):
             return
         raise ValueError(
             f"{path}: the report names no model (no model_name_or_path, file name not {harness_name}.RUN_ID.json); "
