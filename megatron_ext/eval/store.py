@@ -78,15 +78,14 @@ def load_results(path: str | Path) -> list[Record]:
     return list(merged.values())
 
 
-def upsert(path: str | Path, record: Record) -> bool:
+def upsert(path: str | Path, record: Record) -> None:
     """Add `record` to a JSONL file, replacing any record with the same (checkpoint, benchmark); a stored
-    record equal to it in all but its creation time is left as it is. Returns whether the file was written."""
+    record equal to it in all but its creation time is left as it is (a rerun rewrites nothing)."""
     path = Path(path)
     stored = read_records(path) if path.exists() else []
     if any(_unstamped(r) == _unstamped(record) for r in stored):
-        return False
+        return
     write_jsonl(path, [asdict(r) for r in [*(r for r in stored if r.key != record.key), record]])
-    return True
 
 
 def _unstamped(record: Record) -> dict:
