@@ -209,20 +209,12 @@ eval-sft: eval-data
 	    $(EVAL_SFT_LABELS) --data $(EVAL_DATA)/$$b.jsonl $(EVAL_ARGS) $(EVAL_STORE) || exit 1; done; done
 
 # Every checkpoint of a merge grid (`make merge-grid`'s manifest) plus its two parents on every benchmark
-# (labels from each checkpoint's merge.json), then the report. Resumable: a rerun reuses finished predictions.
+# (labels from each checkpoint's merge.json), then the report (tools/eval_grid.py). Resumable: finished
+# predictions are reused, and a checkpoint whose predictions are all there is not even loaded.
 GRID_MANIFEST ?= $(MERGE_GRID_OUT)/manifest.json
-GRID_MANIFEST_READ = $(PYTHON) -c 'import json, sys; m = json.load(open(sys.argv[1])); \
-  print(*([r["output"] for r in m["runs"]] if sys.argv[2] == "runs" else [m[sys.argv[2]]]))' $(GRID_MANIFEST)
 eval-grid: eval-data
-	test -f $(GRID_MANIFEST) || { echo "no $(GRID_MANIFEST): run make merge-grid first"; exit 1; }
-	for ckpt in $$($(GRID_MANIFEST_READ) runs); do for b in $(AUDIO_BENCHES) mmlu_text; do \
-	  $(EVALUATE) $$b --checkpoint $$ckpt --label role=merge --data $(EVAL_DATA)/$$b.jsonl $(EVAL_ARGS) $(EVAL_STORE) \
-	  || exit 1; done; done
-	for b in $(AUDIO_BENCHES) mmlu_text; do $(EVALUATE) $$b --checkpoint $$($(GRID_MANIFEST_READ) voxtral) --name voxtral \
-	  --label role=parent --data $(EVAL_DATA)/$$b.jsonl $(EVAL_ARGS) $(EVAL_STORE) || exit 1; done
-	$(EVALUATE) mmlu_text --checkpoint $$($(GRID_MANIFEST_READ) devstral) --name devstral --label role=parent \
-	  --data $(EVAL_DATA)/mmlu_text.jsonl $(EVAL_ARGS) $(EVAL_STORE)
-	$(MAKE) report
+	$(PYTHON) tools/eval_grid.py --manifest $(GRID_MANIFEST) --data $(EVAL_DATA) $(EVAL_STORE) --report $(REPORT_DIR) \
+	  $(EVAL_ARGS)
 
 report: venv
 	$(PYTHON) tools/report.py --results $(EVAL_RESULTS) --output $(REPORT_DIR) \
