@@ -117,7 +117,10 @@ def _restore_rng(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _state(model: Any, optimizer: Any, scheduler: Any, loading: bool, optimizer_format: str, rng: bool = True):
+def _state(
+    model: Any, optimizer: Any, scheduler: Any, loading: bool, optimizer_format: str, rng: bool = True
+) -> dict[str, Any]:
+    """The sharded state dict saved (or, `loading`, the template loaded), the RNG states only with `rng`."""
     model_sd = model.sharded_state_dict()
     state = {
         "model": model_sd,
@@ -142,7 +145,7 @@ def _saved_layout(path: Path) -> tuple[str, dict[str, int] | None]:
     return LEGACY_OPTIMIZER_FORMAT, None if tp is None or pp is None else {"tp": tp, "pp": pp}
 
 
-def _check_reshardable(path: Path, optimizer_format: str, saved: dict[str, int] | None, here: dict[str, int]):
+def _check_reshardable(path: Path, optimizer_format: str, saved: dict[str, int] | None, here: dict[str, int]) -> None:
     """A dp_reshardable optimizer state resumes only at the TP and PP that saved it: refuse anything else."""
     if optimizer_format != LEGACY_OPTIMIZER_FORMAT:
         return
