@@ -13,7 +13,10 @@ sequence here (~2% of the FLOPs), so the measured compute is a slight overestima
 from __future__ import annotations
 
 import dataclasses
+import gc
 from typing import Any
+
+import torch
 
 from benchmarks.sft_gpu import run, slice_config
 from megatron_ext.config import ConfigError, DecoderConfig, ModelConfig, RopeConfig
@@ -183,6 +186,9 @@ def per_rank(
     comm = CommModel()
     out: dict[str, Any] = {"plan": plan(tp, layers, seq_length, docs, gpus, tiny=cpu)}
     for name, fp8 in PRECISIONS.items():
+        gc.collect()  # the previous run's model and optimizer (reference cycles through their config)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         measured = run(
             seq_length=seq_length,
             docs=docs,
