@@ -131,16 +131,16 @@ def test_dp_reshardable_checkpoint_resumes_at_its_layout_only(env: dict[str, Pat
     from megatron_ext.training.sft import train
 
     cfg = lambda run, **o: load_config(ROOT / "examples/configs/tiny_cpu.yaml", overrides(env, run, **o))  # noqa: E731
-    full = train(cfg("legacy-full", **{"training.train_iters": 4}))
+    full = train(cfg("legacy-full", **{"training.train_iters": 3}))
     with monkeypatch.context() as m:
         m.setattr(checkpointing, "OPTIMIZER_FORMAT", "dp_reshardable")
-        train(cfg("legacy", **{"training.train_iters": 4, "training.exit_after_iters": 2}))
+        train(cfg("legacy", **{"training.train_iters": 3, "training.exit_after_iters": 2}))
     common_pt = env["root"] / "legacy" / "iter_0000002" / "common.pt"
     common = load_common(common_pt)
     assert common.pop("content_metadata")["distrib_optim_sharding_type"] == "dp_reshardable"
     torch.save(common, common_pt)  # as saved before the content metadata existed
-    resumed = train(cfg("legacy", **{"training.train_iters": 4}))
-    assert resumed.resumed_from == 2 and [resumed.losses[s] for s in (3, 4)] == [full.losses[s] for s in (3, 4)]
+    resumed = train(cfg("legacy", **{"training.train_iters": 3}))
+    assert resumed.resumed_from == 2 and resumed.losses == {3: full.losses[3]}
 
     path = env["root"] / "legacy" / "iter_0000002"
     fmt, saved = checkpointing._saved_layout(path)

@@ -51,7 +51,7 @@ class ModelSection:
     freeze_encoder: bool = True
     freeze_projector: bool = False
     transformer_impl: str = "auto"  # auto | local | transformer_engine
-    gradient_accumulation_fusion: str = "auto"  # auto (on with Transformer Engine on GPU) | on | off
+    gradient_accumulation_fusion: str = "auto"  # auto (on with TE on GPU and Apex's wgrad kernel) | on | off
 
 
 @dataclass
@@ -183,14 +183,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         key = getattr(exc, "full_key", None)
         msg = str(exc).splitlines()[0]
         raise TrainConfigError(f"{key}: {msg}" if key else msg) from None
+    fusion = obj.model.gradient_accumulation_fusion
+    obj.model.gradient_accumulation_fusion = _YAML_SWITCH.get(fusion, fusion)
     validate(obj)
     return obj
 
 
 def validate(cfg: TrainConfig) -> None:
     """Value checks omegaconf's types cannot express."""
-    fusion = cfg.model.gradient_accumulation_fusion
-    cfg.model.gradient_accumulation_fusion = _YAML_SWITCH.get(fusion, fusion)
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
