@@ -51,11 +51,13 @@ class ModelSection:
     freeze_encoder: bool = True
     freeze_projector: bool = False
     transformer_impl: str = "auto"  # auto | local | transformer_engine
+    gradient_accumulation_fusion: str = "auto"  # auto (on with TE on GPU and Apex's wgrad kernel) | on | off
 
 
 @dataclass
 class ParallelSection:
     tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1  # decoder layers split in stages; encoder + projector on the first
     context_parallel_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
@@ -139,9 +141,12 @@ class TrainConfig:
 
 
 _ABSENT = object()
+# YAML 1.1 reads `on`/`off`/`true`/`false` as booleans, which a str field then holds as "True"/"False".
+_YAML_SWITCH = {"True": "on", "False": "off"}
 
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.transformer_impl": ("auto", "local", "transformer_engine"),
+    "model.gradient_accumulation_fusion": ("auto", "on", "off"),
     "optimizer.decay_style": ("cosine", "linear", "constant"),
     "data.overlong": ("truncate", "drop"),
     "data.system_prompt_with_audio": ("merge", "error"),
@@ -180,6 +185,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         key = getattr(exc, "full_key", None)
         msg = str(exc).splitlines()[0]
         raise TrainConfigError(f"{key}: {msg}" if key else msg) from None
+    fusion = obj.model.gradient_accumulation_fusion
+    obj.model.gradient_accumulation_fusion = _YAML_SWITCH.get(fusion, fusion)
     validate(obj)
     return obj
 
@@ -198,6 +205,7 @@ def validate(cfg: TrainConfig) -> None:
         "training.train_iters": cfg.training.train_iters,
         "training.loss_chunk_tokens": cfg.training.loss_chunk_tokens,
         "parallel.tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
+        "parallel.pipeline_model_parallel_size": cfg.parallel.pipeline_model_parallel_size,
         "parallel.context_parallel_size": cfg.parallel.context_parallel_size,
         "checkpoint.keep_last": cfg.checkpoint.keep_last,
         "checkpoint.save_interval": cfg.checkpoint.save_interval,
