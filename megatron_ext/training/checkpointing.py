@@ -1,7 +1,8 @@
 """Training checkpoints: model, optimizer, scheduler, RNG and data position in one torch_dist directory.
 
 `SAVE_DIR/iter_NNNNNNN/` is a Megatron-Core `dist_checkpointing` (torch_dist) checkpoint whose model keys
-are the naming contract's, plus `tekken.json` and `checkpoint_meta.json` (tool "sft"), so every saved step
+are the naming contract's, plus `tekken.json`, `checkpoint_meta.json` (tool "sft") and the run's resolved
+`config.yaml`, so every saved step
 is also a model checkpoint the other tools (convert, eval) read. The common state holds what Megatron-LM
 reads (`iteration`, `checkpoint_version`, an `args` namespace; the scheduler under `opt_param_scheduler`)
 next to ours (`extra`: data position, counters). It is written under rank 0's hidden
@@ -39,6 +40,7 @@ from megatron_ext.checkpoint.torch_dist_io import check_torch_dist
 
 ITER_RE = re.compile(r"^iter_(\d{7})$")
 OLD_LATEST = "latest"  # the pointer file of runs saved before the Megatron-LM tracker
+CONFIG_FILE = "config.yaml"  # the run's resolved configuration, in every saved step
 # Distributed-optimizer state as Megatron-LM saves it by default: one tensor per DP buffer, written and read
 # in parallel without gathering; resumable at another DP size, not another TP size.
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -104,10 +106,11 @@ class Checkpointer:
         async_save: bool,
         meta: Callable[[], CheckpointMeta],
         tokenizer: Path,
+        config_yaml: str | None = None,
     ) -> None:
         self.save_dir = Path(save_dir) if save_dir else None
         self.keep_last, self.async_save = keep_last, async_save
-        self.meta, self.tokenizer = meta, tokenizer
+        self.meta, self.tokenizer, self.config_yaml = meta, tokenizer, config_yaml
         self.queue = AsyncCallsQueue() if async_save else None
 
     def save(self, step: int, model: Any, optimizer: Any, scheduler: Any, extra: dict[str, Any]) -> None:
@@ -143,6 +146,8 @@ class Checkpointer:
     def _publish(self, tmp: Path, final: Path, step: int) -> None:
         shutil.copyfile(self.tokenizer, tmp / "tekken.json")
         write_meta(tmp, self.meta())
+        if self.config_yaml is not None:
+            (tmp / CONFIG_FILE).write_text(self.config_yaml)
         publish(tmp, final)
         write_tracker(self.save_dir, step)
         steps = sorted(p for p in self.save_dir.iterdir() if ITER_RE.match(p.name))
