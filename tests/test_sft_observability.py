@@ -26,6 +26,7 @@ from megatron_ext.training.signals import EXIT_SAVED_ON_SIGNAL
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "examples/configs/tiny_cpu.yaml"
+SBATCH = ROOT / "launch_scripts/train_slurm.sbatch"
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +256,9 @@ def reference(env: dict[str, Path]) -> dict[int, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("sig", "target"), [(signal.SIGUSR1, 1), (signal.SIGTERM, 0)])
+@pytest.mark.parametrize(
+    ("sig", "target"), [(signal.SIGUSR1, 1), (signal.SIGTERM, 0)], ids=["SIGUSR1-to-rank1", "SIGTERM-to-rank0"]
+)
 def test_two_ranks_stop_together_on_a_signal_to_one_rank(env, reference, sig: int, target: int) -> None:
     """The signal reaches one rank only: both save the same step and exit 75; the rerun resumes from it and its
     losses (float32 in TensorBoard) and final weights equal the uninterrupted run's exactly."""
@@ -290,3 +293,85 @@ def test_two_ranks_stop_together_on_a_signal_to_one_rank(env, reference, sig: in
     )
     assert ref.names() == final.names()
     assert all(torch.equal(ref.get(n), final.get(n)) for n in ref.names())
+
+
+# ---- the SLURM script's preemption path -------------------------------------------------------------------
+SRUN = r"""#!/usr/bin/env bash
+# stand-in for srun on one machine (see the test using it)
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$i "$@" &
+  pids+=($!)
+done
+trap 'kill -s USR1 "${pids[@]}" 2>/dev/null' USR1
+trap 'kill -s TERM "${pids[@]}" 2>/dev/null' TERM
+rc=0
+for pid in "${pids[@]}"; do
+  while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done
+  code=0; wait "$pid" || code=$?
+  if (( code > rc )); then rc=$code; fi
+done
+exit "$rc"
+"""
+
+SCONTROL = r"""#!/usr/bin/env bash
+# stand-in for scontrol: the node list's first host, and a record of requeue requests
+case "$1" in
+  show) echo 127.0.0.1 ;;
+  requeue) echo "requeue $2" >> "$SCONTROL_LOG" ;;
+  *) exit 1 ;;
+esac
+"""
+
+
+def _slurm_env(tmp_path: Path, config_env: dict[str, str]) -> dict[str, str]:
+    stubs = tmp_path / "slurm-bin"
+    stubs.mkdir(exist_ok=True)
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
+    return {
+        **os.environ,
+        "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "node001",
+        "SLURM_NNODES": "1",
+        "SLURM_NTASKS": "2",
+        "GPUS_PER_NODE": "2",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+        "MASTER_PORT": str(_free_port()),
+        "PYTHON": sys.executable,
+        "SCONTROL_LOG": str(tmp_path / "scontrol.log"),
+        **config_env,
+    }
+
+
+@pytest.mark.slow
+def test_slurm_script_saves_on_usr1_requeues_and_the_requeued_job_resumes(env, reference, tmp_path: Path) -> None:
+    """launch_scripts/train_slurm.sbatch with stand-ins for srun and scontrol (no SLURM here; they do what the
+    script relies on: srun starts SLURM_NTASKS tasks with their SLURM_PROCID/SLURM_LOCALID, forwards signals to
+    them and exits with the highest task code; scontrol names the node and records a requeue). USR1 to the batch
+    shell -> every rank saves -> exit 75 -> `scontrol requeue` -> the requeued job resumes exactly."""
+    run_env = _slurm_env(tmp_path, {"CONFIG": str(TINY_CONFIG)})
+    args = ["bash", str(SBATCH), *overrides(env, "slurm", **TWO_RANKS)]
+    job = subprocess.Popen(args, cwd=tmp_path, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(job.stdout), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 600
+    while not any(" step 2/12 " in line for line in lines):
+        assert job.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@300` does: the batch shell only
+    assert job.wait(timeout=600) == EXIT_SAVED_ON_SIGNAL, "".join(lines)[-3000:]
+    reader.join(timeout=60)
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    saved = [p.name for p in (env["root"] / "slurm").iterdir() if p.name.startswith("iter_")]
+    assert len(saved) == 1 and saved[0] < "iter_0000012", saved
+
+    again = subprocess.run(args, cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"(step {int(saved[0].removeprefix('iter_'))})" in again.stdout + again.stderr
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"  # a finished job is not requeued
+    assert read_scalars(env["root"] / "slurm" / "tb")["train/loss"] == reference

@@ -4,9 +4,11 @@
 model (encoder frozen), load the start checkpoint -> Megatron DDP, `get_megatron_optimizer` (distributed
 optimizer), `OptimizerParamScheduler` (warmup + cosine to min-lr ratio) -> resume from the newest
 checkpoint in save_dir if any -> loop: one global batch through `get_forward_backward_func`
-(micro-batches from `num_microbatches_calculator`), optimizer step, scheduler step, TensorBoard scalars,
-periodic validation and checkpoints. The loss (one `loss_func`) is the mean cross entropy over the global
-batch's supervised (assistant) tokens, computed chunk by chunk (see `loss.py`).
+(micro-batches from `num_microbatches_calculator`), optimizer step, scheduler step, periodic validation and
+checkpoints, TensorBoard scalars with per-phase timers (`timers`). SIGUSR1/SIGTERM stop the run after a save
+at the next step boundary (`signals`); `training.profile_steps` traces a step range (`profiling`). The loss
+(one `loss_func`) is the mean cross entropy over the global batch's supervised (assistant) tokens, computed
+chunk by chunk (see `loss.py`).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from megatron_ext.data.sources import open_source
 from megatron_ext.models.build import BuildConfig, FP8Config, build_model
 from megatron_ext.models.loading import load_full_tensors
 from megatron_ext.models.tokens import check_audio_token
-from megatron_ext.training.checkpointing import Checkpointer, latest_checkpoint
+from megatron_ext.training.checkpointing import Checkpointer, iter_dir, latest_checkpoint
 from megatron_ext.training.checks import StartupError, startup_checks
 from megatron_ext.training.config import TrainConfig, to_yaml
 from megatron_ext.training.loss import supervised_token_losses
@@ -359,9 +361,9 @@ def _train(cfg: TrainConfig, stop: StopSignal) -> TrainResult:
             if rank == 0:
                 log.info("data exhausted after step %d", step - 1)
             break
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
         with timers.phase("forward_backward"):
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
             outputs = forward_backward(
                 forward_step_func=step_fn,
                 data_iterator=iter(batches),
@@ -447,7 +449,12 @@ def _train(cfg: TrainConfig, stop: StopSignal) -> TrainResult:
                 )
         if result.stopped_by:
             if rank == 0:
-                log.warning("%s received: stopping after step %d", result.stopped_by, step)
+                saved = (
+                    f"saved {iter_dir(Path(cfg.checkpoint.save_dir), step)}"
+                    if cfg.checkpoint.save_dir
+                    else "no save_dir"
+                )
+                log.warning("%s received: stopping after step %d (%s)", result.stopped_by, step, saved)
             break
     profiler.close()
     ckpt.poll(blocking=True)
