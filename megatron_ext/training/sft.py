@@ -325,13 +325,14 @@ def _train(cfg: TrainConfig, stop: StopSignal) -> TrainResult:
             extra={"sft_config": to_yaml(cfg)},
         )
 
+    resolved = to_yaml(cfg)  # in every checkpoint (config.yaml) and in TensorBoard
     ckpt = Checkpointer(
         cfg.checkpoint.save_dir,
         cfg.checkpoint.keep_last,
         cfg.checkpoint.async_save,
         sft_meta,
         tokenizer_path,
-        config_yaml=to_yaml(cfg),
+        config_yaml=resolved,
     )
     start, resumed_from = 0, None
     resume = latest_checkpoint(cfg.checkpoint.save_dir) if cfg.checkpoint.resume else None
@@ -343,7 +344,7 @@ def _train(cfg: TrainConfig, stop: StopSignal) -> TrainResult:
             log.info("resumed from %s (step %d)", resume, start)
 
     board = TensorBoard(cfg.logging.tensorboard_dir, rank)
-    board.text("config", to_yaml(cfg))
+    board.text("config", resolved)
     timers = StepTimers()
     profiler = StepProfiler(t.profile_steps, cfg.checkpoint.save_dir or cfg.logging.tensorboard_dir, rank)
     forward_backward = get_forward_backward_func()
@@ -384,9 +385,9 @@ def _train(cfg: TrainConfig, stop: StopSignal) -> TrainResult:
         if cfg.logging.eval_interval and (step % cfg.logging.eval_interval == 0 or step == last):
             with timers.phase("validation"):
                 val = _validate(cfg, data, ddp, forward_backward, step_fn, n_sources)
-            if val is not None:
-                result.validation[step] = val
-                board.scalars(step, {"val/loss": val})
+                if val is not None:
+                    result.validation[step] = val
+                    board.scalars(step, {"val/loss": val})
         with timers.phase("checkpoint"):
             result.stopped_by = stop.agreed()
             if cfg.checkpoint.save_dir and (
