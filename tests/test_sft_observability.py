@@ -4,6 +4,7 @@ TensorBoard and in every checkpoint, the distributed timeout. Two-rank runs (own
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -76,6 +78,20 @@ class _SignalAtLogLine(logging.Handler):
             os.kill(os.getpid(), self.sig)
 
 
+@contextlib.contextmanager
+def signal_at_step_log(sig: int, step: int) -> Iterator[None]:
+    """While active, the trainer's "step N/..." log line (rank 0, this process) raises `sig` in this process."""
+    logger, trigger = logging.getLogger("megatron_ext.training.sft"), _SignalAtLogLine(sig, step)
+    level = logger.level
+    logger.addHandler(trigger)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(trigger)
+        logger.setLevel(level)
+
+
 # ---- one process, in this test's process ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def single(env: dict[str, Path]):
@@ -88,15 +104,8 @@ def single(env: dict[str, Path]):
             TINY_CONFIG, overrides(env, "full", **{"training.profile_steps": "[2,3]", "logging.eval_interval": 4})
         )
     )
-    logger, trigger = logging.getLogger("megatron_ext.training.sft"), _SignalAtLogLine(signal.SIGUSR1, 2)
-    level = logger.level
-    logger.addHandler(trigger)
-    logger.setLevel(logging.INFO)
-    try:
+    with signal_at_step_log(signal.SIGUSR1, 2):
         stopped = train(load_config(TINY_CONFIG, overrides(env, "stopped", **{"logging.eval_interval": 4})))
-    finally:
-        logger.removeHandler(trigger)
-        logger.setLevel(level)
     # what a save killed mid-way leaves behind: a hidden partial of the next step, never resumed from
     partial = env["root"] / "stopped" / ".iter_0000004.partial-otherhost-1"
     partial.mkdir()
@@ -115,6 +124,21 @@ def test_signal_saves_at_next_step_and_resume_is_bit_identical(single, env: dict
         full.losses[s] for s in range(1, 6)
     ]  # float64, bit for bit
     assert resumed.validation == full.validation
+
+
+def test_cli_exit_code_after_a_signal(env: dict[str, Path], capsys) -> None:
+    """tools/train.py exits 75 after a stop signal with a save, and refuses (exit 2, one line) without a save_dir."""
+    from megatron_ext.cli.train import main
+
+    args = ["--config", str(TINY_CONFIG), *overrides(env, "cli", **{"training.train_iters": 3})]
+    with signal_at_step_log(signal.SIGTERM, 1):
+        assert main(args) == EXIT_SAVED_ON_SIGNAL
+    assert (env["root"] / "cli" / "iter_0000002" / "config.yaml").is_file()
+    with signal_at_step_log(signal.SIGTERM, 1):
+        assert main([*args, "checkpoint.save_dir=null", "checkpoint.resume=false"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: stopped by SIGTERM with nothing saved: checkpoint.save_dir is not set"
+    )
 
 
 def test_phase_timers_add_up_to_the_step_time(single, env: dict[str, Path]) -> None:

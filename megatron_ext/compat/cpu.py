@@ -278,8 +278,7 @@ def init_distributed(
 
     apply_cpu_patches()
     timeout = {} if timeout_minutes is None else {"timeout": timedelta(minutes=timeout_minutes)}
-    if timeout_minutes is not None:
-        parallel_kwargs["distributed_timeout_minutes"] = timeout_minutes
+    group_timeout = {} if timeout_minutes is None else {"distributed_timeout_minutes": timeout_minutes}
     if not dist.is_initialized():
         backend = "gloo" if cpu_only() else "nccl"
         if "WORLD_SIZE" in os.environ:  # torchrun or a test spawning ranks: MASTER_ADDR/PORT come from the env
@@ -292,7 +291,11 @@ def init_distributed(
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp, **parallel_kwargs
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        **group_timeout,
+        **parallel_kwargs,
     )
     model_parallel_cuda_manual_seed(seed)
 

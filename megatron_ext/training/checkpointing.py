@@ -1,8 +1,7 @@
 """Training checkpoints: model, optimizer, scheduler, RNG and data position in one torch_dist directory.
 
 `SAVE_DIR/iter_NNNNNNN/` is a Megatron-Core `dist_checkpointing` (torch_dist) checkpoint whose model keys
-are the naming contract's, plus `tekken.json`, `checkpoint_meta.json` (tool "sft") and the run's resolved
-`config.yaml`, so every saved step
+are the naming contract's, plus `tekken.json` and `checkpoint_meta.json` (tool "sft"), so every saved step
 is also a model checkpoint the other tools (convert, eval) read. The common state holds what Megatron-LM
 reads (`iteration`, `checkpoint_version`, an `args` namespace; the scheduler under `opt_param_scheduler`)
 next to ours (`extra`: data position, counters). It is written under rank 0's hidden
@@ -13,6 +12,7 @@ no lock file is held inside (Megatron-Core warns about saving into a non-empty o
 before it have a `latest` file, still read on resume), and only the newest `keep_last` are kept. With
 `async_save` the tensor writing runs in Megatron-Core's background writer and the publishing/metadata/cleanup
 happen when the save is finalised (next steps or at exit).
+Each saved step also holds the run's resolved `config.yaml` (when the trainer passes it).
 """
 
 from __future__ import annotations
