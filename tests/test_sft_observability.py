@@ -310,7 +310,10 @@ def test_two_ranks_stop_together_on_a_signal_to_one_rank(env, reference, sig: in
     results = finish(launch(env, run, **TWO_RANKS))
     assert [rc for rc, _ in results] == [0, 0], results[0][1][-3000:]
     assert f"resumed from {env['root'] / run / saved[0]} (step {stopped_at})" in results[0][1]
-    assert read_scalars(env["root"] / run / "tb")["train/loss"] == reference
+    scalars = read_scalars(env["root"] / run / "tb")
+    assert scalars["train/loss"] == reference
+    spread, step_max = scalars["timers/step_spread_s"], scalars["timers/step_s"]
+    assert all(0 <= spread[s] <= step_max[s] for s in spread) and max(spread.values()) > 0  # two ranks differ
     final, ref = (
         TorchDistReader(env["root"] / run / "iter_0000012"),
         TorchDistReader(env["root"] / "ref2" / "iter_0000012"),
