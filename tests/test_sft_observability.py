@@ -192,6 +192,24 @@ def test_config_checks_profile_steps_and_timeout(env: dict[str, Path]) -> None:
         cfg(**{"parallel.distributed_timeout_minutes": 0})
 
 
+def test_stop_signal_is_recorded_here_and_kills_a_forked_child() -> None:
+    """The training process records SIGTERM; a child forked while the handler is active (a data worker) still
+    dies of it, so a pool can terminate its workers."""
+    import multiprocessing
+
+    from megatron_ext.training.signals import StopSignal
+
+    with StopSignal() as stop:
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+        child.start()
+        time.sleep(0.2)
+        child.terminate()  # SIGTERM
+        child.join(timeout=30)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs at the next bytecode boundary of the main thread
+    assert child.exitcode == -signal.SIGTERM and stop.received == signal.SIGTERM
+
+
 # ---- the distributed timeout reaches the process group --------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:

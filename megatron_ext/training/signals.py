@@ -9,6 +9,7 @@ launch_scripts/train_slurm.sbatch requeues on (75: EX_TEMPFAIL, "try again later
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from types import FrameType
@@ -21,11 +22,13 @@ EXIT_SAVED_ON_SIGNAL = 75
 
 
 class StopSignal:
-    """Context manager: while active, SIGUSR1/SIGTERM set a flag instead of killing the process."""
+    """Context manager: while active, SIGUSR1/SIGTERM set a flag instead of killing this process (processes
+    forked meanwhile, such as data workers, keep the default action)."""
 
     def __init__(self) -> None:
         self.received = 0  # signal number, 0 = none
         self._previous: dict[int, object] = {}
+        self._owner = os.getpid()
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():  # Python installs handlers there only
@@ -39,6 +42,10 @@ class StopSignal:
         self._previous.clear()
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._owner:  # a forked child (e.g. a data worker): the default action, as without us
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         self.received = self.received or signum
 
     def agreed(self) -> str | None:
