@@ -260,11 +260,14 @@ $(VLLM_VENV)/.installed: requirements-vllm.txt constraints.txt
 test-gpu:
 	NVIDIA_TF32_OVERRIDE=0 $(PYTEST) -q -m gpu tests
 
-# Formatting and lint over all Python code (run by .ci/run before the tests); `make format` applies the fixes.
+# Formatting and lint over all Python code (run by .ci/run before the tests), shellcheck over the launch scripts;
+# `make format` applies the Python fixes.
 LINT_PATHS := megatron_ext benchmarks tools tests
+SHELL_SCRIPTS := $(wildcard launch_scripts/*.sh launch_scripts/*.sbatch)
 lint: venv
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/shellcheck $(SHELL_SCRIPTS)
 
 format: venv
 	$(VENV)/bin/ruff format $(LINT_PATHS)

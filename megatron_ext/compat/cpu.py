@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -272,25 +273,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234, **parallel_kwargs: Any) -> None:
+def init_distributed(
+    tp: int = 1,
+    pp: int = 1,
+    cp: int = 1,
+    seed: int = 1234,
+    timeout_minutes: float | None = None,
+    **parallel_kwargs: Any,
+) -> None:
     """Start gloo (from torchrun's RANK/WORLD_SIZE env, else a single process) and Megatron's parallel state.
 
+    `timeout_minutes`: how long a collective may wait before it fails (None: torch's and Megatron's defaults).
     Re-entrant: with a process group already up it only re-initialises parallel_state (new TP/PP/CP sizes)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     apply_cpu_patches()
+    timeout = {} if timeout_minutes is None else {"timeout": timedelta(minutes=timeout_minutes)}
+    group_timeout = {} if timeout_minutes is None else {"distributed_timeout_minutes": timeout_minutes}
     if not dist.is_initialized():
         backend = "gloo" if cpu_only() else "nccl"
         if "WORLD_SIZE" in os.environ:  # torchrun or a test spawning ranks: MASTER_ADDR/PORT come from the env
-            dist.init_process_group(backend, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group(backend, rank=rank, world_size=world, **timeout)
         else:  # a lone process: a private port, nothing written to the environment (children may start their own)
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+            init = f"tcp://127.0.0.1:{_free_port()}"
+            dist.init_process_group(backend, init_method=init, rank=0, world_size=1, **timeout)
         if not cpu_only():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp, **parallel_kwargs
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        **group_timeout,
+        **parallel_kwargs,
     )
     model_parallel_cuda_manual_seed(seed)
 

@@ -12,6 +12,7 @@ no lock file is held inside (Megatron-Core warns about saving into a non-empty o
 before it have a `latest` file, still read on resume), and only the newest `keep_last` are kept. With
 `async_save` the tensor writing runs in Megatron-Core's background writer and the publishing/metadata/cleanup
 happen when the save is finalised (next steps or at exit).
+Each saved step also holds the run's resolved `config.yaml` (when the trainer passes it).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 ITER_RE = re.compile(r"^iter_(\d{7})$")
 OLD_LATEST = "latest"  # the pointer file of runs saved before the Megatron-LM tracker
+CONFIG_FILE = "config.yaml"  # the run's resolved configuration, in every saved step
 # Distributed-optimizer state in model space ('fully_reshardable'): each parameter's fp32 copy and Adam moments
 # under the parameter's own key and global shape, so a resume may change TP, PP and DP. Saving gathers a
 # TP/PP shard's state over its DP group into host memory (12 bytes per parameter of the shard on every rank;
@@ -167,10 +169,11 @@ class Checkpointer:
         async_save: bool,
         meta: Callable[[], CheckpointMeta],
         tokenizer: Path,
+        config_yaml: str | None = None,
     ) -> None:
         self.save_dir = Path(save_dir) if save_dir else None
         self.keep_last, self.async_save = keep_last, async_save
-        self.meta, self.tokenizer = meta, tokenizer
+        self.meta, self.tokenizer, self.config_yaml = meta, tokenizer, config_yaml
         self.queue = AsyncCallsQueue() if async_save else None
 
     def save(self, step: int, model: Any, optimizer: Any, scheduler: Any, extra: dict[str, Any]) -> None:
@@ -207,6 +210,8 @@ class Checkpointer:
     def _publish(self, tmp: Path, final: Path, step: int) -> None:
         shutil.copyfile(self.tokenizer, tmp / "tekken.json")
         write_meta(tmp, self.meta())
+        if self.config_yaml is not None:
+            (tmp / CONFIG_FILE).write_text(self.config_yaml)
         publish(tmp, final)
         write_tracker(self.save_dir, step)
         steps = sorted(p for p in self.save_dir.iterdir() if ITER_RE.match(p.name))

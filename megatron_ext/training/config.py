@@ -61,6 +61,7 @@ class ParallelSection:
     context_parallel_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
+    distributed_timeout_minutes: float = 10.0  # a collective waiting longer fails the run (NCCL / gloo)
 
 
 @dataclass
@@ -110,6 +111,7 @@ class TrainingSection:
     recompute: str = "none"  # none | full | selective
     loss_chunk_tokens: int = 4096  # supervised tokens per LM-head/cross-entropy chunk
     exit_after_iters: int | None = None  # stop early (the schedule still spans train_iters)
+    profile_steps: list[int] | None = None  # [first, last]: torch.profiler trace per rank over these steps
 
 
 @dataclass
@@ -259,12 +261,28 @@ def validate(cfg: TrainConfig) -> None:
             raise TrainConfigError(f"data.{group}: duplicate source name {sorted(dupes)[0]!r}")
     if not any(s.ratio > 0 for s in cfg.data.sources):
         raise TrainConfigError("data.sources: every ratio is 0")
+    _validate_observability(cfg)
     if cfg.parallel.sequence_parallel and cfg.parallel.tensor_model_parallel_size == 1:
         raise TrainConfigError("parallel.sequence_parallel: needs tensor_model_parallel_size > 1")
     if cfg.model.rope_override and cfg.model.rope is None:
         raise TrainConfigError("model.rope_override: true needs a model.rope section")
     if cfg.model.rope is not None:
         rope_config(cfg.model.rope)
+
+
+def _validate_observability(cfg: TrainConfig) -> None:
+    """The distributed timeout and the profiler step range."""
+    timeout = cfg.parallel.distributed_timeout_minutes
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise TrainConfigError(f"parallel.distributed_timeout_minutes: must be a finite number > 0, got {timeout}")
+    steps = cfg.training.profile_steps
+    if steps is not None:
+        if len(steps) != 2 or not 1 <= steps[0] <= steps[1]:
+            raise TrainConfigError(
+                f"training.profile_steps: must be [first, last] with 1 <= first <= last, got {steps}"
+            )
+        if not (cfg.checkpoint.save_dir or cfg.logging.tensorboard_dir):
+            raise TrainConfigError("training.profile_steps: needs checkpoint.save_dir or logging.tensorboard_dir")
 
 
 def rope_config(section: RopeSection) -> RopeConfig:

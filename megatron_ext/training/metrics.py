@@ -1,4 +1,4 @@
-"""Training FLOPs (causal convention) and the TensorBoard writer (rank 0 only).
+"""Training FLOPs (causal convention) and the TensorBoard writer (rank 0 only: scalars and text).
 
 FLOPs of one training step, counted as fwd + bwd = 3 x forward (frozen parts: forward only):
 - decoder matmuls: 6 x N_matmul per token (N_matmul = qkv, out-proj, SwiGLU fc1/fc2 of every layer);
@@ -65,6 +65,11 @@ class TensorBoard:
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(name, value, step)
+
+    def text(self, tag: str, text: str) -> None:
+        """A text entry (markdown; `text` is shown verbatim as a code block), e.g. the resolved config."""
+        if self.writer is not None:
+            self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()), 0)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -4,9 +4,11 @@
 model (encoder frozen), load the start checkpoint -> Megatron DDP, `get_megatron_optimizer` (distributed
 optimizer), `OptimizerParamScheduler` (warmup + cosine to min-lr ratio) -> resume from the newest
 checkpoint in save_dir if any -> loop: one global batch through `get_forward_backward_func`
-(micro-batches from `num_microbatches_calculator`), optimizer step, scheduler step, TensorBoard scalars,
-periodic validation and checkpoints. The loss (one `loss_func`) is the mean cross entropy over the global
-batch's supervised (assistant) tokens, computed chunk by chunk (see `loss.py`).
+(micro-batches from `num_microbatches_calculator`), optimizer step, scheduler step, periodic validation and
+checkpoints, TensorBoard scalars with per-phase timers (`timers`). SIGUSR1/SIGTERM stop the run after a save
+at the next step boundary (`signals`); `training.profile_steps` traces a step range (`profiling`). The loss
+(one `loss_func`) is the mean cross entropy over the global batch's supervised (assistant) tokens, computed
+chunk by chunk (see `loss.py`).
 """
 
 from __future__ import annotations
@@ -50,12 +52,15 @@ from megatron_ext.models.build import BuildConfig, FP8Config, build_model
 from megatron_ext.models.loading import load_full_tensors
 from megatron_ext.models.specs import resolve_backend
 from megatron_ext.models.tokens import check_audio_token
-from megatron_ext.training.checkpointing import Checkpointer, latest_checkpoint
+from megatron_ext.training.checkpointing import Checkpointer, iter_dir, latest_checkpoint
 from megatron_ext.training.checks import StartupError, gradient_accumulation_fusion, startup_checks
 from megatron_ext.training.config import TrainConfig, to_yaml
 from megatron_ext.training.loss import supervised_token_losses
 from megatron_ext.training.metrics import TensorBoard, step_flops
 from megatron_ext.training.pipeline import from_last_stage, schedule_shape
+from megatron_ext.training.profiling import StepProfiler
+from megatron_ext.training.signals import StopSignal
+from megatron_ext.training.timers import StepTimers, log_text, over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +76,8 @@ class TrainResult:
     frozen: list[str] = dataclasses.field(default_factory=list)
     trainable_numel: int = 0
     optimizer_state_numel: int = 0  # this DP group's Adam exp_avg elements (= trainable numel on this TP rank)
+    stopped_by: str | None = None  # the signal (SIGUSR1 / SIGTERM) that stopped the run after a save
+    timings: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)  # this rank's phases per step
 
 
 # ---- model / optimizer -------------------------------------------------------------------------------
@@ -287,19 +294,23 @@ def _chat_encoder(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer_path: Path
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run SFT as configured (call under torchrun for several ranks); returns the losses seen."""
-    t = cfg.training
     p = cfg.parallel
-    init_distributed(
-        tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, cp=p.context_parallel_size, seed=t.seed
-    )
-    try:
-        return _train(cfg)
-    finally:
-        destroy_num_microbatches_calculator()
-        destroy_distributed()
+    with StopSignal() as stop:  # from the start: a signal during startup stops after the first step
+        init_distributed(
+            tp=p.tensor_model_parallel_size,
+            pp=p.pipeline_model_parallel_size,
+            cp=p.context_parallel_size,
+            seed=cfg.training.seed,
+            timeout_minutes=p.distributed_timeout_minutes,
+        )
+        try:
+            return _train(cfg, stop)
+        finally:
+            destroy_num_microbatches_calculator()
+            destroy_distributed()
 
 
-def _train(cfg: TrainConfig) -> TrainResult:
+def _train(cfg: TrainConfig, stop: StopSignal) -> TrainResult:
     t = cfg.training
     rank = dist.get_rank()
     model_cfg, meta, tokenizer_path = startup_checks(cfg)
@@ -349,8 +360,14 @@ def _train(cfg: TrainConfig) -> TrainResult:
             extra={"sft_config": to_yaml(cfg)},
         )
 
+    resolved = to_yaml(cfg)  # in every checkpoint (config.yaml) and in TensorBoard
     ckpt = Checkpointer(
-        cfg.checkpoint.save_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save, sft_meta, tokenizer_path
+        cfg.checkpoint.save_dir,
+        cfg.checkpoint.keep_last,
+        cfg.checkpoint.async_save,
+        sft_meta,
+        tokenizer_path,
+        config_yaml=resolved,
     )
     start, resumed_from = 0, None
     resume = latest_checkpoint(cfg.checkpoint.save_dir) if cfg.checkpoint.resume else None
@@ -362,36 +379,61 @@ def _train(cfg: TrainConfig) -> TrainResult:
             log.info("resumed from %s (step %d)", resume, start)
 
     board = TensorBoard(cfg.logging.tensorboard_dir, rank)
+    board.text("config", resolved)
+    timers = StepTimers()
+    profiler = StepProfiler(t.profile_steps, cfg.checkpoint.save_dir or cfg.logging.tensorboard_dir, rank)
     forward_backward = get_forward_backward_func()
     step_fn = partial(_forward_step, cfg, n_sources)
     result = TrainResult({}, {}, resumed_from)
     last = min(t.train_iters, t.exit_after_iters or t.train_iters)
     for step in range(start + 1, last + 1):
+        profiler.begin(step)
+        timers.start_step()
         started = time.perf_counter()
         try:
-            batches = data.step_batches(get_num_microbatches(), t.micro_batch_size)
+            with timers.phase("data"):
+                batches = data.step_batches(get_num_microbatches(), t.micro_batch_size)
         except StopIteration:
             if rank == 0:
                 log.info("data exhausted after step %d", step - 1)
             break
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        outputs = forward_backward(
-            forward_step_func=step_fn,
-            data_iterator=iter(batches),
-            model=[ddp],
-            num_microbatches=len(batches),
-            **_p2p_shape(cfg, ddp),
-            forward_only=False,
-        )
-        _, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=1)
-        lm, per_source = _reduce(outputs, n_sources)
+        with timers.phase("forward_backward"):
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            outputs = forward_backward(
+                forward_step_func=step_fn,
+                data_iterator=iter(batches),
+                model=[ddp],
+                num_microbatches=len(batches),
+                **_p2p_shape(cfg, ddp),
+                forward_only=False,
+            )
+            lm, per_source = _reduce(outputs, n_sources)
+        with timers.phase("optimizer"):
+            _, grad_norm, _ = optimizer.step()
+            scheduler.step(increment=1)
         loss = float(lm[0] / lm[1].clamp(min=1))
         result.losses[step] = loss
         elapsed = time.perf_counter() - started
 
-        if step % cfg.logging.log_interval == 0 or step == last:
+        if cfg.logging.eval_interval and (step % cfg.logging.eval_interval == 0 or step == last):
+            with timers.phase("validation"):
+                val = _validate(cfg, data, ddp, forward_backward, step_fn, n_sources)
+                if val is not None:
+                    result.validation[step] = val
+                    board.scalars(step, {"val/loss": val})
+        with timers.phase("checkpoint"):
+            result.stopped_by = stop.agreed()
+            if cfg.checkpoint.save_dir and (
+                step % cfg.checkpoint.save_interval == 0 or step == last or result.stopped_by
+            ):
+                ckpt.save(step, model, optimizer, scheduler, {"data": data.state_dict(), "step": step})
+            ckpt.poll()
+        result.timings[step] = timers.end_step()
+        profiler.end(step)
+
+        if step % cfg.logging.log_interval == 0 or step == last or result.stopped_by:
+            phases = over_ranks(result.timings[step])
             counts = _batch_counts(batches, model_cfg.audio_token_id)
             totals = torch.tensor([counts["tokens"], counts["audio"], counts["supervised"]], dtype=torch.float64)
             doc_lens = [n for b in batches for n in b["doc_lengths"]]
@@ -423,6 +465,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
                 "train/audio_tokens": audio,
                 "train/text_tokens": tokens - audio,
                 "train/supervised_tokens": supervised,
+                **{f"timers/{name}_s": seconds for name, seconds in phases.items()},
             }
             for i, name in enumerate(data.source_names):
                 if per_source[i, 1] > 0:
@@ -430,23 +473,25 @@ def _train(cfg: TrainConfig) -> TrainResult:
             board.scalars(step, scalars)
             if rank == 0:
                 log.info(
-                    "step %d/%d loss %.5f lr %.3g grad-norm %.3f tokens/s %.0f",
+                    "step %d/%d loss %.5f lr %.3g grad-norm %.3f tokens/s %.0f | %s",
                     step,
                     t.train_iters,
                     loss,
                     scalars["train/lr"],
                     scalars["train/grad_norm"],
                     scalars["train/tokens_per_s"],
+                    log_text(phases),
                 )
-
-        if cfg.logging.eval_interval and (step % cfg.logging.eval_interval == 0 or step == last):
-            val = _validate(cfg, data, ddp, forward_backward, step_fn, n_sources)
-            if val is not None:
-                result.validation[step] = val
-                board.scalars(step, {"val/loss": val})
-        if cfg.checkpoint.save_dir and (step % cfg.checkpoint.save_interval == 0 or step == last):
-            ckpt.save(step, model, optimizer, scheduler, {"data": data.state_dict(), "step": step})
-        ckpt.poll()
+        if result.stopped_by:
+            if rank == 0:
+                saved = (
+                    f"saved {iter_dir(Path(cfg.checkpoint.save_dir), step)}"
+                    if cfg.checkpoint.save_dir
+                    else "no save_dir"
+                )
+                log.warning("%s received: stopping after step %d (%s)", result.stopped_by, step, saved)
+            break
+    profiler.close()
     ckpt.poll(blocking=True)
     ckpt.close()
     board.close()
