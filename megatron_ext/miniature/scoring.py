@@ -41,7 +41,7 @@ def parse_tool_call(text: str) -> dict[str, Any] | None:
 
 
 def tool_call_exact_match(
-    checkpoint: Path, records: list[dict[str, Any]], batch_size: int = 32, max_new_tokens: int = 48
+    checkpoint: Path, records: list[dict[str, Any]], batch_size: int = 32, max_new_tokens: int = 32
 ) -> tuple[float, list[dict[str, Any]]]:
     """Share of `records` (tasks.py tool-call records) whose greedy answer is exactly the expected call, and the
     per-record predictions."""
