@@ -94,9 +94,9 @@ class MiniatureConfig:
     chunk_frames: int = 400  # 4 s audio chunks (Whisper: 3000 = 30 s)
     voices: tuple[str, ...] = DEFAULT_VOICES
     clips_per_sentence: int = 1
-    base: Stage = Stage(steps=60, lr=3e-3, seq_length=512, batch=8)
-    devstral: Stage = Stage(steps=160, lr=2e-3, seq_length=768, batch=8)
-    voxtral: Stage = Stage(steps=160, lr=2e-3, seq_length=512, batch=8)
+    base: Stage = Stage(steps=40, lr=3e-3, seq_length=512, batch=8)
+    devstral: Stage = Stage(steps=120, lr=2e-3, seq_length=640, batch=8)
+    voxtral: Stage = Stage(steps=120, lr=2e-3, seq_length=512, batch=8)
 
     @property
     def chunk_seconds(self) -> float:

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 
-def _tool(name: str, description: str, **params: str) -> dict[str, Any]:
-    """One OpenAI function schema with string parameters (`params`: name -> description)."""
-    properties = {p: {"type": "string", "description": d} for p, d in params.items()}
+def _tool(name: str, description: str, *params: str) -> dict[str, Any]:
+    """One OpenAI function schema with required string parameters (kept short: the schemas are in every prompt)."""
+    properties = {p: {"type": "string"} for p in params}
     return {
         "type": "function",
         "function": {
@@ -30,11 +30,11 @@ def _tool(name: str, description: str, **params: str) -> dict[str, Any]:
 
 
 TOOLS: list[dict[str, Any]] = [
-    _tool("read_file", "Read a file of the repository", path="file path"),
-    _tool("run_tests", "Run the tests in a file", path="test file path"),
-    _tool("search_code", "Search the code for a word", query="word to search"),
-    _tool("rename_symbol", "Rename a function everywhere", old="current name", new="new name"),
-    _tool("delete_file", "Delete a file of the repository", path="file path"),
+    _tool("read_file", "Read a file", "path"),
+    _tool("run_tests", "Run tests", "path"),
+    _tool("search_code", "Search the code", "query"),
+    _tool("rename_symbol", "Rename a function", "old", "new"),
+    _tool("delete_file", "Delete a file", "path"),
 ]
 
 DIRS = ["src", "lib", "app", "core", "utils", "api"]
