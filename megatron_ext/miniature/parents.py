@@ -22,6 +22,7 @@ import multiprocessing
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -247,9 +248,10 @@ def _digests(root: Path) -> dict[str, str]:
 
 
 def build_parents(
-    out: Path, cfg: MiniatureConfig = MiniatureConfig(), work: Path | None = None, log=print
+    out: Path, cfg: MiniatureConfig = MiniatureConfig(), work: Path | None = None, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
-    """Build (or reuse, see the module docstring) the two parents under `out`; returns the manifest."""
+    """Build (or reuse, see the module docstring) the two parents under `out`; returns the manifest. Intermediate
+    files (data, init and stage checkpoints, TensorBoard logs) stay in `work` (default: `OUT.work`)."""
     out = Path(out)
     key = cache_key(cfg)
     manifest = cached(out, key)
