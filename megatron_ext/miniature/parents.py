@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import multiprocessing
+import resource
 import shutil
 import subprocess
 import time
@@ -239,6 +240,12 @@ def _to_torch_dist(hf: Path, out: Path) -> Path:
     return out
 
 
+def _cpu_s() -> float:
+    """CPU seconds used so far by this process and its waited-for children (the SFT stage processes)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _digests(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -261,11 +268,13 @@ def build_parents(
     work = Path(work) if work is not None else out.with_name(out.name + ".work")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    models, timings, started = cfg.models(), {}, time.perf_counter()
+    models, timings, started, cpu = cfg.models(), {}, time.perf_counter(), [_cpu_s()]
 
     def lap(name: str, t0: float) -> None:
-        timings[name] = round(time.perf_counter() - t0, 1)
-        log(f"miniature: {name} done in {timings[name]} s")
+        """Wall and CPU seconds of a step (CPU: this process and its stage processes; steadier on a busy host)."""
+        timings[name] = {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(_cpu_s() - cpu[-1], 1)}
+        cpu.append(_cpu_s())
+        log(f"miniature: {name} done in {timings[name]['wall_s']} s ({timings[name]['cpu_s']} CPU s)")
 
     t0 = time.perf_counter()
     tekkens = miniature_tekkens(cfg.seed, cfg.vocab_size, cfg.chunk_seconds)
@@ -308,7 +317,7 @@ def build_parents(
     t0 = time.perf_counter()
     scores = score_parents(export, work / "eval")
     lap("scoring", t0)
-    timings["total"] = round(time.perf_counter() - started, 1)
+    timings["total"] = {"wall_s": round(time.perf_counter() - started, 1), "cpu_s": round(_cpu_s() - cpu[0], 1)}
     manifest = {
         "key": key,
         "config": cfg.as_dict(),
