@@ -11,7 +11,7 @@ TINY ?= $(BUILD)/tiny
 MINIATURE ?= $(BUILD)/miniature/parents
 APT_PACKAGES := espeak-ng sox pocketsphinx-testdata
 
-.PHONY: venv system-deps tiny miniature demo demo-convert convert bench bench-convert demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint format clean vllm-env synth bench-synth eval eval-data eval-model eval-sft eval-grid report demo-eval sft sft-dry-run demo-synth gpu-check
+.PHONY: venv system-deps tiny miniature demo demo-convert convert bench bench-convert bench-loader demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint format clean vllm-env synth bench-synth eval eval-data eval-model eval-sft eval-grid report demo-eval sft sft-dry-run demo-synth gpu-check
 
 # ---- environment ---------------------------------------------------------------------------------
 # The pinned requirements first, then this project editable (--no-deps: torch stays the pinned CPU wheel):
@@ -85,7 +85,7 @@ convert: venv
 	$(PYTHON) tools/convert.py --input $(IN) --output $(OUT) --to $(TO) --tp $(TP) --pp $(PP)
 
 # All benchmarks, one after the other (each prints ratios against a baseline measured in the same run).
-bench: bench-convert bench-merge bench-synth
+bench: bench-convert bench-merge bench-synth bench-loader
 
 # Synthetic Mistral-Small-shaped checkpoint (~4.9 GB, 2 layers) in build/bench: ours vs disk floor; deleted afterwards.
 bench-convert: venv
@@ -161,6 +161,11 @@ demo-synth: venv
 bench-synth: venv
 	$(PYTHON) tools/bench_synth.py --input $(SYNTH_INPUT) --workdir $(BUILD)/bench-synth
 
+# SFT data loader, one training process: packed tokens/s for text chats and real-speech chats (decode + log-mel
+# + packing) in-process and with 1 and 2 worker processes, and the margin over one DP rank's need in the paper's run.
+bench-loader: venv system-deps
+	$(PYTHON) tools/bench_loader.py --workdir $(BUILD)/bench-loader --json $(BUILD)/bench_loader.json
+
 # ---- evaluation and report (tiny models; example benchmarks in examples/eval, voiced with espeak-ng) ----
 # `make eval` scores EVAL_MODEL (default: the tiny linear alpha=0.1 merge, built here) on every benchmark,
 # plus the tiny parents; `make eval-sft EVAL_SFT_RUN=DIR` scores each DIR/iter_* checkpoint of an SFT run;
@@ -209,20 +214,12 @@ eval-sft: eval-data
 	    $(EVAL_SFT_LABELS) --data $(EVAL_DATA)/$$b.jsonl $(EVAL_ARGS) $(EVAL_STORE) || exit 1; done; done
 
 # Every checkpoint of a merge grid (`make merge-grid`'s manifest) plus its two parents on every benchmark
-# (labels from each checkpoint's merge.json), then the report. Resumable: a rerun reuses finished predictions.
+# (labels from each checkpoint's merge.json), then the report (tools/eval_grid.py). Resumable: finished
+# predictions are reused, and a checkpoint whose predictions are all there is not even loaded.
 GRID_MANIFEST ?= $(MERGE_GRID_OUT)/manifest.json
-GRID_MANIFEST_READ = $(PYTHON) -c 'import json, sys; m = json.load(open(sys.argv[1])); \
-  print(*([r["output"] for r in m["runs"]] if sys.argv[2] == "runs" else [m[sys.argv[2]]]))' $(GRID_MANIFEST)
 eval-grid: eval-data
-	test -f $(GRID_MANIFEST) || { echo "no $(GRID_MANIFEST): run make merge-grid first"; exit 1; }
-	for ckpt in $$($(GRID_MANIFEST_READ) runs); do for b in $(AUDIO_BENCHES) mmlu_text; do \
-	  $(EVALUATE) $$b --checkpoint $$ckpt --label role=merge --data $(EVAL_DATA)/$$b.jsonl $(EVAL_ARGS) $(EVAL_STORE) \
-	  || exit 1; done; done
-	for b in $(AUDIO_BENCHES) mmlu_text; do $(EVALUATE) $$b --checkpoint $$($(GRID_MANIFEST_READ) voxtral) --name voxtral \
-	  --label role=parent --data $(EVAL_DATA)/$$b.jsonl $(EVAL_ARGS) $(EVAL_STORE) || exit 1; done
-	$(EVALUATE) mmlu_text --checkpoint $$($(GRID_MANIFEST_READ) devstral) --name devstral --label role=parent \
-	  --data $(EVAL_DATA)/mmlu_text.jsonl $(EVAL_ARGS) $(EVAL_STORE)
-	$(MAKE) report
+	$(PYTHON) tools/eval_grid.py --manifest $(GRID_MANIFEST) --data $(EVAL_DATA) $(EVAL_STORE) --report $(REPORT_DIR) \
+	  $(EVAL_ARGS)
 
 report: venv
 	$(PYTHON) tools/report.py --results $(EVAL_RESULTS) --output $(REPORT_DIR) \

@@ -46,14 +46,14 @@ def slice_config(layers: int, encoder_layers: int) -> ModelConfig:
     return ModelConfig(decoder, encoder, AUDIO_TOKEN_ID, 4, "voxtral")
 
 
-def synthetic_batch(seq_length: int, docs: int, audio_chunks: int, seed: int) -> dict[str, Any]:
-    """One packed row: `docs` documents of random text tokens (second half supervised), the first one
-    opening with `audio_chunks` x 375 [AUDIO] tokens, with 30 s noise chunks as audio."""
+def synthetic_batch(seq_length: int, docs: int, audio_chunks: int, seed: int, vocab: int = 131072) -> dict[str, Any]:
+    """One packed row: `docs` documents of random text tokens below `vocab` (second half supervised), the first
+    one opening with `audio_chunks` x 375 [AUDIO] tokens, with 30 s noise chunks as audio."""
     rng = np.random.default_rng(seed)
     n = seq_length // docs + 1
     out = []
     for d in range(docs):
-        tokens = rng.integers(1000, 131072, n)
+        tokens = rng.integers(min(1000, vocab // 2), vocab, n)
         tokens[0] = 1
         if d == 0 and audio_chunks:
             tokens[1 : 1 + 375 * audio_chunks] = AUDIO_TOKEN_ID
@@ -90,9 +90,16 @@ def run(
     warmup: int = 2,
     fp8: str | None = "hybrid",
     recompute: str | None = None,
+    *,
+    model_cfg: ModelConfig | None = None,
+    fp8_recipe: str = "delayed",
+    cpu: bool = False,
 ) -> dict[str, float]:
-    """Train `warmup + steps` steps on one GPU; returns the measured figures of the last `steps`."""
-    if not torch.cuda.is_available():
+    """Train `warmup + steps` steps on one GPU; returns the measured figures of the last `steps`.
+
+    `model_cfg` replaces the slice of `layers`/`encoder_layers`; `cpu` runs the same steps on CPU (local spec,
+    fp32, no FP8) as a dry run of the code path with tiny shapes."""
+    if not cpu and not torch.cuda.is_available():
         raise ConfigError("the GPU benchmark needs CUDA (use --check on CPU)")
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -104,19 +111,24 @@ def run(
 
     init_distributed(tp=1)
     try:
-        model_cfg = slice_config(layers, encoder_layers)
+        model_cfg = model_cfg or slice_config(layers, encoder_layers)
         model = build_model(
             model_cfg,
             BuildConfig(
-                backend="te",
-                params_dtype="bfloat16",
-                fp8=FP8Config(format=fp8) if fp8 else None,
+                backend="local" if cpu else "te",
+                params_dtype="float32" if cpu else "bfloat16",
+                fp8=FP8Config(format=fp8, recipe=fp8_recipe) if fp8 and not cpu else None,
                 recompute_granularity=recompute,
                 extra={"calculate_per_token_loss": True},
             ),
-        ).cuda()
+        )
+        if not cpu:
+            model.cuda()
+            torch.cuda.reset_peak_memory_stats()
         cfg = TrainConfig()
-        cfg.training = dataclasses.replace(cfg.training, seq_length=seq_length, train_iters=warmup + steps + 10)
+        cfg.training = dataclasses.replace(
+            cfg.training, seq_length=seq_length, train_iters=warmup + steps + 10, bf16=not cpu
+        )
         cfg.optimizer = dataclasses.replace(cfg.optimizer, warmup_steps=1)
         ddp = DistributedDataParallel(
             model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True), model
@@ -125,7 +137,8 @@ def run(
         model.config.finalize_model_grads_func = finalize_model_grads
         model.config.grad_scale_func = optimizer.scale_loss
         mel = lambda wave: log_mel_chunks(wave)[0]  # noqa: E731
-        batch = collate([pack(synthetic_batch(seq_length, docs, audio_chunks, 0), [0] * docs, seq_length, 11)], mel)
+        documents = synthetic_batch(seq_length, docs, audio_chunks, 0, model_cfg.decoder.vocab_size)
+        batch = collate([pack(documents, [0] * docs, seq_length, 11)], mel)
         forward_backward = get_forward_backward_func()
         step_fn = lambda it, m: sft._forward_step(cfg, 1, it, m)  # noqa: E731
         times = []
@@ -154,9 +167,9 @@ def run(
             "step_s": step_s,
             "tokens_per_s": seq_length / step_s,
             "model_tflops": flops / step_s / 1e12,
-            "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_memory_gb": sft._memory_gb(),
             "backend": model.backend,
-            "fp8": fp8 or "off",
+            "fp8": fp8 if fp8 and not cpu else "off",
         }
     finally:
         destroy_distributed()

@@ -20,6 +20,7 @@ import pytest
 
 from megatron_ext.cli.evaluate import main as evaluate_main
 from megatron_ext.eval.generation import MegatronGenerator
+from megatron_ext.eval.identity import served_name
 from megatron_ext.eval.openai_backend import OpenAIBackend
 from megatron_ext.eval.runner import evaluate
 from megatron_ext.http_client import EndpointError, RetryPolicy
@@ -27,22 +28,28 @@ from megatron_ext.http_client import EndpointError, RetryPolicy
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "eval"
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
-MODEL = "tiny-voxtral"
+NAME = "tiny-voxtral"
 FAST = RetryPolicy(timeout_s=20.0, retries=3, backoff_s=0.05)
 
 
 @pytest.fixture(scope="module")
-def served(tiny_dir) -> Iterator[str]:
+def model(tiny_dir) -> str:
+    """The tiny Voxtral's served name: NAME@ its fingerprint."""
+    return served_name(tiny_dir / "voxtral-hf", NAME)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_dir, model) -> Iterator[str]:
     """`tools/serve.py` on a free port serving the tiny Voxtral; yields its base URL."""
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "tools/serve.py"), "--checkpoint", str(tiny_dir / "voxtral-hf")]
-        + ["--port", "0", "--name", MODEL],
+        + ["--port", "0", "--name", NAME],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         line = proc.stdout.readline()
-        assert line.startswith(f"serving {MODEL} at http://127.0.0.1:"), line
+        assert line.startswith(f"serving {model} at http://127.0.0.1:"), line
         yield line.split(" at ", 1)[1].strip()
     finally:
         proc.terminate()
@@ -126,7 +133,7 @@ def _rows(record) -> dict[str, dict]:
 
 
 @pytest.mark.skipif(not LIBRIVOX.is_dir(), reason="Debian pocketsphinx-testdata not installed")
-def test_openai_backend_gives_the_in_process_records(tiny_dir, served, tmp_path):
+def test_openai_backend_gives_the_in_process_records(tiny_dir, served, model, tmp_path):
     """LibriVox ASR (input_audio) and text MCQ: predictions, scores and values equal the in-process Megatron run."""
     checkpoint = tiny_dir / "voxtral-hf"
     local = MegatronGenerator.load(checkpoint)
@@ -140,33 +147,33 @@ def test_openai_backend_gives_the_in_process_records(tiny_dir, served, tmp_path)
             tmp_path / "b" / "r.jsonl",
             backend="openai",
             endpoint=served,
-            model=MODEL,
+            model=model,
             max_new_tokens=8,
         )
-        assert got.source["generator"] == f"openai:{MODEL}"
+        assert got.source["generator"] == f"openai:{model}"
         assert _rows(got) == _rows(ref) and got.value == ref.value and got.n == ref.n, bench
 
 
-def test_faulty_server_loses_and_duplicates_no_record(tiny_dir, served, tmp_path):
+def test_faulty_server_loses_and_duplicates_no_record(tiny_dir, served, model, tmp_path):
     """An outage mid-run fails the run with finished batches kept; the rerun, through 500s, a timeout and a
     dropped connection, asks only for the rest; every sample ends with exactly the direct server's prediction."""
     checkpoint, data = tiny_dir / "voxtral-hf", EXAMPLES / "mmlu_text.jsonl"
     direct = evaluate(
-        "mmlu_text", checkpoint, data, tmp_path / "d.jsonl", backend="openai", endpoint=served, model=MODEL
+        "mmlu_text", checkpoint, data, tmp_path / "d.jsonl", backend="openai", endpoint=served, model=model
     )
     results = tmp_path / "faulty" / "r.jsonl"
     run = {"batch_size": 2, "max_new_tokens": 16}
 
     down = FaultyProxy(served, {}, outage_after=3)
     with pytest.raises(EndpointError, match="HTTP 503"):
-        evaluate("mmlu_text", checkpoint, data, results, generator=OpenAIBackend(down.url, MODEL, 2, FAST), **run)
+        evaluate("mmlu_text", checkpoint, data, results, generator=OpenAIBackend(down.url, model, 2, FAST), **run)
     down.shutdown()
     predictions = results.parent / "predictions" / f"{direct.checkpoint}.mmlu_text.jsonl"
     first = [json.loads(x) for x in predictions.read_text().splitlines()]
     assert 2 <= len(first) < direct.n and not results.exists()
 
     flaky = FaultyProxy(served, {1: "500", 2: "hang", 4: "close", 5: "500"}, hang_s=6.0)
-    backend = OpenAIBackend(flaky.url, MODEL, 2, RetryPolicy(timeout_s=5.0, retries=4, backoff_s=0.05))
+    backend = OpenAIBackend(flaky.url, model, 2, RetryPolicy(timeout_s=5.0, retries=4, backoff_s=0.05))
     record = evaluate("mmlu_text", checkpoint, data, results, generator=backend, **run)
     flaky.shutdown()
     assert record.value == direct.value and record.n == direct.n
@@ -206,25 +213,25 @@ def static_site(tmp_path) -> Iterator[str]:
     server.shutdown()
 
 
-def test_bad_endpoint_model_and_data_are_one_line_errors(tiny_dir, served, static_site, tmp_path, capsys):
+def test_bad_endpoint_model_and_data_are_one_line_errors(tiny_dir, served, model, static_site, tmp_path, capsys):
     good = EXAMPLES / "mmlu_text.jsonl"
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "x", "question": "q?", "choices": ["a", "b"]}) + "\n")  # no answer
     cases = [
-        (static_site, MODEL, good, "not an OpenAI-compatible model list"),
-        (served, "other-model", good, "model 'other-model' is not served (serves: tiny-voxtral)"),
-        (served, MODEL, bad, "bad.jsonl:1"),
+        (static_site, model, good, "not an OpenAI-compatible model list"),
+        (served, "other-model", good, f"model 'other-model' is not served (serves: {model})"),
+        (served, model, bad, "bad.jsonl:1"),
     ]
-    for n, (endpoint, model, data, message) in enumerate(cases):
+    for n, (endpoint, asked, data, message) in enumerate(cases):
         out = tmp_path / f"out{n}" / "results.jsonl"
         argv = ["mmlu_text", "--checkpoint", str(tiny_dir / "voxtral-hf"), "--data", str(data), "--output", str(out)]
-        assert evaluate_main([*argv, "--backend", "openai", "--endpoint", endpoint, "--model", model]) == 2
+        assert evaluate_main([*argv, "--backend", "openai", "--endpoint", endpoint, "--model", asked]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
         assert not out.parent.exists()  # nothing recorded, no predictions
     # the server itself: an unknown model is a 404, a malformed part a 400 naming it
     answer = httpx2.post(f"{served}/chat/completions", json={"model": "nope", "messages": []}, timeout=30)
     assert answer.status_code == 404 and answer.json()["error"]["code"] == "model_not_found"
-    body = {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}
+    body = {"model": model, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}
     answer = httpx2.post(f"{served}/chat/completions", json=body, timeout=30)
     assert answer.status_code == 400 and "messages[0].content[0]" in answer.json()["error"]["message"]

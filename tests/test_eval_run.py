@@ -18,6 +18,7 @@ from megatron_ext.audio.wer import corpus_wer
 from megatron_ext.eval import metrics
 from megatron_ext.eval.benchmarks import BENCHMARKS, BenchmarkFormatError, get_benchmark, load_samples
 from megatron_ext.eval.generation import HFGenerator, load_generator
+from megatron_ext.eval.identity import checkpoint_fingerprint, served_name
 from megatron_ext.eval.judge import AnswerJudge
 from megatron_ext.eval.prompts import build_prompt, load_tokenizer
 from megatron_ext.eval.runner import evaluate
@@ -105,7 +106,7 @@ def test_every_benchmark_end_to_end(merged, generator, data, tmp_path):
                 ]
             )
         assert record.value == pytest.approx(expected, abs=1e-12), bench
-    report = tmp_path / "linear-0.1.verified-run.json"  # the harness names its report MODEL.RUN_ID.json
+    report = tmp_path / f"{served_name(merged)}.verified-run.json"  # the harness names it MODEL.RUN_ID.json
     report.write_text(json.dumps({"total_instances": 500, "resolved_ids": ["a__a-1", "b__b-2", "c__c-3"]}))
     ingest_swebench(report, merged, results)
     stored = {r.benchmark: r for r in load_results(results)}
@@ -273,23 +274,43 @@ def test_judge_replaces_the_match_in_records(merged, generator, data, tmp_path, 
     assert len(judge_server.requests) == len(rows)
 
 
-def test_swebench_ingest_is_tied_to_the_served_model(tmp_path, merged, capsys):
-    """The report names the checkpoint's served model (field or harness file name), or it is refused."""
+def test_swebench_ingest_is_tied_to_the_served_model(tmp_path, merged, tiny_dir, capsys):
+    """The report names the checkpoint's served model NAME@FINGERPRINT12 (field, with or without a provider
+    prefix, or harness file name), or it is refused: another name, another checkpoint under the same name."""
     from megatron_ext.cli.evaluate import main
 
+    model = served_name(merged)
+    fingerprint = checkpoint_fingerprint(merged)
+    merge_json = json.loads((merged / "merge.json").read_text())
+    assert model == f"linear-0.1@{fingerprint[:12]}"  # from the sha256 digests merge.json records
+    assert fingerprint == checkpoint_fingerprint(merged.parent / merged.name)  # a path spelling changes nothing
+    assert set(merge_json["sha256"]) == {p.name for p in merged.iterdir()} - {"merge.json", "config.json"} - {
+        p.name for p in merged.glob("*.index.json")
+    }
     named = tmp_path / "report.json"
-    named.write_text(json.dumps({"model_name_or_path": "linear-0.1", "resolved_ids": ["a__a-1", "b__b-2"]}))
-    assert ingest_swebench(named, merged, tmp_path / "r.jsonl").value == 2 / 500
-    by_file = tmp_path / "proxy.run1.json"
+    named.write_text(json.dumps({"model_name_or_path": model, "resolved_ids": ["a__a-1", "b__b-2"]}))
+    record = ingest_swebench(named, merged, tmp_path / "r.jsonl")
+    assert record.value == 2 / 500 and record.source["model"] == model
+    assert record.source["checkpoint_sha256"] == fingerprint
+    named.write_text(json.dumps({"model_name_or_path": f"openai/{model}", "resolved_ids": ["a__a-1"]}))
+    assert ingest_swebench(named, merged, tmp_path / "r.jsonl").value == 1 / 500  # litellm's provider prefix
+    by_file = tmp_path / f"proxy@{fingerprint[:12]}.run1.json"
     by_file.write_text(json.dumps({"resolved_ids": ["a__a-1"], "total_instances": 50}))
     assert ingest_swebench(by_file, merged, tmp_path / "r.jsonl", name="proxy").value == 1 / 50
     assert {r.checkpoint for r in load_results(tmp_path / "r.jsonl")} == {"linear-0.1", "proxy"}
+    by_file = tmp_path / f"hosted_vllm__{model}.run2.json"  # harness file of a prefixed model name
+    by_file.write_text(json.dumps({"resolved_ids": ["a__a-1", "b__b-2"], "total_instances": 500}))
+    assert ingest_swebench(by_file, merged, tmp_path / "r.jsonl").value == 2 / 500
+    parent = served_name(tiny_dir / "voxtral-hf", "linear-0.1")  # the same name on another checkpoint
+    assert parent != model and parent.startswith("linear-0.1@")
     for body, message in [
         ({"model_name_or_path": "devstral", "resolved_ids": []}, "report for model 'devstral'"),
+        ({"model_name_or_path": "linear-0.1", "resolved_ids": []}, "report for model 'linear-0.1'"),
+        ({"model_name_or_path": parent, "resolved_ids": []}, "another checkpoint named 'linear-0.1'"),
         ({"resolved_ids": ["a"]}, "the report names no model"),
         (["a__a-1"], "expected a harness report object"),
-        ({"model_name_or_path": "linear-0.1", "resolved_ids": ["a", "a"]}, "duplicate instance ids"),
-        ({"model_name_or_path": "linear-0.1", "resolved_ids": ["a", "b", "c"], "total_instances": 2}, "count 2"),
+        ({"model_name_or_path": model, "resolved_ids": ["a", "a"]}, "duplicate instance ids"),
+        ({"model_name_or_path": model, "resolved_ids": ["a", "b", "c"], "total_instances": 2}, "count 2"),
     ]:
         named.write_text(json.dumps(body))
         out = tmp_path / "refused" / "r.jsonl"

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
-from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 
 from megatron_ext.audio.features import log_mel_chunks
 from megatron_ext.audio.tts import EspeakTTS
@@ -19,7 +18,7 @@ from megatron_ext.audio.waveform import encode_wav
 from megatron_ext.config import ConfigError, EncoderConfig
 from megatron_ext.data.chat import ChatEncoder, load_tokenizer
 from megatron_ext.miniature.parents import MANIFEST, MiniatureConfig, Stage, build_parents, cache_key, cached
-from megatron_ext.miniature.scoring import parse_tool_call
+from megatron_ext.miniature.scoring import parsed_call
 from megatron_ext.miniature.tasks import tool_call_chat, tool_call_tasks
 from megatron_ext.miniature.tokenizer import miniature_tekkens, train_bpe
 from megatron_ext.tokenizer.tekken_builder import write_tekken
@@ -105,20 +104,16 @@ def test_whisper_width_keeps_30s_chunks() -> None:
 
 
 @pytest.mark.parametrize("tag", ["devstral", "voxtral"])
-def test_tool_call_parsed_back_from_each_format(tokenizers: dict[str, Path], tag: str) -> None:
+def test_tool_call_read_back_from_each_format(tokenizers: dict[str, Path], tag: str) -> None:
     record = tool_call_tasks(n_train=1).heldout[3]
     chat = tool_call_chat(record, call_id="a1b2c3d4e")
     mistral = load_tokenizer(tokenizers[tag])
-    tokens = mistral.encode_chat_completion(
-        ChatCompletionRequest.from_openai(chat["messages"], tools=chat["tools"])
-    ).tokens
-    user_end = tokens.index(4)  # [/INST]: what follows is the assistant's tool call
-    text = mistral.instruct_tokenizer.tokenizer.decode(
-        tokens[user_end + 1 :], special_token_policy=SpecialTokenPolicy.KEEP
-    )
-    assert parse_tool_call(text) == record["answer"]
-    assert parse_tool_call(text.replace('"}', '"')) is None  # broken JSON is no call
-    assert parse_tool_call("The file is read.") is None
+    request = ChatCompletionRequest.from_openai(chat["messages"], tools=chat["tools"])
+    tokens = mistral.encode_chat_completion(request).tokens
+    answer = tokens[tokens.index(4) + 1 :]  # after [/INST]: the assistant's tool call, as a model would emit it
+    assert parsed_call(mistral, answer) == record["answer"]
+    assert parsed_call(mistral, answer[:-3]) is None  # cut-off JSON is no call
+    assert parsed_call(mistral, mistral.instruct_tokenizer.tokenizer.encode("Done.", bos=False, eos=True)) is None
 
 
 def test_cache_key_follows_the_config() -> None:

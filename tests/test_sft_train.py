@@ -152,6 +152,19 @@ def test_resume_continues_exactly(runs) -> None:
     assert full.losses[4] < full.losses[1]  # and it learns
 
 
+def test_worker_processes_give_the_same_losses_and_resume_without_them(runs, env: dict[str, Path]) -> None:
+    """data.num_workers=2 for 3 steps, then resumed with num_workers=0: every loss equals the in-process run's
+    bit for bit (fp32 CPU)."""
+    from megatron_ext.training.sft import train
+
+    full, _ = runs
+    workers = {"data.num_workers": 2, "data.prefetch": 4}
+    first = train(tiny_cfg(env, "workers", **workers, **{"training.exit_after_iters": 3}))
+    rest = train(tiny_cfg(env, "workers"))
+    assert first.losses == {s: full.losses[s] for s in (1, 2, 3)}
+    assert rest.resumed_from == 3 and rest.losses == {4: full.losses[4]}
+
+
 def test_tensorboard_scalars_written(runs, env: dict[str, Path]) -> None:
     full, _ = runs
     scalars = read_scalars(env["root"] / "full" / "tb")
@@ -285,6 +298,25 @@ def test_tp2_matches_tp1_for_5_steps(env: dict[str, Path]) -> None:
         assert sorted(tp1) == sorted(other) == [1, 2, 3, 4, 5]
         for step in tp1:
             assert abs(other[step] - tp1[step]) <= 1e-4 * abs(tp1[step]), (run, step, tp1[step], other[step])
+
+
+@pytest.mark.slow
+def test_dp2_with_workers_trains_on_the_dp1_batches_and_stops_with_it(env: dict[str, Path]) -> None:
+    """DP=2 (2 ranks, 1 worker each) vs DP=1 in-process, every source with an epoch budget: the same global
+    batches, so the losses agree within 1e-6 relative, and both ranks stop with DP=1 when a stream runs out."""
+    common = {
+        "training.train_iters": 100,
+        "logging.eval_interval": 0,
+        "checkpoint.save_interval": 100,
+        "data.sources.0.epochs": 1.0,
+    }
+    cfg = ["--config", str(ROOT / "examples/configs/tiny_cpu.yaml")]
+    torchrun(1, cfg + overrides(env, "dp1", **common))
+    torchrun(2, cfg + overrides(env, "dp2", **common, **{"data.num_workers": 1}))
+    dp1, dp2 = (read_scalars(env["root"] / run / "tb")["train/loss"] for run in ("dp1", "dp2"))
+    assert 5 < len(dp1) < 100 and sorted(dp1) == sorted(dp2)
+    for step in dp1:
+        assert abs(dp2[step] - dp1[step]) <= 1e-6 * abs(dp1[step]), (step, dp1[step], dp2[step])
 
 
 @pytest.mark.slow

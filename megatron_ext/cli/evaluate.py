@@ -6,9 +6,11 @@
 
 Each run upserts one record per (checkpoint, benchmark) into the results JSONL; per-sample predictions
 go to DIR-of-output/predictions/NAME.BENCH.jsonl, and a rerun with the same checkpoint files, data and
-settings resumes them. Generation is greedy and batched: on our Megatron model (default; --dtype bf16,
---tp N under `torchrun --nproc-per-node N`, rank 0 writes), on transformers (--backend hf), or on a served
-model (--backend openai --endpoint URL --model NAME: OpenAI chat completions with input_audio parts).
+settings resumes them (no model is loaded when all are there; an unchanged record is not rewritten).
+Generation is greedy and batched: on our Megatron model (default; --dtype bf16, --tp N under
+`torchrun --nproc-per-node N`, rank 0 writes), on transformers (--backend hf), or on a served model
+(--backend openai --endpoint URL --model NAME: OpenAI chat completions with input_audio parts).
+A SWE-Bench report must name the checkpoint's served model NAME@FINGERPRINT12 (tools/serve.py --print-name).
 """
 
 from __future__ import annotations

@@ -1,13 +1,18 @@
 """Serve a checkpoint as a small OpenAI-compatible endpoint (greedy chat completions, text and input_audio).
 
   serve.py --checkpoint DIR [--name NAME] [--host 127.0.0.1] [--port 8000] [--dtype bf16] [--backend megatron|hf]
+  serve.py --checkpoint DIR [--name NAME] --print-name      (the served name only; nothing is loaded)
 
 Routes: GET /v1/models, POST /v1/chat/completions (one user message of `text` / `input_audio` parts, base64
-WAV as vLLM's Voxtral takes it; `max_tokens`; greedy only; extra field `transcription_language` for
-Voxtral's ASR prompt). The prompt is built by `eval.prompts.prompt_from_request`, the same code the
-in-process evaluation uses, so `evaluate.py --backend openai` against this server gives its records.
-One request at a time (queued connections wait); prints `serving NAME at http://HOST:PORT/v1` once
-listening (port 0 picks a free one). For trying a checkpoint and pointing an agent harness at it; not a
+WAV as vLLM's Voxtral takes it, or a whole conversation with `tools`; `max_tokens`; greedy only; extra field
+`transcription_language` for Voxtral's ASR prompt). The prompt is built by `eval.prompts.prompt_from_request`,
+the same code the in-process evaluation uses, so `evaluate.py --backend openai` against this server gives
+its records. With `tools` in the request, Mistral tool calls in the output (`[TOOL_CALLS]name[ARGS]{...}`,
+or the JSON list of v7 tokenizers) come back as OpenAI `tool_calls` (finish_reason "tool_calls").
+The served model name is `NAME@FINGERPRINT12` (`eval.identity.served_name`; NAME: --name or the record
+name), so a SWE-Bench report naming it can be ingested for this checkpoint and no other.
+One request at a time (queued connections wait); prints `serving NAME@FINGERPRINT12 at http://HOST:PORT/v1`
+once listening (port 0 picks a free one). For trying a checkpoint and pointing an agent harness at it; not a
 production server.
 """
 
@@ -22,8 +27,9 @@ from pathlib import Path
 
 from megatron_ext.cli._errors import error_policy
 from megatron_ext.eval.generation import DTYPES, Generator, load_generator
+from megatron_ext.eval.identity import served_name
 from megatron_ext.eval.prompts import load_tokenizer, prompt_from_request
-from megatron_ext.eval.store import checkpoint_identity
+from megatron_ext.eval.tool_calls import split_tool_calls
 
 DEFAULT_MAX_TOKENS = 128
 
@@ -47,6 +53,12 @@ class ChatServer(HTTPServer):
             raise ValueError(f"max_tokens: expected a positive integer, got {limit!r}")
         prompt = prompt_from_request(self.tokenizer, body)
         tokens = self.generator.generate([prompt], limit)[0]
+        message: dict = {"role": "assistant", "content": self.tokenizer.decode(tokens)}
+        finish = "length" if len(tokens) >= limit else "stop"
+        if body.get("tools"):
+            content, calls = split_tool_calls(self.tokenizer, tokens)
+            if calls:
+                message, finish = {"role": "assistant", "content": content or None, "tool_calls": calls}, "tool_calls"
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -55,8 +67,8 @@ class ChatServer(HTTPServer):
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": self.tokenizer.decode(tokens)},
-                    "finish_reason": "length" if len(tokens) >= limit else "stop",
+                    "message": message,
+                    "finish_reason": finish,
                 }
             ],
             "usage": {
@@ -113,11 +125,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Checkpoint, served name, address, and the in-process generator's settings."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory (weights + tekken.json)")
-    parser.add_argument("--name", help="served model name (default: the checkpoint's record name)")
+    parser.add_argument("--name", help="NAME of the served name NAME@FINGERPRINT12 (default: the record name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (0: a free one, printed)")
     parser.add_argument("--backend", choices=("megatron", "hf"), default="megatron", help="in-process generator")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights and activations")
+    parser.add_argument(
+        "--print-name", action="store_true", help="print the served name (e.g. for vLLM's --served-model-name) and exit"
+    )
     return parser.parse_args(argv)
 
 
@@ -125,9 +140,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """megatron-ext-serve: load the checkpoint, listen, serve until interrupted."""
     args = parse_args(argv)
+    name = served_name(args.checkpoint, args.name)
+    if args.print_name:
+        print(name)
+        return 0
     tokenizer = load_tokenizer(args.checkpoint)
     generator = load_generator(args.checkpoint, args.backend, args.dtype)
-    name = args.name or checkpoint_identity(args.checkpoint)[0]
     server = ChatServer((args.host, args.port), generator, tokenizer, name)
     host, port = server.server_address[:2]
     print(f"serving {name} at http://{host}:{port}/v1", flush=True)

@@ -197,11 +197,14 @@ def _patch_torch_adam_resume() -> None:
       only creates at the first step: a fresh optimizer gets zero states first (the load overwrites them);
     - `load_state_dict` hands every parameter the SAME `step` tensor, which Adam then increments once per
       parameter per step, and the per-parameter copy from the checkpoint leaves it at the primed 0 (wrong
-      bias correction after a resume): give each parameter its own tensor holding the saved step.
+      bias correction after a resume): give each parameter its own tensor holding the saved step;
+    - the 'fully_reshardable' load copies every inner state entry from the checkpoint, `step` included, which
+      that format keeps in the param groups only: the per-parameter copy skips it (set as above).
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     sharded_state_dict, load_state_dict = DistributedOptimizer.sharded_state_dict, DistributedOptimizer.load_state_dict
+    set_states = DistributedOptimizer._set_main_param_and_optimizer_states
 
     def adam(opt: DistributedOptimizer) -> torch.optim.Optimizer | None:
         inner = opt.optimizer
@@ -229,7 +232,16 @@ def _patch_torch_adam_resume() -> None:
             for state in inner.state.values():
                 state["step"] = torch.tensor(step)
 
+    def patched_set_states(self, model_param, tensors):
+        inner = adam(self)
+        if inner is not None and "step" not in tensors:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = inner.param_groups[group_index]["params"][group_order]
+            tensors = {**tensors, "step": inner.state[main_param]["step"]}
+        set_states(self, model_param, tensors)
+
     DistributedOptimizer.sharded_state_dict = patched_sharded_state_dict
+    DistributedOptimizer._set_main_param_and_optimizer_states = patched_set_states
     DistributedOptimizer.load_state_dict = patched_load_state_dict
 
 

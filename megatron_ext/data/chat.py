@@ -46,6 +46,7 @@ class EncodedDoc:
     loss_mask: np.ndarray  # bool [n]
     audio_chunks: list[np.ndarray] = field(default_factory=list)  # float32 [samples_per_chunk] each, 16 kHz
     source: str = ""
+    mels: list[np.ndarray] = field(default_factory=list)  # log-mel per chunk, when computed at encoding (feed.py)
 
     def __len__(self) -> int:
         return len(self.tokens)

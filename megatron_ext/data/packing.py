@@ -4,11 +4,13 @@ Each document contributes `tokens[:-1]` as inputs and `tokens[1:]` as labels (so
 document boundary), position ids restarting at 0, and its loss mask shifted the same way. The tail is
 padding, a document of its own with loss mask 0. Document lengths give `cu_seqlens` (Megatron's packed
 THD format, used by Transformer Engine) and, for the local CPU spec, an explicit block-diagonal causal
-mask. The packer's position is the mixture position plus the document waiting for the next sequence.
+mask. The packer's position is its feed's (mixture) position plus the document waiting for the next
+sequence. Documents come from a feed (`feed.py`): encoded in this process, or ahead of time in workers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from megatron_ext.data.chat import ChatEncoder, EncodedDoc
+from megatron_ext.data.feed import InlineFeed
 from megatron_ext.data.mixture import DocRef, Mixture
 
 
@@ -31,6 +34,7 @@ class PackedSequence:
     source_ids: np.ndarray  # source index per position, -1 on padding
     doc_lens: list[int]  # lengths of the documents in order, padding last (sums to seq_length)
     audio_chunks: list[np.ndarray] = field(default_factory=list)
+    mels: list[np.ndarray] = field(default_factory=list)  # log-mel chunks computed at encoding, in audio order
 
 
 def pack(docs: list[EncodedDoc], source_ids: list[int], seq_length: int, pad_id: int) -> PackedSequence:
@@ -40,7 +44,7 @@ def pack(docs: list[EncodedDoc], source_ids: list[int], seq_length: int, pad_id:
     loss_mask = np.zeros(seq_length, dtype=np.float32)
     position_ids = np.zeros(seq_length, dtype=np.int64)
     sources = np.full(seq_length, -1, dtype=np.int64)
-    doc_lens, chunks, pos = [], [], 0
+    doc_lens, chunks, mels, pos = [], [], [], 0
     for doc, src in zip(docs, source_ids, strict=True):
         n = len(doc) - 1
         if pos + n > seq_length:
@@ -52,21 +56,30 @@ def pack(docs: list[EncodedDoc], source_ids: list[int], seq_length: int, pad_id:
         sources[pos : pos + n] = src
         doc_lens.append(n)
         chunks.extend(doc.audio_chunks)
+        mels.extend(doc.mels)
         pos += n
     if pos < seq_length:
         doc_lens.append(seq_length - pos)
-    return PackedSequence(tokens, labels, loss_mask, position_ids, sources, doc_lens, chunks)
+    return PackedSequence(tokens, labels, loss_mask, position_ids, sources, doc_lens, chunks, mels)
 
 
 class Packer:
-    """Draws documents from a mixture, encodes them and packs them greedily in arrival order."""
+    """Draws documents from a mixture, encodes them (or takes them encoded from `feed`) and packs them greedily
+    in arrival order."""
 
     def __init__(
-        self, mixture: Mixture, encoder: ChatEncoder, seq_length: int, pad_id: int, overlong: str = "truncate"
+        self,
+        mixture: Mixture,
+        encoder: ChatEncoder,
+        seq_length: int,
+        pad_id: int,
+        overlong: str = "truncate",
+        feed: InlineFeed | None = None,
     ) -> None:
         if overlong not in ("truncate", "drop"):
             raise ValueError(f"overlong={overlong!r}: expected 'truncate' or 'drop'")
         self.mixture, self.encoder = mixture, encoder
+        self.feed = feed or InlineFeed(mixture, self._encode_ref)
         self.seq_length, self.pad_id, self.overlong = seq_length, pad_id, overlong
         self.carry: DocRef | None = None  # drawn but did not fit into the previous sequence
         self._carry_doc: EncodedDoc | None = None
@@ -80,16 +93,16 @@ class Packer:
             return doc
         if self.overlong == "drop":
             return None
-        audio_positions = np.flatnonzero(doc.tokens == self.encoder.audio_token_id) if doc.audio_chunks else []
+        has_audio = doc.audio_chunks or doc.mels
+        audio_positions = np.flatnonzero(doc.tokens == self.encoder.audio_token_id) if has_audio else []
         if len(audio_positions) and audio_positions[-1] >= limit - 1:
             return None  # the cut would split an audio chunk's embeddings
-        cut = EncodedDoc(doc.tokens[:limit], doc.loss_mask[:limit], doc.audio_chunks, doc.source)
+        cut = dataclasses.replace(doc, tokens=doc.tokens[:limit], loss_mask=doc.loss_mask[:limit])
         return cut if cut.loss_mask[1:].any() else None
 
-    def _encode(self, ref: DocRef) -> EncodedDoc | None:
+    def _encode_ref(self, ref: DocRef) -> EncodedDoc:
         source = self.mixture.sources[ref.source]
-        doc = self.encoder.encode(source[ref.index], source.name, source.where(ref.index))
-        return self._fit(doc)
+        return self.encoder.encode(source[ref.index], source.name, source.where(ref.index))
 
     def __iter__(self) -> Packer:
         return self
@@ -104,12 +117,12 @@ class Packer:
                 self.carry = self._carry_doc = None
             else:
                 try:
-                    ref = next(self.mixture)
+                    ref, doc = next(self.feed)
                 except StopIteration:
                     if docs:
                         break
                     raise
-                doc = self._encode(ref)
+                doc = self._fit(doc)
             if doc is None:
                 self.dropped += 1
                 streak += 1
@@ -130,17 +143,18 @@ class Packer:
 
     def state_dict(self) -> dict[str, Any]:
         carry = None if self.carry is None else [self.carry.source, self.carry.index]
-        return {"mixture": self.mixture.state_dict(), "carry": carry, "dropped": self.dropped}
+        return {"mixture": self.feed.state_dict(), "carry": carry, "dropped": self.dropped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.mixture.load_state_dict(state["mixture"])
+        self.feed.load_state_dict(state["mixture"])
         self.carry = None if state["carry"] is None else DocRef(*state["carry"])
-        self._carry_doc = None if self.carry is None else self._encode(self.carry)
+        self._carry_doc = None if self.carry is None else self._fit(self.feed.encode(self.carry))
         self.dropped = state["dropped"]
 
 
 def collate(rows: list[PackedSequence], mel: Callable[[np.ndarray], torch.Tensor] | None) -> dict[str, Any]:
-    """Stack packed rows into a micro-batch: [b, s] tensors, cu_seqlens over the flattened rows, mels."""
+    """Stack packed rows into a micro-batch: [b, s] tensors, cu_seqlens over the flattened rows, mels (those
+    computed at encoding, else `mel` of each raw audio chunk)."""
     stack = lambda key, dtype: torch.from_numpy(np.stack([getattr(r, key) for r in rows])).to(dtype)  # noqa: E731
     seq_length = len(rows[0].tokens)
     lens = [n for r in rows for n in r.doc_lens]
@@ -150,6 +164,7 @@ def collate(rows: list[PackedSequence], mel: Callable[[np.ndarray], torch.Tensor
         [torch.repeat_interleave(torch.arange(len(r.doc_lens)), torch.tensor(r.doc_lens)) for r in rows]
     )
     chunks = [c for r in rows for c in r.audio_chunks]
+    mels = [torch.from_numpy(m) for r in rows for m in r.mels] or ([mel(c) for c in chunks] if mel is not None else [])
     return {
         "tokens": stack("tokens", torch.long),
         "labels": stack("labels", torch.long),
@@ -160,8 +175,8 @@ def collate(rows: list[PackedSequence], mel: Callable[[np.ndarray], torch.Tensor
         "cu_seqlens": cu,
         "max_seqlen": max(lens),
         "doc_lengths": [n for r in rows for n in (r.doc_lens[:-1] if r.source_ids[-1] < 0 else r.doc_lens)],
-        "mel": torch.stack([mel(c) for c in chunks]) if chunks and mel is not None else None,
-        "num_audio_chunks": len(chunks),
+        "mel": torch.stack(mels) if mels else None,
+        "num_audio_chunks": len(chunks) + sum(len(r.mels) for r in rows),
         "seq_length": seq_length,
     }
 

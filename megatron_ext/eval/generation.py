@@ -113,7 +113,7 @@ class HFGenerator:
         model = model_cls.from_pretrained(str(checkpoint), dtype=DTYPES[dtype], use_safetensors=True)
         if torch.cuda.is_available():
             model = model.cuda()
-        return cls(model, f"hf:{Path(checkpoint).name}")
+        return cls(model, generator_name(checkpoint, "hf", dtype))
 
     @classmethod
     def from_megatron_dir(cls, checkpoint: str | Path, dtype: str = "fp32") -> HFGenerator:
@@ -123,7 +123,7 @@ class HFGenerator:
         with tempfile.TemporaryDirectory(prefix="eval-hf-export-") as tmp:
             convert(Path(checkpoint), Path(tmp) / "hf", "hf", progress=False)
             generator = cls.from_hf_dir(Path(tmp) / "hf", dtype)
-        generator.name = f"hf-export:{Path(checkpoint).name}"
+        generator.name = generator_name(checkpoint, "hf", dtype)
         return generator
 
     @torch.inference_mode()
@@ -215,7 +215,7 @@ class MegatronGenerator:
             model = build_generation_model(source.cfg, dtype, tp, backend, init_weights=False)
             load_full_tensors(model, source.megatron().get)
             cfg = source.cfg
-        return cls(model, cfg, f"megatron:{Path(checkpoint).name}" + ("" if dtype == "fp32" else f":{dtype}"))
+        return cls(model, cfg, generator_name(checkpoint, "megatron", dtype))
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[list[int]]:
@@ -279,6 +279,20 @@ class MegatronGenerator:
 
 
 BACKENDS = ("megatron", "hf", "openai")
+
+
+def generator_name(checkpoint: str | Path | None, backend: str, dtype: str = "fp32", model: str | None = None) -> str:
+    """The name a generator gets (part of its predictions' resume key), known before anything is loaded:
+    `megatron:DIR[:bf16]`, `hf:DIR` (`hf-export:DIR` for a Megatron checkpoint), `openai:MODEL`."""
+    from megatron_ext.checkpoint.megatron_lm import resolve
+    from megatron_ext.checkpoint.metadata import META_FILE
+
+    if backend == "openai":
+        return f"openai:{model}"
+    name = Path(checkpoint).name
+    if backend == "megatron":
+        return f"megatron:{name}" + ("" if dtype == "fp32" else f":{dtype}")
+    return f"{'hf-export' if (resolve(Path(checkpoint)) / META_FILE).is_file() else 'hf'}:{name}"
 
 
 def load_generator(checkpoint: str | Path, backend: str = "megatron", dtype: str = "fp32", tp: int = 1) -> Generator:

@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from megatron_ext.eval.generation import generator_name
 from megatron_ext.http_client import EndpointError, RetryPolicy, api_key, get_json, post_json
 
 KEY_ENV = ("EVAL_API_KEY", "OPENAI_API_KEY")
@@ -25,7 +26,7 @@ class OpenAIBackend:
     def __init__(self, endpoint: str, model: str, concurrency: int = 4, policy: RetryPolicy | None = None):
         self.base = endpoint.rstrip("/")
         self.model = model
-        self.name = f"openai:{model}"
+        self.name = generator_name(None, "openai", model=model)
         self.concurrency = max(1, concurrency)
         self.policy = policy or RetryPolicy()
         self.key = api_key(*KEY_ENV)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from mistral_common.exceptions import MistralCommonException
 from mistral_common.protocol.instruct.chunk import AudioChunk, RawAudio, TextChunk
 from mistral_common.protocol.instruct.messages import UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
@@ -69,8 +70,13 @@ def chat_request(bench: Benchmark, sample: Sample) -> dict:
 
 def prompt_from_request(tokenizer: MistralTokenizer, body: dict) -> Prompt:
     """Tokens and audio of a chat-completions body: one user message of `text`/`input_audio` parts (a string
-    content is one text part); with `transcription_language`, exactly one audio part (Voxtral's ASR format)."""
+    content is one text part); with `transcription_language`, exactly one audio part (Voxtral's ASR format).
+    A conversation (system/user/assistant/tool messages, assistant `tool_calls`) or a request with `tools` is
+    rendered by mistral-common's OpenAI reader and the checkpoint's chat template ([AVAILABLE_TOOLS] ...)."""
     messages = body.get("messages")
+    tools = body.get("tools")
+    if isinstance(messages, list) and body.get("transcription_language") is None and (len(messages) > 1 or tools):
+        return _conversation_prompt(tokenizer, messages, tools)
     if not isinstance(messages, list) or len(messages) != 1 or not isinstance(messages[0], dict):
         raise ValueError("messages: expected a list of one user message")
     if messages[0].get("role") != "user":
@@ -88,6 +94,19 @@ def prompt_from_request(tokenizer: MistralTokenizer, body: dict) -> Prompt:
         encoded = tokenizer.encode_transcription(request)
     else:
         encoded = tokenizer.encode_chat_completion(ChatCompletionRequest(messages=[UserMessage(content=chunks)]))
+    return Prompt(list(encoded.tokens), [a.audio_array for a in encoded.audios])
+
+
+def _conversation_prompt(tokenizer: MistralTokenizer, messages: list, tools: object) -> Prompt:
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise ValueError("tools: expected a list of {type: function, function: {name, description, parameters}}")
+    try:
+        request = ChatCompletionRequest.from_openai(messages, tools=tools or None)
+        encoded = tokenizer.encode_chat_completion(request)
+    except (ValueError, TypeError, KeyError, AttributeError, MistralCommonException) as e:
+        raise ValueError(
+            f"messages/tools: not a chat this model's template renders ({type(e).__name__}: {e})"
+        ) from None
     return Prompt(list(encoded.tokens), [a.audio_array for a in encoded.audios])
 
 

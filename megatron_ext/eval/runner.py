@@ -1,6 +1,7 @@
 """Run one benchmark on one checkpoint: prompts -> batched greedy generation -> scores -> a result record.
 
-Predictions are appended per batch to a JSONL file, so an interrupted run resumes where it stopped.
+Predictions are appended per batch to a JSONL file, so an interrupted run resumes where it stopped; when
+every prediction is already there the model is not loaded at all (the resume key is known beforehand).
 Under torchrun (tensor parallel) every rank generates and rank 0 alone writes.
 """
 
@@ -10,13 +11,14 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_ext.eval.benchmarks import Benchmark, Sample, get_benchmark, load_samples
-from megatron_ext.eval.generation import Generator, load_generator
+from megatron_ext.eval.generation import Generator, generator_name, load_generator
 from megatron_ext.eval.openai_backend import OpenAIBackend
 from megatron_ext.eval.prompts import build_prompt, chat_request, load_tokenizer
 from megatron_ext.eval.provenance import checkpoint_provenance, labels_from_provenance
@@ -46,6 +48,7 @@ def evaluate(
     predictions: str | Path | None = None,
     judge=None,
     generator: Generator | OpenAIBackend | None = None,
+    loader: Callable[[], Generator] | None = None,
     backend: str = "megatron",
     dtype: str = "fp32",
     tp: int = 1,
@@ -59,8 +62,9 @@ def evaluate(
     `judge` (optional, spoken QA only) is an `AnswerJudge`; its verdict replaces the answer-contained match.
     `backend` picks the generator (megatron: our model with a KV cache, in `dtype` over `tp` ranks; hf: the
     transformers reference; openai: `model` served at `endpoint`, `concurrency` requests at a time) unless a
-    ready `generator` is passed. Predictions already in the predictions file are reused by sample id unless
-    `restart` is set.
+    ready `generator` is passed, or a `loader` that returns the one `backend`/`dtype` names (called only if
+    something is left to generate). Predictions already in the predictions file are reused by sample id
+    unless `restart` is set; when none is missing, nothing is loaded and an unchanged record is not rewritten.
     """
     bench = get_benchmark(benchmark)
     samples = load_samples(bench, data)
@@ -70,34 +74,25 @@ def evaluate(
     predictions = (
         Path(predictions) if predictions else output.parent / "predictions" / f"{_slug(name)}.{bench.name}.jsonl"
     )
-    if generator is None and backend == "openai":
+    if generator is None and loader is None and backend == "openai":
         if not endpoint or not model:
             raise ValueError("backend openai needs an endpoint and a model name")
-        generator = OpenAIBackend(endpoint, model, concurrency)
-    generator = generator or load_generator(checkpoint, backend, dtype, tp)
-    if bench.needs_audio and not generator.has_audio:
-        raise ValueError(f"{checkpoint}: no audio encoder, but benchmark {bench.name} needs audio")
-    tokenizer = None if isinstance(generator, OpenAIBackend) else load_tokenizer(checkpoint)
+        loader = lambda: OpenAIBackend(endpoint, model, concurrency)  # noqa: E731
+    loader = loader or (lambda: load_generator(checkpoint, backend, dtype, tp))
     writer = not dist.is_initialized() or dist.get_rank() == 0
     limit = max_new_tokens or MAX_NEW_TOKENS[bench.kind]
     data_sha256 = file_sha256(data)
-    run = _run_key(checkpoint, data_sha256, generator.name, limit)
+    generator_id = generator.name if generator is not None else generator_name(checkpoint, backend, dtype, model)
+    run = _run_key(checkpoint, data_sha256, generator_id, limit)
     done = {} if restart else _resume(predictions, {s.id for s in samples}, run)
-    if writer:
-        write_jsonl(predictions, list(done.values()))  # drops stale rows, other ids and a torn last line
     todo = [s for s in samples if s.id not in done]
-    with (
-        open(predictions if writer else os.devnull, "a", encoding="utf-8") as sink,
-        tqdm(total=len(samples), initial=len(done), desc=bench.name, disable=not writer) as bar,
-    ):
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            for sample, text in zip(batch, _predict(generator, tokenizer, bench, batch, limit), strict=True):
-                row = {"run": run, **_scored(bench, sample, text, judge)}
-                done[sample.id] = row
-                sink.write(json.dumps(row) + "\n")
-            sink.flush()
-            bar.update(len(batch))
+    if todo:
+        generator = generator or loader()
+        if generator.name != generator_id:
+            raise ValueError(f"generator {generator.name!r} is not the {generator_id!r} its predictions are keyed by")
+        _generate(
+            generator, checkpoint, bench, todo, predictions if writer else None, done, run, batch_size, limit, judge
+        )
     scores = [done[s.id] for s in samples]
     provenance = checkpoint_provenance(checkpoint)
     record = Record(
@@ -113,7 +108,7 @@ def evaluate(
             "data": str(Path(data).resolve()),
             "data_sha256": data_sha256,
             "predictions": str(predictions.resolve()),
-            "generator": generator.name,
+            "generator": generator_id,
             "max_new_tokens": limit,
             "judge": getattr(judge, "model", None),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -122,6 +117,39 @@ def evaluate(
     if writer:
         upsert(output, record)
     return record
+
+
+def _generate(
+    generator,
+    checkpoint,
+    bench: Benchmark,
+    todo: list[Sample],
+    predictions: Path | None,
+    done: dict,
+    run: str,
+    batch_size: int,
+    limit: int,
+    judge,
+) -> None:
+    """Predict and score `todo` in batches into `done`, appending each batch's rows to `predictions` (rank 0;
+    None on the other ranks) after rewriting it with only the rows kept (stale ones and a torn line dropped)."""
+    if bench.needs_audio and not generator.has_audio:
+        raise ValueError(f"{checkpoint}: no audio encoder, but benchmark {bench.name} needs audio")
+    tokenizer = None if isinstance(generator, OpenAIBackend) else load_tokenizer(checkpoint)
+    if predictions is not None:
+        write_jsonl(predictions, list(done.values()))
+    with (
+        open(predictions or os.devnull, "a", encoding="utf-8") as sink,
+        tqdm(total=len(todo) + len(done), initial=len(done), desc=bench.name, disable=predictions is None) as bar,
+    ):
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            for sample, text in zip(batch, _predict(generator, tokenizer, bench, batch, limit), strict=True):
+                row = {"run": run, **_scored(bench, sample, text, judge)}
+                done[sample.id] = row
+                sink.write(json.dumps(row) + "\n")
+            sink.flush()
+            bar.update(len(batch))
 
 
 def _predict(generator, tokenizer, bench: Benchmark, batch: list[Sample], limit: int) -> list[str]:

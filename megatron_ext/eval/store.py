@@ -79,10 +79,19 @@ def load_results(path: str | Path) -> list[Record]:
 
 
 def upsert(path: str | Path, record: Record) -> None:
-    """Add `record` to a JSONL file, replacing any record with the same (checkpoint, benchmark)."""
+    """Add `record` to a JSONL file, replacing any record with the same (checkpoint, benchmark); a stored
+    record equal to it in all but its creation time is left as it is (a rerun rewrites nothing)."""
     path = Path(path)
-    kept = [r for r in read_records(path) if r.key != record.key] if path.exists() else []
-    write_jsonl(path, [asdict(r) for r in [*kept, record]])
+    stored = read_records(path) if path.exists() else []
+    if any(_unstamped(r) == _unstamped(record) for r in stored):
+        return
+    write_jsonl(path, [asdict(r) for r in [*(r for r in stored if r.key != record.key), record]])
+
+
+def _unstamped(record: Record) -> dict:
+    data = asdict(record)
+    data["source"] = {k: v for k, v in data["source"].items() if k != "created"}
+    return data
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -3,8 +3,10 @@
 Accepted input: the run report `swebench.harness.run_evaluation` writes (`{"resolved_ids": [...],
 "total_instances": N, ...}`), tied to the checkpoint: the report must name the served model, either in a
 `model_name_or_path` field or by its file name `MODEL.RUN_ID.json` as the harness writes it (`/` in the
-model name as `__`), and that model must be the checkpoint's served name (`tools/serve.py`'s default, the
-record name, or `--name`). A report for another model, or one naming none, is refused.
+model name as `__`), and that model must be the checkpoint's served name `NAME@FINGERPRINT12`
+(`eval.identity.served_name`: `tools/serve.py`'s name; NAME is the record name or `--name`), optionally
+behind a provider prefix (`openai/NAME@...`, as litellm-based agents write it). A report for another model,
+for another checkpoint under the same name (other fingerprint), or naming none, is refused.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import time
 from pathlib import Path
 
+from megatron_ext.eval.identity import checkpoint_fingerprint, served_name
 from megatron_ext.eval.provenance import checkpoint_provenance, labels_from_provenance
 from megatron_ext.eval.runner import file_sha256
 from megatron_ext.eval.store import Record, checkpoint_identity, upsert
@@ -34,18 +37,27 @@ def resolved_rate(report: dict, total: int | None, where: str) -> tuple[float, i
 
 
 def check_report_model(report: dict, path: Path, model: str) -> None:
-    """Refuse a report that does not name `model` (its `model_name_or_path` field, else its file name)."""
+    """Refuse a report that does not name the served `model` (its `model_name_or_path` field, else its file name)."""
     named = report.get("model_name_or_path")
     if named is None:
         harness_name = model.replace("/", "__")
-        if path.name.startswith(f"{harness_name}.") and path.name.endswith(".json"):
+        unprefixed = path.name.split("__", 1)[-1]  # `openai__NAME@FP.RUN.json` for model `openai/NAME@FP`
+        if any(n.startswith(f"{harness_name}.") for n in (path.name, unprefixed)) and path.name.endswith(".json"):
             return
         raise ValueError(
             f"{path}: the report names no model (no model_name_or_path, file name not {harness_name}.RUN_ID.json); "
             f"expected a report for {model!r}"
         )
-    if str(named).replace("__", "/") != model and str(named) != model:
-        raise ValueError(f"{path}: report for model {named!r}, but the checkpoint is served as {model!r}")
+    for candidate in {str(named), str(named).replace("__", "/")}:
+        if candidate == model or candidate.endswith(f"/{model}"):
+            return
+    name, _, fingerprint = model.rpartition("@")
+    reported = str(named).replace("__", "/").rsplit("/", 1)[-1]
+    if reported.rpartition("@")[0] == name:
+        raise ValueError(
+            f"{path}: report for {named!r}, another checkpoint named {name!r} (this one's fingerprint is {fingerprint})"
+        )
+    raise ValueError(f"{path}: report for model {named!r}, but the checkpoint is served as {model!r}")
 
 
 def ingest_swebench(
@@ -66,7 +78,9 @@ def ingest_swebench(
     if not isinstance(report, dict):
         raise ValueError(f"{report_path}: expected a harness report object with resolved_ids and the model name")
     default_name, default_labels = checkpoint_identity(checkpoint)
-    check_report_model(report, report_path, name or default_name)
+    fingerprint = checkpoint_fingerprint(checkpoint)
+    model = served_name(checkpoint, name)
+    check_report_model(report, report_path, model)
     rate, resolved, instances = resolved_rate(report, total, str(report_path))
     provenance = checkpoint_provenance(checkpoint)
     record = Record(
@@ -82,7 +96,8 @@ def ingest_swebench(
             "data": str(report_path.resolve()),
             "data_sha256": file_sha256(report_path),
             "resolved": resolved,
-            "model": name or default_name,
+            "model": model,
+            "checkpoint_sha256": fingerprint,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     )

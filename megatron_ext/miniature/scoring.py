@@ -1,43 +1,32 @@
 """Held-out scores of the miniature's parents: typed tool-call exact match, and WER / spoken QA through the
 project's evaluation runner (eval/runner.py on the librispeech and llama_questions formats).
 
-A tool call is read back from the generated text in either parent's format: Tekken v11 (Devstral:
-`[TOOL_CALLS]name[CALL_ID]id[ARGS]{json}`) or v7 (Voxtral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}]`).
-Exact match: the same function name and the same arguments (as parsed JSON).
+Tool calls are read back from the generated tokens by eval/tool_calls.py (either parent's format: Devstral's
+v11 `[TOOL_CALLS]name[CALL_ID]id[ARGS]{json}`, Voxtral's v7 JSON list). Exact match: exactly one call, with
+the expected function name and the same arguments (as parsed JSON).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
-from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from megatron_ext.eval.generation import load_generator
 from megatron_ext.eval.prompts import Prompt, load_tokenizer
 from megatron_ext.eval.runner import evaluate
+from megatron_ext.eval.tool_calls import split_tool_calls
 
-_V11_CALL = re.compile(r"\[TOOL_CALLS\](?P<name>[^\[]+)(?:\[CALL_ID\][^\[]*)?\[ARGS\](?P<args>.*)", re.S)
 
-
-def parse_tool_call(text: str) -> dict[str, Any] | None:
-    """{"name", "arguments"} of the first tool call in `text` (special tokens kept), or None when there is none
-    or it does not parse."""
-    if "[TOOL_CALLS]" not in text:
+def parsed_call(tokenizer: MistralTokenizer, tokens: list[int]) -> dict[str, Any] | None:
+    """{"name", "arguments"} of generated tokens holding exactly one tool call, else None."""
+    _, calls = split_tool_calls(tokenizer, tokens)
+    if len(calls) != 1:
         return None
-    text = text.split("</s>")[0]
-    m = _V11_CALL.search(text)
-    try:
-        if m:
-            return {"name": m.group("name").strip(), "arguments": json.loads(m.group("args").strip())}
-        calls = json.loads(text.split("[TOOL_CALLS]", 1)[1].strip())
-        call = calls[0] if isinstance(calls, list) else calls
-        return {"name": call["name"], "arguments": call["arguments"]}
-    except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-        return None
+    return {"name": calls[0]["function"]["name"], "arguments": json.loads(calls[0]["function"]["arguments"])}
 
 
 def tool_call_exact_match(
@@ -57,9 +46,10 @@ def tool_call_exact_match(
             )
             prompts.append(Prompt(list(tokenizer.encode_chat_completion(request).tokens), []))
         for r, out in zip(batch, generator.generate(prompts, max_new_tokens), strict=True):
-            text = tokenizer.instruct_tokenizer.tokenizer.decode(out, special_token_policy=SpecialTokenPolicy.KEEP)
-            call = parse_tool_call(text)
-            rows.append({"id": r["id"], "prediction": text, "correct": call == r["answer"]})
+            call = parsed_call(tokenizer, out)
+            rows.append(
+                {"id": r["id"], "prediction": tokenizer.decode(out), "call": call, "correct": call == r["answer"]}
+            )
     return sum(r["correct"] for r in rows) / max(len(rows), 1), rows
 
 

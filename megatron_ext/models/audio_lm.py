@@ -79,6 +79,8 @@ class AudioLanguageModel(MegatronModule):
         self.pre_process = language_model.pre_process
         self.post_process = language_model.post_process
         self.model_type = language_model.model_type
+        # read by finalize_model_grads on the first/last pipeline stages (untied: no embedding all-reduce)
+        self.share_embeddings_and_output_weights = language_model.share_embeddings_and_output_weights
         self.freeze_encoder, self.freeze_projector = freeze_encoder, freeze_projector
         for module, frozen in ((audio_encoder, freeze_encoder), (audio_projector, freeze_projector)):
             if module is not None and frozen:

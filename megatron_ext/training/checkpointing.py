@@ -16,6 +16,7 @@ happen when the save is finalised (next steps or at exit).
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -33,15 +34,30 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
 from megatron_ext.checkpoint.atomic import partial_path, publish, remove_stale_partials
-from megatron_ext.checkpoint.megatron_lm import TRACKER, common_state, safe_globals, tracked_iteration, write_tracker
+from megatron_ext.checkpoint.megatron_lm import (
+    TRACKER,
+    common_state,
+    load_common,
+    safe_globals,
+    tracked_iteration,
+    write_tracker,
+)
 from megatron_ext.checkpoint.metadata import CheckpointMeta, write_meta
 from megatron_ext.checkpoint.torch_dist_io import check_torch_dist
+from megatron_ext.training.checks import StartupError
+
+log = logging.getLogger(__name__)
 
 ITER_RE = re.compile(r"^iter_(\d{7})$")
 OLD_LATEST = "latest"  # the pointer file of runs saved before the Megatron-LM tracker
-# Distributed-optimizer state as Megatron-LM saves it by default: one tensor per DP buffer, written and read
-# in parallel without gathering; resumable at another DP size, not another TP size.
-OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+# Distributed-optimizer state in model space ('fully_reshardable'): each parameter's fp32 copy and Adam moments
+# under the parameter's own key and global shape, so a resume may change TP, PP and DP. Saving gathers a
+# TP/PP shard's state over its DP group into host memory (12 bytes per parameter of the shard on every rank;
+# at 24B and TP=4, ~72 GB per rank); loading reads the shard and keeps this rank's slice. Runs saved before
+# it hold 'dp_reshardable' state (one tensor per DP buffer), resumable only at their own TP and PP. The
+# format and the layout that saved it are the checkpoint's content metadata.
+OPTIMIZER_FORMAT = "fully_reshardable"
+LEGACY_OPTIMIZER_FORMAT = "dp_reshardable"
 
 
 def iter_dir(save_dir: Path, step: int) -> Path:
@@ -62,9 +78,24 @@ def latest_checkpoint(save_dir: str | Path | None) -> Path | None:
     return path if path.is_dir() else None
 
 
+def _layout() -> dict[str, int]:
+    """This run's tensor/pipeline/data-parallel sizes."""
+    return {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "dp": parallel_state.get_data_parallel_world_size(),
+    }
+
+
 def _rng_object() -> ShardedObject:
+    """Every rank's RNG states; one grid cell per (TP, DP) rank, per (PP, TP, DP) rank under PP (at PP=1 the
+    grid older checkpoints were saved with)."""
     tp, dp = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_data_parallel_rank()
     tp_n, dp_n = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_data_parallel_world_size()
+    pp, pp_n = (
+        parallel_state.get_pipeline_model_parallel_rank(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+    )
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -72,7 +103,9 @@ def _rng_object() -> ShardedObject:
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
-    return ShardedObject("rng_state", state, (tp_n, dp_n), (tp, dp), replica_id=0)
+    if pp_n == 1:
+        return ShardedObject("rng_state", state, (tp_n, dp_n), (tp, dp), replica_id=0)
+    return ShardedObject("rng_state", state, (pp_n, tp_n, dp_n), (pp, tp, dp), replica_id=0)
 
 
 def _restore_rng(state: dict[str, Any]) -> None:
@@ -84,14 +117,44 @@ def _restore_rng(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _state(model: Any, optimizer: Any, scheduler: Any, loading: bool) -> dict[str, Any]:
+def _state(
+    model: Any, optimizer: Any, scheduler: Any, loading: bool, optimizer_format: str, rng: bool = True
+) -> dict[str, Any]:
+    """The sharded state dict saved (or, `loading`, the template loaded), the RNG states only with `rng`."""
     model_sd = model.sharded_state_dict()
-    return {
+    state = {
         "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=OPTIMIZER_FORMAT),
-        "rng_state": _rng_object(),
+        "optimizer": optimizer.sharded_state_dict(
+            model_sd, is_loading=loading, metadata={"distrib_optim_sharding_type": optimizer_format}
+        ),
         "opt_param_scheduler": scheduler.state_dict(),  # Megatron-LM's name
     }
+    if rng:
+        state["rng_state"] = _rng_object()
+    return state
+
+
+def _saved_layout(path: Path) -> tuple[str, dict[str, int] | None]:
+    """(optimizer format, layout that saved it) of a checkpoint; older ones: dp_reshardable, TP/PP from args."""
+    common = load_common(path / "common.pt")
+    content = common.get("content_metadata") or {}
+    if "distrib_optim_sharding_type" in content:
+        return content["distrib_optim_sharding_type"], content.get("layout")
+    args = common.get("args")
+    tp, pp = getattr(args, "tensor_model_parallel_size", None), getattr(args, "pipeline_model_parallel_size", None)
+    return LEGACY_OPTIMIZER_FORMAT, None if tp is None or pp is None else {"tp": tp, "pp": pp}
+
+
+def _check_reshardable(path: Path, optimizer_format: str, saved: dict[str, int] | None, here: dict[str, int]) -> None:
+    """A dp_reshardable optimizer state resumes only at the TP and PP that saved it: refuse anything else."""
+    if optimizer_format != LEGACY_OPTIMIZER_FORMAT:
+        return
+    if saved is None or (saved["tp"], saved["pp"]) != (here["tp"], here["pp"]):
+        was = "an unknown layout" if saved is None else f"TP={saved['tp']} PP={saved['pp']}"
+        raise StartupError(
+            f"{path}: optimizer state saved {LEGACY_OPTIMIZER_FORMAT} at {was} cannot resume at "
+            f"TP={here['tp']} PP={here['pp']}; resume it at its own layout once (the next save is reshardable)"
+        )
 
 
 class Checkpointer:
@@ -125,8 +188,9 @@ class Checkpointer:
             parallel_state.get_pipeline_model_parallel_world_size(),
         )
         common = common_state(self.meta().model, step, tp, pp)
-        state = {**_state(model, optimizer, scheduler, loading=False), **common, "extra": extra}
-        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=self.async_save)
+        state = {**_state(model, optimizer, scheduler, False, OPTIMIZER_FORMAT), **common, "extra": extra}
+        content = {"distrib_optim_sharding_type": OPTIMIZER_FORMAT, "layout": _layout()}
+        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=self.async_save, content_metadata=content)
 
         def finalize() -> None:
             dist.barrier()
@@ -160,9 +224,14 @@ class Checkpointer:
 
     @staticmethod
     def load(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
-        """Restore everything from `path`; returns its `extra` (data position, step, counters)."""
+        """Restore everything from `path`; returns its `extra` (data position, step, counters). Saved at another
+        layout (TP/PP/DP), the RNG states are not restored (they belong to other ranks), as in Megatron-LM."""
         check_torch_dist(path)  # Megatron-Core unpickles .metadata freely: our allow-list reads it first
-        template = _state(model, optimizer, scheduler, loading=True)
+        optimizer_format, saved = _saved_layout(path)
+        here = _layout()
+        _check_reshardable(path, optimizer_format, saved, here)
+        same = saved is not None and all(saved.get(k, here[k]) == v for k, v in here.items())
+        template = _state(model, optimizer, scheduler, True, optimizer_format, rng=same)
         template["extra"] = None
         with torch.serialization.safe_globals(safe_globals()):  # Megatron-Core reads common.pt: args namespace
             loaded = dist_checkpointing.load(template, str(path))
@@ -172,7 +241,10 @@ class Checkpointer:
         scheduler.load_state_dict(
             loaded["opt_param_scheduler"] if "opt_param_scheduler" in loaded else loaded["scheduler"]
         )
-        _restore_rng(loaded["rng_state"])
+        if same:
+            _restore_rng(loaded["rng_state"])
+        elif dist.get_rank() == 0:
+            log.info("%s: saved at %s, resumed at %s: RNG states not restored", path, saved, here)
         return loaded["extra"]
 
 

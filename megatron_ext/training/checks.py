@@ -51,11 +51,30 @@ def resolve_rope(cfg: TrainConfig, meta: CheckpointMeta) -> ModelConfig:
 
 
 def check_parallel_layout(cfg: TrainConfig, model: ModelConfig) -> None:
-    tp, cp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.context_parallel_size
+    p = cfg.parallel
     try:
-        validate_parallelism(model, tp=tp, cp=cp)
+        validate_parallelism(
+            model, tp=p.tensor_model_parallel_size, cp=p.context_parallel_size, pp=p.pipeline_model_parallel_size
+        )
     except ConfigError as exc:
         raise StartupError(f"parallel: {exc}") from None
+
+
+def gradient_accumulation_fusion(setting: str, backend: str, on_gpu: bool, apex_wgrad: bool) -> bool:
+    """Whether the linears accumulate weight gradients straight into Megatron's fp32 main_grad buffers.
+
+    Needs Transformer Engine's linears on a GPU, and Apex's `fused_weight_gradient_mlp_cuda` too: GPTModel's
+    LM head is Megatron's own ColumnParallelLinear, which refuses the flag without it. 'auto' turns it on
+    exactly then; 'on' elsewhere is refused."""
+    available = backend == "te" and on_gpu and apex_wgrad
+    if setting == "on" and not available:
+        missing = (
+            "Transformer Engine on a GPU" if backend != "te" or not on_gpu else "Apex's fused_weight_gradient_mlp_cuda"
+        )
+        raise StartupError(
+            f"model.gradient_accumulation_fusion=on: needs {missing} (backend {backend}); use auto or off"
+        )
+    return available and setting != "off"
 
 
 def check_tokenizer(tokenizer_path: Path, meta: CheckpointMeta, checkpoint: str) -> None:

@@ -51,11 +51,13 @@ class ModelSection:
     freeze_encoder: bool = True
     freeze_projector: bool = False
     transformer_impl: str = "auto"  # auto | local | transformer_engine
+    gradient_accumulation_fusion: str = "auto"  # auto (on with TE on GPU and Apex's wgrad kernel) | on | off
 
 
 @dataclass
 class ParallelSection:
     tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1  # decoder layers split in stages; encoder + projector on the first
     context_parallel_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
@@ -92,6 +94,8 @@ class DataSection:
     shuffle_buffer: int = 16
     overlong: str = "truncate"  # truncate | drop documents longer than seq_length
     system_prompt_with_audio: str = "merge"  # merge into the first user turn | error
+    num_workers: int = 0  # encoding worker processes per training process (0: encode in the training loop)
+    prefetch: int = 64  # documents encoded ahead per sequence stream (with num_workers > 0)
 
 
 @dataclass
@@ -137,9 +141,12 @@ class TrainConfig:
 
 
 _ABSENT = object()
+# YAML 1.1 reads `on`/`off`/`true`/`false` as booleans, which a str field then holds as "True"/"False".
+_YAML_SWITCH = {"True": "on", "False": "off"}
 
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.transformer_impl": ("auto", "local", "transformer_engine"),
+    "model.gradient_accumulation_fusion": ("auto", "on", "off"),
     "optimizer.decay_style": ("cosine", "linear", "constant"),
     "data.overlong": ("truncate", "drop"),
     "data.system_prompt_with_audio": ("merge", "error"),
@@ -178,6 +185,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         key = getattr(exc, "full_key", None)
         msg = str(exc).splitlines()[0]
         raise TrainConfigError(f"{key}: {msg}" if key else msg) from None
+    fusion = obj.model.gradient_accumulation_fusion
+    obj.model.gradient_accumulation_fusion = _YAML_SWITCH.get(fusion, fusion)
     validate(obj)
     return obj
 
@@ -196,6 +205,7 @@ def validate(cfg: TrainConfig) -> None:
         "training.train_iters": cfg.training.train_iters,
         "training.loss_chunk_tokens": cfg.training.loss_chunk_tokens,
         "parallel.tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
+        "parallel.pipeline_model_parallel_size": cfg.parallel.pipeline_model_parallel_size,
         "parallel.context_parallel_size": cfg.parallel.context_parallel_size,
         "checkpoint.keep_last": cfg.checkpoint.keep_last,
         "checkpoint.save_interval": cfg.checkpoint.save_interval,
@@ -226,6 +236,10 @@ def validate(cfg: TrainConfig) -> None:
             f"optimizer.warmup_steps={cfg.optimizer.warmup_steps} must be below the decay "
             f"steps ({decay}: optimizer.decay_steps, else training.train_iters)"
         )
+    if cfg.data.num_workers < 0:
+        raise TrainConfigError(f"data.num_workers: must be >= 0, got {cfg.data.num_workers}")
+    if cfg.data.prefetch < 1:
+        raise TrainConfigError(f"data.prefetch: must be >= 1, got {cfg.data.prefetch}")
     if not cfg.data.sources:
         raise TrainConfigError("data.sources: at least one training source is required")
     for group in ("sources", "validation"):

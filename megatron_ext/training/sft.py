@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import logging
 import time
 from collections.abc import Iterator
@@ -47,12 +48,14 @@ from megatron_ext.data.packing import document_causal_mask
 from megatron_ext.data.sources import open_source
 from megatron_ext.models.build import BuildConfig, FP8Config, build_model
 from megatron_ext.models.loading import load_full_tensors
+from megatron_ext.models.specs import resolve_backend
 from megatron_ext.models.tokens import check_audio_token
 from megatron_ext.training.checkpointing import Checkpointer, latest_checkpoint
-from megatron_ext.training.checks import StartupError, startup_checks
+from megatron_ext.training.checks import StartupError, gradient_accumulation_fusion, startup_checks
 from megatron_ext.training.config import TrainConfig, to_yaml
 from megatron_ext.training.loss import supervised_token_losses
 from megatron_ext.training.metrics import TensorBoard, step_flops
+from megatron_ext.training.pipeline import from_last_stage, schedule_shape
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +75,19 @@ class TrainResult:
 
 # ---- model / optimizer -------------------------------------------------------------------------------
 def _build(cfg: TrainConfig, model_cfg: ModelConfig) -> torch.nn.Module:
+    """This pipeline stage's model (encoder + projector on the first), start weights loaded."""
     on_gpu = torch.cuda.is_available()
+    backend = resolve_backend(
+        {"auto": "auto", "local": "local", "transformer_engine": "te"}[cfg.model.transformer_impl]
+    )
+    fusion = gradient_accumulation_fusion(
+        cfg.model.gradient_accumulation_fusion,
+        backend,
+        on_gpu,
+        importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None,
+    )
     build = BuildConfig(
-        backend={"auto": "auto", "local": "local", "transformer_engine": "te"}[cfg.model.transformer_impl],
+        backend=backend,
         params_dtype="bfloat16" if cfg.training.bf16 else "float32",
         sequence_parallel=cfg.parallel.sequence_parallel,
         freeze_encoder=cfg.model.freeze_encoder,
@@ -82,7 +95,7 @@ def _build(cfg: TrainConfig, model_cfg: ModelConfig) -> torch.nn.Module:
         fp8=FP8Config(format=cfg.training.fp8) if cfg.training.fp8 else None,
         init_weights=False,
         recompute_granularity=None if cfg.training.recompute == "none" else cfg.training.recompute,
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=fusion,
         extra={"calculate_per_token_loss": True},
     )
     model = build_model(model_cfg, build)
@@ -183,18 +196,22 @@ def _loss_func(batch: dict[str, Any], n_sources: int, token_losses: torch.Tensor
 
 
 def _forward_step(cfg: TrainConfig, n_sources: int, data_iterator: Iterator[dict[str, Any]], model: torch.nn.Module):
+    """One micro-batch through this stage: audio encoded on the first, the loss on the last (else the hidden
+    states go to the next stage)."""
     batch = _device(next(data_iterator))
     core = model.module if isinstance(model, DistributedDataParallel) else model
     attention_mask, packed = _attention_inputs(batch, core.backend)
     if packed is not None:  # THD: all rows of the micro-batch are one flat token stream ([1, b*s])
         batch = {k: v.reshape(1, -1) if k in _ROW_KEYS else v for k, v in batch.items()}
-    mel = batch["mel"]
+    mel = batch["mel"] if core.pre_process else None
     if mel is not None:
         mel = mel.to(next(core.parameters()).dtype)
     with _decoder_hidden_states(core.language_model):
         hidden = model(
             batch["tokens"], batch["position_ids"], attention_mask, audio_features=mel, packed_seq_params=packed
         )
+    if not core.post_process:
+        return hidden, partial(_loss_func, batch, n_sources)  # the schedule sends `hidden` on; no loss here
     losses = supervised_token_losses(
         hidden,
         core.language_model.output_layer.weight,
@@ -206,8 +223,15 @@ def _forward_step(cfg: TrainConfig, n_sources: int, data_iterator: Iterator[dict
     return losses, partial(_loss_func, batch, n_sources)
 
 
+def _p2p_shape(cfg: TrainConfig, ddp: DistributedDataParallel) -> dict[str, int]:
+    """The schedule's seq_length/micro_batch_size arguments (they size the activations sent between stages)."""
+    seq, mbs = schedule_shape(cfg.training.seq_length, cfg.training.micro_batch_size, ddp.module.backend == "te")
+    return {"seq_length": seq, "micro_batch_size": mbs}
+
+
 def _reduce(outputs: list[dict[str, torch.Tensor]], n_sources: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum [loss, tokens] and per-source [loss, tokens] over micro-batches and data-parallel ranks."""
+    """Sum [loss, tokens] and per-source [loss, tokens] over micro-batches and data-parallel ranks; every
+    pipeline stage gets the last stage's sums (the only one with outputs)."""
     lm = torch.zeros(2, dtype=torch.float64)
     sources = torch.zeros(n_sources, 2, dtype=torch.float64)
     for out in outputs:
@@ -217,7 +241,7 @@ def _reduce(outputs: list[dict[str, torch.Tensor]], n_sources: int) -> tuple[tor
     if torch.cuda.is_available():
         packed = packed.cuda()
     dist.all_reduce(packed, group=parallel_state.get_data_parallel_group())
-    packed = packed.cpu()
+    packed = from_last_stage(packed).cpu()
     return packed[:2], packed[2:].reshape(n_sources, 2)
 
 
@@ -264,7 +288,10 @@ def _chat_encoder(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer_path: Path
 def train(cfg: TrainConfig) -> TrainResult:
     """Run SFT as configured (call under torchrun for several ranks); returns the losses seen."""
     t = cfg.training
-    init_distributed(tp=cfg.parallel.tensor_model_parallel_size, cp=cfg.parallel.context_parallel_size, seed=t.seed)
+    p = cfg.parallel
+    init_distributed(
+        tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, cp=p.context_parallel_size, seed=t.seed
+    )
     try:
         return _train(cfg)
     finally:
@@ -301,7 +328,17 @@ def _train(cfg: TrainConfig) -> TrainResult:
     mel = (
         (lambda wave: log_mel_chunks(wave, model_cfg.encoder.mel_frames)[0]) if model_cfg.encoder is not None else None
     )
-    data = SFTData(cfg.data, t.seq_length, t.seed, encoder, mel, dp_rank, dp)
+    data = SFTData(
+        cfg.data,
+        t.seq_length,
+        t.seed,
+        encoder,
+        mel,
+        dp_rank,
+        dp,
+        num_streams=t.global_batch_size,
+        group=parallel_state.get_data_parallel_group(),
+    )
     n_sources = len(data.source_names)
 
     def sft_meta() -> CheckpointMeta:
@@ -346,8 +383,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
             data_iterator=iter(batches),
             model=[ddp],
             num_microbatches=len(batches),
-            seq_length=t.seq_length,
-            micro_batch_size=t.micro_batch_size,
+            **_p2p_shape(cfg, ddp),
             forward_only=False,
         )
         _, grad_norm, _ = optimizer.step()
@@ -416,6 +452,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
     ckpt.poll(blocking=True)
     ckpt.close()
     board.close()
+    data.close()
     result.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     result.frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     result.trainable_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -450,8 +487,7 @@ def _validate(
             data_iterator=iter(batches),
             model=[ddp],
             num_microbatches=len(batches),
-            seq_length=cfg.training.seq_length,
-            micro_batch_size=cfg.training.micro_batch_size,
+            **_p2p_shape(cfg, ddp),
             forward_only=True,
         )
     ddp.train()
@@ -466,11 +502,13 @@ def dry_run(cfg: TrainConfig, world_size: int) -> list[str]:
     t, p = cfg.training, cfg.parallel
     model_cfg, _, tokenizer_path = startup_checks(cfg)
     model_cfg = check_audio_token(model_cfg, tokenizer_path)
-    model_parallel = p.tensor_model_parallel_size * p.context_parallel_size
+    pp = p.pipeline_model_parallel_size
+    model_parallel = p.tensor_model_parallel_size * p.context_parallel_size * pp
     if world_size < 1:
         raise StartupError(f"world size {world_size}: must be >= 1")
     if world_size % model_parallel:
-        raise StartupError(f"world size {world_size} is not a multiple of TP x CP = {model_parallel}")
+        sizes = "TP x CP" + (" x PP" if pp > 1 else "")
+        raise StartupError(f"world size {world_size} is not a multiple of {sizes} = {model_parallel}")
     dp = world_size // model_parallel
     _check_batch_layout(t, dp)
     encoder = _chat_encoder(cfg, model_cfg, tokenizer_path)
@@ -478,7 +516,9 @@ def dry_run(cfg: TrainConfig, world_size: int) -> list[str]:
     lines = [
         f"model {cfg.model.checkpoint}: rope {rope.type} theta {rope.theta:g}"
         + (f" factor {rope.factor:g}" if rope.type == "yarn" else ""),
-        f"layout: world {world_size} = TP {p.tensor_model_parallel_size} x CP {p.context_parallel_size} "
+        f"layout: world {world_size} = TP {p.tensor_model_parallel_size} x "
+        + (f"PP {pp} x " if pp > 1 else "")
+        + f"CP {p.context_parallel_size} "
         f"x DP {dp}; {t.global_batch_size // (t.micro_batch_size * dp)} micro-batches of "
         f"{t.micro_batch_size} x {t.seq_length} tokens per rank; "
         f"{t.global_batch_size * t.seq_length / 1e6:.2f}M tokens per step",
