@@ -8,9 +8,10 @@ WHEELS := $(wildcard /opt/wheels)
 PIP_INSTALL := $(VENV)/bin/pip install -q -c constraints.txt $(if $(WHEELS),--find-links $(WHEELS))
 BUILD ?= build
 TINY ?= $(BUILD)/tiny
+MINIATURE ?= $(BUILD)/miniature/parents
 APT_PACKAGES := espeak-ng sox pocketsphinx-testdata
 
-.PHONY: venv system-deps tiny demo demo-convert convert bench bench-convert bench-loader demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint format clean vllm-env synth bench-synth eval eval-data eval-model eval-sft eval-grid report demo-eval sft sft-dry-run demo-synth gpu-check
+.PHONY: venv system-deps tiny miniature demo demo-convert convert bench bench-convert bench-loader demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint format clean vllm-env synth bench-synth eval eval-data eval-model eval-sft eval-grid report demo-eval sft sft-dry-run demo-synth gpu-check
 
 # ---- environment ---------------------------------------------------------------------------------
 # The pinned requirements first, then this project editable (--no-deps: torch stays the pinned CPU wheel):
@@ -37,6 +38,10 @@ system-deps:
 # ---- tiny parent models --------------------------------------------------------------------------
 tiny: venv
 	$(PYTHON) tools/make_tiny_models.py --output $(TINY)
+
+# ---- miniature: trained tiny parents (Voxtral-mini, Devstral-mini) from scratch on CPU, cached by code/config hash ----
+miniature: venv
+	$(PYTHON) tools/make_miniature.py --output $(MINIATURE)
 
 # ---- demo: the whole chain built so far, on the tiny models ----------------------------------------
 demo: tiny
