@@ -10,7 +10,7 @@ BUILD ?= build
 TINY ?= $(BUILD)/tiny
 APT_PACKAGES := espeak-ng sox pocketsphinx-testdata
 
-.PHONY: venv system-deps tiny demo demo-convert convert bench bench-convert demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint format clean vllm-env synth bench-synth eval eval-data eval-model eval-sft eval-grid report demo-eval sft sft-dry-run demo-synth gpu-check
+.PHONY: venv system-deps tiny demo demo-tiny miniature-recipe demo-convert convert bench bench-convert demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint format clean vllm-env synth bench-synth eval eval-data eval-model eval-sft eval-grid report demo-eval sft sft-dry-run demo-synth gpu-check
 
 # ---- environment ---------------------------------------------------------------------------------
 # The pinned requirements first, then this project editable (--no-deps: torch stays the pinned CPU wheel):
@@ -38,8 +38,29 @@ system-deps:
 tiny: venv
 	$(PYTHON) tools/make_tiny_models.py --output $(TINY)
 
-# ---- demo: the whole chain built so far, on the tiny models ----------------------------------------
-demo: tiny
+# ---- demo: the miniature Devstral Audio that learns (issue 20), then the parity checks on the tiny models ----
+# `make miniature` trains the tiny parents (cached under $(BUILD)/miniature by code and data hashes); the recipe
+# (examples/miniature/recipe.yaml) aligns, merges, voices, fine-tunes, evaluates and writes the report, each
+# stage cached under $(MINIATURE_OUT) by its settings and inputs, so a rerun reuses what is done.
+MINIATURE_RECIPE ?= examples/miniature/recipe.yaml
+MINIATURE_PARENTS ?= $(BUILD)/miniature/parents
+MINIATURE_OUT ?= $(BUILD)/miniature/recipe
+MINIATURE_ARGS ?=
+demo: venv
+	$(MAKE) miniature
+	$(MAKE) miniature-recipe
+	$(MAKE) demo-convert
+	$(MAKE) logits
+	@echo "demo done: miniature parents $(MINIATURE_PARENTS) | merges $(MINIATURE_OUT)/merge-grid |" \
+	  "spoken SFT data $(MINIATURE_OUT)/sft-data | SFT runs $(MINIATURE_OUT)/sft-* | eval $(MINIATURE_OUT)/eval |" \
+	  "report $(MINIATURE_OUT)/report/REPORT.md | tiny torch_dist $(BUILD)/demo | logits $(LOGITS_DIR)"
+
+miniature-recipe: venv
+	$(PYTHON) tools/miniature_recipe.py --recipe $(MINIATURE_RECIPE) --devstral $(MINIATURE_PARENTS)/devstral-mini-hf \
+	  --voxtral $(MINIATURE_PARENTS)/voxtral-mini-hf --output $(MINIATURE_OUT) $(MINIATURE_ARGS)
+
+# ---- demo-tiny: the whole chain on the random tiny models (plumbing only: every score is chance) ------------
+demo-tiny: tiny
 	@echo "demo: tiny parent models and tokenizers are in $(TINY) (see $(TINY)/MANIFEST.json)"
 	$(MAKE) demo-convert
 	$(MAKE) demo-merge
