@@ -13,7 +13,12 @@ from megatron_ext.eval.benchmarks import BenchmarkFormatError, get_benchmark, lo
 from megatron_ext.eval.figures import pareto_checkpoints
 from megatron_ext.eval.prompts import build_prompt, load_tokenizer
 from megatron_ext.eval.store import Record
-from megatron_ext.eval.tables import group_checkpoints, table1_merge_grid, table4_final_vs_parents
+from megatron_ext.eval.tables import (
+    final_comparison,
+    group_checkpoints,
+    table1_merge_grid,
+    table4_final_vs_parents,
+)
 from megatron_ext.eval.toolcall import ToolCall, parse_tool_call, score_tool_call
 from megatron_ext.eval.voice import voice_benchmark
 
@@ -130,3 +135,16 @@ def test_report_gets_tool_call_columns_and_pareto_only_when_scored(tmp_path):
     assert "Tool call typed (%)" in table4_final_vs_parents(ckpts).markdown()
     assert pareto_checkpoints(ckpts, tmp_path / "p.png") == tmp_path / "p.png"
     assert pareto_checkpoints(group_checkpoints(plain), tmp_path / "q.png") is None
+
+
+def test_final_model_by_tool_calls_when_there_is_no_mmlu_audio():
+    """The miniature's Table 4: the SFT step with the best typed + spoken tool-call accuracy, and its base."""
+    labels = {"role": "sft", "base": "linear-0.50"}
+    records = [Record("linear-0.50", "toolcall_spoken", "accuracy", 0.1, True, 20, {"role": "merge"})]
+    for name, typed, spoken in (("sft@30", 0.9, 0.5), ("sft@60", 0.85, 0.7), ("sft@90", 0.2, 0.75)):
+        records += [
+            Record(name, "toolcall_typed", "accuracy", typed, True, 20, labels),
+            Record(name, "toolcall_spoken", "accuracy", spoken, True, 20, labels),
+        ]
+    rows = [title for title, _ in final_comparison(group_checkpoints(records))]
+    assert rows == ["Merged: linear-0.50", "+ SFT: sft@60"]

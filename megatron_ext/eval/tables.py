@@ -239,11 +239,15 @@ def table3_sft_hyperparams(ckpts: list[Checkpoint]) -> Table:
 
 def select_final(ckpts: list[Checkpoint]) -> Checkpoint | None:
     """The checkpoint labelled role=final, else the SFT checkpoint with the highest SWE-Bench + MMLU Audio
-    (those with a SWE-Bench score first; without any, the highest MMLU Audio, its SWE-Bench "not run")."""
+    (those with a SWE-Bench score first; without any, the highest MMLU Audio, its SWE-Bench "not run");
+    without MMLU Audio scores (the miniature), the highest typed + spoken tool-call accuracy."""
     finals = [c for c in ckpts if c.role == "final"]
     if finals:
         return finals[-1]
     scored = [c for c in ckpts if c.role == "sft" and c.value("mmlu_audio") is not None]
+    if not scored:
+        tool_scored = [c for c in ckpts if c.role == "sft" and None not in map(c.value, TOOLCALL_BENCHMARKS)]
+        return max(tool_scored, key=lambda c: sum(map(c.value, TOOLCALL_BENCHMARKS)), default=None)
     return max(
         scored,
         key=lambda c: (c.value("swebench") is not None, (c.value("swebench") or 0.0) + c.value("mmlu_audio")),
