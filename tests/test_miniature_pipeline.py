@@ -11,7 +11,7 @@ import pytest
 
 from megatron_ext.eval.benchmarks import get_benchmark, load_samples
 from megatron_ext.miniature import tasks
-from megatron_ext.miniature.pipeline import RecipeError, build_eval_data, load_recipe, stage
+from megatron_ext.miniature.pipeline import RecipeError, build_eval_data, load_recipe, run_recipe, stage
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "examples" / "miniature" / "recipe.yaml"
@@ -78,3 +78,10 @@ def test_eval_data_is_held_out_and_valid(tmp_path):
     qa = load_samples(get_benchmark("llama_questions"), data / "llama_questions.jsonl")
     assert len(qa) == 3 and all(not s.fields["answers"][0].endswith(".") for s in qa)
     assert json.loads((data / "stage.json").read_text())["eval_toolcall"] == 6
+
+
+def test_missing_parents_stop_before_any_stage(tmp_path):
+    recipe = load_recipe(RECIPE, devstral=tmp_path / "absent", output=tmp_path / "out")
+    with pytest.raises(RecipeError, match="absent: not a parent checkpoint .*make miniature"):
+        run_recipe(recipe)
+    assert not (tmp_path / "out").exists()
