@@ -3,8 +3,9 @@ held-out benchmark files (typed and spoken tool calls, transcription WER, spoken
 the merge grid, spoken versions of Devstral-mini's training instructions (synth pipeline), SFT of the chosen
 merge on text:audio mixtures (Megatron-Core, torchrun), evaluation of every checkpoint, and the report.
 
-Each stage writes one directory under `Recipe.output` and a `stage.json` holding its key (its settings and
-the digests of its inputs) last; a rerun with the same key skips the stage, so trained artifacts are reused.
+Each stage writes one directory under `Recipe.output` and a `stage.json` holding its key (its settings, the
+digests of its inputs and of the library code) last; a rerun with the same key skips the stage, so trained
+artifacts are reused.
 """
 
 from __future__ import annotations
@@ -114,9 +115,18 @@ def dir_digest(path: Path) -> str:
     return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
 
 
+def code_digest() -> str:
+    """The library's code (every megatron_ext source file): part of every stage key, so changed code reruns."""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "megatron_ext").rglob("*.py")):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def stage(directory: Path, key: dict, build: Callable[[Path], None]) -> Path:
-    """Run `build(directory)` unless `directory/stage.json` already holds `key`; a stale or partial directory
-    is removed first, and stage.json is written last, so an interrupted stage reruns."""
+    """Run `build(directory)` unless `directory/stage.json` already holds `key` (plus the code digest); a stale
+    or partial directory is removed first, and stage.json is written last, so an interrupted stage reruns."""
+    key = {**key, "code": code_digest()}
     marker = directory / STAGE_FILE
     if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == key:
         print(f"[miniature] {directory.name}: reused (same settings and inputs)", flush=True)
