@@ -222,3 +222,28 @@ def vocabulary() -> set[str]:
     for text in texts:
         words.update(w.strip(".,?{}").lower() for w in text.split())
     return {w for w in words if w}
+
+
+CODE_TEMPLATES = [
+    "def {verb}_{word}(path):\n    return {verb}(path)\n",
+    "from {dir}.{module} import {verb}_{word}\n",
+    "class {Module}:\n    def {verb}(self, {word}):\n        return self.{word}\n",
+    "def test_{verb}_{word}():\n    assert {verb}_{word}('{dir}/{module}.py')\n",
+    "import {module}\n\n{word} = {module}.{verb}('{dir}')\n",
+]
+
+
+def base_corpus(seed: int = 0, n_sentences: int = 500, n_code: int = 500) -> list[str]:
+    """The common base's pretraining documents: English sentences (train sentences only, never held-out
+    ones) and short Python snippets over the coding vocabulary, shuffled."""
+    rng = random.Random(seed + 3)
+    sentences = [r["text"] for r in transcription_tasks(seed).train]
+    qa = spoken_qa_tasks(seed).train
+    docs = rng.sample(sentences, min(n_sentences, len(sentences)))
+    docs += [f"{r['question']} {r['answer']}" for r in qa]
+    for _ in range(n_code):
+        module = rng.choice(MODULES)
+        fields = {"verb": rng.choice(VERBS), "word": rng.choice(WORDS), "dir": rng.choice(DIRS), "module": module}
+        docs.append(rng.choice(CODE_TEMPLATES).format(Module=module.capitalize(), **fields))
+    rng.shuffle(docs)
+    return docs

@@ -298,7 +298,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
     model.config.no_sync_func = ddp.no_sync
 
     encoder = _chat_encoder(cfg, model_cfg, tokenizer_path)
-    mel = (lambda wave: log_mel_chunks(wave)[0]) if model_cfg.encoder is not None else None
+    mel = (
+        (lambda wave: log_mel_chunks(wave, model_cfg.encoder.mel_frames)[0]) if model_cfg.encoder is not None else None
+    )
     data = SFTData(cfg.data, t.seq_length, t.seed, encoder, mel, dp_rank, dp)
     n_sources = len(data.source_names)
 
