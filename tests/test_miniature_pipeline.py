@@ -11,6 +11,7 @@ import pytest
 
 from megatron_ext.eval.benchmarks import get_benchmark, load_samples
 from megatron_ext.miniature import tasks
+from megatron_ext.miniature.data import DEFAULT_VOICES
 from megatron_ext.miniature.pipeline import RecipeError, build_eval_data, load_recipe, run_recipe, stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +21,7 @@ RECIPE = ROOT / "examples" / "miniature" / "recipe.yaml"
 def test_the_shipped_recipe_loads():
     recipe = load_recipe(RECIPE)
     assert recipe.mixtures == ("80:20", "50:50") and recipe.grid.is_file() and recipe.sft_config.is_file()
-    assert recipe.synth_engine != recipe.eval_engine  # spoken evaluation in a voice the SFT data does not use
+    assert recipe.eval_voice not in DEFAULT_VOICES  # spoken evaluation in a voice no training data uses
 
 
 @pytest.mark.parametrize(
@@ -30,6 +31,7 @@ def test_the_shipped_recipe_loads():
         ("mixtures: ['80-20']\n", "mixtures: '80-20' is not TEXT:AUDIO"),
         ("mixtures: ['100:0']\n", "mixtures: '100:0' is not TEXT:AUDIO"),
         ("[1, 2]\n", "expected a mapping"),
+        ("eval_voice: espeak:en-us\n", "eval_voice 'espeak:en-us' is a training voice"),
     ],
 )
 def test_bad_recipe_names_file_and_key(tmp_path, text, message):

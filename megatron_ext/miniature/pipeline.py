@@ -25,7 +25,6 @@ from typing import Any
 
 import yaml
 
-from megatron_ext.audio.tts import make_tts
 from megatron_ext.checkpoint.atomic import write_atomic
 from megatron_ext.checkpoint.convert import convert
 from megatron_ext.data.synth.config import SynthConfig
@@ -36,11 +35,11 @@ from megatron_ext.eval.report import build_report
 from megatron_ext.eval.runner import evaluate
 from megatron_ext.eval.store import write_jsonl
 from megatron_ext.eval.voice import voice_benchmark
-from megatron_ext.http_client import RetryPolicy
 from megatron_ext.merge.grid import run_grid
 from megatron_ext.merge.methods import MergeParams
 from megatron_ext.merge.run import MergeJob
 from megatron_ext.miniature import tasks
+from megatron_ext.miniature.data import DEFAULT_VOICES, make_engine
 from megatron_ext.tokenizer.align import write_alignment
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,7 +70,7 @@ class Recipe:
     text_samples: int = 2000  # typed tool-call chats in the SFT text source
     synth_samples: int = 200  # training instructions voiced for the SFT audio source
     synth_engine: str = "piper"
-    eval_engine: str = "espeak"  # another voice than the SFT audio's: spoken evaluation in an unseen voice
+    eval_voice: str = "espeak:en-us+m3"  # spoken benchmarks in a voice no parent or SFT data was trained on
     nproc: int = 2
     max_new_tokens: int = 64
     sft_overrides: tuple[str, ...] = field(default_factory=tuple)
@@ -100,6 +99,8 @@ def load_recipe(path: Path, **overrides: Any) -> Recipe:
         mixtures=tuple(str(m) for m in recipe.mixtures),
         sft_overrides=tuple(recipe.sft_overrides),
     )
+    if recipe.eval_voice in DEFAULT_VOICES or recipe.eval_voice == recipe.synth_engine:
+        raise RecipeError(f"{path}: eval_voice {recipe.eval_voice!r} is a training voice; pick an unseen one")
     for mixture in recipe.mixtures:
         parts = mixture.split(":")
         if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
@@ -143,10 +144,10 @@ def stage(directory: Path, key: dict, build: Callable[[Path], None]) -> Path:
 # ---- benchmark files from h20a's held-out splits ----------------------------------------------------------------
 def build_eval_data(recipe: Recipe) -> Path:
     """Held-out benchmark files: typed and spoken tool calls, transcription (WER) and spoken QA."""
-    key = {"stage": "eval-data", **_fields(recipe, "seed", "eval_toolcall", "eval_asr", "eval_qa", "eval_engine")}
+    key = {"stage": "eval-data", **_fields(recipe, "seed", "eval_toolcall", "eval_asr", "eval_qa", "eval_voice")}
 
     def build(out: Path) -> None:
-        tts = make_tts(recipe.eval_engine, None, None, RetryPolicy())
+        tts = make_engine(recipe.eval_voice)
         typed = tasks.tool_call_tasks(recipe.seed).heldout[: recipe.eval_toolcall]
         write_jsonl(out / "toolcall_typed.jsonl", typed)
         voice_benchmark("toolcall_spoken", out / "toolcall_typed.jsonl", out / "toolcall_spoken.jsonl", tts)
