@@ -141,7 +141,7 @@ def stage(directory: Path, key: dict, build: Callable[[Path], None]) -> Path:
     return directory
 
 
-# ---- benchmark files from h20a's held-out splits ----------------------------------------------------------------
+# ---- benchmark files from the task generators' held-out splits --------------------------------------------------
 def build_eval_data(recipe: Recipe) -> Path:
     """Held-out benchmark files: typed and spoken tool calls, transcription (WER) and spoken QA."""
     key = {"stage": "eval-data", **_fields(recipe, "seed", "eval_toolcall", "eval_asr", "eval_qa", "eval_voice")}
