@@ -69,7 +69,14 @@ def test_each_parent_is_better_on_its_own_task(run):
 
 def test_linear_alphas_trace_the_trade_off(run):
     _, scores, labels = run
-    linear = sorted((labels[n]["alpha"], s) for n, s in scores.items() if labels[n].get("method") == "linear")
+    linear = sorted(
+        (
+            (labels[n]["alpha"], s)
+            for n, s in scores.items()
+            if labels[n].get("role") == "merge" and labels[n].get("method") == "linear"
+        ),
+        key=lambda pair: pair[0],
+    )
     assert len(linear) >= 3
     for (a0, s0), (a1, s1) in zip(linear, linear[1:], strict=False):
         assert s1["toolcall_typed"] <= s0["toolcall_typed"] + NOISE, (a0, a1)  # toward Voxtral: less coding
