@@ -210,7 +210,9 @@ eval-data: venv
 	$(PYTHON) tools/voice_benchmark.py fleurs --data examples/eval/fleurs_text.jsonl --output $(EVAL_DATA)/fleurs.jsonl
 	$(PYTHON) tools/voice_benchmark.py llama_questions --data examples/eval/llama_questions_text.jsonl --output $(EVAL_DATA)/llama_questions.jsonl
 	$(PYTHON) tools/voice_benchmark.py mmlu_audio --data examples/eval/mmlu_text.jsonl --output $(EVAL_DATA)/mmlu_audio.jsonl
+	$(PYTHON) tools/voice_benchmark.py toolcall_spoken --data examples/eval/toolcall_text.jsonl --output $(EVAL_DATA)/toolcall_spoken.jsonl
 	cp examples/eval/librispeech.jsonl examples/eval/mmlu_text.jsonl $(EVAL_DATA)/
+	cp examples/eval/toolcall_text.jsonl $(EVAL_DATA)/toolcall_typed.jsonl
 
 eval-model: tiny
 	test -e $(EVAL_MODEL) || $(PYTHON) tools/merge.py --devstral $(TINY)/devstral-hf --voxtral $(TINY)/voxtral-hf \
