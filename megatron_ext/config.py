@@ -28,6 +28,11 @@ HF_MODEL_TYPES = ("voxtral", "mistral", "ministral3", "mistral3")
 VISION_ONLY_TYPES = ("pixtral", "pixtral_vision")
 
 
+# Whisper large-v3 (Voxtral's audio tower): its width, and its positions per 30 s chunk.
+WHISPER_LARGE_WIDTH = 1280
+WHISPER_POSITIONS = 1500
+
+
 class ConfigError(ProjectError, ValueError):
     """A model configuration is missing a field or holds an invalid value."""
 
@@ -163,10 +168,17 @@ class EncoderConfig:
             _check_int(getattr(self, name), f"encoder.{name}")
         _check_int(self.max_source_positions, "encoder.max_source_positions")
         _check_float(self.norm_eps, "encoder.norm_eps", 0.0, strict=True)
+        if self.hidden_size == WHISPER_LARGE_WIDTH and self.max_source_positions != WHISPER_POSITIONS:
+            raise ConfigError(
+                f"encoder.max_source_positions={self.max_source_positions}: an encoder of Whisper's width "
+                f"({WHISPER_LARGE_WIDTH}) keeps Whisper's {WHISPER_POSITIONS} positions (30 s chunks); shorter "
+                "chunks are for small encoders only"
+            )
 
     @property
     def mel_frames(self) -> int:
-        """Mel frames per chunk: conv2 has stride 2, so 2 x max_source_positions (3000 = 30 s)."""
+        """Mel frames per chunk: conv2 has stride 2, so 2 x max_source_positions (3000 = 30 s). The chunk
+        length is this field: a small encoder may take shorter chunks (the miniature's 400 frames = 4 s)."""
         return 2 * self.max_source_positions
 
 

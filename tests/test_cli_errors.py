@@ -51,10 +51,21 @@ def _bad_inputs(tiny: Path, tmp: Path) -> dict[str, tuple[list[object], str]]:
         "evaluate": (["wer", "--references", tmp / "refs.jsonl", "--hypotheses", tmp / "refs.jsonl"], "refs.jsonl"),
         "report": (["--results", tmp / "records", "--output", tmp / "o"], "r.jsonl"),
         "synth_audio": (["--input", tmp / "absent.jsonl", "--output", tmp / "o"], "absent.jsonl"),
+        "miniature_recipe": (["--recipe", tmp / "config.yaml", "--output", tmp / "o"], "config.yaml"),
     }
 
 
-TOOLS = ["convert", "merge", "align_tokenizer", "logits", "train", "evaluate", "report", "synth_audio"]
+TOOLS = [
+    "convert",
+    "merge",
+    "align_tokenizer",
+    "logits",
+    "train",
+    "evaluate",
+    "report",
+    "synth_audio",
+    "miniature_recipe",
+]
 
 
 @pytest.mark.parametrize("tool", TOOLS)

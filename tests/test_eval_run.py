@@ -24,6 +24,7 @@ from megatron_ext.eval.prompts import build_prompt, load_tokenizer
 from megatron_ext.eval.runner import evaluate
 from megatron_ext.eval.store import load_results
 from megatron_ext.eval.swebench import ingest_swebench
+from megatron_ext.eval.toolcall import score_tool_call
 from megatron_ext.eval.voice import voice_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,11 +71,16 @@ def data(tmp_path_factory) -> dict[str, Path]:
     """Every benchmark's example file; the spoken ones voiced with espeak-ng through the data pipeline's TTS."""
     out = tmp_path_factory.mktemp("data")
     tts = EspeakTTS()
-    files = {"librispeech": EXAMPLES / "librispeech.jsonl", "mmlu_text": EXAMPLES / "mmlu_text.jsonl"}
+    files = {
+        "librispeech": EXAMPLES / "librispeech.jsonl",
+        "mmlu_text": EXAMPLES / "mmlu_text.jsonl",
+        "toolcall_typed": EXAMPLES / "toolcall_text.jsonl",
+    }
     for bench, source in (
         ("fleurs", "fleurs_text"),
         ("llama_questions", "llama_questions_text"),
         ("mmlu_audio", "mmlu_text"),
+        ("toolcall_spoken", "toolcall_text"),
     ):
         files[bench] = out / f"{bench}.jsonl"
         assert voice_benchmark(bench, EXAMPLES / f"{source}.jsonl", files[bench], tts) > 0
@@ -93,6 +99,10 @@ def test_every_benchmark_end_to_end(merged, generator, data, tmp_path):
         # the headline number equals the metric recomputed from the saved predictions
         if bench in ("fleurs", "librispeech"):
             expected = corpus_wer([samples[r["id"]].fields["text"] for r in rows], [r["prediction"] for r in rows]).wer
+        elif bench.startswith("toolcall"):
+            expected = metrics.mean(
+                [score_tool_call(r["prediction"], samples[r["id"]].fields["answer"])["correct"] for r in rows]
+            )
         elif bench == "llama_questions":
             expected = metrics.mean(
                 [metrics.answer_contained(r["prediction"], samples[r["id"]].fields["answers"]) for r in rows]

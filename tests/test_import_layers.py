@@ -9,8 +9,9 @@ Layers, bottom first; a package may import its own modules and any package in a 
   5. models
   6. merge, training, eval, data                                (training may import data)
   7. testing: tiny fixtures and the mergekit reference, for tests, the demo and benchmarks
-  8. cli: the tools' code (argument parsing + one library call each; the fixture tools call testing)
-No library module imports `benchmarks`, `tools` or `tests`; below the cli, nothing imports `testing`.
+  8. miniature: the demo's toy tasks and trained tiny parents (built on the layers below, tiny layouts included)
+  9. cli: the tools' code (argument parsing + one library call each; the fixture tools call testing)
+No library module imports `benchmarks`, `tools` or `tests`; below the miniature, nothing imports `testing`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ LAYERS = [
     {"models"},
     {"merge", "training", "eval", "data"},
     {"testing"},
+    {"miniature"},
     {"cli"},
 ]
 RANK = {package: rank for rank, layer in enumerate(LAYERS) for package in layer}

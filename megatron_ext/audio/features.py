@@ -5,6 +5,8 @@ As Voxtral prepares audio: pad the clip with silence to a multiple of 30 s, one 
 (n_fft 400, periodic Hann window, hop 160, centred with reflect padding), power spectrum, 128 Slaney mel
 bins (0-8 kHz, Slaney-normalised), log10 (floored at 1e-10), clamp to (clip max - 8), (x + 4) / 4, last
 frame dropped, then split into 3000-frame chunks. Each chunk gives 1500 / stack audio tokens.
+A smaller encoder may use shorter chunks (`chunk_frames`, = 2 x its max_source_positions; the miniature's
+4 s chunks): the same code with another split, while Whisper's own dimensions keep 30 s (config.py).
 """
 
 from __future__ import annotations
@@ -47,19 +49,21 @@ def mel_filters(n_mels: int = N_MELS, n_fft: int = N_FFT, sample_rate: int = SAM
     return torch.from_numpy(bank).float()
 
 
-def log_mel_chunks(waveform: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """Mono 16 kHz waveform [samples] -> log-mel chunks [ceil(duration / 30 s), 128, 3000] (float32)."""
+def log_mel_chunks(waveform: torch.Tensor | np.ndarray, chunk_frames: int = CHUNK_FRAMES) -> torch.Tensor:
+    """Mono 16 kHz waveform [samples] -> log-mel chunks [ceil(duration / chunk), 128, chunk_frames] (float32);
+    the default chunk is Whisper's 30 s (3000 frames)."""
     wave = torch.as_tensor(np.asarray(waveform), dtype=torch.float32)
     if wave.dim() != 1 or wave.numel() == 0:
         raise ValueError(f"expected a non-empty mono waveform [samples], got shape {list(wave.shape)}")
-    chunks = math.ceil(wave.numel() / CHUNK_SAMPLES)
-    wave = torch.nn.functional.pad(wave, (0, chunks * CHUNK_SAMPLES - wave.numel()))
+    chunk_samples = chunk_frames * HOP
+    chunks = math.ceil(wave.numel() / chunk_samples)
+    wave = torch.nn.functional.pad(wave, (0, chunks * chunk_samples - wave.numel()))
     stft = torch.stft(wave, N_FFT, HOP, window=torch.hann_window(N_FFT), return_complex=True)
     power = (stft[:, :-1].abs() ** 2).contiguous()  # [freq, chunks * 3000]
     log_spec = (mel_filters().T @ power).clamp(min=1e-10).log10()
     log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
     log_spec = (log_spec + 4.0) / 4.0
-    return log_spec.reshape(N_MELS, chunks, CHUNK_FRAMES).transpose(0, 1).contiguous()
+    return log_spec.reshape(N_MELS, chunks, chunk_frames).transpose(0, 1).contiguous()
 
 
 def audio_tokens_per_chunk(max_source_positions: int = 1500, stack: int = 4) -> int:

@@ -77,13 +77,17 @@ class PiperTTS:
 class EspeakTTS:
     """Debian espeak-ng (formant synthesis, very fast); text goes through stdin, WAV comes back on stdout."""
 
-    name = "espeak-ng:en-us"
     clones_voice = False
+
+    def __init__(self, voice: str = "en-us") -> None:
+        """`voice`: an espeak-ng voice name, with an optional `+variant` (e.g. `en-gb-x-rp`, `en-us+f3`)."""
+        self.voice = voice
+        self.name = f"espeak-ng:{voice}"
 
     def synthesize(self, text: str, voice: RefVoice | None) -> np.ndarray:
         try:
             done = subprocess.run(
-                ["espeak-ng", "-v", "en-us", "--stdout"], input=text.encode(), capture_output=True, check=True
+                ["espeak-ng", "-v", self.voice, "--stdout"], input=text.encode(), capture_output=True, check=True
             )
         except (OSError, subprocess.CalledProcessError) as e:
             raise SpeechError(f"espeak-ng failed: {e}") from e

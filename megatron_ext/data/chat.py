@@ -6,6 +6,11 @@ fine-tuning mode and encodes it; audio is resampled to 16 kHz and padded to whol
 and every chunk becomes `tokens_per_chunk` [AUDIO] tokens that the model replaces by projector outputs.
 The loss mask covers exactly the tokens mistral-common emits for assistant messages (text, tool calls
 and the closing </s>), located in the encoded stream message by message.
+
+Two more sample kinds, for training from scratch (the miniature, README "Miniature"):
+  - `{"text": str}`: a plain document, `<s>` text `</s>`, the loss on every token (pretraining);
+  - `{"transcription": {"input_audio": {"data", "format"}, "language": "en", "text": str}}`: Voxtral's ASR
+    format (`...[/INST]lang:en[TRANSCRIBE]`, as the evaluation prompts it), the loss on the transcript + `</s>`.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mistral_common.protocol.instruct.chunk import RawAudio
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
+from mistral_common.protocol.transcription.request import TranscriptionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from megatron_ext.errors import ProjectError
@@ -76,6 +83,10 @@ class ChatEncoder:
 
     def encode(self, sample: dict[str, Any], source: str = "", where: str = "sample") -> EncodedDoc:
         """Tokens, loss mask and audio chunks of one sample; SampleError names `where` on bad input."""
+        if "messages" not in sample and isinstance(sample.get("text"), str):
+            return self._encode_document(sample["text"], source)
+        if "messages" not in sample and "transcription" in sample:
+            return self._encode_transcription(sample["transcription"], source, where)
         try:
             messages = _mistral_tool_call_ids(sample["messages"])
             request = ChatCompletionRequest.from_openai(messages, tools=sample.get("tools"))
@@ -91,6 +102,31 @@ class ChatEncoder:
         mask = self._assistant_mask(tokens, instruct_request.messages, where)
         chunks = self._audio_chunks(tokenized.audios, tokens, where)
         return EncodedDoc(tokens=tokens, loss_mask=mask, audio_chunks=chunks, source=source)
+
+    def _encode_document(self, text: str, source: str) -> EncodedDoc:
+        """A plain document: `<s>` text `</s>`, every token supervised (pretraining)."""
+        tok = self.instruct.tokenizer
+        tokens = np.asarray([tok.bos_id, *tok.encode(text, bos=False, eos=False), tok.eos_id], dtype=np.int64)
+        return EncodedDoc(tokens=tokens, loss_mask=np.ones(len(tokens), dtype=bool), source=source)
+
+    def _encode_transcription(self, item: Any, source: str, where: str) -> EncodedDoc:
+        """Voxtral's ASR prompt for one clip, then the transcript and `</s>` (supervised)."""
+        try:
+            audio = item["input_audio"]
+            request = TranscriptionRequest(
+                model="sft", audio=RawAudio(data=audio["data"], format=audio["format"]), language=item["language"]
+            )
+            prompt = self.tokenizer.encode_transcription(request)
+            tok = self.instruct.tokenizer
+            target = [*tok.encode(item["text"], bos=False, eos=False), tok.eos_id]
+        except Exception as exc:  # missing keys, bad audio, a tokenizer without transcription support
+            raise SampleError(
+                f"{where}: cannot encode transcription: {type(exc).__name__}: {exc}".splitlines()[0]
+            ) from None
+        tokens = np.asarray([*prompt.tokens, *target], dtype=np.int64)
+        mask = np.zeros(len(tokens), dtype=bool)
+        mask[len(prompt.tokens) :] = True
+        return EncodedDoc(tokens, mask, self._audio_chunks(prompt.audios, tokens, where), source)
 
     def _fold_system_prompt(self, request: ChatCompletionRequest) -> ChatCompletionRequest:
         """Tekken v7+ refuses a system prompt next to audio; fold it into the first user turn if allowed."""

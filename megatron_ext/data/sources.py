@@ -111,6 +111,12 @@ class EnergonSource:
 
 
 def _check_sample(sample: Any, where: str) -> dict[str, Any]:
+    """A chat (non-empty `messages`), or one of chat.py's training-from-scratch kinds (`text`, `transcription`)."""
+    if isinstance(sample, dict) and (
+        "messages" not in sample
+        and (isinstance(sample.get("text"), str) or isinstance(sample.get("transcription"), dict))
+    ):
+        return sample
     if not isinstance(sample, dict) or not isinstance(sample.get("messages"), list) or not sample["messages"]:
         raise DataSourceError(f"{where}: expected an object with a non-empty 'messages' list")
     return sample

@@ -6,6 +6,8 @@ the file's bytes base64-encoded; any sample rate, resampled to 16 kHz mono):
 - llama_questions (spoken QA): {"id", "audio" | "audio_b64", "answers": [acceptable answers], "question"?}
 - mmlu_text:                   {"id", "question", "choices": [2..10 strings], "answer": "B" | 1}
 - mmlu_audio (spoken MMLU):    the mmlu_text fields plus "audio" | "audio_b64" (question and choices read aloud)
+- toolcall_typed:              {"id", "instruction", "tools": [function schemas], "answer": {"name", "arguments"}}
+- toolcall_spoken:             the same without "instruction", plus "audio" | "audio_b64" (the instruction spoken)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 from megatron_ext.audio.waveform import decode_audio, to_16k_mono
 from megatron_ext.audio.wer import word_errors
 from megatron_ext.errors import ProjectError
-from megatron_ext.eval import metrics
+from megatron_ext.eval import metrics, toolcall
 
 MCQ_INSTRUCTION = "Answer with the letter of the correct choice only."
 
@@ -59,14 +61,24 @@ class Benchmark:
     """How one benchmark is read, prompted and scored."""
 
     name: str
-    kind: str  # "asr" | "spoken_qa" | "mcq"
+    kind: str  # "asr" | "spoken_qa" | "mcq" | "toolcall"
     needs_audio: bool
     metric: str
     higher_is_better: bool
 
     @property
     def required(self) -> tuple[str, ...]:
-        return {"asr": ("text",), "spoken_qa": ("answers",), "mcq": ("question", "choices", "answer")}[self.kind]
+        return {
+            "asr": ("text",),
+            "spoken_qa": ("answers",),
+            "mcq": ("question", "choices", "answer"),
+            "toolcall": ("tools", "answer") if self.needs_audio else ("instruction", "tools", "answer"),
+        }[self.kind]
+
+    @property
+    def keeps_special_tokens(self) -> bool:
+        """Whether predictions are decoded with control tokens kept (a tool call is spelled with them)."""
+        return self.kind == "toolcall"
 
     def score(self, sample: Sample, prediction: str) -> dict:
         """Per-sample score fields kept next to the prediction."""
@@ -75,6 +87,8 @@ class Benchmark:
             return {"errors": result.errors, "reference_words": result.reference_words}
         if self.kind == "spoken_qa":
             return {"correct": metrics.answer_contained(prediction, sample.fields["answers"])}
+        if self.kind == "toolcall":
+            return toolcall.score_tool_call(prediction, sample.fields["answer"])
         letter = metrics.extract_choice(prediction, len(sample.fields["choices"]))
         return {"letter": letter, "correct": letter == answer_letter(sample)}
 
@@ -96,6 +110,8 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("llama_questions", "spoken_qa", True, "accuracy", True),
         Benchmark("mmlu_audio", "mcq", True, "accuracy", True),
         Benchmark("mmlu_text", "mcq", False, "accuracy", True),
+        Benchmark("toolcall_typed", "toolcall", False, "accuracy", True),
+        Benchmark("toolcall_spoken", "toolcall", True, "accuracy", True),
     )
 }
 
@@ -158,6 +174,8 @@ def _validated(bench: Benchmark, fields: object, where: str, base: Path, seen: s
         raise BenchmarkFormatError(f"{where}: field 'answers' must be a non-empty list")
     if bench.kind == "mcq":
         _check_mcq(fields, where)
+    if bench.kind == "toolcall":
+        _check_toolcall(fields, where)
     audio_source = None
     if bench.needs_audio:
         if "audio" in fields:
@@ -179,3 +197,12 @@ def _check_mcq(fields: dict, where: str) -> None:
     )
     if not ok:
         raise BenchmarkFormatError(f"{where}: field 'answer' must be one of {list(valid)} or an index, got {answer!r}")
+
+
+def _check_toolcall(fields: dict, where: str) -> None:
+    if not (isinstance(fields["tools"], list) and fields["tools"]):
+        raise BenchmarkFormatError(f"{where}: field 'tools' must be a non-empty list of function schemas")
+    try:
+        toolcall.expected_call(fields["answer"])
+    except ValueError as e:
+        raise BenchmarkFormatError(f"{where}: {e}") from None

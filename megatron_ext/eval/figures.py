@@ -1,5 +1,6 @@
 """The paper's figures as PNG (matplotlib, Agg backend): parents-vs-merged bars, SWE-Bench vs MMLU Audio
-Pareto scatters (per config and per checkpoint, colored by merge alpha), MMLU Audio recovery curves of
+Pareto scatters (per config and per checkpoint, colored by merge alpha; typed vs spoken tool-call accuracy
+for the miniature, whose records have no SWE-Bench), MMLU Audio recovery curves of
 all SFT configs on one axis, eval curves per config, and training curves from TensorBoard logs.
 
 Each function returns the written path, or None when the records hold nothing to plot.
@@ -17,6 +18,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from megatron_ext.eval.tables import SFT_ROLES, Checkpoint, best_by_config, final_comparison  # noqa: E402
 
 DPI = 120
+# Pareto axes (x benchmark, y benchmark, x label, y label), the first pair with points is drawn: the paper's
+# coding vs audio scores, else the miniature's typed vs spoken tool calls.
+PARETO_AXES = (
+    ("swebench", "mmlu_audio", "SWE-Bench Verified (%)", "MMLU Audio (%)"),
+    ("toolcall_typed", "toolcall_spoken", "Tool call, typed instruction (%)", "Tool call, spoken instruction (%)"),
+)
 
 
 def _save(fig, path: Path) -> Path:
@@ -62,7 +69,9 @@ def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]
     return sorted(set(front))
 
 
-def _scatter(points: list[tuple[float, float, float | None, str]], title: str, path: Path) -> Path | None:
+def _scatter(
+    points: list[tuple[float, float, float | None, str]], title: str, path: Path, labels: tuple[str, str]
+) -> Path | None:
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
@@ -78,8 +87,8 @@ def _scatter(points: list[tuple[float, float, float | None, str]], title: str, p
     ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="red", label="Pareto front", zorder=2)
     if alphas:
         fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="merge α")
-    ax.set_xlabel("SWE-Bench Verified (%)")
-    ax.set_ylabel("MMLU Audio (%)")
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
     ax.set_title(title)
     ax.legend(loc="lower left", fontsize=8)
     ax.grid(alpha=0.3)
@@ -95,27 +104,29 @@ def _alpha(labels: dict) -> float | None:
 
 def pareto_configs(ckpts: list[Checkpoint], path: Path) -> Path | None:
     """One point per SFT config: its best SWE-Bench and best MMLU Audio, colored by the base merge's alpha."""
-    points = [
-        (e["best"]["swebench"][0] * 100, e["best"]["mmlu_audio"][0] * 100, _alpha(e["labels"]), config)
-        for config, e in best_by_config(ckpts, ["swebench", "mmlu_audio"]).items()
-        if "swebench" in e["best"] and "mmlu_audio" in e["best"]
-    ]
-    return _scatter(points, "SFT configurations (best checkpoint each)", path)
+    for x, y, *labels in PARETO_AXES:
+        points = [
+            (e["best"][x][0] * 100, e["best"][y][0] * 100, _alpha(e["labels"]), config)
+            for config, e in best_by_config(ckpts, [x, y]).items()
+            if x in e["best"] and y in e["best"]
+        ]
+        if points:
+            return _scatter(points, "SFT configurations (best checkpoint each)", path, tuple(labels))
+    return None
 
 
 def pareto_checkpoints(ckpts: list[Checkpoint], path: Path) -> Path | None:
     """Every checkpoint scored on both SWE-Bench and MMLU Audio (merges and SFT steps), colored by alpha."""
-    points = [
-        (
-            c.value("swebench") * 100,
-            c.value("mmlu_audio") * 100,
-            _alpha(c.labels),
-            c.display if c.role == "merge" else c.name,
-        )
-        for c in ckpts
-        if c.value("swebench") is not None and c.value("mmlu_audio") is not None
-    ]
-    return _scatter(points, "SWE-Bench vs MMLU Audio, all checkpoints", path)
+    for x, y, *labels in PARETO_AXES:
+        points = [
+            (c.value(x) * 100, c.value(y) * 100, _alpha(c.labels), c.display if c.role == "merge" else c.name)
+            for c in ckpts
+            if c.value(x) is not None and c.value(y) is not None
+        ]
+        if points:
+            title = "SWE-Bench vs MMLU Audio" if x == "swebench" else "Typed vs spoken tool calls"
+            return _scatter(points, f"{title}, all checkpoints", path, tuple(labels))
+    return None
 
 
 def _sft_series(ckpts: list[Checkpoint], benchmark: str) -> dict[str, list[tuple[int, float]]]:

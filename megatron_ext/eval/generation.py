@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from megatron_ext.audio.features import log_mel_chunks
+from megatron_ext.audio.features import CHUNK_FRAMES, log_mel_chunks
 from megatron_ext.errors import ProjectError
 from megatron_ext.eval.prompts import Prompt
 
@@ -42,14 +42,16 @@ class Generator(Protocol):
 
     name: str
     has_audio: bool
+    mel_frames: int  # log-mel frames per encoder chunk (3000 = Whisper's 30 s)
 
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[list[int]]: ...
 
 
-def audio_features(prompts: Sequence[Prompt]) -> torch.Tensor | None:
-    """Log-mel chunks [chunks, 128, 3000] of every clip of the batch, in [AUDIO] order; None without audio."""
+def audio_features(prompts: Sequence[Prompt], chunk_frames: int = CHUNK_FRAMES) -> torch.Tensor | None:
+    """Log-mel chunks [chunks, 128, chunk_frames] of every clip of the batch, in [AUDIO] order; None without
+    audio."""
     clips = [clip for p in prompts for clip in p.audio]
-    return torch.cat([log_mel_chunks(clip) for clip in clips]) if clips else None
+    return torch.cat([log_mel_chunks(clip, chunk_frames) for clip in clips]) if clips else None
 
 
 def left_pad(prompts: Sequence[Prompt], pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +70,7 @@ def batch_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Left-padded ids, attention mask and log-mel features of a batch; refuses audio for a text-only model."""
     ids, mask = left_pad(prompts)
-    features = audio_features(prompts)
+    features = audio_features(prompts, generator.mel_frames)
     if features is not None and not generator.has_audio:
         raise ValueError(f"{generator.name} has no audio encoder but the prompts contain audio")
     return ids, mask, features
@@ -90,6 +92,7 @@ class HFGenerator:
         self.model = model.eval()
         self.name = name
         self.has_audio = isinstance(model, VoxtralForConditionalGeneration)
+        self.mel_frames = 2 * model.config.audio_config.max_source_positions if self.has_audio else CHUNK_FRAMES
 
     @classmethod
     def from_hf_dir(cls, checkpoint: str | Path, dtype: str = "fp32") -> HFGenerator:
@@ -199,6 +202,7 @@ class MegatronGenerator:
         self.model, self.cfg, self.name = model.eval(), cfg, name
         self.dtype = next(model.parameters()).dtype
         self.has_audio = cfg.has_audio
+        self.mel_frames = cfg.encoder.mel_frames if cfg.has_audio else CHUNK_FRAMES
         self.use_cache = True
 
     @classmethod

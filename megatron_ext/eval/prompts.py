@@ -23,6 +23,7 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.transcription.request import TranscriptionRequest
 from mistral_common.tokens.tokenizers.audio import Audio
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from pydantic import ValidationError
 
 from megatron_ext.audio.waveform import SAMPLE_RATE
 from megatron_ext.checkpoint.megatron_lm import resolve
@@ -60,9 +61,15 @@ def chat_request(bench: Benchmark, sample: Sample) -> dict:
         content.append({"type": "input_audio", "input_audio": {"data": audio.data, "format": audio.format}})
     if bench.kind == "mcq":
         content.append({"type": "text", "text": mcq_text(sample, with_question=not bench.needs_audio)})
-    elif bench.kind != "asr" and sample.fields.get("instruction"):
-        content.append({"type": "text", "text": sample.fields["instruction"]})
+    elif (
+        bench.kind != "asr"
+        and sample.fields.get("instruction")
+        and not (bench.kind == "toolcall" and bench.needs_audio)
+    ):
+        content.append({"type": "text", "text": sample.fields["instruction"]})  # a spoken tool call: audio only
     body: dict = {"messages": [{"role": "user", "content": content}]}
+    if bench.kind == "toolcall":
+        body["tools"] = sample.fields["tools"]
     if bench.kind == "asr":
         body["transcription_language"] = "en"
     return body
@@ -93,7 +100,14 @@ def prompt_from_request(tokenizer: MistralTokenizer, body: dict) -> Prompt:
         request = TranscriptionRequest(model="eval", audio=chunks[0].input_audio, language=str(language))
         encoded = tokenizer.encode_transcription(request)
     else:
-        encoded = tokenizer.encode_chat_completion(ChatCompletionRequest(messages=[UserMessage(content=chunks)]))
+        tools = body.get("tools")
+        if tools is not None and not isinstance(tools, list):
+            raise ValueError("tools: expected a list of function schemas")
+        try:
+            request = ChatCompletionRequest(messages=[UserMessage(content=chunks)], tools=tools)
+        except ValidationError as e:
+            raise ValueError(f"tools: not a list of function schemas ({e.error_count()} error(s))") from None
+        encoded = tokenizer.encode_chat_completion(request)
     return Prompt(list(encoded.tokens), [a.audio_array for a in encoded.audios])
 
 

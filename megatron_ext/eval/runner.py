@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed as dist
+from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 from tqdm import tqdm
 
 from megatron_ext.eval.benchmarks import Benchmark, Sample, get_benchmark, load_samples
@@ -24,7 +25,7 @@ from megatron_ext.eval.prompts import build_prompt, chat_request, load_tokenizer
 from megatron_ext.eval.provenance import checkpoint_provenance, labels_from_provenance
 from megatron_ext.eval.store import Record, checkpoint_identity, upsert, write_jsonl
 
-MAX_NEW_TOKENS = {"asr": 128, "spoken_qa": 64, "mcq": 16}
+MAX_NEW_TOKENS = {"asr": 128, "spoken_qa": 64, "mcq": 16, "toolcall": 48}
 
 
 def file_sha256(path: str | Path) -> str:
@@ -157,7 +158,8 @@ def _predict(generator, tokenizer, bench: Benchmark, batch: list[Sample], limit:
     if isinstance(generator, OpenAIBackend):
         return generator.complete([chat_request(bench, s) for s in batch], limit)
     outputs = generator.generate([build_prompt(tokenizer, bench, s) for s in batch], limit)
-    return [tokenizer.decode(tokens) for tokens in outputs]
+    policy = SpecialTokenPolicy.KEEP if bench.keeps_special_tokens else SpecialTokenPolicy.IGNORE
+    return [tokenizer.decode(tokens, special_token_policy=policy) for tokens in outputs]
 
 
 def _scored(bench: Benchmark, sample: Sample, prediction: str, judge) -> dict:

@@ -26,8 +26,12 @@ TITLES = {
     "librispeech": "LibriSpeech WER",
     "llama_questions": "LLaMA Q. S2T",
     "mmlu_audio": "MMLU Audio",
+    "toolcall_typed": "Tool call typed",
+    "toolcall_spoken": "Tool call spoken",
 }
 TABLE1_BENCHMARKS = ["swebench", "mmlu_text", "fleurs", "librispeech", "llama_questions", "mmlu_audio"]
+# The miniature's coding and spoken-instruction scores: a table gets their columns only when some checkpoint has one.
+TOOLCALL_BENCHMARKS = ["toolcall_typed", "toolcall_spoken"]
 METHOD_NAMES = {"linear": "Linear", "slerp": "SLERP", "della": "DELLA"}
 SFT_ROLES = ("sft", "final")
 DASH = "–"
@@ -91,6 +95,11 @@ def group_checkpoints(records: Iterable[Record]) -> list[Checkpoint]:
     return sorted(by_name.values(), key=lambda c: (c.config, c.step if c.step is not None else -1, c.name))
 
 
+def with_scored_toolcalls(benchmarks: list[str], ckpts: list[Checkpoint]) -> list[str]:
+    """`benchmarks` plus the tool-call benchmarks some checkpoint was scored on."""
+    return benchmarks + [b for b in TOOLCALL_BENCHMARKS if any(c.value(b) is not None for c in ckpts)]
+
+
 def higher_is_better(benchmark: str) -> bool:
     return benchmark not in ("fleurs", "librispeech")
 
@@ -145,14 +154,15 @@ def table1_merge_grid(ckpts: list[Checkpoint]) -> Table:
         (c for c in ckpts if c.role == "merge"),
         key=lambda c: (order.get(str(c.labels.get("method")), 3), c.display),
     )
-    header = ["Checkpoint"] + [f"{TITLES[b]} {_arrow(b)}" for b in TABLE1_BENCHMARKS]
+    benchmarks = with_scored_toolcalls(TABLE1_BENCHMARKS, ckpts)
+    header = ["Checkpoint"] + [f"{TITLES[b]} {_arrow(b)}" for b in benchmarks]
     return Table(
         "table1_merge_grid",
         "Table 1: merge evaluation grid (WER lower is better; SWE-Bench in %)",
         header,
-        [[c.display] + [fmt(b, c.value(b), percent=False) for b in TABLE1_BENCHMARKS] for c in rows],
-        ["checkpoint", "display", "role"] + TABLE1_BENCHMARKS,
-        [[c.name, c.display, c.role] + [c.value(b) for b in TABLE1_BENCHMARKS] for c in rows],
+        [[c.display] + [fmt(b, c.value(b), percent=False) for b in benchmarks] for c in rows],
+        ["checkpoint", "display", "role"] + benchmarks,
+        [[c.name, c.display, c.role] + [c.value(b) for b in benchmarks] for c in rows],
     )
 
 
@@ -210,7 +220,7 @@ def table2_sft_mixtures(ckpts: list[Checkpoint]) -> Table:
         "table2_sft_mixtures",
         "Table 2: SFT data mixture ablations",
         [("mixture", "Text : Audio")],
-        ["swebench", "mmlu_audio"],
+        with_scored_toolcalls(["swebench", "mmlu_audio"], ckpts),
         bold=False,
     )
 
@@ -229,11 +239,15 @@ def table3_sft_hyperparams(ckpts: list[Checkpoint]) -> Table:
 
 def select_final(ckpts: list[Checkpoint]) -> Checkpoint | None:
     """The checkpoint labelled role=final, else the SFT checkpoint with the highest SWE-Bench + MMLU Audio
-    (those with a SWE-Bench score first; without any, the highest MMLU Audio, its SWE-Bench "not run")."""
+    (those with a SWE-Bench score first; without any, the highest MMLU Audio, its SWE-Bench "not run");
+    without MMLU Audio scores (the miniature), the highest typed + spoken tool-call accuracy."""
     finals = [c for c in ckpts if c.role == "final"]
     if finals:
         return finals[-1]
     scored = [c for c in ckpts if c.role == "sft" and c.value("mmlu_audio") is not None]
+    if not scored:
+        tool_scored = [c for c in ckpts if c.role == "sft" and None not in map(c.value, TOOLCALL_BENCHMARKS)]
+        return max(tool_scored, key=lambda c: sum(map(c.value, TOOLCALL_BENCHMARKS)), default=None)
     return max(
         scored,
         key=lambda c: (c.value("swebench") is not None, (c.value("swebench") or 0.0) + c.value("mmlu_audio")),
@@ -268,14 +282,15 @@ def final_comparison(ckpts: list[Checkpoint]) -> list[tuple[str, Checkpoint]]:
 def table4_final_vs_parents(ckpts: list[Checkpoint]) -> Table:
     """Final SFT model against the parents and its base merge (paper Table 4)."""
     rows = final_comparison(ckpts)
-    header = ["Model"] + [f"{TITLES[b]}{'' if b == 'swebench' else ' (%)'} {_arrow(b)}" for b in TABLE4_BENCHMARKS]
+    benchmarks = with_scored_toolcalls(TABLE4_BENCHMARKS, ckpts)
+    header = ["Model"] + [f"{TITLES[b]}{'' if b == 'swebench' else ' (%)'} {_arrow(b)}" for b in benchmarks]
     return Table(
         "table4_final_vs_parents",
         "Table 4: final model vs parents and base merge",
         header,
-        [[title] + [fmt(b, c.value(b), percent=True) for b in TABLE4_BENCHMARKS] for title, c in rows],
-        ["row", "checkpoint"] + TABLE4_BENCHMARKS,
-        [[title, c.name] + [c.value(b) for b in TABLE4_BENCHMARKS] for title, c in rows],
+        [[title] + [fmt(b, c.value(b), percent=True) for b in benchmarks] for title, c in rows],
+        ["row", "checkpoint"] + benchmarks,
+        [[title, c.name] + [c.value(b) for b in benchmarks] for title, c in rows],
     )
 
 

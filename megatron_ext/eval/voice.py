@@ -2,7 +2,8 @@
 
 Each output line is the input line plus `audio` (a WAV beside the output JSONL, in `<stem>_audio/`) or
 `audio_b64`; existing WAVs are reused, so a rerun resumes. What is spoken: the transcript for ASR,
-the question for spoken QA, the question and its lettered choices for multiple choice.
+the question for spoken QA, the question and its lettered choices for multiple choice, the instruction
+for a tool call.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def spoken_text(kind: str, sample: Sample) -> str:
         return fields["text"]
     if kind == "spoken_qa":
         return fields["question"]
+    if kind == "toolcall":
+        return fields["instruction"]
     choices = " ".join(f"{LETTERS[i]}: {c}." for i, c in enumerate(fields["choices"]))
     return f"{fields['question'].strip()} {choices}"
 

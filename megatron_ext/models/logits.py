@@ -94,7 +94,7 @@ def checkpoint_logits(
         if audio:
             if cfg.encoder is None:
                 raise ConfigError(f"{directory}: --audio given but the checkpoint has no audio encoder")
-            clips = [log_mel_chunks(load_audio(p)) for p in audio]
+            clips = [log_mel_chunks(load_audio(p), cfg.encoder.mel_frames) for p in audio]
             per_chunk = audio_tokens_per_chunk(cfg.encoder.max_source_positions, cfg.projector_stack)
             tokens = expand_audio_markers(tokens, cfg.audio_token_id, [c.shape[0] for c in clips], per_chunk)
             features = torch.cat(clips)

@@ -7,6 +7,7 @@ vocabulary form a valid smaller BPE, so a slice keeps encoding real (just with s
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,13 +86,18 @@ def special_token_list(specials: dict[int, str]) -> list[dict[str, Any]]:
     ]
 
 
-def build_tekken(spec: TekkenSpec) -> dict[str, Any]:
-    """The `tekken.json` content for `spec`, regular vocabulary = first ranks of the bundled real one."""
+def build_tekken(spec: TekkenSpec, regular: list[bytes] | None = None) -> dict[str, Any]:
+    """The `tekken.json` content for `spec`. Regular vocabulary: `regular` (token bytes in rank order, the 256
+    single bytes first, then BPE merges, e.g. trained on a corpus), else the first ranks of the bundled real one."""
     n_regular = spec.vocab_size - NUM_SPECIAL_TOKENS
     if n_regular < 256:
         need = NUM_SPECIAL_TOKENS + 256
         raise ValueError(f"vocab_size={spec.vocab_size}: need >= {need} (1000 specials + 256 byte tokens)")
     real = json.loads(BUNDLED_VOCAB.read_text(encoding="utf-8"))
+    if regular is not None:
+        if len(regular) != n_regular or regular[:256] != [bytes([b]) for b in range(256)]:
+            raise ValueError(f"regular vocabulary: expected {n_regular} tokens starting with the 256 single bytes")
+        real["vocab"] = [_vocab_entry(rank, token) for rank, token in enumerate(regular)]
     data: dict[str, Any] = {
         "config": {
             "pattern": real["config"]["pattern"],
@@ -106,6 +112,15 @@ def build_tekken(spec: TekkenSpec) -> dict[str, Any]:
     if spec.audio is not None:
         data["audio"] = spec.audio
     return data
+
+
+def _vocab_entry(rank: int, token: bytes) -> dict[str, Any]:
+    """One `vocab` row as tekken files hold it (`token_str` is None where the bytes are not UTF-8)."""
+    try:
+        text: str | None = token.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    return {"rank": rank, "token_bytes": base64.b64encode(token).decode("ascii"), "token_str": text}
 
 
 def write_tekken(data: dict[str, Any], path: Path) -> None:

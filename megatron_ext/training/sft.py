@@ -336,7 +336,9 @@ def _train(cfg: TrainConfig, stop: StopSignal) -> TrainResult:
     model.config.no_sync_func = ddp.no_sync
 
     encoder = _chat_encoder(cfg, model_cfg, tokenizer_path)
-    mel = (lambda wave: log_mel_chunks(wave)[0]) if model_cfg.encoder is not None else None
+    mel = (
+        (lambda wave: log_mel_chunks(wave, model_cfg.encoder.mel_frames)[0]) if model_cfg.encoder is not None else None
+    )
     data = SFTData(
         cfg.data,
         t.seq_length,

@@ -1,0 +1,1 @@
+"""The miniature Devstral Audio: toy tasks, a trained tiny base and its two siblings (issue 20)."""

@@ -1,0 +1,120 @@
+"""The miniature's training and held-out files, written from the task generators (tasks.py).
+
+Training (SFT-loop JSONL, data/chat.py's sample kinds): `base.jsonl` (plain documents, loss on every token),
+`devstral.jsonl` (tool-call chats with tools), `voxtral.jsonl` (transcriptions and spoken questions).
+Held out (the evaluation's benchmark formats, eval/benchmarks.py): `heldout/asr.jsonl` (librispeech),
+`heldout/qa.jsonl` (llama_questions) and `heldout/tool_calls.jsonl` (tasks.py records). Speech comes from
+the project's TTS engines, one voice per clip drawn round-robin from `voices`, so every voice is heard in
+training and in the held-out set.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from megatron_ext.audio.tts import TTS, EspeakTTS, PiperTTS
+from megatron_ext.audio.waveform import encode_wav
+from megatron_ext.checkpoint.atomic import write_atomic
+from megatron_ext.miniature.tasks import (
+    base_corpus,
+    spoken_qa_tasks,
+    tool_call_chat,
+    tool_call_tasks,
+    transcription_tasks,
+)
+
+DEFAULT_VOICES = ("piper", "espeak:en-us", "espeak:en-gb-x-rp", "espeak:en-us+f3", "espeak:en-gb-scotland")
+
+
+def make_engine(voice: str) -> TTS:
+    """`piper` (the bundled joe-us voice) or `espeak:VOICE` (an espeak-ng voice name)."""
+    if voice == "piper":
+        return PiperTTS()
+    engine, _, name = voice.partition(":")
+    if engine != "espeak" or not name:
+        raise ValueError(f"voice {voice!r}: expected 'piper' or 'espeak:NAME'")
+    return EspeakTTS(name)
+
+
+class Speaker:
+    """Speaks texts round-robin over several voices (engines made once, on first use)."""
+
+    def __init__(self, voices: Sequence[str]) -> None:
+        self.voices = list(voices)
+        self._engines: dict[str, TTS] = {}
+        self._next = 0
+
+    def wav_b64(self, text: str) -> str:
+        voice = self.voices[self._next % len(self.voices)]
+        self._next += 1
+        if voice not in self._engines:
+            self._engines[voice] = make_engine(voice)
+        samples = np.asarray(self._engines[voice].synthesize(text, None), dtype=np.float32)
+        return base64.b64encode(encode_wav(samples)).decode("ascii")
+
+
+def _audio_part(b64: str) -> dict[str, Any]:
+    return {"type": "input_audio", "input_audio": {"data": b64, "format": "wav"}}
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def write_data(out: Path, seed: int, voices: Sequence[str], clips_per_sentence: int) -> dict[str, Path]:
+    """Write every training and held-out file under `out`; returns name -> path."""
+    speaker = Speaker(voices)
+    tools, asr, qa = tool_call_tasks(seed), transcription_tasks(seed), spoken_qa_tasks(seed)
+    speech = [
+        {
+            "transcription": {
+                "input_audio": {"data": speaker.wav_b64(r["text"]), "format": "wav"},
+                "language": "en",
+                "text": r["text"],
+            }
+        }
+        for r in asr.train
+        for _ in range(clips_per_sentence)
+    ]
+    speech += [
+        {
+            "messages": [
+                {"role": "user", "content": [_audio_part(speaker.wav_b64(r["question"]))]},
+                {"role": "assistant", "content": r["answer"]},
+            ]
+        }
+        for r in qa.train
+        for _ in range(clips_per_sentence)
+    ]
+    files = {
+        "base": (out / "base.jsonl", [{"text": t} for t in base_corpus(seed)]),
+        "devstral": (out / "devstral.jsonl", [tool_call_chat(r) for r in tools.train]),
+        "voxtral": (out / "voxtral.jsonl", speech),
+        "heldout_tool_calls": (out / "heldout" / "tool_calls.jsonl", tools.heldout),
+        "heldout_asr": (
+            out / "heldout" / "asr.jsonl",
+            [{"id": r["id"], "audio_b64": speaker.wav_b64(r["text"]), "text": r["text"]} for r in asr.heldout],
+        ),
+        "heldout_qa": (
+            out / "heldout" / "qa.jsonl",
+            [
+                {
+                    "id": r["id"],
+                    "audio_b64": speaker.wav_b64(r["question"]),
+                    "answers": [r["answer"].rstrip(".")],
+                    "question": r["question"],
+                }
+                for r in qa.heldout
+            ],
+        ),
+    }
+    for path, rows in files.values():
+        _write_jsonl(path, rows)
+    return {name: path for name, (path, _) in files.items()}
