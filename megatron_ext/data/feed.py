@@ -10,10 +10,13 @@ after a resume and the resume stays exact for any number of workers.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import select
 import signal
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import numpy as np
@@ -64,17 +67,19 @@ class InlineFeed:
 
 
 class PoolFeed(InlineFeed):
-    """Keeps `prefetch` documents in flight in a worker pool; `encode` (in-process) serves a resume's carry."""
+    """Keeps `prefetch` documents of stream `stream` in flight in `pool`; `encode` (in-process) serves a resume's
+    carry."""
 
     def __init__(
         self,
         mixture: Mixture,
         encode: Callable[[DocRef], EncodedDoc],
-        submit: Callable[[DocRef], Future],
+        pool: ProcessPoolExecutor,
+        stream: int,
         prefetch: int,
     ) -> None:
         super().__init__(mixture, encode)
-        self.submit, self.prefetch = submit, prefetch
+        self.pool, self.stream, self.prefetch = pool, stream, prefetch
         self.pending: deque[tuple[dict[str, Any], DocRef, Future]] = deque()  # (mixture state before it, ...)
 
     def _fill(self) -> None:
@@ -84,7 +89,7 @@ class PoolFeed(InlineFeed):
                 ref = next(self.mixture)
             except StopIteration:
                 return
-            self.pending.append((before, ref, self.submit(ref)))
+            self.pending.append((before, ref, self.pool.submit(_encode_job, self.stream, ref.source, ref.index)))
 
     def __next__(self) -> tuple[DocRef, EncodedDoc]:
         self._fill()
@@ -92,7 +97,7 @@ class PoolFeed(InlineFeed):
             raise StopIteration
         _, ref, result = self.pending.popleft()
         self._fill()
-        return ref, result.result()  # a worker's SampleError / DataSourceError is raised here, message intact
+        return ref, _result(result, self.pool)  # a worker's SampleError / DataSourceError is raised here, intact
 
     def state_dict(self) -> dict[str, Any]:
         return self.pending[0][0] if self.pending else self.mixture.state_dict()
@@ -127,6 +132,30 @@ def start_pool(num_workers: int, build: Callable[[], DocEncoder]) -> ProcessPool
     return ProcessPoolExecutor(num_workers, multiprocessing.get_context("fork"), _init_worker, (build,))
 
 
-def pool_submit(pool: ProcessPoolExecutor, stream: int) -> Callable[[DocRef], Future]:
-    """Submit function of one stream's PoolFeed."""
-    return lambda ref: pool.submit(_encode_job, stream, ref.source, ref.index)
+def _result(future: Future, pool: ProcessPoolExecutor, poll_s: float = 1.0) -> EncodedDoc:
+    """The future's result, or BrokenProcessPool once a worker has died (polled: `_processes` is CPython's
+    worker table), even when the pool cannot notice it by itself (see `_unblock_manager`)."""
+    while True:
+        try:
+            return future.result(timeout=poll_s)
+        except TimeoutError:
+            dead = [p.pid for p in list(pool._processes.values()) if p.exitcode is not None]
+            if dead:
+                _unblock_manager(pool)
+                raise BrokenProcessPool(f"data worker(s) {dead} died (killed or out of memory)") from None
+
+
+def _unblock_manager(pool: ProcessPoolExecutor, timeout_s: float = 30.0) -> None:
+    """A worker killed while writing its result leaves a half-written message in the result pipe, and the
+    pool's manager thread waits for the rest forever (so would shutdown and interpreter exit). Padding the pipe
+    with zero bytes completes that message as garbage: the thread fails to unpickle it, marks the pool broken,
+    stops the other workers and exits. Writes are PIPE_BUF-sized and only when the pipe has room (atomic, never
+    blocking)."""
+    thread = pool._executor_manager_thread
+    fd = pool._result_queue._writer.fileno()
+    waited = 0.0
+    while thread is not None and thread.is_alive() and waited < timeout_s:
+        if select.select([], [fd], [], 0)[1]:
+            os.write(fd, bytes(select.PIPE_BUF))
+        thread.join(0.05)
+        waited += 0.05

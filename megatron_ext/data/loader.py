@@ -19,7 +19,7 @@ from typing import Any
 import torch.distributed as dist
 
 from megatron_ext.data.chat import ChatEncoder
-from megatron_ext.data.feed import DocEncoder, InlineFeed, Mel, PoolFeed, pool_submit, start_pool
+from megatron_ext.data.feed import DocEncoder, InlineFeed, Mel, PoolFeed, start_pool
 from megatron_ext.data.mixture import Mixture
 from megatron_ext.data.packing import PackedSequence, Packer, collate
 from megatron_ext.data.sources import DataSourceError, open_source
@@ -86,7 +86,7 @@ class SFTData:
             feed = (
                 InlineFeed(mixture, encode)
                 if self.pool is None
-                else PoolFeed(mixture, encode, pool_submit(self.pool, j), data_cfg.prefetch)
+                else PoolFeed(mixture, encode, self.pool, j, data_cfg.prefetch)
             )
             self.packers[j] = Packer(mixture, encoder, seq_length, PAD_ID, data_cfg.overlong, feed)
         self.may_end = any(s.epochs is not None for s in data_cfg.sources)  # else every stream is endless
