@@ -359,6 +359,21 @@ def finish(procs: list[subprocess.Popen], timeout: int = 600) -> list[tuple[int,
     return [(p.wait(timeout=timeout), p.stdout.read()) for p in procs]
 
 
+@pytest.mark.slow
+def test_two_ranks_write_one_wandb_run(env: dict[str, Path], monkeypatch) -> None:
+    """TP=2 in two processes: only rank 0 starts a W&B run (offline), and it holds every TensorBoard scalar."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(env["root"] / "wandb-home"))
+    extra = {"parallel.tensor_model_parallel_size": 2, "training.train_iters": 2, "logging.wandb_project": "p"}
+    results = finish(launch(env, "wandb-tp2", **extra))
+    assert [code for code, _ in results] == [0, 0], results[0][1][-3000:]
+    assert len(list((env["root"] / "wandb-tp2" / "wandb").glob("offline-run-*"))) == 1
+    _, history = read_wandb_run(env["root"] / "wandb-tp2")
+    board = read_scalars(env["root"] / "wandb-tp2" / "tb")
+    assert sorted(history) == [1, 2] and {name for row in history.values() for name in row} == set(board)
+    assert history[2]["train/loss"] == pytest.approx(board["train/loss"][2], rel=1e-6)
+
+
 TWO_RANKS = {"training.train_iters": 12, "training.seq_length": 512}
 
 
