@@ -1,6 +1,7 @@
 """SFT faults and observability on the tiny Voxtral-layout model (CPU, fp32): a stop signal saves at the next
 step boundary and the rerun resumes exactly; per-phase timers, profiler traces, the resolved config in
-TensorBoard and in every checkpoint, the distributed timeout. Two-rank runs (own processes, gloo) are `slow`."""
+TensorBoard and in every checkpoint, the distributed timeout, optional W&B logging (offline). Two-rank runs
+(own processes, gloo) are `slow`."""
 
 from __future__ import annotations
 
@@ -192,6 +193,78 @@ def test_config_checks_profile_steps_and_timeout(env: dict[str, Path]) -> None:
         cfg(**{"parallel.distributed_timeout_minutes": 0})
 
 
+# ---- optional W&B beside TensorBoard (offline: no network) ----------------------------------------------
+def read_wandb_run(directory: Path) -> tuple[object, dict[int, dict[str, float]]]:
+    """The run record and the logged history {step: {name: value}} of the one offline run under `directory`,
+    read from its .wandb file with wandb's own record reader."""
+    from wandb.proto.wandb_internal_pb2 import Record
+    from wandb.sdk.internal.datastore import DataStore
+
+    [path] = (directory / "wandb").glob("offline-run-*/run-*.wandb")
+    store = DataStore()
+    store.open_for_scan(str(path))
+    run, history = None, {}
+    while (data := store.scan_data()) is not None:
+        record = Record.FromString(data)
+        if record.HasField("run"):
+            run = record.run
+        elif record.HasField("history"):
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            history[record.history.step.num] = {k: v for k, v in row.items() if not k.startswith("_")}
+    return run, history
+
+
+def test_wandb_offline_logs_the_tensorboard_scalars_and_the_config(env: dict[str, Path], monkeypatch) -> None:
+    """WANDB_MODE=offline: rank 0's W&B run under save_dir holds every TensorBoard scalar at every logged step
+    (equal within TensorBoard's float32, rel 1e-6) and the resolved config."""
+    from megatron_ext.training.sft import train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(env["root"] / "wandb-home"))
+    run_dir = env["root"] / "wandb"
+    extra = {"training.train_iters": 2, "logging.eval_interval": 2, "logging.wandb_project": "devstral-audio-test"}
+    result = train(load_config(TINY_CONFIG, overrides(env, "wandb", **extra, **{"logging.wandb_run_name": "tiny"})))
+    run, history = read_wandb_run(run_dir)
+    assert (run.project, run.display_name) == ("devstral-audio-test", "tiny")
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["training"]["seq_length"] == 256 and config["model"]["checkpoint"] == str(env["ckpt"])
+    assert config["logging"]["wandb_project"] == "devstral-audio-test"
+    board = read_scalars(run_dir / "tb")
+    assert sorted(history) == [1, 2] and "val/loss" in board and "timers/step_s" in board
+    assert {name for row in history.values() for name in row} == set(board)
+    for name, steps in board.items():
+        for step, value in steps.items():
+            assert history[step][name] == pytest.approx(value, rel=1e-6), (name, step)
+    assert history[2]["train/loss"] == result.losses[2] and history[2]["val/loss"] == result.validation[2]
+
+
+def test_wandb_config_checks(env: dict[str, Path]) -> None:
+    cfg = lambda **o: load_config(TINY_CONFIG, overrides(env, "c", **o))  # noqa: E731
+    assert cfg().logging.wandb_project is None
+    for key in ("wandb_run_name", "wandb_dir"):
+        with pytest.raises(TrainConfigError, match=rf"^logging.{key}: needs logging.wandb_project$"):
+            cfg(**{f"logging.{key}": "x"})
+    for bad in ("a/b", "team:x", "' '", "p" * 129):
+        with pytest.raises(TrainConfigError, match=r"^logging.wandb_project: .* is not a W&B project name"):
+            cfg(**{"logging.wandb_project": bad})
+    with pytest.raises(TrainConfigError, match=r"^logging.wandb_project: needs logging.wandb_dir, checkpoint"):
+        cfg(**{"logging.wandb_project": "p", "checkpoint.save_dir": "null", "logging.tensorboard_dir": "null"})
+
+
+def test_wandb_missing_is_one_error_line(env: dict[str, Path], monkeypatch, capsys) -> None:
+    """Without the wandb package a run with logging.wandb_project stops at startup: exit 2, one `error:` line."""
+    from megatron_ext.cli.train import main
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb fails, find_spec finds nothing
+    assert main(["--config", str(TINY_CONFIG), *overrides(env, "nowandb"), "logging.wandb_project=p"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: logging.wandb_project=p: the wandb package is not installed "
+        "(pip install -r requirements-wandb.txt, or unset logging.wandb_project)"
+    )
+    assert not (env["root"] / "nowandb").exists()
+
+
 def test_stop_signal_is_recorded_here_and_kills_a_forked_child() -> None:
     """The training process records SIGTERM; a child forked while the handler is active (a data worker) still
     dies of it, so a pool can terminate its workers."""
@@ -284,6 +357,21 @@ def launch(env: dict[str, Path], run: str, **extra: object) -> list[subprocess.P
 
 def finish(procs: list[subprocess.Popen], timeout: int = 600) -> list[tuple[int, str]]:
     return [(p.wait(timeout=timeout), p.stdout.read()) for p in procs]
+
+
+@pytest.mark.slow
+def test_two_ranks_write_one_wandb_run(env: dict[str, Path], monkeypatch) -> None:
+    """TP=2 in two processes: only rank 0 starts a W&B run (offline), and it holds every TensorBoard scalar."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(env["root"] / "wandb-home"))
+    extra = {"parallel.tensor_model_parallel_size": 2, "training.train_iters": 2, "logging.wandb_project": "p"}
+    results = finish(launch(env, "wandb-tp2", **extra))
+    assert [code for code, _ in results] == [0, 0], results[0][1][-3000:]
+    assert len(list((env["root"] / "wandb-tp2" / "wandb").glob("offline-run-*"))) == 1
+    _, history = read_wandb_run(env["root"] / "wandb-tp2")
+    board = read_scalars(env["root"] / "wandb-tp2" / "tb")
+    assert sorted(history) == [1, 2] and {name for row in history.values() for name in row} == set(board)
+    assert history[2]["train/loss"] == pytest.approx(board["train/loss"][2], rel=1e-6)
 
 
 TWO_RANKS = {"training.train_iters": 12, "training.seq_length": 512}

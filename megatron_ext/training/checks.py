@@ -9,6 +9,7 @@ Whisper encoder has no context parallelism) and tokenizer/checkpoint consistency
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from pathlib import Path
 
 from megatron_ext.checkpoint.atomic import CheckpointError
@@ -88,8 +89,19 @@ def check_tokenizer(tokenizer_path: Path, meta: CheckpointMeta, checkpoint: str)
         )
 
 
+def check_wandb_installed(cfg: TrainConfig) -> None:
+    """W&B is optional: with logging.wandb_project set, every rank refuses to start without the package (rank 0
+    imports it only when it logs)."""
+    if cfg.logging.wandb_project is not None and importlib.util.find_spec("wandb") is None:
+        raise StartupError(
+            f"logging.wandb_project={cfg.logging.wandb_project}: the wandb package is not installed "
+            "(pip install -r requirements-wandb.txt, or unset logging.wandb_project)"
+        )
+
+
 def startup_checks(cfg: TrainConfig) -> tuple[ModelConfig, CheckpointMeta, Path]:
     """Run every refusal; returns (model config to train, checkpoint metadata, tokenizer path)."""
+    check_wandb_installed(cfg)
     meta = read_checkpoint_meta(cfg.model.checkpoint)
     model = resolve_rope(cfg, meta)
     check_parallel_layout(cfg, model)

@@ -129,6 +129,9 @@ class LoggingSection:
     log_interval: int = 1
     eval_interval: int = 0  # 0 = never
     eval_iters: int = 1
+    wandb_project: str | None = None  # set: W&B logs the TensorBoard scalars too (WANDB_MODE=offline: no network)
+    wandb_run_name: str | None = None  # None: W&B picks one
+    wandb_dir: str | None = None  # None: checkpoint.save_dir, else logging.tensorboard_dir
 
 
 @dataclass
@@ -262,6 +265,7 @@ def validate(cfg: TrainConfig) -> None:
     if not any(s.ratio > 0 for s in cfg.data.sources):
         raise TrainConfigError("data.sources: every ratio is 0")
     _validate_observability(cfg)
+    _validate_wandb(cfg)
     if cfg.parallel.sequence_parallel and cfg.parallel.tensor_model_parallel_size == 1:
         raise TrainConfigError("parallel.sequence_parallel: needs tensor_model_parallel_size > 1")
     if cfg.model.rope_override and cfg.model.rope is None:
@@ -283,6 +287,37 @@ def _validate_observability(cfg: TrainConfig) -> None:
             )
         if not (cfg.checkpoint.save_dir or cfg.logging.tensorboard_dir):
             raise TrainConfigError("training.profile_steps: needs checkpoint.save_dir or logging.tensorboard_dir")
+
+
+_WANDB_PROJECT_FORBIDDEN = set("/\\#?%:")  # W&B refuses these in a project name (and more than 128 characters)
+
+
+def _validate_wandb(cfg: TrainConfig) -> None:
+    """The W&B keys: a project name W&B accepts, somewhere to write the run, the other keys only with a project."""
+    log = cfg.logging
+    if log.wandb_project is None:
+        for key in ("wandb_run_name", "wandb_dir"):
+            if getattr(log, key) is not None:
+                raise TrainConfigError(f"logging.{key}: needs logging.wandb_project")
+        return
+    if (
+        not log.wandb_project.strip()
+        or len(log.wandb_project) > 128
+        or _WANDB_PROJECT_FORBIDDEN & set(log.wandb_project)
+    ):
+        raise TrainConfigError(
+            f"logging.wandb_project: {log.wandb_project!r} is not a W&B project name "
+            "(1 to 128 characters, none of / \\ # ? % :)"
+        )
+    if wandb_dir(cfg) is None:
+        raise TrainConfigError(
+            "logging.wandb_project: needs logging.wandb_dir, checkpoint.save_dir or logging.tensorboard_dir"
+        )
+
+
+def wandb_dir(cfg: TrainConfig) -> str | None:
+    """Where the W&B run is written (under `wandb/` there): logging.wandb_dir, else save_dir, else tensorboard_dir."""
+    return cfg.logging.wandb_dir or cfg.checkpoint.save_dir or cfg.logging.tensorboard_dir
 
 
 def rope_config(section: RopeSection) -> RopeConfig:

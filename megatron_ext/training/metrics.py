@@ -1,4 +1,5 @@
-"""Training FLOPs (causal convention) and the TensorBoard writer (rank 0 only: scalars and text).
+"""Training FLOPs (causal convention) and the metric sinks (rank 0 only): TensorBoard (scalars and text) and,
+optionally, W&B (the same scalars, the resolved config as the run's config).
 
 FLOPs of one training step, counted as fwd + bwd = 3 x forward (frozen parts: forward only):
 - decoder matmuls: 6 x N_matmul per token (N_matmul = qkv, out-proj, SwiGLU fc1/fc2 of every layer);
@@ -13,7 +14,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 from megatron_ext.config import ModelConfig
+from megatron_ext.training.config import TrainConfig, to_yaml, wandb_dir
 
 
 def decoder_matmul_params(cfg: ModelConfig) -> int:
@@ -75,3 +79,45 @@ class TensorBoard:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+
+
+class WandB:
+    """W&B run beside TensorBoard (rank 0; a no-op elsewhere or without logging.wandb_project), under
+    `wandb_dir(cfg)/wandb/`; W&B's environment applies (WANDB_MODE=offline: written there, no network)."""
+
+    def __init__(self, cfg: TrainConfig, rank: int) -> None:
+        self.run = None
+        if cfg.logging.wandb_project and rank == 0:
+            import wandb  # optional package, checked on every rank at startup (checks.check_wandb_installed)
+
+            directory = Path(wandb_dir(cfg))
+            directory.mkdir(parents=True, exist_ok=True)
+            self.run = wandb.init(
+                project=cfg.logging.wandb_project,
+                name=cfg.logging.wandb_run_name,
+                dir=directory,
+                config=yaml.safe_load(to_yaml(cfg)),  # the resolved config, as TensorBoard's text shows it
+            )
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.run is not None:
+            self.run.log(values, step=step)
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+class Sinks:
+    """Every scalar to each sink (TensorBoard, W&B)."""
+
+    def __init__(self, *sinks: TensorBoard | WandB) -> None:
+        self.sinks = sinks
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for sink in self.sinks:
+            sink.scalars(step, values)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()

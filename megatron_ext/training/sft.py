@@ -5,10 +5,10 @@ model (encoder frozen), load the start checkpoint -> Megatron DDP, `get_megatron
 optimizer), `OptimizerParamScheduler` (warmup + cosine to min-lr ratio) -> resume from the newest
 checkpoint in save_dir if any -> loop: one global batch through `get_forward_backward_func`
 (micro-batches from `num_microbatches_calculator`), optimizer step, scheduler step, periodic validation and
-checkpoints, TensorBoard scalars with per-phase timers (`timers`). SIGUSR1/SIGTERM stop the run after a save
-at the next step boundary (`signals`); `training.profile_steps` traces a step range (`profiling`). The loss
-(one `loss_func`) is the mean cross entropy over the global batch's supervised (assistant) tokens, computed
-chunk by chunk (see `loss.py`).
+checkpoints, TensorBoard (and optional W&B) scalars with per-phase timers (`timers`). SIGUSR1/SIGTERM stop the
+run after a save at the next step boundary (`signals`); `training.profile_steps` traces a step range
+(`profiling`). The loss (one `loss_func`) is the mean cross entropy over the global batch's supervised
+(assistant) tokens, computed chunk by chunk (see `loss.py`).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from megatron_ext.training.checkpointing import Checkpointer, iter_dir, latest_c
 from megatron_ext.training.checks import StartupError, gradient_accumulation_fusion, startup_checks
 from megatron_ext.training.config import TrainConfig, to_yaml
 from megatron_ext.training.loss import supervised_token_losses
-from megatron_ext.training.metrics import TensorBoard, step_flops
+from megatron_ext.training.metrics import Sinks, TensorBoard, WandB, step_flops
 from megatron_ext.training.pipeline import from_last_stage, schedule_shape
 from megatron_ext.training.profiling import StepProfiler
 from megatron_ext.training.signals import StopSignal
@@ -362,7 +362,7 @@ def _train(cfg: TrainConfig, stop: StopSignal) -> TrainResult:
             extra={"sft_config": to_yaml(cfg)},
         )
 
-    resolved = to_yaml(cfg)  # in every checkpoint (config.yaml) and in TensorBoard
+    resolved = to_yaml(cfg)  # in every checkpoint (config.yaml), in TensorBoard and as the W&B run's config
     ckpt = Checkpointer(
         cfg.checkpoint.save_dir,
         cfg.checkpoint.keep_last,
@@ -380,8 +380,9 @@ def _train(cfg: TrainConfig, stop: StopSignal) -> TrainResult:
         if rank == 0:
             log.info("resumed from %s (step %d)", resume, start)
 
-    board = TensorBoard(cfg.logging.tensorboard_dir, rank)
-    board.text("config", resolved)
+    tensorboard = TensorBoard(cfg.logging.tensorboard_dir, rank)
+    tensorboard.text("config", resolved)
+    board = Sinks(tensorboard, WandB(cfg, rank))
     timers = StepTimers()
     profiler = StepProfiler(t.profile_steps, cfg.checkpoint.save_dir or cfg.logging.tensorboard_dir, rank)
     forward_backward = get_forward_backward_func()
