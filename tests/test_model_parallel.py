@@ -2,7 +2,7 @@
 
 Each rank loads the tiny Voxtral (audio + text batch) at TP=1 (as DP=2), then TP=2 without and with
 sequence parallel (logits and loss vs TP=1 within 1e-5 max-abs, gradients within 1e-5 relative to their
-largest entry), then PP=2 forward/backward through
+largest entry, the grad norm the optimizer would clip by within 1e-5 relative), then PP=2 forward/backward through
 Megatron-Core's pipeline schedule (loss vs TP=1; gradients reach the first stage).
 """
 
@@ -32,7 +32,9 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def _worker(rank: int, world: int, port: int, tiny_dir: str, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from megatron.core import parallel_state
+    from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
     from safetensors.torch import load_file
 
     from megatron_ext.checkpoint import mapping
@@ -54,25 +56,29 @@ def _worker(rank: int, world: int, port: int, tiny_dir: str, out_dir: str) -> No
         return model.eval()
 
     def run(model, **kwargs):
-        """Logits (no grad), then loss and its backward; grads of a replicated norm and two TP-split weights."""
+        """Logits (no grad), then loss and its backward; grads of a replicated norm and two TP-split weights, and
+        the grad norm as Megatron's optimizer counts it (TP replicas once, shards of every TP rank)."""
         with torch.no_grad():
             logits = model(ids, positions, audio_features=features, **kwargs)
         loss = model(ids, positions, labels=labels, audio_features=features)
         loss.sum().backward()
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        for p in trainable:
+            if getattr(p, "sequence_parallel", False):  # what finalize_model_grads does for SP-tagged params
+                torch.distributed.all_reduce(p.grad, group=tp_group)
         layer = model.language_model.decoder.layers[0]
-        norm = model.language_model.decoder.final_layernorm.weight
-        if getattr(norm, "sequence_parallel", False):  # what finalize_model_grads does for SP-tagged params
-            torch.distributed.all_reduce(norm.grad, group=parallel_state.get_tensor_model_parallel_group())
         grads = {
-            "norm": norm.grad,
+            "norm": model.language_model.decoder.final_layernorm.weight.grad,
             "qkv": layer.self_attention.linear_qkv.weight.grad,
             "fc2": layer.mlp.linear_fc2.weight.grad,
         }
-        return logits, loss.detach(), grads
+        counted = [p.grad for p in trainable if param_is_not_tensor_parallel_duplicate(p, tp_group)]
+        return logits, loss.detach(), grads, get_grad_norm_fp32(counted, grad_stats_parallel_group=tp_group)
 
-    ref_logits, ref_loss, ref_grads = run(load(1, 1, False))
+    ref_logits, ref_loss, ref_grads, ref_norm = run(load(1, 1, False))
     for name, sp in (("tp2", False), ("tp2_sp", True)):
-        logits, loss, grads = run(load(2, 1, sp), runtime_gather_output=True)
+        logits, loss, grads, grad_norm = run(load(2, 1, sp), runtime_gather_output=True)
         r = parallel_state.get_tensor_model_parallel_rank()
         rows, cols = grads["qkv"].shape[0], grads["fc2"].shape[1]
         results[f"{name}_logits"] = (logits - ref_logits).abs().max().item()
@@ -84,6 +90,7 @@ def _worker(rank: int, world: int, port: int, tiny_dir: str, out_dir: str) -> No
         }
         # Relative to the largest gradient entry: the summed loss over 804 tokens makes grads O(10).
         results[f"{name}_grads"] = max(((grads[k] - v).abs().max() / v.abs().max()).item() for k, v in expected.items())
+        results[f"{name}_grad_norm"] = abs(grad_norm - ref_norm) / ref_norm
 
     model = load(1, 2, False)
     model.train()
@@ -116,8 +123,9 @@ def test_tp2_sp_and_pp2_match_tp1(tiny_dir: Path, tmp_path: Path) -> None:
     mp.start_processes(_worker, args=(2, _free_port(), str(tiny_dir), str(tmp_path)), nprocs=2, start_method="spawn")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for res in ranks:
-        for key in ("tp2_logits", "tp2_loss", "tp2_grads", "tp2_sp_logits", "tp2_sp_loss", "tp2_sp_grads"):
-            assert res[key] < TOL, (key, res[key])
+        for name in ("tp2", "tp2_sp"):
+            for key in ("logits", "loss", "grads", "grad_norm"):
+                assert res[f"{name}_{key}"] < TOL, (name, key, res[f"{name}_{key}"])
         assert res["pp2_grads"] == 1.0
     assert ranks[1]["pp2_loss"] < TOL  # last stage holds the loss
     assert ranks[0]["pp2_projector_grad"] > 0 and ranks[0]["pp2_encoder_frozen"] == 1.0

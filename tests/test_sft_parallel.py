@@ -168,6 +168,25 @@ def test_pp2_matches_pp1_and_every_rank_logs_the_loss(env: dict[str, Path]) -> N
     assert sum(n >= 375 for n in audio.values()) >= 4, audio  # clips in (nearly) every step's batch
 
 
+@pytest.mark.slow
+def test_tp2_grad_norm_and_clipped_steps_match_tp1(env: dict[str, Path]) -> None:
+    """With clipping active (clip_grad 0.5, below every step's norm), TP=2 and TP=1 report the same grad norm:
+    within 1e-5 relative at step 1 (same weights, same batch) and RESHARD_TOL after it; the clipped updates
+    then give the same losses within RESHARD_TOL."""
+    from test_sft_train import read_scalars  # pytest puts tests/ on sys.path
+
+    clip = {"optimizer.clip_grad": 0.5, "training.train_iters": 3, "checkpoint.save_interval": 100}
+    spawn(env, 1, "clip-tp1", **clip)
+    spawn(env, 2, "clip-tp2", **clip, **{"parallel.tensor_model_parallel_size": 2})
+    tp1, tp2 = (read_scalars(env["root"] / run / "tb") for run in ("clip-tp1", "clip-tp2"))
+    assert sorted(tp1["train/grad_norm"]) == sorted(tp2["train/grad_norm"]) == [1, 2, 3]
+    assert min(tp1["train/grad_norm"].values()) > 0.5  # every step clipped
+    for tag in ("train/grad_norm", "train/loss"):
+        for step, want in tp1[tag].items():
+            tol = 1e-5 if step == 1 else RESHARD_TOL
+            assert abs(tp2[tag][step] - want) <= tol * want, (tag, step, want, tp2[tag][step])
+
+
 def _reshard(env: dict[str, Path], key: str, before: int, after: int) -> None:
     """Resume at `key`=`after` from a checkpoint saved at `before` and from one saved at `after` (world 2,
     step 2 of 5): the next three losses agree within RESHARD_TOL."""

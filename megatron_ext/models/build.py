@@ -2,6 +2,12 @@
 
 `build_model` refuses layouts the model cannot run with `parallel_layout.validate_parallelism`, which tools
 also call before torch.distributed starts (it only needs the sizes).
+
+Megatron-Core 0.16's local parallel layers (`ColumnParallelLinear`, `RowParallelLinear`,
+`VocabParallelEmbedding`) tag their weight `tensor_model_parallel` only inside the random init, so with
+`init_weights=False` (weights loaded right after) the tag is missing. The optimizer's grad norm then takes
+those weights for TP replicas and counts only TP rank 0's shard: a TP>1 norm too small, and clipping at the
+wrong threshold. `_tag_tensor_parallel_weights` sets the tags the init would have set.
 """
 
 from __future__ import annotations
@@ -13,6 +19,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    set_tensor_model_parallel_attributes,
+)
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext.config import ConfigError, ModelConfig
@@ -188,6 +201,20 @@ def projector_transformer_config(cfg: ModelConfig, build: BuildConfig, tp: int) 
     )
 
 
+_PARTITION_DIM = ((ColumnParallelLinear, 0), (VocabParallelEmbedding, 0), (RowParallelLinear, 1))
+
+
+def _tag_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """Mark the local parallel layers' weights as TP-sharded along their split dimension, with the stride Megatron's
+    init would record (2 for a gated MLP's fc1: [gate, up] per rank), so grad norm and clipping see every shard."""
+    gated_fc1 = {id(m.linear_fc1) for m in model.modules() if isinstance(m, MLP) and m.config.gated_linear_unit}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        for layer, dim in _PARTITION_DIM:
+            if isinstance(module, layer) and weight is not None and not hasattr(weight, "tensor_model_parallel"):
+                set_tensor_model_parallel_attributes(weight, True, dim, 2 if id(module) in gated_fc1 else 1)
+
+
 def build_model(
     cfg: ModelConfig,
     build: BuildConfig | None = None,
@@ -242,4 +269,6 @@ def build_model(
         freeze_projector=build.freeze_projector,
     )
     model.backend = backend
+    if not build.init_weights:
+        _tag_tensor_parallel_weights(model)
     return model
