@@ -21,9 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from sft_runs import read_scalars, run_overrides, sft_env
 
-from megatron_ext.checkpoint.convert import convert
-from megatron_ext.testing.tiny_chats import write_tiny_chats
 from megatron_ext.training.config import TrainConfigError, load_config
 from megatron_ext.training.signals import EXIT_SAVED_ON_SIGNAL
 
@@ -34,37 +33,18 @@ SBATCH = ROOT / "launch_scripts/train_slurm.sbatch"
 
 @pytest.fixture(scope="module")
 def env(tiny_dir: Path, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("sft-obs")
-    convert(tiny_dir / "voxtral-hf", root / "voxtral-td", "megatron", progress=False)
-    return {"root": root, "ckpt": root / "voxtral-td", **write_tiny_chats(root / "data", n_text=40, n_audio=10)}
+    return sft_env(tiny_dir, tmp_path_factory.mktemp("sft-obs"))
 
 
 def overrides(env: dict[str, Path], run: str, **extra: object) -> list[str]:
-    base = {
-        "model.checkpoint": env["ckpt"],
-        "parallel.tensor_model_parallel_size": 1,
-        "data.sources.0.path": env["text"],
-        "data.sources.1.path": env["audio"],
-        "data.sources.1.ratio": 50,
-        "data.validation.0.path": env["text"],
+    """Five steps of 256 tokens, no validation, no periodic save (a run saves at its end or on a signal)."""
+    settings = {
         "training.seq_length": 256,
         "training.train_iters": 5,
-        "optimizer.warmup_steps": 1,
-        "checkpoint.save_dir": env["root"] / run,
         "checkpoint.save_interval": 100,
-        "logging.tensorboard_dir": env["root"] / run / "tb",
         "logging.eval_interval": 0,
     }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def read_scalars(directory: Path) -> dict[str, dict[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(directory))
-    acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+    return run_overrides(env, run, **{**settings, **extra})
 
 
 class _SignalAtLogLine(logging.Handler):

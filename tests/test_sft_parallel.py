@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from sft_runs import read_scalars, run_overrides, sft_env
 
-from megatron_ext.checkpoint.convert import convert
 from megatron_ext.compat.cpu import _free_port
-from megatron_ext.testing.tiny_chats import write_tiny_chats
 from megatron_ext.training.checks import StartupError, gradient_accumulation_fusion
 from megatron_ext.training.config import TrainConfigError, load_config
 
@@ -26,30 +25,13 @@ RESHARD_TOL = 1e-5  # relative, per step: the two checkpoints come from TP=1 and
 
 @pytest.fixture(scope="module")
 def env(tiny_dir: Path, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("sft-parallel")
-    convert(tiny_dir / "voxtral-hf", root / "voxtral-td", "megatron", progress=False)
-    return {"root": root, "ckpt": root / "voxtral-td", **write_tiny_chats(root / "data", n_text=40, n_audio=10)}
+    return sft_env(tiny_dir, tmp_path_factory.mktemp("sft-parallel"))
 
 
 def overrides(env: dict[str, Path], run: str, **extra: object) -> list[str]:
     """Five steps of the tiny recipe with a 80:400 text:audio mixture (audio in nearly every step's batch)."""
-    base = {
-        "model.checkpoint": env["ckpt"],
-        "parallel.tensor_model_parallel_size": 1,
-        "data.sources.0.path": env["text"],
-        "data.sources.1.path": env["audio"],
-        "data.sources.1.ratio": 400,
-        "data.validation.0.path": env["text"],
-        "training.seq_length": 512,
-        "training.train_iters": 5,
-        "optimizer.warmup_steps": 1,
-        "checkpoint.save_dir": env["root"] / run,
-        "checkpoint.save_interval": 2,
-        "logging.tensorboard_dir": env["root"] / run / "tb",
-        "logging.eval_interval": 0,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    settings = {"data.sources.1.ratio": 400, "training.train_iters": 5, "logging.eval_interval": 0}
+    return run_overrides(env, run, **{**settings, **extra})
 
 
 def _rank(rank: int, world: int, port: int, args: list[str], out: str) -> None:
@@ -156,7 +138,6 @@ def test_pp2_matches_pp1_and_every_rank_logs_the_loss(env: dict[str, Path]) -> N
     """PP=2 (2 stages, 2 micro-batches in 1F1B) vs PP=1: losses within PP_TOL on each of 5 steps, with audio in
     4 of the 5 steps' batches (the encoder runs on stage 0, the loss on stage 1); both stages report the same
     losses."""
-    from test_sft_train import read_scalars  # pytest puts tests/ on sys.path
 
     pp1 = spawn(env, 1, "pp1")[0]["losses"]
     pp2 = spawn(env, 2, "pp2", **{"parallel.pipeline_model_parallel_size": 2})
@@ -173,7 +154,6 @@ def test_tp2_grad_norm_and_clipped_steps_match_tp1(env: dict[str, Path]) -> None
     """With clipping active (clip_grad 0.5, below every step's norm), TP=2 and TP=1 report the same grad norm:
     within 1e-5 relative at step 1 (same weights, same batch) and RESHARD_TOL after it; the clipped updates
     then give the same losses within RESHARD_TOL."""
-    from test_sft_train import read_scalars  # pytest puts tests/ on sys.path
 
     clip = {"optimizer.clip_grad": 0.5, "training.train_iters": 3, "checkpoint.save_interval": 100}
     spawn(env, 1, "clip-tp1", **clip)

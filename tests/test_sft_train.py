@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from sft_runs import read_scalars, sft_env
+from sft_runs import run_overrides as overrides
 
-from megatron_ext.checkpoint.convert import convert
-from megatron_ext.testing.tiny_chats import write_tiny_chats
 from megatron_ext.training.config import TrainConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,42 +35,11 @@ TB_SCALARS = {
 
 @pytest.fixture(scope="module")
 def env(tiny_dir: Path, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("sft")
-    convert(tiny_dir / "voxtral-hf", root / "voxtral-td", "megatron", progress=False)
-    data = write_tiny_chats(root / "data", n_text=40, n_audio=10)
-    return {"root": root, "ckpt": root / "voxtral-td", **data}
-
-
-def overrides(env: dict[str, Path], run: str, **extra: object) -> list[str]:
-    base = {
-        "model.checkpoint": env["ckpt"],
-        "parallel.tensor_model_parallel_size": 1,
-        "data.sources.0.path": env["text"],
-        "data.sources.1.path": env["audio"],
-        "data.sources.1.ratio": 50,
-        "data.validation.0.path": env["text"],
-        "training.seq_length": 512,
-        "training.train_iters": 4,
-        "optimizer.warmup_steps": 1,
-        "checkpoint.save_dir": env["root"] / run,
-        "checkpoint.save_interval": 2,
-        "logging.tensorboard_dir": env["root"] / run / "tb",
-        "logging.eval_interval": 4,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return sft_env(tiny_dir, tmp_path_factory.mktemp("sft"))
 
 
 def tiny_cfg(env: dict[str, Path], run: str, **extra: object):
     return load_config(ROOT / "examples/configs/tiny_cpu.yaml", overrides(env, run, **extra))
-
-
-def read_scalars(directory: Path) -> dict[str, dict[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(directory))
-    acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
 # ---- config schema and startup refusals (no training) ---------------------------------------------------
