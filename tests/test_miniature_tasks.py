@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 from megatron_ext.data.chat import ChatEncoder, load_tokenizer
 from megatron_ext.miniature.tasks import (
     TOOLS,
+    TOOLS_PER_PROMPT,
     spoken_qa_tasks,
     tool_call_chat,
     tool_call_tasks,
@@ -39,11 +41,17 @@ def test_heldout_tool_calls_use_unseen_values_of_seen_parts() -> None:
     train_values = {json.dumps(r["answer"]["arguments"], sort_keys=True) for r in tools.train}
     heldout_values = {json.dumps(r["answer"]["arguments"], sort_keys=True) for r in tools.heldout}
     assert heldout_values - train_values  # some argument values never appear in training
-    train_text = " ".join(r["instruction"] for r in tools.train)
-    for record in tools.heldout:  # every value's parts (directory, module, verb, word) were seen
-        for value in record["answer"]["arguments"].values():
-            for part in value.replace("/", " ").replace("_", " ").replace(".", " ").split():
-                assert part in train_text, (record["id"], part)
+    seen = {  # (argument, part) the model wrote in training: every held-out part must be among them
+        (arg, part)
+        for r in tools.train
+        for arg, value in r["answer"]["arguments"].items()
+        for part in re.split(r"[/.]", value)
+    }
+    for record in tools.heldout:
+        for arg, value in record["answer"]["arguments"].items():
+            for part in re.split(r"[/.]", value):
+                assert (arg, part) in seen, (record["id"], part)
+    assert {r["answer"]["name"] for r in tools.heldout[: len(TOOLS)]} == {t["function"]["name"] for t in TOOLS}
 
 
 def test_every_tool_call_is_one_valid_call_of_a_listed_tool() -> None:
@@ -55,6 +63,18 @@ def test_every_tool_call_is_one_valid_call_of_a_listed_tool() -> None:
         assert set(record["answer"]["arguments"]) == set(params["required"])
         for value in record["answer"]["arguments"].values():
             assert value in record["instruction"]
+
+
+def test_each_prompt_lists_the_expected_tool_and_distractors_in_a_fixed_order() -> None:
+    split = tool_call_tasks(n_train=300)
+    order = [t["function"]["name"] for t in TOOLS]
+    distractors = set()
+    for record in split.train + split.heldout:
+        listed = [t["function"]["name"] for t in record["tools"]]
+        assert len(listed) == TOOLS_PER_PROMPT and record["answer"]["name"] in listed
+        assert listed == sorted(listed, key=order.index)
+        distractors.update(n for n in listed if n != record["answer"]["name"])
+    assert distractors == set(order)  # every tool serves as a distractor somewhere
 
 
 def test_vocabulary_is_a_few_hundred_words() -> None:

@@ -1,7 +1,8 @@
 """The miniature's training and held-out files, written from the task generators (tasks.py).
 
 Training (SFT-loop JSONL, data/chat.py's sample kinds): `base.jsonl` (plain documents, loss on every token),
-`devstral.jsonl` (tool-call chats with tools), `voxtral.jsonl` (transcriptions and spoken questions).
+`devstral.jsonl` (tool-call chats with tools), `voxtral.jsonl` (transcriptions of sentences and of spoken coding
+instructions from the tool-call train split, as Voxtral hears technical speech too, and spoken questions).
 Held out (the evaluation's benchmark formats, eval/benchmarks.py): `heldout/asr.jsonl` (librispeech),
 `heldout/qa.jsonl` (llama_questions) and `heldout/tool_calls.jsonl` (tasks.py records). Speech comes from
 the project's TTS engines, one voice per clip drawn round-robin from `voices`, so every voice is heard in
@@ -68,21 +69,25 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
-def write_data(out: Path, seed: int, voices: Sequence[str], clips_per_sentence: int) -> dict[str, Path]:
-    """Write every training and held-out file under `out`; returns name -> path."""
+def _transcription(speaker: Speaker, text: str) -> dict[str, Any]:
+    return {
+        "transcription": {
+            "input_audio": {"data": speaker.wav_b64(text), "format": "wav"},
+            "language": "en",
+            "text": text,
+        }
+    }
+
+
+def write_data(
+    out: Path, seed: int, voices: Sequence[str], clips_per_sentence: int, instruction_clips: int
+) -> dict[str, Path]:
+    """Write every training and held-out file under `out`; returns name -> path. `instruction_clips`: how many
+    tool-call train instructions Voxtral-mini also learns to transcribe."""
     speaker = Speaker(voices)
     tools, asr, qa = tool_call_tasks(seed), transcription_tasks(seed), spoken_qa_tasks(seed)
-    speech = [
-        {
-            "transcription": {
-                "input_audio": {"data": speaker.wav_b64(r["text"]), "format": "wav"},
-                "language": "en",
-                "text": r["text"],
-            }
-        }
-        for r in asr.train
-        for _ in range(clips_per_sentence)
-    ]
+    speech = [_transcription(speaker, r["text"]) for r in asr.train for _ in range(clips_per_sentence)]
+    speech += [_transcription(speaker, r["instruction"]) for r in tools.train[:instruction_clips]]
     speech += [
         {
             "messages": [

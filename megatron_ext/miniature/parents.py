@@ -6,7 +6,8 @@
      documents, loss on every token;
   3. Devstral-mini: the base fine-tuned on tool-call chats (Devstral's tokenizer, v11 tool calls);
   4. Voxtral-mini: the base decoder + a fresh Whisper-style encoder (short chunks, `chunk_frames`) and
-     projector, all trained on transcription and spoken questions (Voxtral's tokenizer);
+     projector, all trained on transcription and spoken questions (Voxtral's tokenizer); 3 and 4 run side by
+     side, one process each;
   5. both exported to HF (`voxtral-mini-hf`, `devstral-mini-hf`: the tiny stand-ins' layouts), scored on the
      held-out splits (scoring.py), and published atomically with MANIFEST.json.
 The output is cached: MANIFEST.json records a key hashing the generating code, the config and the TTS
@@ -19,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import multiprocessing
+import os
 import resource
 import shutil
 import subprocess
@@ -96,6 +98,8 @@ class MiniatureConfig:
     chunk_frames: int = 400  # 4 s audio chunks (Whisper: 3000 = 30 s)
     voices: tuple[str, ...] = DEFAULT_VOICES
     clips_per_sentence: int = 1
+    init_std: float = 0.05  # fresh matrices; GPT's 0.02 left the 128-wide model ignoring its context for longer
+    instruction_clips: int = 400  # spoken coding instructions Voxtral-mini transcribes (tool-call train split)
     base: Stage = Stage(steps=40, lr=3e-3, seq_length=512, batch=8)
     devstral: Stage = Stage(steps=120, lr=2e-3, seq_length=640, batch=8)
     voxtral: Stage = Stage(steps=120, lr=2e-3, seq_length=512, batch=8)
@@ -167,8 +171,8 @@ def cached(out: Path, key: str) -> dict[str, Any] | None:
 
 
 # ---- fresh weights ---------------------------------------------------------------------------------------
-def _init(name: str, shape: tuple[int, ...], gen: torch.Generator, out_scale: float) -> torch.Tensor:
-    """GPT-style init for training from scratch: matrices N(0, 0.02) (output projections / out_scale), norms 1,
+def _init(name: str, shape: tuple[int, ...], gen: torch.Generator, std: float, out_scale: float) -> torch.Tensor:
+    """GPT-style init for training from scratch: matrices N(0, std) (output projections / out_scale), norms 1,
     biases 0; conv kernels N(0, 1/fan_in)."""
     if name.endswith("bias"):
         return torch.zeros(shape)
@@ -176,57 +180,89 @@ def _init(name: str, shape: tuple[int, ...], gen: torch.Generator, out_scale: fl
         return torch.ones(shape)
     if len(shape) == 3:
         return torch.randn(shape, generator=gen) / (shape[1] * shape[2]) ** 0.5
-    std = 0.02 / out_scale if any(k in name for k in ("o_proj", "down_proj", "out_proj", "fc2")) else 0.02
+    if any(k in name for k in ("o_proj", "down_proj", "out_proj", "fc2")):
+        std /= out_scale
     return torch.randn(shape, generator=gen) * std
 
 
-def fresh_state(shapes: dict[str, tuple[int, ...]], seed: int, layers: int) -> dict[str, torch.Tensor]:
+def fresh_state(shapes: dict[str, tuple[int, ...]], seed: int, layers: int, std: float) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return {n: _init(n, s, gen, (2 * layers) ** 0.5) for n, s in sorted(shapes.items())}
+    return {n: _init(n, s, gen, std, (2 * layers) ** 0.5) for n, s in sorted(shapes.items())}
 
 
-# ---- one SFT run in its own process ----------------------------------------------------------------------
-def _train_entry(train_cfg: TrainConfig) -> None:
+# ---- SFT runs, each in its own process ---------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SFTJob:
+    """Train `checkpoint` on `data` (one JSONL source) for `stage`, saving under `save_dir`."""
+
+    stage: Stage
+    checkpoint: Path
+    data: Path
+    save_dir: Path
+    seed: int
+    freeze_encoder: bool = True
+
+    def config(self) -> TrainConfig:
+        stage = self.stage
+        cfg = TrainConfig(
+            model=ModelSection(
+                checkpoint=str(self.checkpoint),
+                freeze_encoder=self.freeze_encoder,
+                transformer_impl="local",
+                verify=False,
+            ),
+            parallel=ParallelSection(use_distributed_optimizer=False),
+            optimizer=OptimizerSection(
+                lr=stage.lr, min_lr_ratio=0.1, weight_decay=0.01, warmup_steps=stage.warmup, clip_grad=1.0
+            ),
+            data=DataSection(sources=[SourceSection(name=self.data.stem, path=str(self.data))], shuffle_buffer=64),
+            training=TrainingSection(
+                seq_length=stage.seq_length,
+                micro_batch_size=stage.batch,
+                global_batch_size=stage.batch,
+                train_iters=stage.steps,
+                seed=self.seed,
+                bf16=False,
+                loss_chunk_tokens=4096,
+            ),
+            checkpoint=CheckpointSection(
+                save_dir=str(self.save_dir), save_interval=stage.steps, keep_last=1, resume=False
+            ),
+            logging=LoggingSection(tensorboard_dir=str(self.save_dir / "tensorboard"), log_interval=50),
+        )
+        validate(cfg)
+        return cfg
+
+
+def _train_entry(train_cfg: TrainConfig, threads: int) -> None:
     import logging
 
     from megatron_ext.training.sft import train
 
+    torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     train(train_cfg)
 
 
-def run_sft(stage: Stage, checkpoint: Path, data: Path, save_dir: Path, seed: int, freeze_encoder: bool = True) -> Path:
-    """Train `checkpoint` on `data` (one JSONL source) with the project's SFT loop in a spawned process
-    (gloo, one rank); returns the final iter_* directory."""
-    cfg = TrainConfig(
-        model=ModelSection(
-            checkpoint=str(checkpoint), freeze_encoder=freeze_encoder, transformer_impl="local", verify=False
-        ),
-        parallel=ParallelSection(use_distributed_optimizer=False),
-        optimizer=OptimizerSection(
-            lr=stage.lr, min_lr_ratio=0.1, weight_decay=0.01, warmup_steps=stage.warmup, clip_grad=1.0
-        ),
-        data=DataSection(sources=[SourceSection(name=data.stem, path=str(data))], shuffle_buffer=64),
-        training=TrainingSection(
-            seq_length=stage.seq_length,
-            micro_batch_size=stage.batch,
-            global_batch_size=stage.batch,
-            train_iters=stage.steps,
-            seed=seed,
-            bf16=False,
-            loss_chunk_tokens=4096,
-        ),
-        checkpoint=CheckpointSection(save_dir=str(save_dir), save_interval=stage.steps, keep_last=1, resume=False),
-        logging=LoggingSection(tensorboard_dir=str(save_dir / "tensorboard"), log_interval=10),
-    )
-    validate(cfg)
-    process = multiprocessing.get_context("spawn").Process(target=_train_entry, args=(cfg,))
-    process.start()
-    process.join()
-    final = latest_checkpoint(save_dir)
-    if process.exitcode != 0 or final is None:
-        raise MiniatureError(f"SFT of {checkpoint} on {data} failed (exit code {process.exitcode}); see above")
-    return final
+def run_sft(*jobs: SFTJob) -> list[Path]:
+    """Run the jobs at once with the project's SFT loop (gloo, one rank each), the host's cores split between
+    them (tiny models use one thread better than two); returns each job's final iter_* directory."""
+    threads = max(1, (os.cpu_count() or 1) // len(jobs))
+    spawn = multiprocessing.get_context("spawn")
+    processes = [spawn.Process(target=_train_entry, args=(job.config(), threads)) for job in jobs]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    finals = []
+    for job, process in zip(jobs, processes, strict=True):
+        final = latest_checkpoint(job.save_dir)
+        if process.exitcode != 0 or final is None:
+            raise MiniatureError(
+                f"SFT of {job.checkpoint} on {job.data} failed (exit code {process.exitcode}); see above"
+            )
+        finals.append(final)
+    return finals
 
 
 # ---- the build -------------------------------------------------------------------------------------------
@@ -278,7 +314,7 @@ def build_parents(
 
     t0 = time.perf_counter()
     tekkens = miniature_tekkens(cfg.seed, cfg.vocab_size, cfg.chunk_seconds)
-    files = write_data(work / "data", cfg.seed, cfg.voices, cfg.clips_per_sentence)
+    files = write_data(work / "data", cfg.seed, cfg.voices, cfg.clips_per_sentence, cfg.instruction_clips)
     lap("tokenizers+data", t0)
 
     t0 = time.perf_counter()
@@ -286,27 +322,25 @@ def build_parents(
     write_hf(
         work / "base-init-hf",
         models["devstral"],
-        fresh_state(decoder_shapes(dec), cfg.seed, dec.num_layers),
+        fresh_state(decoder_shapes(dec), cfg.seed, dec.num_layers, cfg.init_std),
         tekkens["devstral"],
     )
-    base = run_sft(
-        cfg.base, _to_torch_dist(work / "base-init-hf", work / "base-init"), files["base"], work / "base", cfg.seed
-    )
+    base_init = _to_torch_dist(work / "base-init-hf", work / "base-init")
+    (base,) = run_sft(SFTJob(cfg.base, base_init, files["base"], work / "base", cfg.seed))
     lap("base", t0)
-
-    t0 = time.perf_counter()
-    dev = run_sft(cfg.devstral, base, files["devstral"], work / "devstral", cfg.seed)
-    lap("devstral-mini", t0)
 
     t0 = time.perf_counter()
     base_hf = load_file(str(_to_hf(base, work / "base-hf") / "model.safetensors"))
     vox_cfg = models["voxtral"]
-    audio = fresh_state(encoder_shapes(vox_cfg), cfg.seed + 100, cfg.encoder_layers)
+    audio = fresh_state(encoder_shapes(vox_cfg), cfg.seed + 100, cfg.encoder_layers, cfg.init_std)
     audio["audio_tower.embed_positions.weight"] = sinusoids(vox_cfg.encoder.max_source_positions, cfg.encoder_hidden)
     write_hf(work / "voxtral-init-hf", vox_cfg, to_hf_names(base_hf, "voxtral") | audio, tekkens["voxtral"])
     vox_init = _to_torch_dist(work / "voxtral-init-hf", work / "voxtral-init")
-    vox = run_sft(cfg.voxtral, vox_init, files["voxtral"], work / "voxtral", cfg.seed, freeze_encoder=False)
-    lap("voxtral-mini", t0)
+    dev, vox = run_sft(  # the siblings train side by side, like Devstral and Voxtral from Mistral Small
+        SFTJob(cfg.devstral, base, files["devstral"], work / "devstral", cfg.seed),
+        SFTJob(cfg.voxtral, vox_init, files["voxtral"], work / "voxtral", cfg.seed, freeze_encoder=False),
+    )
+    lap("devstral-mini+voxtral-mini", t0)
 
     t0 = time.perf_counter()
     export = work / "export"

@@ -2,7 +2,8 @@
 
 Three tasks, each with a train split and a held-out split that share no record (held-out records are
 unseen combinations of seen parts, so a tiny model can generalise to them):
-  - tool calls: a coding instruction (one of several phrasings) -> exactly one call of one of the TOOLS;
+  - tool calls: a coding instruction (one of several phrasings) -> exactly one call of one of the TOOLS (the
+    prompt lists TOOLS_PER_PROMPT schemas: the expected one and seeded distractors, to keep prompts short);
   - transcription: short English sentences to be spoken and written back;
   - spoken questions: a question (arithmetic on number words, or a fact) with a one-or-two-word answer.
 """
@@ -36,6 +37,8 @@ TOOLS: list[dict[str, Any]] = [
     _tool("rename_symbol", "Rename a function", "old", "new"),
     _tool("delete_file", "Delete a file", "path"),
 ]
+
+TOOLS_PER_PROMPT = 2  # all five schemas would make ~90% of every prompt a constant ~275-token prefix
 
 DIRS = ["src", "lib", "app", "core", "utils", "api"]
 MODULES = ["parser", "server", "client", "config", "models", "cache", "router", "logger", "views", "auth"]
@@ -77,17 +80,24 @@ TEMPLATES: dict[str, list[str]] = {
 
 
 def _arguments(tool: str) -> list[dict[str, str]]:
-    """Every argument assignment of `tool` in the task's vocabulary (sorted, so the order is fixed)."""
+    """Every argument assignment of `tool` in the task's vocabulary (sorted, so the order is fixed). Identifiers
+    are single words: with `verb_word` compounds the 4-layer model, in the demo's budget, copied the verb but
+    answered one fixed `_word` suffix (search 1/35, rename 2/16 held-out exact)."""
     if tool == "read_file" or tool == "delete_file":
         return [{"path": f"{d}/{m}.py"} for d in DIRS for m in MODULES]
     if tool == "run_tests":
-        return [{"path": f"tests/test_{m}.py"} for m in MODULES] + [{"path": f"{d}/tests"} for d in DIRS]
+        return [{"path": f"tests/{m}.py"} for m in MODULES] + [{"path": f"{d}/tests"} for d in DIRS]
     if tool == "search_code":
-        return [{"query": w} for w in WORDS + [f"{v}_{w}" for v in VERBS[:4] for w in WORDS]]
+        return [{"query": w} for w in WORDS + VERBS]
     if tool == "rename_symbol":
-        names = [f"{v}_{w}" for v in VERBS for w in WORDS]
-        return [{"old": a, "new": b} for a, b in itertools.permutations(names, 2) if a.split("_")[1] == b.split("_")[1]]
+        return [{"old": a, "new": b} for a, b in itertools.permutations(WORDS, 2)]
     raise KeyError(tool)
+
+
+# Tools whose held-out split may hold whole argument values never used in training: each of their values is made
+# of parts that other training values put in the same place. A search query is one word: holding one out would
+# ask for a word the model never wrote there, so search_code holds out (phrasing, value) pairs only.
+WHOLE_VALUES_HELD_OUT = ("read_file", "run_tests", "rename_symbol", "delete_file")
 
 
 @dataclass(frozen=True)
@@ -105,39 +115,53 @@ def _heldout_part(key: str, seed: int, fraction: float) -> bool:
 
 def tool_call_tasks(seed: int = 0, n_train: int = 2000, n_heldout: int = 200) -> Split:
     """Instructions -> one tool call. Held out: (template, argument) pairs and whole argument values never
-    used in training (a held-out path is a seen directory with a seen module, in a combination not seen)."""
+    used in training (a held-out path is a seen directory with a seen module, in a combination not seen; see
+    WHOLE_VALUES_HELD_OUT)."""
     rng = random.Random(seed)
     pools: dict[str, dict[str, list[tuple[int, dict[str, str]]]]] = {"train": {}, "heldout": {}}
     for tool, templates in TEMPLATES.items():
         for split in pools.values():
             split[tool] = []
+        whole = tool in WHOLE_VALUES_HELD_OUT
+        pair_fraction = 0.05 if whole else 0.25  # single-word values: more held-out pairs instead
         for args in _arguments(tool):
             key = json.dumps(args, sort_keys=True)
-            value_out = _heldout_part(f"{tool}:{key}", seed, 0.15)
+            value_out = whole and _heldout_part(f"{tool}:{key}", seed, 0.15)
             for t in range(len(templates)):
-                held = value_out or _heldout_part(f"{tool}:{t}:{key}", seed, 0.05)
+                held = value_out or _heldout_part(f"{tool}:{t}:{key}", seed, pair_fraction)
                 pools["heldout" if held else "train"][tool].append((t, args))
     tools = list(TEMPLATES)
-    # Tools are drawn uniformly (their argument pools differ in size by 50x); held-out records without repeats.
+    # Tools are drawn uniformly (their argument pools differ in size by 9x); held-out records without repeats,
+    # interleaved tool by tool so that any prefix of the held-out split (a benchmark's first N) covers every tool.
+    per_tool = [
+        [
+            (tool, *entry)
+            for entry in rng.sample(pools["heldout"][tool], min(n_heldout // len(tools), len(pools["heldout"][tool])))
+        ]
+        for tool in tools
+    ]
     chosen = {
         "train": [(tool, *rng.choice(pools["train"][tool])) for tool in rng.choices(tools, k=n_train)],
-        "heldout": [
-            (tool, *entry)
-            for i, tool in enumerate(tools)
-            for entry in rng.sample(
-                pools["heldout"][tool], min((n_heldout + i) // len(tools), len(pools["heldout"][tool]))
-            )
-        ],
+        "heldout": [r for row in itertools.zip_longest(*per_tool) for r in row if r is not None],
     }
-    return Split(*(_tool_records(split, chosen[split]) for split in ("train", "heldout")))
+    return Split(*(_tool_records(split, chosen[split], rng) for split in ("train", "heldout")))
 
 
-def _tool_records(split: str, chosen: list[tuple[str, int, dict[str, str]]]) -> list[dict[str, Any]]:
+def _prompt_tools(tool: str, rng: random.Random) -> list[dict[str, Any]]:
+    """The expected tool and TOOLS_PER_PROMPT - 1 distractors drawn by `rng`, in TOOLS order."""
+    names = [t["function"]["name"] for t in TOOLS]
+    picked = {tool, *rng.sample([n for n in names if n != tool], TOOLS_PER_PROMPT - 1)}
+    return [t for t in TOOLS if t["function"]["name"] in picked]
+
+
+def _tool_records(
+    split: str, chosen: list[tuple[str, int, dict[str, str]]], rng: random.Random
+) -> list[dict[str, Any]]:
     return [
         {
             "id": f"tool-{split}-{i:05d}",
             "instruction": TEMPLATES[tool][t].format(**args),
-            "tools": TOOLS,
+            "tools": _prompt_tools(tool, rng),
             "answer": {"name": tool, "arguments": dict(args)},
         }
         for i, (tool, t, args) in enumerate(chosen)
