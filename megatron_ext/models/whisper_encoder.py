@@ -1,15 +1,17 @@
 """Whisper-large-v3 encoder (Voxtral's audio tower) on Megatron-Core: conv stem + sinusoids, a
 bidirectional `TransformerBlock`, final LayerNorm.
 
-Each 30 s chunk is one batch column of the block, so chunks never attend to each other. Attention heads
-are split over tensor-parallel ranks; the conv stem is replicated and outputs are replicated (no sequence
-parallelism inside the encoder). Attribute names give the checkpoint names `audio_encoder.conv{1,2}.*`
-and `audio_encoder.decoder.*`; the sinusoidal table is a non-persistent buffer, recomputed on load.
+Each 30 s chunk is one batch column of the block, so chunks never attend to each other. Attention heads are
+split over tensor-parallel ranks (or, given a one-rank TP group, the whole encoder is replicated on each); the
+conv stem is replicated and outputs are replicated (no sequence parallelism inside the encoder). Attribute
+names give the checkpoint names `audio_encoder.conv{1,2}.*` and `audio_encoder.decoder.*`; the sinusoidal
+table is a non-persistent buffer, recomputed on load.
 """
 
 from __future__ import annotations
 
 import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
@@ -39,14 +41,26 @@ def conv_stem(
 class WhisperEncoder(MegatronModule):
     """log-mel [chunks, mels, 3000] -> hidden states [1500, chunks, d] (sequence-first)."""
 
-    def __init__(self, config: TransformerConfig, layer_spec: ModuleSpec, encoder: EncoderConfig) -> None:
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_spec: ModuleSpec,
+        encoder: EncoderConfig,
+        pg_collection: ProcessGroupCollection | None = None,
+    ) -> None:
+        """`pg_collection`: None splits heads over Megatron's TP group; a TP group of this rank alone replicates."""
         super().__init__(config=config)
         d, dtype = encoder.hidden_size, config.params_dtype
         self.conv1 = torch.nn.Conv1d(encoder.num_mel_bins, d, kernel_size=3, padding=1, dtype=dtype)
         self.conv2 = torch.nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1, dtype=dtype)
         self.register_buffer("positions", sinusoids(encoder.max_source_positions, d), persistent=False)
         self.decoder = TransformerBlock(
-            config=config, spec=layer_spec, post_layer_norm=True, pre_process=True, post_process=True
+            config=config,
+            spec=layer_spec,
+            post_layer_norm=True,
+            pre_process=True,
+            post_process=True,
+            pg_collection=pg_collection,
         )
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
