@@ -70,13 +70,15 @@ def _doc(seed: int, text: int, chunks: list[int]) -> EncodedDoc:
     return EncodedDoc(np.array(ids, dtype=np.int64), np.ones(len(ids), bool), mels=mels)
 
 
+ROWS = (
+    (_doc(0, 29, [1]), _doc(1, 3, [2]), _doc(2, 90, [])),
+    (_doc(3, 11, []), _doc(4, 7, [1, 2])),
+)
+
+
 def _micro_batch(doc_multiple: int) -> dict:
     """Two packed rows of 6 chunks in all: clips of 1 and 2 chunks, text-only documents, padding, 2 clips in one."""
-    rows = [
-        [_doc(0, 29, [1]), _doc(1, 3, [2]), _doc(2, 90, [])],
-        [_doc(3, 11, []), _doc(4, 7, [1, 2])],
-    ]
-    packed = [pack(docs, [0] * len(docs), SEQ, 11, doc_multiple) for docs in rows]
+    packed = [pack(docs, [0] * len(docs), SEQ, 11, doc_multiple) for docs in ROWS]
     return collate(packed, None)
 
 
@@ -137,6 +139,9 @@ def test_packing_pads_each_document_for_cp() -> None:
         assert flat_loss[start + r : start + p].sum() == 0 and (flat_src[start + r : start + p] < 0).all()
     unpadded = _micro_batch(1)
     assert torch.equal(unpadded["cu_seqlens"], unpadded["cu_seqlens_padded"])
+    assert row["doc_lengths"] == unpadded["doc_lengths"] == [len(d) - 1 for d in (*ROWS[0], *ROWS[1])]
+    full = pack([_doc(5, 1003, [])], [0], 1024, 11, 8)  # 1017 tokens + 7 CP padding positions: no padding tail
+    assert full.doc_lens == [1017] and full.padded_lens == [1024] and collate([full], None)["doc_lengths"] == [1017]
 
 
 def test_cp_bad_inputs_one_line_each() -> None:

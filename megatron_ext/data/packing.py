@@ -203,11 +203,16 @@ def collate(rows: list[PackedSequence], mel: Callable[[np.ndarray], torch.Tensor
         "cu_seqlens": cu,
         "cu_seqlens_padded": cu_padded,
         "max_seqlen": max(slots),
-        "doc_lengths": [n for r in rows for n in (r.doc_lens[:-1] if r.source_ids[-1] < 0 else r.doc_lens)],
+        "doc_lengths": [n for r in rows for n in (r.doc_lens[:-1] if _ends_in_padding(r) else r.doc_lens)],
         "mel": torch.stack(mels) if mels else None,
         "num_audio_chunks": len(chunks) + sum(len(r.mels) for r in rows),
         "seq_length": seq_length,
     }
+
+
+def _ends_in_padding(row: PackedSequence) -> bool:
+    """Whether the row's last entry is the padding tail (its first position has no source), not a document."""
+    return bool(row.source_ids[len(row.tokens) - (row.padded_lens or row.doc_lens)[-1]] < 0)
 
 
 def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
