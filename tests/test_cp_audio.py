@@ -23,6 +23,7 @@ from megatron_ext.data.chat import EncodedDoc
 from megatron_ext.data.packing import collate, pack
 from megatron_ext.models.build import BuildConfig, build_model
 from megatron_ext.models.cp_audio import ContextParallelLayoutError, local_audio, partition_index
+from megatron_ext.models.decoder import thd_rank_positions
 from megatron_ext.models.loading import load_full_tensors
 from megatron_ext.parallel_layout import validate_parallelism
 from megatron_ext.testing.tiny_models import VOXTRAL
@@ -57,6 +58,14 @@ def test_partition_index_is_transformer_engines_order() -> None:
         assert sorted(sum(held, [])) == list(range(26 * cp))  # every position on exactly one rank
     with pytest.raises(ContextParallelLayoutError, match="document 1 spans 6 positions: .*multiple of 2 x cp = 4"):
         partition_index(torch.tensor([0, 8, 14]), 2, 0)
+
+
+def test_llama4_query_positions_follow_the_rank_slices() -> None:
+    """Devstral-2's query scale under THD + CP reads each held token's position inside its document."""
+    cu = torch.tensor([0, 8, 24])
+    assert thd_rank_positions(cu, 2, 0).tolist() == [0, 1, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15]
+    assert thd_rank_positions(cu, 2, 1).tolist() == [2, 3, 4, 5, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert thd_rank_positions(cu, 1, 0).tolist() == list(range(8)) + list(range(16))
 
 
 def _doc(seed: int, text: int, chunks: list[int]) -> EncodedDoc:
