@@ -16,6 +16,10 @@ def divisors(n: int) -> list[int]:
 ENCODER_PARALLEL = ("split", "replicate")
 
 
+class EncoderHeadsError(ConfigError):
+    """TP does not divide the audio encoder's heads while they are split over TP (replication would lift it)."""
+
+
 def validate_parallelism(
     cfg: ModelConfig,
     tp: int,
@@ -37,9 +41,9 @@ def validate_parallelism(
     if with_audio and cfg.encoder is not None and encoder_parallel == "split":
         heads = cfg.encoder.num_attention_heads
         if heads % tp:
-            raise ConfigError(
+            raise EncoderHeadsError(
                 f"tensor_model_parallel_size={tp}: the audio encoder's {heads} attention heads need TP in "
-                f"{divisors(heads)} (or model.encoder_parallel=replicate: a copy of the frozen encoder per TP rank)"
+                f"{divisors(heads)}"
             )
     if cp != 1 and backend == "local":
         raise ConfigError(

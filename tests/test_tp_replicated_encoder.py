@@ -19,9 +19,10 @@ import torch
 import torch.multiprocessing as mp
 
 from megatron_ext.compat.cpu import _free_port
-from megatron_ext.config import ConfigError, ModelConfig
-from megatron_ext.parallel_layout import validate_parallelism
+from megatron_ext.config import ModelConfig
+from megatron_ext.parallel_layout import EncoderHeadsError, validate_parallelism
 from megatron_ext.testing.tiny_models import TINY_DECODER, TINY_ENCODER
+from megatron_ext.training.checks import StartupError, check_parallel_layout
 from megatron_ext.training.config import TrainConfigError, load_config
 
 TOL = 1e-5
@@ -33,6 +34,8 @@ TINY_CPU = Path(__file__).resolve().parents[1] / "examples/configs/tiny_cpu.yaml
 
 def _worker(rank: int, world: int, port: int, layouts: list[tuple[int, str]], out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from megatron.core.dist_checkpointing.validation import determine_global_metadata, validate_sharding_integrity
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -64,6 +67,12 @@ def _worker(rank: int, world: int, port: int, layouts: list[tuple[int, str]], ou
         encoder = list(model.audio_encoder.parameters())
         results[f"{name}_encoder_numel"] = sum(p.numel() for p in encoder)
         results[f"{name}_encoder_frozen"] = not any(p.requires_grad for p in encoder)
+        try:  # what a torch_dist save checks first: the encoder's main replicas cover every tensor exactly once
+            shards = model.audio_encoder.sharded_state_dict(prefix="audio_encoder.")
+            validate_sharding_integrity(determine_global_metadata(shards)[1])
+            results[f"{name}_checkpoint_sharding"] = "valid"
+        except CheckpointingException as exc:
+            results[f"{name}_checkpoint_sharding"] = str(exc).splitlines()[0]
         if tp == 2:  # the optimizer never sees the frozen encoder
             ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
             opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-4), [ddp])
@@ -85,6 +94,7 @@ def test_tp2_replicated_encoder_matches_split_and_tp1(tmp_path: Path) -> None:
         assert res["tp2_split_logits"] < TOL and res["tp2_replicate_logits"] < TOL
         assert res["tp2_replicate_encoder_numel"] == res["tp1_encoder_numel"] > res["tp2_split_encoder_numel"]
         assert res["tp2_replicate_encoder_frozen"] and not res["tp2_replicate_encoder_in_optimizer"]
+        assert res["tp2_replicate_checkpoint_sharding"] == res["tp2_split_checkpoint_sharding"] == "valid"
         assert res["tp2_replicate_optimizer_params"] == res["tp2_split_optimizer_params"] > 0
 
 
@@ -93,16 +103,24 @@ def test_tp8_replicated_encoder_matches_tp1(tmp_path: Path) -> None:
     for res in _spawn(8, [(8, "replicate")], tmp_path):
         assert res["tp8_replicate_logits"] < TOL
         assert res["tp8_replicate_encoder_numel"] == res["tp1_encoder_numel"]
-        assert res["tp8_replicate_encoder_frozen"]
+        assert res["tp8_replicate_encoder_frozen"] and res["tp8_replicate_checkpoint_sharding"] == "valid"
 
 
 def test_tp_beyond_encoder_heads_needs_replication() -> None:
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(EncoderHeadsError) as info:
         validate_parallelism(KV8, tp=8)
-    msg = str(info.value)
-    assert msg.startswith("tensor_model_parallel_size=8: the audio encoder's 4 attention heads need TP in [1, 2, 4]")
-    assert "model.encoder_parallel=replicate" in msg and "\n" not in msg
+    assert str(info.value) == "tensor_model_parallel_size=8: the audio encoder's 4 attention heads need TP in [1, 2, 4]"
     validate_parallelism(KV8, tp=8, encoder_parallel="replicate")
+    cfg = load_config(TINY_CPU, ["parallel.tensor_model_parallel_size=8"])
+    with pytest.raises(StartupError) as startup:
+        check_parallel_layout(cfg, KV8)
+    msg = str(startup.value)
+    assert msg.startswith("parallel: tensor_model_parallel_size=8: the audio encoder's 4 attention heads need TP")
+    assert msg.endswith("or model.encoder_parallel=replicate (a copy of the frozen encoder per TP rank)")
+    assert "\n" not in msg
+    check_parallel_layout(
+        load_config(TINY_CPU, ["parallel.tensor_model_parallel_size=8", "model.encoder_parallel=replicate"]), KV8
+    )
     with pytest.raises(TrainConfigError, match=r"^model.encoder_parallel=replicate: needs model.freeze_encoder=true"):
         load_config(TINY_CPU, ["model.encoder_parallel=replicate", "model.freeze_encoder=false"])
     with pytest.raises(TrainConfigError, match=r"^model.encoder_parallel: 'copy' is not one of 'split', 'replicate'"):

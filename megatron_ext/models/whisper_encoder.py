@@ -11,6 +11,9 @@ table is a non-persistent buffer, recomputed on load.
 from __future__ import annotations
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedBase
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -62,6 +65,18 @@ class WhisperEncoder(MegatronModule):
             post_process=True,
             pg_collection=pg_collection,
         )
+        # a replica's TP rank in Megatron's TP group (its layers' own TP group is this rank alone)
+        self.replica_tp_rank = None if pg_collection is None else parallel_state.get_tensor_model_parallel_rank()
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        """Megatron's, with a replicated encoder's copies told apart by their TP rank: within a one-rank TP group
+        every TP rank would claim the main replica, which a torch_dist save refuses as overlapping shards."""
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.replica_tp_rank is not None:
+            for shard in nested_values(sharded):
+                if isinstance(shard, ShardedBase) and isinstance(shard.replica_id, tuple):
+                    shard.replica_id = (shard.replica_id[0], self.replica_tp_rank, *shard.replica_id[2:])
+        return sharded
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         hidden = conv_stem(mel.to(self.conv1.weight.device), self.conv1, self.conv2, self.positions)

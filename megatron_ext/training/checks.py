@@ -17,7 +17,7 @@ from megatron_ext.checkpoint.megatron_lm import resolve
 from megatron_ext.checkpoint.metadata import CheckpointMeta, read_meta, sha256_file
 from megatron_ext.config import ConfigError, ModelConfig
 from megatron_ext.errors import ProjectError
-from megatron_ext.parallel_layout import validate_parallelism
+from megatron_ext.parallel_layout import EncoderHeadsError, validate_parallelism
 from megatron_ext.training.config import TrainConfig, rope_config
 
 
@@ -64,6 +64,10 @@ def check_parallel_layout(cfg: TrainConfig, model: ModelConfig, backend: str | N
             backend=backend,
             encoder_parallel=cfg.model.encoder_parallel,
         )
+    except EncoderHeadsError as exc:
+        raise StartupError(
+            f"parallel: {exc}, or model.encoder_parallel=replicate (a copy of the frozen encoder per TP rank)"
+        ) from None
     except ConfigError as exc:
         raise StartupError(f"parallel: {exc}") from None
 
