@@ -533,7 +533,7 @@ def _train(cfg: TrainConfig, stop: StopSignal) -> TrainResult:
 
 
 def _optimizer_state_numel(optimizer: Any) -> int:
-    """Elements of Adam's first moment held for this TP rank, summed over its data-parallel shards."""
+    """Elements of Adam's first moment held for this TP rank, summed over its data- (and context-) parallel shards."""
     n = sum(
         state["exp_avg"].numel()
         for opt in getattr(optimizer, "chained_optimizers", [optimizer])
@@ -541,7 +541,7 @@ def _optimizer_state_numel(optimizer: Any) -> int:
         if "exp_avg" in state
     )
     total = torch.tensor([n], dtype=torch.long, device="cuda" if torch.cuda.is_available() else "cpu")
-    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     return int(total.item())
 
 
