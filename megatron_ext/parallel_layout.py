@@ -13,21 +13,43 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def validate_parallelism(cfg: ModelConfig, tp: int, cp: int = 1, pp: int = 1, with_audio: bool = True) -> None:
-    """Refuse layouts the model cannot run: TP must split whole encoder heads and KV groups, CP is 1 with
-    audio (Whisper never attends across 30 s chunks, so there is nothing to ring), PP divides the layers."""
+ENCODER_PARALLEL = ("split", "replicate")
+
+
+class EncoderHeadsError(ConfigError):
+    """TP does not divide the audio encoder's heads while they are split over TP (replication would lift it)."""
+
+
+def validate_parallelism(
+    cfg: ModelConfig,
+    tp: int,
+    cp: int = 1,
+    pp: int = 1,
+    with_audio: bool = True,
+    backend: str | None = None,
+    encoder_parallel: str = "split",
+) -> None:
+    """Refuse layouts the model cannot run: TP must split whole KV groups, and whole encoder heads unless the
+    (frozen) encoder is replicated on every TP rank (`encoder_parallel="replicate"`); CP > 1 needs Transformer
+    Engine's attention (`backend` "te"; None: not known yet, checked again at build time); PP divides the layers.
+    With audio, CP is chunk parallelism (`models/cp_audio.py`): Whisper never attends across 30 s chunks."""
     for name, size in (("tensor", tp), ("context", cp), ("pipeline", pp)):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ConfigError(f"{name}_model_parallel_size={size!r}: must be an integer >= 1")
-    if with_audio and cfg.encoder is not None:
+    if encoder_parallel not in ENCODER_PARALLEL:
+        raise ConfigError(f"encoder_parallel={encoder_parallel!r}: allowed {', '.join(ENCODER_PARALLEL)}")
+    if with_audio and cfg.encoder is not None and encoder_parallel == "split":
         heads = cfg.encoder.num_attention_heads
         if heads % tp:
-            raise ConfigError(
+            raise EncoderHeadsError(
                 f"tensor_model_parallel_size={tp}: the audio encoder's {heads} attention heads need TP in "
                 f"{divisors(heads)}"
             )
-        if cp != 1:
-            raise ConfigError(f"context_parallel_size={cp}: must be 1 while the audio encoder is active (allowed: 1)")
+    if cp != 1 and backend == "local":
+        raise ConfigError(
+            f"context_parallel_size={cp}: Megatron-Core's local attention has no context parallelism; it needs "
+            "Transformer Engine (a GPU with TE, model.transformer_impl auto or transformer_engine) (allowed here: 1)"
+        )
     dec = cfg.decoder
     if dec.num_query_groups % tp:
         raise ConfigError(

@@ -48,10 +48,11 @@ def test_decoder_tp_must_divide_kv_groups() -> None:
     assert "8 KV groups" in msg and "[1, 2, 4, 8]" in msg
 
 
-def test_context_parallel_refused_with_audio() -> None:
-    msg = _refused("context_parallel_size=2", tp=2, cp=2)
-    assert "audio encoder" in msg and "allowed: 1" in msg
-    validate_parallelism(VOXTRAL_SMALL, tp=2, cp=2, with_audio=False)
+def test_context_parallel_needs_transformer_engine() -> None:
+    msg = _refused("context_parallel_size=2", tp=2, cp=2, backend="local")
+    assert "local attention has no context parallelism" in msg and "allowed here: 1" in msg
+    validate_parallelism(VOXTRAL_SMALL, tp=2, cp=2, backend="te")  # with audio: chunk parallelism (cp_audio.py)
+    validate_parallelism(VOXTRAL_SMALL, tp=2, cp=2, with_audio=False, backend="te")
 
 
 def test_pipeline_must_divide_layers() -> None:

@@ -43,7 +43,8 @@ def _worker_encoder(
 
 
 class SFTData:
-    """Training streams (mixture -> packer, per sequence) and a fixed validation set, for one DP rank."""
+    """Training streams (mixture -> packer, per sequence) and a fixed validation set, for one DP rank; documents
+    padded to a multiple of `doc_multiple` positions (2 x cp under context parallelism)."""
 
     def __init__(
         self,
@@ -56,8 +57,9 @@ class SFTData:
         dp_size: int = 1,
         num_streams: int | None = None,
         group: Any = None,
+        doc_multiple: int = 1,
     ) -> None:
-        self.encoder, self.mel = encoder, mel
+        self.encoder, self.mel, self.doc_multiple = encoder, mel, doc_multiple
         self.seq_length, self.dp_rank, self.dp_size, self.group = seq_length, dp_rank, dp_size, group
         self.num_streams = num_streams or dp_size
         if self.num_streams % dp_size:
@@ -88,7 +90,7 @@ class SFTData:
                 if self.pool is None
                 else PoolFeed(mixture, encode, self.pool, j, data_cfg.prefetch)
             )
-            self.packers[j] = Packer(mixture, encoder, seq_length, PAD_ID, data_cfg.overlong, feed)
+            self.packers[j] = Packer(mixture, encoder, seq_length, PAD_ID, data_cfg.overlong, feed, doc_multiple)
         self.may_end = any(s.epochs is not None for s in data_cfg.sources)  # else every stream is endless
         self.validation_cfg = list(data_cfg.validation)
         self.overlong = data_cfg.overlong
@@ -121,7 +123,9 @@ class SFTData:
             mixture = Mixture(
                 sources, [s.ratio for s in self.validation_cfg], [1.0] * len(sources), seed=self.seed, shuffle_buffer=0
             )
-            packer = Packer(mixture, self.encoder, self.seq_length, PAD_ID, self.overlong)
+            packer = Packer(
+                mixture, self.encoder, self.seq_length, PAD_ID, self.overlong, doc_multiple=self.doc_multiple
+            )
             self._validation = []
             for seq in packer:
                 self._validation.append(seq)

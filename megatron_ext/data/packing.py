@@ -1,11 +1,14 @@
 """Sequence packing: whole documents side by side in `seq_length` tokens, with per-document attention.
 
 Each document contributes `tokens[:-1]` as inputs and `tokens[1:]` as labels (so no label ever crosses a
-document boundary), position ids restarting at 0, and its loss mask shifted the same way. The tail is
-padding, a document of its own with loss mask 0. Document lengths give `cu_seqlens` (Megatron's packed
-THD format, used by Transformer Engine) and, for the local CPU spec, an explicit block-diagonal causal
-mask. The packer's position is its feed's (mixture) position plus the document waiting for the next
-sequence. Documents come from a feed (`feed.py`): encoded in this process, or ahead of time in workers.
+document boundary), position ids restarting at 0, and its loss mask shifted the same way. The tail is padding,
+a document of its own with loss mask 0. Document lengths give `cu_seqlens` (Megatron's packed THD format, used
+by Transformer Engine) and, for the local CPU spec, an explicit block-diagonal causal mask. Under context
+parallelism (`doc_multiple` = 2 x cp) each document is followed by padding up to a multiple of `doc_multiple`
+positions (loss mask 0), so Megatron-Core can cut every document into 2 x cp equal slices
+(`cu_seqlens_padded`; `cu_seqlens` keeps the real lengths). The packer's position is its feed's (mixture)
+position plus the document waiting for the next sequence. Documents come from a feed (`feed.py`): encoded in
+this process, or ahead of time in workers.
 """
 
 from __future__ import annotations
@@ -35,32 +38,48 @@ class PackedSequence:
     doc_lens: list[int]  # lengths of the documents in order, padding last (sums to seq_length)
     audio_chunks: list[np.ndarray] = field(default_factory=list)
     mels: list[np.ndarray] = field(default_factory=list)  # log-mel chunks computed at encoding, in audio order
+    padded_lens: list[int] = field(default_factory=list)  # positions per document with its CP padding; [] = doc_lens
 
 
-def pack(docs: list[EncodedDoc], source_ids: list[int], seq_length: int, pad_id: int) -> PackedSequence:
-    """Pack already-fitting documents (each `len(doc) - 1 <= seq_length` in total) into one sequence."""
+def padded_length(n: int, doc_multiple: int) -> int:
+    """Positions a document of `n` input tokens occupies: `n` rounded up to a multiple of `doc_multiple`."""
+    return -(-n // doc_multiple) * doc_multiple
+
+
+def pack(
+    docs: list[EncodedDoc], source_ids: list[int], seq_length: int, pad_id: int, doc_multiple: int = 1
+) -> PackedSequence:
+    """Pack already-fitting documents (each `len(doc) - 1 <= seq_length` in total) into one sequence, each
+    padded to a multiple of `doc_multiple` positions."""
     tokens = np.full(seq_length, pad_id, dtype=np.int64)
     labels = np.full(seq_length, pad_id, dtype=np.int64)
     loss_mask = np.zeros(seq_length, dtype=np.float32)
     position_ids = np.zeros(seq_length, dtype=np.int64)
     sources = np.full(seq_length, -1, dtype=np.int64)
-    doc_lens, chunks, mels, pos = [], [], [], 0
+    doc_lens, padded, chunks, mels, pos = [], [], [], [], 0
     for doc, src in zip(docs, source_ids, strict=True):
         n = len(doc) - 1
-        if pos + n > seq_length:
-            raise ValueError(f"documents need {pos + n} positions, seq_length is {seq_length}")
+        if pos + padded_length(n, doc_multiple) > seq_length:
+            raise ValueError(
+                f"documents need {pos + padded_length(n, doc_multiple)} positions, seq_length is {seq_length}"
+            )
         tokens[pos : pos + n] = doc.tokens[:-1]
         labels[pos : pos + n] = doc.tokens[1:]
         loss_mask[pos : pos + n] = doc.loss_mask[1:]
         position_ids[pos : pos + n] = np.arange(n)
         sources[pos : pos + n] = src
+        position_ids[pos + n : pos + padded_length(n, doc_multiple)] = np.arange(n, padded_length(n, doc_multiple))
         doc_lens.append(n)
+        padded.append(padded_length(n, doc_multiple))
         chunks.extend(doc.audio_chunks)
         mels.extend(doc.mels)
-        pos += n
+        pos += padded[-1]
     if pos < seq_length:
         doc_lens.append(seq_length - pos)
-    return PackedSequence(tokens, labels, loss_mask, position_ids, sources, doc_lens, chunks, mels)
+        padded.append(seq_length - pos)
+    return PackedSequence(
+        tokens, labels, loss_mask, position_ids, sources, doc_lens, chunks, mels, padded if doc_multiple > 1 else []
+    )
 
 
 class Packer:
@@ -75,12 +94,14 @@ class Packer:
         pad_id: int,
         overlong: str = "truncate",
         feed: InlineFeed | None = None,
+        doc_multiple: int = 1,
     ) -> None:
         if overlong not in ("truncate", "drop"):
             raise ValueError(f"overlong={overlong!r}: expected 'truncate' or 'drop'")
         self.mixture, self.encoder = mixture, encoder
         self.feed = feed or InlineFeed(mixture, self._encode_ref)
         self.seq_length, self.pad_id, self.overlong = seq_length, pad_id, overlong
+        self.doc_multiple = doc_multiple
         self.carry: DocRef | None = None  # drawn but did not fit into the previous sequence
         self._carry_doc: EncodedDoc | None = None
         self.dropped = 0
@@ -133,13 +154,14 @@ class Packer:
                     )
                 continue
             streak = 0
-            if docs and used + len(doc) - 1 > self.seq_length:
+            positions = padded_length(len(doc) - 1, self.doc_multiple)
+            if docs and used + positions > self.seq_length:
                 self.carry, self._carry_doc = ref, doc
                 break
             docs.append(doc)
             refs.append(ref)
-            used += len(doc) - 1
-        return pack(docs, [r.source for r in refs], self.seq_length, self.pad_id)
+            used += positions
+        return pack(docs, [r.source for r in refs], self.seq_length, self.pad_id, self.doc_multiple)
 
     def state_dict(self) -> dict[str, Any]:
         carry = None if self.carry is None else [self.carry.source, self.carry.index]
@@ -153,15 +175,21 @@ class Packer:
 
 
 def collate(rows: list[PackedSequence], mel: Callable[[np.ndarray], torch.Tensor] | None) -> dict[str, Any]:
-    """Stack packed rows into a micro-batch: [b, s] tensors, cu_seqlens over the flattened rows, mels (those
-    computed at encoding, else `mel` of each raw audio chunk)."""
+    """Stack packed rows into a micro-batch: [b, s] tensors, cu_seqlens over the flattened rows (real lengths,
+    and `cu_seqlens_padded` with the CP padding), mels (those computed at encoding, else `mel` of each raw audio
+    chunk)."""
     stack = lambda key, dtype: torch.from_numpy(np.stack([getattr(r, key) for r in rows])).to(dtype)  # noqa: E731
     seq_length = len(rows[0].tokens)
     lens = [n for r in rows for n in r.doc_lens]
-    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    slots = [n for r in rows for n in (r.padded_lens or r.doc_lens)]
+    cu, cu_padded = (torch.zeros(len(lens) + 1, dtype=torch.int32) for _ in range(2))
     cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int32), 0)
+    cu_padded[1:] = torch.cumsum(torch.tensor(slots, dtype=torch.int32), 0)
     doc_ids = torch.stack(
-        [torch.repeat_interleave(torch.arange(len(r.doc_lens)), torch.tensor(r.doc_lens)) for r in rows]
+        [
+            torch.repeat_interleave(torch.arange(len(r.doc_lens)), torch.tensor(r.padded_lens or r.doc_lens))
+            for r in rows
+        ]
     )
     chunks = [c for r in rows for c in r.audio_chunks]
     mels = [torch.from_numpy(m) for r in rows for m in r.mels] or ([mel(c) for c in chunks] if mel is not None else [])
@@ -173,12 +201,18 @@ def collate(rows: list[PackedSequence], mel: Callable[[np.ndarray], torch.Tensor
         "source_ids": stack("source_ids", torch.long),
         "doc_ids": doc_ids,
         "cu_seqlens": cu,
-        "max_seqlen": max(lens),
-        "doc_lengths": [n for r in rows for n in (r.doc_lens[:-1] if r.source_ids[-1] < 0 else r.doc_lens)],
+        "cu_seqlens_padded": cu_padded,
+        "max_seqlen": max(slots),
+        "doc_lengths": [n for r in rows for n in (r.doc_lens[:-1] if _ends_in_padding(r) else r.doc_lens)],
         "mel": torch.stack(mels) if mels else None,
         "num_audio_chunks": len(chunks) + sum(len(r.mels) for r in rows),
         "seq_length": seq_length,
     }
+
+
+def _ends_in_padding(row: PackedSequence) -> bool:
+    """Whether the row's last entry is the padding tail (its first position has no source), not a document."""
+    return bool(row.source_ids[len(row.tokens) - (row.padded_lens or row.doc_lens)[-1]] < 0)
 
 
 def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,10 @@ Layouts: token ids [b, s] (HF order); Megatron tensors are sequence-first [s, b,
 30 s log-mel chunks of the batch, [chunks, mels, 3000], in the order of their [AUDIO] tokens in
 row-major [b, s] order (sample 0's clips first, each clip's chunks in time order). A clip longer than
 30 s is several chunks, each contributing 1500/stack embeddings (375 for Voxtral).
+
+Context parallelism (`cp_index`, see `cp_audio.py`): the model gets the whole flat THD stream [1, S] and the
+positions this CP rank holds; it embeds those, encodes only the chunks they need, and the decoder runs on the
+rank's share.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext.errors import ProjectError
+from megatron_ext.models.cp_audio import local_audio
 from megatron_ext.models.decoder import DecoderModel
 from megatron_ext.models.projector import AudioProjector
 from megatron_ext.models.whisper_encoder import WhisperEncoder
@@ -35,18 +40,23 @@ class AudioTokenMismatch(ProjectError, ValueError):
     """The number of [AUDIO] tokens differs from the number of audio embeddings."""
 
 
+def check_audio_count(found: int, embeddings: int, audio_token_id: int, chunks: int) -> None:
+    """Refuse a batch whose [AUDIO] token count differs from its audio embeddings (chunks x per chunk)."""
+    if found != embeddings:
+        per_chunk = embeddings // chunks if chunks else 0
+        raise AudioTokenMismatch(
+            f"{found} [AUDIO] tokens (id {audio_token_id}) in the batch but {embeddings} audio embeddings "
+            f"({chunks} chunks x {per_chunk}): each 30 s chunk needs exactly {per_chunk or 'its'} [AUDIO] tokens"
+        )
+
+
 def splice_audio(
     embeddings: torch.Tensor, input_ids: torch.Tensor, audio: torch.Tensor, audio_token_id: int, chunks: int
 ) -> torch.Tensor:
     """Replace embeddings [s, b, h] at [AUDIO] positions (row-major over [b, s]) by `audio` [n, h], in order."""
     mask = input_ids == audio_token_id  # [b, s]
     found = int(mask.sum())
-    if found != audio.shape[0]:
-        per_chunk = audio.shape[0] // chunks if chunks else 0
-        raise AudioTokenMismatch(
-            f"{found} [AUDIO] tokens (id {audio_token_id}) in the batch but {audio.shape[0]} audio embeddings "
-            f"({chunks} chunks x {per_chunk}): each 30 s chunk needs exactly {per_chunk or 'its'} [AUDIO] tokens"
-        )
+    check_audio_count(found, audio.shape[0], audio_token_id, chunks)
     if not found:
         return embeddings
     # masked_scatter fills in row-major order of its mask, so scatter in [b, s] order and transpose back.
@@ -98,16 +108,37 @@ class AudioLanguageModel(MegatronModule):
         with torch.no_grad() if self.freeze_encoder and self.freeze_projector else nullcontext():
             return self.audio_projector(encoded)
 
-    def embed(self, input_ids: torch.Tensor, audio_features: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings [s, b, h] with audio spliced in; scattered over TP ranks under sequence parallel."""
-        embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)
+    def audio_tokens_per_chunk(self) -> int:
+        """[AUDIO] embeddings per 30 s chunk: encoder frames / projector stack (375 for Voxtral)."""
+        assert self.audio_encoder is not None and self.audio_projector is not None
+        return self.audio_encoder.positions.shape[0] // self.audio_projector.stack
+
+    def embed(
+        self, input_ids: torch.Tensor, audio_features: torch.Tensor | None = None, cp_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token embeddings [s, b, h] with audio spliced in; scattered over TP ranks under sequence parallel.
+
+        With `cp_index` (context parallelism), `input_ids` is the whole flat stream [1, S] and only its
+        `cp_index` positions are embedded, encoding only the chunks they need."""
+        local_ids = input_ids if cp_index is None else input_ids[:, cp_index]
+        embeddings = self.language_model.embedding(input_ids=local_ids, position_ids=None)
         if self.audio_encoder is not None:
+            chunks = 0 if audio_features is None else audio_features.shape[0]
             if audio_features is None:
                 audio = embeddings.new_zeros(0, embeddings.shape[-1])
-                chunks = 0
+            elif cp_index is None:
+                audio = self.encode_audio(audio_features)
             else:
-                audio, chunks = self.encode_audio(audio_features), audio_features.shape[0]
-            embeddings = splice_audio(embeddings, input_ids, audio, self.audio_token_id, chunks)
+                per_chunk = self.audio_tokens_per_chunk()
+                found = int((input_ids == self.audio_token_id).sum())  # the whole stream, as at CP=1
+                check_audio_count(found, chunks * per_chunk, self.audio_token_id, chunks)
+                mine = local_audio(input_ids, cp_index, self.audio_token_id, per_chunk)
+                audio = (
+                    self.encode_audio(audio_features[mine.chunks])[mine.rows]
+                    if len(mine.chunks)
+                    else embeddings.new_zeros(0, embeddings.shape[-1])
+                )
+            embeddings = splice_audio(embeddings, local_ids, audio, self.audio_token_id, chunks)
         elif audio_features is not None:
             raise ValueError("audio_features given but this model has no audio encoder")
         if self.config.sequence_parallel:
@@ -126,11 +157,15 @@ class AudioLanguageModel(MegatronModule):
         loss_mask: torch.Tensor | None = None,
         packed_seq_params=None,
         runtime_gather_output: bool | None = None,
+        cp_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [b, s, vocab(/TP)] or, with `labels`, per-token loss [b, s] (last pipeline stage)."""
-        decoder_input = self.embed(input_ids, audio_features) if self.pre_process else None
+        """Logits [b, s, vocab(/TP)] or, with `labels`, per-token loss [b, s] (last pipeline stage).
+
+        With `cp_index`, `input_ids` is the whole flat stream [1, S] and every other input is this CP rank's
+        share (see `embed`)."""
+        decoder_input = self.embed(input_ids, audio_features, cp_index) if self.pre_process else None
         return self.language_model(
-            input_ids,
+            input_ids if cp_index is None else input_ids[:, cp_index],
             position_ids,
             attention_mask,
             decoder_input=decoder_input,

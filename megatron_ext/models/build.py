@@ -8,6 +8,11 @@ Megatron-Core 0.16's local parallel layers (`ColumnParallelLinear`, `RowParallel
 `init_weights=False` (weights loaded right after) the tag is missing. The optimizer's grad norm then takes
 those weights for TP replicas and counts only TP rank 0's shard: a TP>1 norm too small, and clipping at the
 wrong threshold. `_tag_tensor_parallel_weights` sets the tags the init would have set.
+
+`BuildConfig.encoder_parallel="replicate"` builds the whole Whisper encoder on every TP rank (its layers get a
+tensor-parallel group of this rank alone), so TP may exceed the encoder's head count (20 for Whisper-large:
+TP=8 for the decoder's 8 KV groups). It reads the same full tensors from the checkpoint; being frozen, it has
+no gradients and no optimizer state.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -81,6 +88,7 @@ class BuildConfig:
     recompute_num_layers: int = 1
     gradient_accumulation_fusion: bool = False
     parallel_output: bool = True  # logits stay vocab-sharded over TP (training); tools gather at run time
+    encoder_parallel: Literal["split", "replicate"] = "split"  # encoder heads over TP ranks | whole on each
     extra: dict = field(default_factory=dict)  # further TransformerConfig fields for the decoder
 
 
@@ -215,6 +223,15 @@ def _tag_tensor_parallel_weights(model: torch.nn.Module) -> None:
                 set_tensor_model_parallel_attributes(weight, True, dim, 2 if id(module) in gated_fc1 else 1)
 
 
+def replicated_encoder_groups() -> ProcessGroupCollection:
+    """Megatron's process groups with a tensor-parallel group of this rank alone, for a replicated encoder.
+
+    Collective: every rank of the world calls it (each builds all the one-rank groups), whatever its stage."""
+    groups = ProcessGroupCollection.use_mpu_process_groups()
+    groups.tp, _ = dist.new_subgroups(group_size=1)
+    return groups
+
+
 def build_model(
     cfg: ModelConfig,
     build: BuildConfig | None = None,
@@ -227,8 +244,8 @@ def build_model(
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     cp = parallel_state.get_context_parallel_world_size()
-    validate_parallelism(cfg, tp, cp, pp, build.with_audio)
     backend = resolve_backend(build.backend)
+    validate_parallelism(cfg, tp, cp, pp, build.with_audio, backend, build.encoder_parallel)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
@@ -251,8 +268,21 @@ def build_model(
         vp_stage=vp_stage,
     )
     encoder = projector = None
-    if cfg.encoder is not None and build.with_audio and pre_process:
-        encoder = WhisperEncoder(encoder_transformer_config(cfg, build, tp), encoder_layer_spec(backend), cfg.encoder)
+    with_encoder = cfg.encoder is not None and build.with_audio
+    replicate = with_encoder and build.encoder_parallel == "replicate" and tp > 1
+    if replicate and not build.freeze_encoder:
+        raise ConfigError(
+            "encoder_parallel=replicate needs freeze_encoder: a trainable copy per TP rank would need its "
+            "gradients reduced over TP"
+        )
+    encoder_groups = replicated_encoder_groups() if replicate else None  # collective: before the stage test
+    if with_encoder and pre_process:
+        encoder = WhisperEncoder(
+            encoder_transformer_config(cfg, build, 1 if replicate else tp),
+            encoder_layer_spec(backend),
+            cfg.encoder,
+            encoder_groups,
+        )
         projector = AudioProjector(
             projector_transformer_config(cfg, build, tp),
             projector_submodules(backend),

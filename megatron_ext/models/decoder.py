@@ -8,7 +8,8 @@ at all. `DecoderModel` (a GPTModel) therefore:
   given `position_ids` (so packed samples restarting at 0, or CP-sliced positions, get their true angles);
   with THD packing (`packed_seq_params`), Megatron already restarts rope per sub-sequence;
 - computes the llama-4 per-token query scale from the same true positions (position_ids, else the THD
-  cu_seqlens, else 0..s-1 sliced like Megatron slices a context-parallel sequence) and hands it to
+  cu_seqlens, under CP taken at this rank's load-balanced slices, else 0..s-1 sliced like Megatron slices a
+  context-parallel sequence) and hands it to
   `QueryScaledSelfAttention` as one extra channel of the rope tensor, which Megatron passes to every layer
   and saves for activation recompute (THD: the attention derives it from the sub-sequence boundaries);
   with a static KV cache, the scale of the new queries is written at their cache slots from the given
@@ -26,6 +27,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.attention import SelfAttention
 
 from megatron_ext.config import RopeConfig
+from megatron_ext.models.cp_audio import partition_index
 
 
 def rope_config_attributes(rope: RopeConfig) -> dict[str, Any]:
@@ -66,6 +68,12 @@ def thd_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return idx - cu_seqlens[seg].to(idx.dtype)
 
 
+def thd_rank_positions(cu_seqlens_padded: torch.Tensor, cp: int, rank: int) -> torch.Tensor:
+    """Positions inside their documents of the THD tokens CP rank `rank` holds (all of them at cp=1), in its order."""
+    positions = thd_positions(cu_seqlens_padded, int(cu_seqlens_padded[-1]))
+    return positions if cp == 1 else positions[partition_index(cu_seqlens_padded, cp, rank)]
+
+
 def pack_query_scale(angles: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Append the per-token query scale to the rope angles as one extra channel: [s, b, 1, dim + 1].
 
@@ -103,10 +111,10 @@ class QueryScaledSelfAttention(SelfAttention):
             self._query_scale = None
 
     def _thd_scale(self, packed, beta: float) -> torch.Tensor:
-        if self.config.context_parallel_size > 1:
-            raise NotImplementedError("llama-4 query scaling with THD packing needs context_parallel_size=1")
         cu = packed.cu_seqlens_q_padded if packed.cu_seqlens_q_padded is not None else packed.cu_seqlens_q
-        positions = thd_positions(cu, int(cu[-1]))[:, None, None, None]  # [t, 1, 1, 1] like the THD query
+        cp = self.config.context_parallel_size
+        rank = self.pg_collection.cp.rank() if cp > 1 else 0
+        positions = thd_rank_positions(cu, cp, rank)[:, None, None, None]  # [t, 1, 1, 1] like the THD query
         return llama4_query_scale(positions, beta, self.config.llama4_original_max_position_embeddings)
 
     def get_query_key_value_tensors(self, *args: Any, **kwargs: Any):

@@ -106,6 +106,12 @@ def _random_state(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, to
     return {name: _random(name, shape, gen) for name, shape in sorted(shapes.items())}
 
 
+def random_hf_state(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded random tensors under HF Voxtral names for any tiny config (decoder, plus encoder and projector)."""
+    decoder = to_hf_names(_random_state(decoder_shapes(cfg.decoder), seed), "voxtral")
+    return decoder | (_random_state(encoder_shapes(cfg), seed + 100) if cfg.encoder is not None else {})
+
+
 def _zero_placeholder_rows(sd: dict[str, torch.Tensor], named: set[int]) -> None:
     """Untrained special slots: rows of ranks < 1000 without a named special are zero (embed and head)."""
     rows = torch.tensor([r for r in range(1000) if r not in named])

@@ -2,8 +2,8 @@
 
 The paper lost SWE-Bench points by training the merged model without its YaRN settings, so the rope
 in the checkpoint metadata must exist and equal the run's (unless explicitly overridden); the rest are
-layout limits of the audio model (TP must divide the Whisper heads and the decoder's KV groups; the
-Whisper encoder has no context parallelism) and tokenizer/checkpoint consistency.
+layout limits of the audio model (TP must divide the decoder's KV groups, and the Whisper heads unless the
+encoder is replicated; CP > 1 needs Transformer Engine's attention) and tokenizer/checkpoint consistency.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from megatron_ext.checkpoint.megatron_lm import resolve
 from megatron_ext.checkpoint.metadata import CheckpointMeta, read_meta, sha256_file
 from megatron_ext.config import ConfigError, ModelConfig
 from megatron_ext.errors import ProjectError
-from megatron_ext.parallel_layout import validate_parallelism
+from megatron_ext.parallel_layout import EncoderHeadsError, validate_parallelism
 from megatron_ext.training.config import TrainConfig, rope_config
 
 
@@ -51,12 +51,23 @@ def resolve_rope(cfg: TrainConfig, meta: CheckpointMeta) -> ModelConfig:
     return dataclasses.replace(model, decoder=dataclasses.replace(model.decoder, rope=wanted))
 
 
-def check_parallel_layout(cfg: TrainConfig, model: ModelConfig) -> None:
+def check_parallel_layout(cfg: TrainConfig, model: ModelConfig, backend: str | None = None) -> None:
+    """The layout rules of `validate_parallelism`; `backend` None (a dry run away from the GPUs) leaves the
+    attention backend's own limits (CP needs TE) to the run's start."""
     p = cfg.parallel
     try:
         validate_parallelism(
-            model, tp=p.tensor_model_parallel_size, cp=p.context_parallel_size, pp=p.pipeline_model_parallel_size
+            model,
+            tp=p.tensor_model_parallel_size,
+            cp=p.context_parallel_size,
+            pp=p.pipeline_model_parallel_size,
+            backend=backend,
+            encoder_parallel=cfg.model.encoder_parallel,
         )
+    except EncoderHeadsError as exc:
+        raise StartupError(
+            f"parallel: {exc}, or model.encoder_parallel=replicate (a copy of the frozen encoder per TP rank)"
+        ) from None
     except ConfigError as exc:
         raise StartupError(f"parallel: {exc}") from None
 
@@ -99,12 +110,13 @@ def check_wandb_installed(cfg: TrainConfig) -> None:
         )
 
 
-def startup_checks(cfg: TrainConfig) -> tuple[ModelConfig, CheckpointMeta, Path]:
-    """Run every refusal; returns (model config to train, checkpoint metadata, tokenizer path)."""
+def startup_checks(cfg: TrainConfig, backend: str | None = None) -> tuple[ModelConfig, CheckpointMeta, Path]:
+    """Run every refusal (`backend`: the attention backend the run uses, None if not known here); returns
+    (model config to train, checkpoint metadata, tokenizer path)."""
     check_wandb_installed(cfg)
     meta = read_checkpoint_meta(cfg.model.checkpoint)
     model = resolve_rope(cfg, meta)
-    check_parallel_layout(cfg, model)
+    check_parallel_layout(cfg, model, backend)
     tokenizer = (
         Path(cfg.model.tokenizer) if cfg.model.tokenizer else resolve(Path(cfg.model.checkpoint)) / "tekken.json"
     )

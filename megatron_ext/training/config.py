@@ -52,6 +52,7 @@ class ModelSection:
     freeze_projector: bool = False
     transformer_impl: str = "auto"  # auto | local | transformer_engine
     gradient_accumulation_fusion: str = "auto"  # auto (on with TE on GPU and Apex's wgrad kernel) | on | off
+    encoder_parallel: str = "split"  # split: encoder heads over TP ranks | replicate: whole frozen encoder per rank
 
 
 @dataclass
@@ -152,6 +153,7 @@ _YAML_SWITCH = {"True": "on", "False": "off"}
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.transformer_impl": ("auto", "local", "transformer_engine"),
     "model.gradient_accumulation_fusion": ("auto", "on", "off"),
+    "model.encoder_parallel": ("split", "replicate"),
     "optimizer.decay_style": ("cosine", "linear", "constant"),
     "data.overlong": ("truncate", "drop"),
     "data.system_prompt_with_audio": ("merge", "error"),
@@ -268,10 +270,33 @@ def validate(cfg: TrainConfig) -> None:
     _validate_wandb(cfg)
     if cfg.parallel.sequence_parallel and cfg.parallel.tensor_model_parallel_size == 1:
         raise TrainConfigError("parallel.sequence_parallel: needs tensor_model_parallel_size > 1")
+    _validate_context_parallel(cfg)
+    if cfg.model.encoder_parallel == "replicate" and not cfg.model.freeze_encoder:
+        raise TrainConfigError(
+            "model.encoder_parallel=replicate: needs model.freeze_encoder=true (a trainable copy of the encoder "
+            "per TP rank would need its gradients reduced over TP)"
+        )
     if cfg.model.rope_override and cfg.model.rope is None:
         raise TrainConfigError("model.rope_override: true needs a model.rope section")
     if cfg.model.rope is not None:
         rope_config(cfg.model.rope)
+
+
+def _validate_context_parallel(cfg: TrainConfig) -> None:
+    """CP > 1 cuts every packed document into 2 x cp slices: the packed length must split the same way (and,
+    with sequence parallelism, each rank's share over the TP ranks)."""
+    cp, tp = cfg.parallel.context_parallel_size, cfg.parallel.tensor_model_parallel_size
+    seq = cfg.training.seq_length
+    if cp > 1 and seq % (2 * cp):
+        raise TrainConfigError(
+            f"training.seq_length={seq}: context_parallel_size={cp} cuts every packed document into 2 x cp = "
+            f"{2 * cp} slices; needs a multiple of {2 * cp}"
+        )
+    if cp > 1 and cfg.parallel.sequence_parallel and (seq // cp) % tp:
+        raise TrainConfigError(
+            f"training.seq_length={seq}: each CP rank's {seq // cp} positions do not split over "
+            f"tensor_model_parallel_size={tp} for sequence parallelism; needs a multiple of {math.lcm(2 * cp, cp * tp)}"
+        )
 
 
 def _validate_observability(cfg: TrainConfig) -> None:

@@ -8,7 +8,9 @@ checkpoint in save_dir if any -> loop: one global batch through `get_forward_bac
 checkpoints, TensorBoard (and optional W&B) scalars with per-phase timers (`timers`). SIGUSR1/SIGTERM stop the
 run after a save at the next step boundary (`signals`); `training.profile_steps` traces a step range
 (`profiling`). The loss (one `loss_func`) is the mean cross entropy over the global batch's supervised
-(assistant) tokens, computed chunk by chunk (see `loss.py`).
+(assistant) tokens, computed chunk by chunk (see `loss.py`). Under context parallelism (TE only) every CP rank
+packs the same sequences (documents padded to multiples of 2 x cp), keeps its slices of each document in
+Megatron-Core's load-balanced order and encodes only the audio chunks those need (`models/cp_audio.py`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from megatron_ext.data.loader import SFTData
 from megatron_ext.data.packing import document_causal_mask
 from megatron_ext.data.sources import open_source
 from megatron_ext.models.build import BuildConfig, FP8Config, build_model
+from megatron_ext.models.cp_audio import partition_index
 from megatron_ext.models.loading import load_full_tensors
 from megatron_ext.models.specs import resolve_backend
 from megatron_ext.models.tokens import check_audio_token
@@ -81,12 +84,15 @@ class TrainResult:
 
 
 # ---- model / optimizer -------------------------------------------------------------------------------
+def _backend(cfg: TrainConfig) -> str:
+    """The attention backend this run uses: te or local."""
+    return resolve_backend({"auto": "auto", "local": "local", "transformer_engine": "te"}[cfg.model.transformer_impl])
+
+
 def _build(cfg: TrainConfig, model_cfg: ModelConfig) -> torch.nn.Module:
     """This pipeline stage's model (encoder + projector on the first), start weights loaded."""
     on_gpu = torch.cuda.is_available()
-    backend = resolve_backend(
-        {"auto": "auto", "local": "local", "transformer_engine": "te"}[cfg.model.transformer_impl]
-    )
+    backend = _backend(cfg)
     fusion = gradient_accumulation_fusion(
         cfg.model.gradient_accumulation_fusion,
         backend,
@@ -99,6 +105,7 @@ def _build(cfg: TrainConfig, model_cfg: ModelConfig) -> torch.nn.Module:
         sequence_parallel=cfg.parallel.sequence_parallel,
         freeze_encoder=cfg.model.freeze_encoder,
         freeze_projector=cfg.model.freeze_projector,
+        encoder_parallel=cfg.model.encoder_parallel,
         fp8=FP8Config(format=cfg.training.fp8) if cfg.training.fp8 else None,
         init_weights=False,
         recompute_granularity=None if cfg.training.recompute == "none" else cfg.training.recompute,
@@ -165,15 +172,21 @@ def _decoder_hidden_states(language_model: torch.nn.Module) -> Iterator[None]:
         del language_model._postprocess
 
 
-def _attention_inputs(batch: dict[str, Any], backend: str) -> tuple[torch.Tensor | None, PackedSeqParams | None]:
-    """Per-document attention: THD cu_seqlens for Transformer Engine, an explicit mask for the local spec."""
+def _attention_inputs(
+    batch: dict[str, Any], backend: str, cp: int
+) -> tuple[torch.Tensor | None, PackedSeqParams | None]:
+    """Per-document attention: THD cu_seqlens for Transformer Engine (under CP with each document's padded
+    extent, which Megatron-Core cuts into 2 x cp slices), an explicit mask for the local spec."""
     if backend == "te":
         dev = torch.cuda.current_device()
         cu = batch["cu_seqlens"].to(dev)
+        padded = batch["cu_seqlens_padded"].to(dev) if cp > 1 else None
         return None, PackedSeqParams(
             qkv_format="thd",
             cu_seqlens_q=cu,
             cu_seqlens_kv=cu,
+            cu_seqlens_q_padded=padded,
+            cu_seqlens_kv_padded=padded,
             max_seqlen_q=batch["max_seqlen"],
             max_seqlen_kv=batch["max_seqlen"],
         )
@@ -207,15 +220,26 @@ def _forward_step(cfg: TrainConfig, n_sources: int, data_iterator: Iterator[dict
     states go to the next stage)."""
     batch = _device(next(data_iterator))
     core = model.module if isinstance(model, DistributedDataParallel) else model
-    attention_mask, packed = _attention_inputs(batch, core.backend)
+    cp = parallel_state.get_context_parallel_world_size()
+    attention_mask, packed = _attention_inputs(batch, core.backend, cp)
     if packed is not None:  # THD: all rows of the micro-batch are one flat token stream ([1, b*s])
         batch = {k: v.reshape(1, -1) if k in _ROW_KEYS else v for k, v in batch.items()}
+    tokens, cp_index = batch["tokens"], None
+    if cp > 1:  # this CP rank's slices; the model takes the whole stream to find the audio chunks they need
+        cp_index = partition_index(batch["cu_seqlens_padded"], cp, parallel_state.get_context_parallel_rank())
+        cp_index = cp_index.to(tokens.device)
+        batch = {k: v[:, cp_index] if k in _ROW_KEYS else v for k, v in batch.items()}
     mel = batch["mel"] if core.pre_process else None
     if mel is not None:
         mel = mel.to(next(core.parameters()).dtype)
     with _decoder_hidden_states(core.language_model):
         hidden = model(
-            batch["tokens"], batch["position_ids"], attention_mask, audio_features=mel, packed_seq_params=packed
+            tokens,
+            batch["position_ids"],
+            attention_mask,
+            audio_features=mel,
+            packed_seq_params=packed,
+            cp_index=cp_index,
         )
     if not core.post_process:
         return hidden, partial(_loss_func, batch, n_sources)  # the schedule sends `hidden` on; no loss here
@@ -237,8 +261,9 @@ def _p2p_shape(cfg: TrainConfig, ddp: DistributedDataParallel) -> dict[str, int]
 
 
 def _reduce(outputs: list[dict[str, torch.Tensor]], n_sources: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum [loss, tokens] and per-source [loss, tokens] over micro-batches and data-parallel ranks; every
-    pipeline stage gets the last stage's sums (the only one with outputs)."""
+    """Sum [loss, tokens] and per-source [loss, tokens] over micro-batches and data- and context-parallel ranks
+    (each CP rank holds its slices' losses); every pipeline stage gets the last stage's sums (the only one with
+    outputs)."""
     lm = torch.zeros(2, dtype=torch.float64)
     sources = torch.zeros(n_sources, 2, dtype=torch.float64)
     for out in outputs:
@@ -247,7 +272,7 @@ def _reduce(outputs: list[dict[str, torch.Tensor]], n_sources: int) -> tuple[tor
     packed = torch.cat([lm, sources.reshape(-1)])
     if torch.cuda.is_available():
         packed = packed.cuda()
-    dist.all_reduce(packed, group=parallel_state.get_data_parallel_group())
+    dist.all_reduce(packed, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     packed = from_last_stage(packed).cpu()
     return packed[:2], packed[2:].reshape(n_sources, 2)
 
@@ -313,7 +338,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 def _train(cfg: TrainConfig, stop: StopSignal) -> TrainResult:
     t = cfg.training
     rank = dist.get_rank()
-    model_cfg, meta, tokenizer_path = startup_checks(cfg)
+    model_cfg, meta, tokenizer_path = startup_checks(cfg, _backend(cfg))
     model_cfg = check_audio_token(model_cfg, tokenizer_path)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     _check_batch_layout(t, dp)
@@ -349,6 +374,7 @@ def _train(cfg: TrainConfig, stop: StopSignal) -> TrainResult:
         dp,
         num_streams=t.global_batch_size,
         group=parallel_state.get_data_parallel_group(),
+        doc_multiple=2 * cfg.parallel.context_parallel_size if cfg.parallel.context_parallel_size > 1 else 1,
     )
     n_sources = len(data.source_names)
 
@@ -507,7 +533,7 @@ def _train(cfg: TrainConfig, stop: StopSignal) -> TrainResult:
 
 
 def _optimizer_state_numel(optimizer: Any) -> int:
-    """Elements of Adam's first moment held for this TP rank, summed over its data-parallel shards."""
+    """Elements of Adam's first moment held for this TP rank, summed over its data- (and context-) parallel shards."""
     n = sum(
         state["exp_avg"].numel()
         for opt in getattr(optimizer, "chained_optimizers", [optimizer])
@@ -515,7 +541,7 @@ def _optimizer_state_numel(optimizer: Any) -> int:
         if "exp_avg" in state
     )
     total = torch.tensor([n], dtype=torch.long, device="cuda" if torch.cuda.is_available() else "cpu")
-    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     return int(total.item())
 
 
@@ -546,7 +572,10 @@ def dry_run(cfg: TrainConfig, world_size: int) -> list[str]:
     and every sample of every data source encoded as training would. Returns a short summary; raises on the
     first problem."""
     t, p = cfg.training, cfg.parallel
-    model_cfg, _, tokenizer_path = startup_checks(cfg)
+    # the attention backend as far as it is known here (auto resolves on the training machines)
+    model_cfg, _, tokenizer_path = startup_checks(
+        cfg, {"local": "local", "transformer_engine": "te"}.get(cfg.model.transformer_impl)
+    )
     model_cfg = check_audio_token(model_cfg, tokenizer_path)
     pp = p.pipeline_model_parallel_size
     model_parallel = p.tensor_model_parallel_size * p.context_parallel_size * pp
