@@ -8,7 +8,9 @@ checkpoint in save_dir if any -> loop: one global batch through `get_forward_bac
 checkpoints, TensorBoard (and optional W&B) scalars with per-phase timers (`timers`). SIGUSR1/SIGTERM stop the
 run after a save at the next step boundary (`signals`); `training.profile_steps` traces a step range
 (`profiling`). The loss (one `loss_func`) is the mean cross entropy over the global batch's supervised
-(assistant) tokens, computed chunk by chunk (see `loss.py`).
+(assistant) tokens, computed chunk by chunk (see `loss.py`). With `model.lora` every base weight is frozen
+and LoRA adapters (`models/lora.py`) on the targeted linears are all the optimizer sees; checkpoints then
+hold the adapters, not the base (`checkpointing.py`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from tqdm import tqdm
 
 from megatron_ext.audio.features import audio_tokens_per_chunk, log_mel_chunks
+from megatron_ext.checkpoint.lora import AdapterConfig, base_fingerprint
 from megatron_ext.checkpoint.metadata import CheckpointMeta, command_line
 from megatron_ext.checkpoint.torch_dist_io import TorchDistReader
 from megatron_ext.compat.cpu import destroy_distributed, init_distributed
@@ -50,6 +53,7 @@ from megatron_ext.data.packing import document_causal_mask
 from megatron_ext.data.sources import open_source
 from megatron_ext.models.build import BuildConfig, FP8Config, build_model
 from megatron_ext.models.loading import load_full_tensors
+from megatron_ext.models.lora import apply_lora, parameter_counts
 from megatron_ext.models.specs import resolve_backend
 from megatron_ext.models.tokens import check_audio_token
 from megatron_ext.training.checkpointing import Checkpointer, iter_dir, latest_checkpoint
@@ -113,7 +117,49 @@ def _build(cfg: TrainConfig, model_cfg: ModelConfig) -> torch.nn.Module:
         load_full_tensors(model, reader.get)
     finally:
         reader.close()
+    if cfg.model.lora is not None:
+        _add_lora(cfg, model_cfg, model)
     return model
+
+
+def _add_lora(cfg: TrainConfig, model_cfg: ModelConfig, model: torch.nn.Module) -> None:
+    """Freeze the loaded model and wrap the targeted linears with adapters; log what trains."""
+    lora = cfg.model.lora
+    if model.backend != "local":
+        raise StartupError(
+            "model.lora: adapters wrap Megatron-Core's local linears, and this run resolved to Transformer Engine; "
+            "set model.transformer_impl: local"
+        )
+    if "projector" in lora.targets and model_cfg.encoder is None:
+        raise StartupError(f"model.lora.targets: 'projector', but {cfg.model.checkpoint} has no audio projector")
+    wrapped = apply_lora(model, lora.rank, lora.alpha, lora.dropout, list(lora.targets), cfg.training.seed)
+    trainable, total = parameter_counts(model)
+    if dist.get_rank() == 0:
+        log.info(
+            "LoRA rank %d alpha %g on %s (%d linears on this stage): %s trainable of %s parameters (%.3f%%)",
+            lora.rank,
+            lora.alpha,
+            ", ".join(lora.targets),
+            len(wrapped),
+            f"{trainable:,}",
+            f"{total:,}",
+            100 * trainable / total,
+        )
+
+
+def _adapter_config(cfg: TrainConfig) -> AdapterConfig | None:
+    """What the run's checkpoints record about their adapters (None without model.lora)."""
+    lora = cfg.model.lora
+    if lora is None:
+        return None
+    return AdapterConfig(
+        rank=lora.rank,
+        alpha=lora.alpha,
+        targets=tuple(lora.targets),
+        base_checkpoint=str(cfg.model.checkpoint),
+        base_fingerprint=base_fingerprint(Path(cfg.model.checkpoint)),
+        dropout=lora.dropout,
+    )
 
 
 def _optimizer(cfg: TrainConfig, ddp: DistributedDataParallel) -> tuple[Any, OptimizerParamScheduler]:
@@ -352,6 +398,8 @@ def _train(cfg: TrainConfig, stop: StopSignal) -> TrainResult:
     )
     n_sources = len(data.source_names)
 
+    adapters = _adapter_config(cfg)
+
     def sft_meta() -> CheckpointMeta:
         return CheckpointMeta(
             model=model_cfg,
@@ -359,7 +407,7 @@ def _train(cfg: TrainConfig, stop: StopSignal) -> TrainResult:
             command=command_line(),
             tool="sft",
             sources=[{"path": cfg.model.checkpoint}],
-            extra={"sft_config": to_yaml(cfg)},
+            extra={"sft_config": to_yaml(cfg), **({"lora": adapters.to_dict()} if adapters else {})},
         )
 
     resolved = to_yaml(cfg)  # in every checkpoint (config.yaml), in TensorBoard and as the W&B run's config
@@ -370,11 +418,12 @@ def _train(cfg: TrainConfig, stop: StopSignal) -> TrainResult:
         sft_meta,
         tokenizer_path,
         config_yaml=resolved,
+        lora=adapters,
     )
     start, resumed_from = 0, None
     resume = latest_checkpoint(cfg.checkpoint.save_dir) if cfg.checkpoint.resume else None
     if resume is not None:
-        extra = Checkpointer.load(resume, model, optimizer, scheduler)
+        extra = Checkpointer.load(resume, model, optimizer, scheduler, adapters)
         data.load_state_dict(extra["data"])
         start = resumed_from = extra["step"]
         if rank == 0:
