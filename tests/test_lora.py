@@ -230,3 +230,38 @@ def test_merge_refusals(runs, env: dict[str, Path], tiny_dir: Path, tmp_path: Pa
         f.write(b"\0\0\0\0")
     assert "its sha256 differs" in refused("--input", str(env["ckpt"]), "--lora", str(adapter))
     assert "no adapter_config.json" in refused("--input", str(env["ckpt"]), "--lora", str(tmp_path))
+
+
+# ---- tensor parallelism (several processes: slow) ---------------------------------------------------------------
+TP_TOL = 1e-5  # relative, per step: TP=2 sums the same fp32 products in another order
+# Adapters after 3 Adam steps: relative to the tensor's largest element. Early Adam updates are ~lr x sign(grad),
+# so where a gradient is near zero the summation-order noise moves an element by up to ~3e-5 of the largest;
+# a misplaced shard (wrong TP layout) would be off by ~100%.
+ADAPTER_TOL = 1e-3
+
+
+@pytest.mark.slow
+def test_tp2_lora_matches_tp1(env: dict[str, Path]) -> None:
+    """Adapters on every target (SwiGLU fc1 and the row-parallel fc2 included) at TP=2, with and without sequence
+    parallelism, train as at TP=1: the same losses and the same saved (gathered) adapters after 3 steps."""
+    from safetensors.torch import load_file
+    from test_sft_parallel import spawn
+
+    every = {"model.lora": "{rank: 4, alpha: 8, targets: [linear_qkv, linear_proj, linear_fc1, linear_fc2, projector]}"}
+    settings = {**every, "training.train_iters": 3}
+    tp2 = {"parallel.tensor_model_parallel_size": 2}
+    runs = {
+        "lora-tp1": spawn(env, 1, "lora-tp1", **settings)[0]["losses"],
+        "lora-tp2": spawn(env, 2, "lora-tp2", **settings, **tp2)[0]["losses"],
+        "lora-tp2sp": spawn(env, 2, "lora-tp2sp", **settings, **tp2, **{"parallel.sequence_parallel": True})[0][
+            "losses"
+        ],
+    }
+    adapters = {run: load_file(env["root"] / run / "iter_0000003" / "lora" / ADAPTER_WEIGHTS) for run in runs}
+    for run in ("lora-tp2", "lora-tp2sp"):
+        for step, loss in runs["lora-tp1"].items():
+            assert abs(runs[run][step] - loss) <= TP_TOL * abs(loss), (run, step, loss, runs[run][step])
+        assert adapters[run].keys() == adapters["lora-tp1"].keys()
+        for name, want in adapters["lora-tp1"].items():
+            got = adapters[run][name]
+            assert (got - want).abs().max() <= ADAPTER_TOL * want.abs().max(), (run, name)
