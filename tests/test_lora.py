@@ -21,7 +21,7 @@ from megatron_ext.training.checks import StartupError
 from megatron_ext.training.config import TrainConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-LORA = {"model.lora": "{rank: 4, alpha: 8}", "logging.eval_interval": 0}
+LORA = {"model.lora": "{rank: 4, alpha: 8}", "logging.eval_interval": 0, "checkpoint.save_interval": 4}
 MERGE_RTOL = 1e-5  # merged export vs base + adapters: max |difference| / max |logit|, fp32 (W + s B A rounding)
 
 
@@ -201,6 +201,15 @@ def test_step0_is_the_base_and_the_merged_export_matches(runs, env: dict[str, Pa
     assert (after - with_adapters).abs().max() <= MERGE_RTOL * scale
 
 
+def test_merged_export_is_not_taken_for_a_plain_conversion(runs, env: dict[str, Path], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "merged-td"
+    lora = ["--lora", str(env["root"] / "lora" / "iter_0000004")]
+    assert convert_main(["--input", str(env["ckpt"]), *lora, "--output", str(out), "--to", "megatron"]) == 0
+    capsys.readouterr()
+    assert convert_main(["--input", str(env["ckpt"]), "--output", str(out), "--to", "megatron"]) == 2
+    assert "already holds this conversion" not in capsys.readouterr().out
+
+
 def test_merge_refusals(runs, env: dict[str, Path], tiny_dir: Path, tmp_path: Path, capsys) -> None:
     step = env["root"] / "lora" / "iter_0000004"
 
@@ -241,9 +250,10 @@ ADAPTER_TOL = 1e-3
 
 
 @pytest.mark.slow
-def test_tp2_lora_matches_tp1(env: dict[str, Path]) -> None:
+def test_tp2_and_pp2_lora_match_tp1(env: dict[str, Path]) -> None:
     """Adapters on every target (SwiGLU fc1 and the row-parallel fc2 included) at TP=2, with and without sequence
-    parallelism, train as at TP=1: the same losses and the same saved (gathered) adapters after 3 steps."""
+    parallelism, and at PP=2 train as at TP=1 PP=1: the same losses and the same saved (gathered) adapters after
+    3 steps."""
     from safetensors.torch import load_file
     from test_sft_parallel import spawn
 
@@ -256,9 +266,10 @@ def test_tp2_lora_matches_tp1(env: dict[str, Path]) -> None:
         "lora-tp2sp": spawn(env, 2, "lora-tp2sp", **settings, **tp2, **{"parallel.sequence_parallel": True})[0][
             "losses"
         ],
+        "lora-pp2": spawn(env, 2, "lora-pp2", **settings, **{"parallel.pipeline_model_parallel_size": 2})[0]["losses"],
     }
     adapters = {run: load_file(env["root"] / run / "iter_0000003" / "lora" / ADAPTER_WEIGHTS) for run in runs}
-    for run in ("lora-tp2", "lora-tp2sp"):
+    for run in ("lora-tp2", "lora-tp2sp", "lora-pp2"):
         for step, loss in runs["lora-tp1"].items():
             assert abs(runs[run][step] - loss) <= TP_TOL * abs(loss), (run, step, loss, runs[run][step])
         assert adapters[run].keys() == adapters["lora-tp1"].keys()

@@ -249,6 +249,7 @@ def _holds_conversion(out: Path, inp: Source, tp: int, pp: int) -> bool:
     recorded = [(s.get("path"), s.get("sha256")) for s in meta.sources if isinstance(s, dict)]
     same = (
         meta.tool == "convert"
+        and "lora" not in meta.extra  # a merged export of this input is not its conversion
         and meta.parallel == {"tp": tp, "pp": pp}
         and meta.extra.get("input") == str(inp.directory)
         and [p for p, _ in recorded] == [str(p) for p in inp.files]
