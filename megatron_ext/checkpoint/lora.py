@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from megatron_ext.checkpoint.atomic import CheckpointError
 from megatron_ext.checkpoint.lora_layout import TARGETS, adapted_weights, adapter_shapes
@@ -73,7 +73,7 @@ def write_adapter(directory: Path, tensors: dict[str, torch.Tensor], config: Ada
     """Write the adapter weights and `adapter_config.json` (with the weights' sha256) into `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / ADAPTER_WEIGHTS
-    save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(weights))
+    weights.write_bytes(save({k: v.contiguous() for k, v in sorted(tensors.items())}))  # small; umask's mode
     data = AdapterConfig(**{**config.__dict__, "weights_sha256": sha256_file(weights)}).to_dict()
     (directory / ADAPTER_CONFIG).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
