@@ -276,3 +276,28 @@ def test_tp2_and_pp2_lora_match_tp1(env: dict[str, Path]) -> None:
         for name, want in adapters["lora-tp1"].items():
             got = adapters[run][name]
             assert (got - want).abs().max() <= ADAPTER_TOL * want.abs().max(), (run, name)
+
+
+def test_adapter_dropout_acts_in_training_only(env: dict[str, Path]) -> None:
+    """model.lora.dropout drops adapter inputs in training (two forwards differ), never in eval (identical)."""
+    from megatron_ext.compat.cpu import destroy_distributed, init_distributed
+    from megatron_ext.models.build import BuildConfig, build_model
+    from megatron_ext.models.loading import load_checkpoint
+    from megatron_ext.models.lora import LoraLinear, apply_lora
+
+    cfg = read_meta(env["ckpt"]).model
+    ids = torch.tensor([[1, 3, 25, 7, 1100, 1200, 4]])
+    init_distributed(tp=1, pp=1)
+    try:
+        model = build_model(cfg, BuildConfig(backend="local", init_weights=False))
+        load_checkpoint(model, env["ckpt"])
+        apply_lora(model, 4, 8.0, 0.5, ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"], seed=1)
+        for layer in (m for m in model.modules() if isinstance(m, LoraLinear)):
+            torch.nn.init.normal_(layer.lora_b, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            train = [model(ids, torch.arange(7)[None]) for _ in range(2)]
+            model.eval()
+            evaluated = [model(ids, torch.arange(7)[None]) for _ in range(2)]
+    finally:
+        destroy_distributed()
+    assert not torch.equal(*train) and torch.equal(*evaluated)

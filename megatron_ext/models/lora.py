@@ -18,6 +18,7 @@ computes exactly what the base model does. The checkpoint keys are the layer's w
 from __future__ import annotations
 
 import zlib
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +76,7 @@ class LoraLinear(torch.nn.Module):
         self.lora_b = torch.nn.Parameter(torch.zeros(b_rows, rank, dtype=weight.dtype, device=weight.device))
         sharded, replicated = (self.lora_b, self.lora_a) if self.column else (self.lora_a, self.lora_b)
         set_tensor_model_parallel_attributes(sharded, True, 0 if self.column else 1, 2 if swiglu else 1)
-        self.sequence_parallel = base.sequence_parallel and tp > 1
+        self.tp, self.sequence_parallel = tp, base.sequence_parallel and tp > 1
         if self.sequence_parallel:
             replicated.sequence_parallel = True  # its gradient is a partial sum per rank: all-reduced over TP
 
@@ -84,8 +85,8 @@ class LoraLinear(torch.nn.Module):
         if self.dropout is not None:
             if self.column:  # x is the same on every TP rank (no SP), and so is the default generator's mask
                 x = self.dropout(x)
-            else:  # x is this rank's slice of the features: a mask of its own
-                with tensor_parallel.get_cuda_rng_tracker().fork():
+            else:  # x is this rank's slice of the features: at TP > 1 a mask of its own (model-parallel RNG)
+                with tensor_parallel.get_cuda_rng_tracker().fork() if self.tp > 1 else nullcontext():
                     x = self.dropout(x)
         h = F.linear(x, self.lora_a)
         if self.column:
