@@ -141,7 +141,8 @@ def test_checkpoint_holds_adapters_not_the_base(runs, env: dict[str, Path]) -> N
 
 
 def test_resume_refusals(runs, env: dict[str, Path]) -> None:
-    """A LoRA checkpoint resumes only with the same adapters; without model.lora it is refused (no base in it)."""
+    """A LoRA checkpoint resumes only with the same adapters; without model.lora it is refused (no base in it), and
+    a full SFT checkpoint is not resumed with model.lora."""
     from megatron_ext.training.sft import train
 
     plain = load_config(
@@ -152,6 +153,13 @@ def test_resume_refusals(runs, env: dict[str, Path]) -> None:
     with pytest.raises(StartupError, match=r"iter_0000004: its LoRA adapters differ from model.lora on rank, alpha"):
         train(lora_cfg(env, "lora", **{"model.lora": "{rank: 2, alpha: 4}"}))
     assert not (env["root"] / "lora" / "iter_0000005").exists()
+    train(
+        load_config(
+            ROOT / "examples/configs/tiny_cpu.yaml", run_overrides(env, "full", **{"training.exit_after_iters": 1})
+        )
+    )
+    with pytest.raises(StartupError, match=r"iter_0000001: is a full SFT checkpoint; model.lora cannot resume it"):
+        train(lora_cfg(env, "full"))
 
 
 # ---- step 0 and the merged export ----------------------------------------------------------------------------
@@ -301,3 +309,16 @@ def test_adapter_dropout_acts_in_training_only(env: dict[str, Path]) -> None:
     finally:
         destroy_distributed()
     assert not torch.equal(*train) and torch.equal(*evaluated)
+
+
+def test_projector_target_needs_an_audio_model(env: dict[str, Path], tiny_dir: Path) -> None:
+    from megatron_ext.checkpoint.convert import convert
+    from megatron_ext.training.sft import dry_run
+
+    text_only = env["root"] / "devstral-td"
+    convert(tiny_dir / "devstral-hf", text_only, "megatron", progress=False)
+    cfg = lora_cfg(env, "text-only", **{"model.checkpoint": text_only})
+    with pytest.raises(
+        StartupError, match=r"^model.lora.targets: 'projector', but .*devstral-td has no audio projector"
+    ):
+        dry_run(cfg, 1)

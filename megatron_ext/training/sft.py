@@ -130,8 +130,6 @@ def _add_lora(cfg: TrainConfig, model_cfg: ModelConfig, model: torch.nn.Module) 
             "model.lora: adapters wrap Megatron-Core's local linears, and this run resolved to Transformer Engine; "
             "set model.transformer_impl: local"
         )
-    if "projector" in lora.targets and model_cfg.encoder is None:
-        raise StartupError(f"model.lora.targets: 'projector', but {cfg.model.checkpoint} has no audio projector")
     wrapped = apply_lora(model, lora.rank, lora.alpha, lora.dropout, list(lora.targets), cfg.training.seed)
     trainable, total = parameter_counts(model)
     if dist.get_rank() == 0:
@@ -145,6 +143,12 @@ def _add_lora(cfg: TrainConfig, model_cfg: ModelConfig, model: torch.nn.Module) 
             f"{total:,}",
             100 * trainable / total,
         )
+
+
+def _check_lora_targets(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
+    """The targets exist in this model (the projector only with an audio stack)."""
+    if cfg.model.lora is not None and "projector" in cfg.model.lora.targets and model_cfg.encoder is None:
+        raise StartupError(f"model.lora.targets: 'projector', but {cfg.model.checkpoint} has no audio projector")
 
 
 def _adapter_config(cfg: TrainConfig) -> AdapterConfig | None:
@@ -361,6 +365,7 @@ def _train(cfg: TrainConfig, stop: StopSignal) -> TrainResult:
     rank = dist.get_rank()
     model_cfg, meta, tokenizer_path = startup_checks(cfg)
     model_cfg = check_audio_token(model_cfg, tokenizer_path)
+    _check_lora_targets(cfg, model_cfg)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     _check_batch_layout(t, dp)
     init_num_microbatches_calculator(rank, None, t.global_batch_size, t.micro_batch_size, dp)
@@ -597,6 +602,7 @@ def dry_run(cfg: TrainConfig, world_size: int) -> list[str]:
     t, p = cfg.training, cfg.parallel
     model_cfg, _, tokenizer_path = startup_checks(cfg)
     model_cfg = check_audio_token(model_cfg, tokenizer_path)
+    _check_lora_targets(cfg, model_cfg)
     pp = p.pipeline_model_parallel_size
     model_parallel = p.tensor_model_parallel_size * p.context_parallel_size * pp
     if world_size < 1:
