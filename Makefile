@@ -11,7 +11,7 @@ TINY ?= $(BUILD)/tiny
 MINIATURE ?= $(BUILD)/miniature/parents
 APT_PACKAGES := espeak-ng sox pocketsphinx-testdata
 
-.PHONY: venv system-deps tiny miniature demo demo-miniature miniature-recipe demo-convert convert bench bench-convert bench-loader demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint format clean vllm-env synth bench-synth eval eval-data eval-model eval-sft eval-grid report demo-eval sft sft-dry-run demo-synth gpu-check
+.PHONY: venv system-deps tiny miniature demo demo-miniature miniature-recipe demo-convert convert merge-lora bench bench-convert bench-loader demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint format clean vllm-env synth bench-synth eval eval-data eval-model eval-sft eval-grid report demo-eval sft sft-dry-run demo-synth gpu-check
 
 # ---- environment ---------------------------------------------------------------------------------
 # The pinned requirements first, then this project editable (--no-deps: torch stays the pinned CPU wheel):
@@ -102,6 +102,14 @@ PP ?= 1
 convert: venv
 	@test -n "$(IN)" -a -n "$(OUT)" || { echo "usage: make convert IN=dir OUT=dir [TO=megatron|hf|mistral] [TP=1] [PP=1]"; exit 2; }
 	$(PYTHON) tools/convert.py --input $(IN) --output $(OUT) --to $(TO) --tp $(TP) --pp $(PP)
+
+# ---- merge-lora: a LoRA SFT step's adapters merged into its base (W + alpha/rank B A), exported (README: LoRA) ----
+LORA ?=
+LORA_BASE ?=
+LORA_TO ?= hf
+merge-lora: venv
+	@test -n "$(LORA)" -a -n "$(LORA_BASE)" -a -n "$(OUT)" || { echo "usage: make merge-lora LORA=SAVE_DIR/iter_N LORA_BASE=BASE_CHECKPOINT OUT=dir [LORA_TO=hf|mistral|megatron]"; exit 2; }
+	$(PYTHON) tools/convert.py --input $(LORA_BASE) --lora $(LORA) --output $(OUT) --to $(LORA_TO)
 
 # All benchmarks, one after the other (each prints ratios against a baseline measured in the same run).
 bench: bench-convert bench-merge bench-synth bench-loader

@@ -6,7 +6,8 @@ torch_dist stores global tensors, so one file set serves every TP/PP the model a
 are validated and recorded, and torch_dist -> torch_dist "re-sharding" is a validated copy. torch_dist
 outputs use Megatron-LM's layout (`release/` + `latest_checkpointed_iteration.txt`, `checkpoint/megatron_lm.py`);
 `megatron-lm` writes a text-only model under Megatron-LM's GPTModel keys (`embedding.*`, `decoder.*`,
-`output_layer.*`) instead of our `language_model.*` ones.
+`output_layer.*`) instead of our `language_model.*` ones. `lora` (an adapter directory of a LoRA SFT run)
+merges the adapters into the input's weights on the way (`checkpoint/lora.py`): the input must be their base.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from megatron_ext.checkpoint import mapping
 from megatron_ext.checkpoint.atomic import CheckpointError, atomic_dir
 from megatron_ext.checkpoint.export_files import hf_config_or_refusal, require_audio, write_hf_files
+from megatron_ext.checkpoint.lora import LoraMergedSource
 from megatron_ext.checkpoint.megatron_lm import common_state, gpt_key, move_into_release
 from megatron_ext.checkpoint.metadata import (
     TOKENIZER_FILE,
@@ -151,19 +153,24 @@ def convert(
     shard_bytes: int | None = None,
     carry: tuple[Path, ...] = (),
     tokenizer: Path | None = None,
+    lora: Path | None = None,
 ) -> ConversionReport:
     """Convert `input_dir` (any supported format) to `to` in `output_dir`; see the module docstring.
     `shard_bytes` splits safetensors outputs (default: 5 GiB shards for HF, one file for Mistral-native);
     `carry` files are copied into the output (the merge's provenance); `rope_from` and `tokenizer` complete a
-    torch_dist input that lacks our metadata (Megatron-LM's own)."""
+    torch_dist input that lacks our metadata (Megatron-LM's own); `lora` merges an adapter directory's
+    LoRA adapters into the weights (W + alpha/rank B A)."""
     if to not in TARGETS:
         raise CheckpointError(f"--to {to!r}: expected one of {', '.join(TARGETS)}")
     start = time.perf_counter()
     inp = open_checkpoint(Path(input_dir), rope_from, tokenizer=tokenizer)
     try:
+        if lora is not None:
+            inp = LoraMergedSource(inp, Path(lora))
         validate_parallel(inp.cfg, tp, pp)
         out = Path(output_dir)
-        if not overwrite and to == "megatron" and out.is_dir() and _holds_conversion(out, inp, tp, pp):
+        reusable = lora is None and not overwrite and to == "megatron" and out.is_dir()
+        if reusable and _holds_conversion(out, inp, tp, pp):
             return ConversionReport(inp.description, out, to, 0, 0, time.perf_counter() - start, already_complete=True)
         # Refusals that depend only on the input come before any tensor is written.
         if to == "megatron-lm" and inp.cfg.has_audio:
@@ -242,6 +249,7 @@ def _holds_conversion(out: Path, inp: Source, tp: int, pp: int) -> bool:
     recorded = [(s.get("path"), s.get("sha256")) for s in meta.sources if isinstance(s, dict)]
     same = (
         meta.tool == "convert"
+        and "lora" not in meta.extra  # a merged export of this input is not its conversion
         and meta.parallel == {"tp": tp, "pp": pp}
         and meta.extra.get("input") == str(inp.directory)
         and [p for p, _ in recorded] == [str(p) for p in inp.files]
@@ -284,6 +292,7 @@ def _write_meta(tmp: Path, inp: Source, tp: int, pp: int, sources: list, command
             "input_format": inp.kind,
             "input": str(inp.directory),
             **published_record(inp.dropped, inp.activation_scales),
+            **({"lora": str(inp.adapter_dir)} if isinstance(inp, LoraMergedSource) else {}),
         },
     )
     write_meta(tmp, meta)

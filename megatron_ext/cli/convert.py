@@ -4,7 +4,9 @@ The input format is detected and reported. Output is written to a hidden tempora
 --output and renamed only when complete. torch_dist holds global tensors: one checkpoint loads at any
 TP/PP the model allows; --tp/--pp are checked against the model and recorded. torch_dist outputs use
 Megatron-LM's layout (OUT/release/ + OUT/latest_checkpointed_iteration.txt); a Megatron-LM checkpoint
-without our checkpoint_meta.json is read when --rope-from and --tokenizer complete it.
+without our checkpoint_meta.json is read when --rope-from and --tokenizer complete it. --lora DIR merges
+the LoRA adapters of a LoRA SFT run into the weights (W + alpha/rank B A) on the way; --input must then be
+the run's base checkpoint (model.checkpoint), checked against the fingerprint the adapters record.
 """
 
 from __future__ import annotations
@@ -85,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         help="split safetensors outputs into shards of at most this size with an index "
         "(default: 5 for hf; mistral: one consolidated.safetensors)",
     )
+    parser.add_argument(
+        "--lora",
+        type=Path,
+        default=None,
+        help="merge these LoRA adapters into the weights: an SFT checkpoint's iter_*/lora directory (or the "
+        "iter_* directory); --input must be the base checkpoint they were trained on",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -108,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             rehash=args.rehash,
             shard_bytes=shard_bytes(args.shard_size_gb),
             tokenizer=args.tokenizer,
+            lora=args.lora,
         )
     print(f"input: {report.input_description}")
     if report.already_complete:

@@ -13,6 +13,10 @@ before it have a `latest` file, still read on resume), and only the newest `keep
 `async_save` the tensor writing runs in Megatron-Core's background writer and the publishing/metadata/cleanup
 happen when the save is finalised (next steps or at exit).
 Each saved step also holds the run's resolved `config.yaml` (when the trainer passes it).
+A LoRA run (`model.lora`) saves only the adapters as model state (the frozen base stays in model.checkpoint,
+reloaded on resume) with their optimizer state, plus `lora/`: the adapters as safetensors and
+`adapter_config.json` (`checkpoint/lora.py`); its content metadata records the adapters' rank, alpha,
+targets and base fingerprint, and a resume with other ones (or none) is refused.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
 from megatron_ext.checkpoint.atomic import partial_path, publish, remove_stale_partials
+from megatron_ext.checkpoint.lora import ADAPTER_DIR, AdapterConfig, write_adapter
 from megatron_ext.checkpoint.megatron_lm import (
     TRACKER,
     common_state,
@@ -44,7 +49,8 @@ from megatron_ext.checkpoint.megatron_lm import (
     write_tracker,
 )
 from megatron_ext.checkpoint.metadata import CheckpointMeta, write_meta
-from megatron_ext.checkpoint.torch_dist_io import check_torch_dist
+from megatron_ext.checkpoint.torch_dist_io import TorchDistReader, check_torch_dist
+from megatron_ext.models.lora import is_adapter_key
 from megatron_ext.training.checks import StartupError
 
 log = logging.getLogger(__name__)
@@ -120,10 +126,19 @@ def _restore_rng(state: dict[str, Any]) -> None:
 
 
 def _state(
-    model: Any, optimizer: Any, scheduler: Any, loading: bool, optimizer_format: str, rng: bool = True
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    loading: bool,
+    optimizer_format: str,
+    rng: bool = True,
+    adapters_only: bool = False,
 ) -> dict[str, Any]:
-    """The sharded state dict saved (or, `loading`, the template loaded), the RNG states only with `rng`."""
+    """The sharded state dict saved (or, `loading`, the template loaded), the RNG states only with `rng`, the
+    model's LoRA adapters alone with `adapters_only` (the frozen base is not duplicated)."""
     model_sd = model.sharded_state_dict()
+    if adapters_only:
+        model_sd = {k: v for k, v in model_sd.items() if is_adapter_key(k)}
     state = {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(
@@ -145,6 +160,39 @@ def _saved_layout(path: Path) -> tuple[str, dict[str, int] | None]:
     args = common.get("args")
     tp, pp = getattr(args, "tensor_model_parallel_size", None), getattr(args, "pipeline_model_parallel_size", None)
     return LEGACY_OPTIMIZER_FORMAT, None if tp is None or pp is None else {"tp": tp, "pp": pp}
+
+
+def lora_record(lora: AdapterConfig | None) -> dict[str, Any] | None:
+    """What must match between the adapters a checkpoint holds and the run resuming it."""
+    if lora is None:
+        return None
+    return {
+        "rank": lora.rank,
+        "alpha": lora.alpha,
+        "targets": list(lora.targets),
+        "base_fingerprint": lora.base_fingerprint,
+    }
+
+
+def _check_lora(path: Path, saved: dict[str, Any] | None, here: dict[str, Any] | None) -> None:
+    """A LoRA checkpoint resumes only with the same adapters on the same base; a full one only without LoRA."""
+    if saved == here:
+        return
+    if here is None:
+        raise StartupError(
+            f"{path}: holds LoRA adapters (rank {saved['rank']}, targets {saved['targets']}) and no base weights; "
+            "resume it with the same model.lora (export merged weights with tools/convert.py --lora)"
+        )
+    if saved is None:
+        raise StartupError(
+            f"{path}: is a full SFT checkpoint; model.lora cannot resume it (drop model.lora, or give the LoRA "
+            "run its own checkpoint.save_dir)"
+        )
+    diff = [k for k in here if saved.get(k) != here[k]]
+    raise StartupError(
+        f"{path}: its LoRA adapters differ from model.lora on {', '.join(diff)} (checkpoint "
+        f"{', '.join(f'{k}={saved.get(k)}' for k in diff)}); resume with the same model.lora and model.checkpoint"
+    )
 
 
 def _check_reshardable(path: Path, optimizer_format: str, saved: dict[str, int] | None, here: dict[str, int]) -> None:
@@ -170,10 +218,12 @@ class Checkpointer:
         meta: Callable[[], CheckpointMeta],
         tokenizer: Path,
         config_yaml: str | None = None,
+        lora: AdapterConfig | None = None,
     ) -> None:
         self.save_dir = Path(save_dir) if save_dir else None
         self.keep_last, self.async_save = keep_last, async_save
         self.meta, self.tokenizer, self.config_yaml = meta, tokenizer, config_yaml
+        self.lora = lora
         self.queue = AsyncCallsQueue() if async_save else None
 
     def save(self, step: int, model: Any, optimizer: Any, scheduler: Any, extra: dict[str, Any]) -> None:
@@ -191,8 +241,12 @@ class Checkpointer:
             parallel_state.get_pipeline_model_parallel_world_size(),
         )
         common = common_state(self.meta().model, step, tp, pp)
-        state = {**_state(model, optimizer, scheduler, False, OPTIMIZER_FORMAT), **common, "extra": extra}
+        lora = self.lora is not None
+        model_state = _state(model, optimizer, scheduler, False, OPTIMIZER_FORMAT, adapters_only=lora)
+        state = {**model_state, **common, "extra": extra}
         content = {"distrib_optim_sharding_type": OPTIMIZER_FORMAT, "layout": _layout()}
+        if lora:
+            content["lora"] = lora_record(self.lora)
         request = dist_checkpointing.save(state, str(tmp), async_sharded_save=self.async_save, content_metadata=content)
 
         def finalize() -> None:
@@ -209,6 +263,8 @@ class Checkpointer:
 
     def _publish(self, tmp: Path, final: Path, step: int) -> None:
         shutil.copyfile(self.tokenizer, tmp / "tekken.json")
+        if self.lora is not None:
+            _write_adapters(tmp, self.lora)
         write_meta(tmp, self.meta())
         if self.config_yaml is not None:
             (tmp / CONFIG_FILE).write_text(self.config_yaml)
@@ -228,20 +284,26 @@ class Checkpointer:
             self.queue.close()
 
     @staticmethod
-    def load(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    def load(
+        path: Path, model: Any, optimizer: Any, scheduler: Any, lora: AdapterConfig | None = None
+    ) -> dict[str, Any]:
         """Restore everything from `path`; returns its `extra` (data position, step, counters). Saved at another
-        layout (TP/PP/DP), the RNG states are not restored (they belong to other ranks), as in Megatron-LM."""
+        layout (TP/PP/DP), the RNG states are not restored (they belong to other ranks), as in Megatron-LM.
+        With `lora` (the run's adapters) only the adapters and their optimizer state are read."""
         check_torch_dist(path)  # Megatron-Core unpickles .metadata freely: our allow-list reads it first
         optimizer_format, saved = _saved_layout(path)
+        _check_lora(
+            path, (load_common(path / "common.pt").get("content_metadata") or {}).get("lora"), lora_record(lora)
+        )
         here = _layout()
         _check_reshardable(path, optimizer_format, saved, here)
         same = saved is not None and all(saved.get(k, here[k]) == v for k, v in here.items())
-        template = _state(model, optimizer, scheduler, True, optimizer_format, rng=same)
+        template = _state(model, optimizer, scheduler, True, optimizer_format, rng=same, adapters_only=lora is not None)
         template["extra"] = None
         with torch.serialization.safe_globals(safe_globals()):  # Megatron-Core reads common.pt: args namespace
             loaded = dist_checkpointing.load(template, str(path))
         with torch.no_grad():  # fp32 main params are views of the (grad-requiring) model params
-            model.load_state_dict(loaded["model"])
+            model.load_state_dict(loaded["model"], strict=lora is None)  # LoRA: the adapters (all of them: above)
             optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(
             loaded["opt_param_scheduler"] if "opt_param_scheduler" in loaded else loaded["scheduler"]
@@ -251,6 +313,17 @@ class Checkpointer:
         elif dist.get_rank() == 0:
             log.info("%s: saved at %s, resumed at %s: RNG states not restored", path, saved, here)
         return loaded["extra"]
+
+
+def _write_adapters(tmp: Path, lora: AdapterConfig) -> None:
+    """`tmp/lora/`: the adapters as full tensors, read back from the torch_dist files just written (gathered
+    over TP and PP for free), as safetensors with `adapter_config.json`."""
+    reader = TorchDistReader(tmp)
+    try:
+        tensors = {name: reader.get(name) for name in reader.names() if is_adapter_key(name)}
+    finally:
+        reader.close()
+    write_adapter(tmp / ADAPTER_DIR, tensors, lora)
 
 
 def _rank0_partial(final: Path) -> Path:

@@ -17,6 +17,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from megatron_ext.checkpoint.lora_layout import DEFAULT_TARGETS, TARGETS
 from megatron_ext.config import RopeConfig
 from megatron_ext.errors import ProjectError
 
@@ -42,6 +43,16 @@ class RopeSection:
 
 
 @dataclass
+class LoraSection:
+    """LoRA adapters (W + alpha/rank B A, every base weight frozen); README: LoRA."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # from checkpoint.lora.TARGETS
+
+
+@dataclass
 class ModelSection:
     checkpoint: str = "???"  # torch_dist checkpoint directory with metadata (converted or merged model)
     tokenizer: str | None = None  # tekken.json; default: the checkpoint's own
@@ -53,6 +64,7 @@ class ModelSection:
     transformer_impl: str = "auto"  # auto | local | transformer_engine
     gradient_accumulation_fusion: str = "auto"  # auto (on with TE on GPU and Apex's wgrad kernel) | on | off
     encoder_parallel: str = "split"  # split: encoder heads over TP ranks | replicate: whole frozen encoder per rank
+    lora: LoraSection | None = None  # None: full SFT; set: train LoRA adapters only
 
 
 @dataclass
@@ -280,6 +292,35 @@ def validate(cfg: TrainConfig) -> None:
         raise TrainConfigError("model.rope_override: true needs a model.rope section")
     if cfg.model.rope is not None:
         rope_config(cfg.model.rope)
+    if cfg.model.lora is not None:
+        _validate_lora(cfg)
+
+
+def _validate_lora(cfg: TrainConfig) -> None:
+    """model.lora's values, and the settings LoRA cannot train with."""
+    lora = cfg.model.lora
+    if lora.rank < 1:
+        raise TrainConfigError(f"model.lora.rank: must be >= 1, got {lora.rank}")
+    if not (math.isfinite(lora.alpha) and lora.alpha > 0):
+        raise TrainConfigError(f"model.lora.alpha: must be a finite number > 0, got {lora.alpha}")
+    if not 0 <= lora.dropout < 1:
+        raise TrainConfigError(f"model.lora.dropout: must be in [0, 1), got {lora.dropout}")
+    if not lora.targets:
+        raise TrainConfigError(f"model.lora.targets: needs at least one of {', '.join(TARGETS)}")
+    for t in lora.targets:
+        if t not in TARGETS:
+            raise TrainConfigError(f"model.lora.targets: unknown target {t!r} (allowed: {', '.join(TARGETS)})")
+    if len(set(lora.targets)) != len(lora.targets):
+        raise TrainConfigError(f"model.lora.targets: lists a target twice ({lora.targets})")
+    if not cfg.model.freeze_encoder:
+        raise TrainConfigError("model.freeze_encoder: false trains the encoder's weights, which model.lora freezes")
+    if cfg.model.freeze_projector and "projector" in lora.targets:
+        raise TrainConfigError("model.freeze_projector: true contradicts model.lora.targets listing 'projector'")
+    if cfg.model.transformer_impl == "transformer_engine":
+        raise TrainConfigError(
+            "model.lora: adapters wrap Megatron-Core's local linears; set model.transformer_impl: local "
+            "(Transformer Engine's fused layernorm-linear hides the normalised input an adapter needs)"
+        )
 
 
 def _validate_context_parallel(cfg: TrainConfig) -> None:

@@ -11,6 +11,9 @@ run after a save at the next step boundary (`signals`); `training.profile_steps`
 (assistant) tokens, computed chunk by chunk (see `loss.py`). Under context parallelism (TE only) every CP rank
 packs the same sequences (documents padded to multiples of 2 x cp), keeps its slices of each document in
 Megatron-Core's load-balanced order and encodes only the audio chunks those need (`models/cp_audio.py`).
+With `model.lora` every base weight is frozen
+and LoRA adapters (`models/lora.py`) on the targeted linears are all the optimizer sees; checkpoints then
+hold the adapters, not the base (`checkpointing.py`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from tqdm import tqdm
 
 from megatron_ext.audio.features import audio_tokens_per_chunk, log_mel_chunks
+from megatron_ext.checkpoint.lora import AdapterConfig, base_fingerprint
 from megatron_ext.checkpoint.metadata import CheckpointMeta, command_line
 from megatron_ext.checkpoint.torch_dist_io import TorchDistReader
 from megatron_ext.compat.cpu import destroy_distributed, init_distributed
@@ -53,6 +57,7 @@ from megatron_ext.data.sources import open_source
 from megatron_ext.models.build import BuildConfig, FP8Config, build_model
 from megatron_ext.models.cp_audio import partition_index
 from megatron_ext.models.loading import load_full_tensors
+from megatron_ext.models.lora import apply_lora, parameter_counts
 from megatron_ext.models.specs import resolve_backend
 from megatron_ext.models.tokens import check_audio_token
 from megatron_ext.training.checkpointing import Checkpointer, iter_dir, latest_checkpoint
@@ -120,7 +125,53 @@ def _build(cfg: TrainConfig, model_cfg: ModelConfig) -> torch.nn.Module:
         load_full_tensors(model, reader.get)
     finally:
         reader.close()
+    if cfg.model.lora is not None:
+        _add_lora(cfg, model_cfg, model)
     return model
+
+
+def _add_lora(cfg: TrainConfig, model_cfg: ModelConfig, model: torch.nn.Module) -> None:
+    """Freeze the loaded model and wrap the targeted linears with adapters; log what trains."""
+    lora = cfg.model.lora
+    if model.backend != "local":
+        raise StartupError(
+            "model.lora: adapters wrap Megatron-Core's local linears, and this run resolved to Transformer Engine; "
+            "set model.transformer_impl: local"
+        )
+    wrapped = apply_lora(model, lora.rank, lora.alpha, lora.dropout, list(lora.targets), cfg.training.seed)
+    trainable, total = parameter_counts(model)
+    if dist.get_rank() == 0:
+        log.info(
+            "LoRA rank %d alpha %g on %s (%d linears on this stage): %s trainable of %s parameters (%.3f%%)",
+            lora.rank,
+            lora.alpha,
+            ", ".join(lora.targets),
+            len(wrapped),
+            f"{trainable:,}",
+            f"{total:,}",
+            100 * trainable / total,
+        )
+
+
+def _check_lora_targets(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
+    """The targets exist in this model (the projector only with an audio stack)."""
+    if cfg.model.lora is not None and "projector" in cfg.model.lora.targets and model_cfg.encoder is None:
+        raise StartupError(f"model.lora.targets: 'projector', but {cfg.model.checkpoint} has no audio projector")
+
+
+def _adapter_config(cfg: TrainConfig) -> AdapterConfig | None:
+    """What the run's checkpoints record about their adapters (None without model.lora)."""
+    lora = cfg.model.lora
+    if lora is None:
+        return None
+    return AdapterConfig(
+        rank=lora.rank,
+        alpha=lora.alpha,
+        targets=tuple(lora.targets),
+        base_checkpoint=str(cfg.model.checkpoint),
+        base_fingerprint=base_fingerprint(Path(cfg.model.checkpoint)),
+        dropout=lora.dropout,
+    )
 
 
 def _optimizer(cfg: TrainConfig, ddp: DistributedDataParallel) -> tuple[Any, OptimizerParamScheduler]:
@@ -340,6 +391,7 @@ def _train(cfg: TrainConfig, stop: StopSignal) -> TrainResult:
     rank = dist.get_rank()
     model_cfg, meta, tokenizer_path = startup_checks(cfg, _backend(cfg))
     model_cfg = check_audio_token(model_cfg, tokenizer_path)
+    _check_lora_targets(cfg, model_cfg)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     _check_batch_layout(t, dp)
     init_num_microbatches_calculator(rank, None, t.global_batch_size, t.micro_batch_size, dp)
@@ -378,6 +430,8 @@ def _train(cfg: TrainConfig, stop: StopSignal) -> TrainResult:
     )
     n_sources = len(data.source_names)
 
+    adapters = _adapter_config(cfg)
+
     def sft_meta() -> CheckpointMeta:
         return CheckpointMeta(
             model=model_cfg,
@@ -385,7 +439,7 @@ def _train(cfg: TrainConfig, stop: StopSignal) -> TrainResult:
             command=command_line(),
             tool="sft",
             sources=[{"path": cfg.model.checkpoint}],
-            extra={"sft_config": to_yaml(cfg)},
+            extra={"sft_config": to_yaml(cfg), **({"lora": adapters.to_dict()} if adapters else {})},
         )
 
     resolved = to_yaml(cfg)  # in every checkpoint (config.yaml), in TensorBoard and as the W&B run's config
@@ -396,11 +450,12 @@ def _train(cfg: TrainConfig, stop: StopSignal) -> TrainResult:
         sft_meta,
         tokenizer_path,
         config_yaml=resolved,
+        lora=adapters,
     )
     start, resumed_from = 0, None
     resume = latest_checkpoint(cfg.checkpoint.save_dir) if cfg.checkpoint.resume else None
     if resume is not None:
-        extra = Checkpointer.load(resume, model, optimizer, scheduler)
+        extra = Checkpointer.load(resume, model, optimizer, scheduler, adapters)
         data.load_state_dict(extra["data"])
         start = resumed_from = extra["step"]
         if rank == 0:
@@ -577,6 +632,7 @@ def dry_run(cfg: TrainConfig, world_size: int) -> list[str]:
         cfg, {"local": "local", "transformer_engine": "te"}.get(cfg.model.transformer_impl)
     )
     model_cfg = check_audio_token(model_cfg, tokenizer_path)
+    _check_lora_targets(cfg, model_cfg)
     pp = p.pipeline_model_parallel_size
     model_parallel = p.tensor_model_parallel_size * p.context_parallel_size * pp
     if world_size < 1:
