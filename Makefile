@@ -11,7 +11,7 @@ TINY ?= $(BUILD)/tiny
 MINIATURE ?= $(BUILD)/miniature/parents
 APT_PACKAGES := espeak-ng sox pocketsphinx-testdata
 
-.PHONY: venv system-deps tiny miniature demo demo-miniature miniature-recipe demo-convert convert merge-lora bench bench-convert bench-loader demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint format clean vllm-env synth bench-synth eval eval-data eval-model eval-sft eval-grid report demo-eval sft sft-dry-run demo-synth gpu-check
+.PHONY: venv system-deps tiny miniature demo demo-tiny demo-miniature miniature-recipe demo-convert convert merge-lora bench bench-convert bench-loader demo-merge merge merge-grid bench-merge logits test test-slow test-gpu lint format clean vllm-env synth bench-synth eval eval-data eval-model eval-sft eval-grid report demo-eval sft sft-dry-run demo-synth gpu-check
 
 # ---- environment ---------------------------------------------------------------------------------
 # The pinned requirements first, then this project editable (--no-deps: torch stays the pinned CPU wheel):
@@ -43,9 +43,8 @@ tiny: venv
 miniature: venv
 	$(PYTHON) tools/make_miniature.py --output $(MINIATURE)
 
-# ---- demo-miniature (issue 20, in progress: the parents do not reach their targets yet): the miniature
-# Devstral Audio that learns. `make miniature` trains the tiny parents (cached under $(BUILD)/miniature by code
-# and data hashes); the recipe (examples/miniature/recipe.yaml) aligns, merges, voices, fine-tunes, evaluates and
+# ---- demo-miniature: the miniature Devstral Audio that learns (the last stage of make demo). `make miniature`
+# trains the tiny parents (cached under $(BUILD)/miniature by code and data hashes); the recipe (examples/miniature/recipe.yaml) aligns, merges, voices, fine-tunes, evaluates and
 # writes the report, each stage cached under $(MINIATURE_OUT) by its settings and inputs.
 MINIATURE_RECIPE ?= examples/miniature/recipe.yaml
 MINIATURE_PARENTS ?= $(MINIATURE)
@@ -62,16 +61,27 @@ miniature-recipe: venv
 	$(PYTHON) tools/miniature_recipe.py --recipe $(MINIATURE_RECIPE) --devstral $(MINIATURE_PARENTS)/devstral-mini-hf \
 	  --voxtral $(MINIATURE_PARENTS)/voxtral-mini-hf --output $(MINIATURE_OUT) $(MINIATURE_ARGS)
 
-# ---- demo: the whole chain built so far, on the tiny models ----------------------------------------
+# ---- demo: the whole chain, ending in the miniature Devstral Audio that learns ------------------------
+# The published-layout stand-ins (make tiny) through conversion and the Megatron-vs-HF logits check, then the
+# miniature: trained parents (cached by code and data hashes) and the recipe on them, report included.
 demo: tiny
 	@echo "demo: tiny parent models and tokenizers are in $(TINY) (see $(TINY)/MANIFEST.json)"
+	$(MAKE) demo-convert
+	$(MAKE) logits
+	$(MAKE) demo-miniature
+	@echo "demo done: stand-ins $(TINY) | torch_dist $(BUILD)/demo/{voxtral,devstral}-torch_dist | logits $(LOGITS_DIR) |" \
+	  "miniature parents $(MINIATURE_PARENTS) | recipe $(MINIATURE_OUT) | report $(MINIATURE_OUT)/report/REPORT.md"
+
+# The earlier demo chain on the random tiny stand-ins: every stage on the published layouts (merge on HF and
+# torch_dist inputs, synth, SFT at TP=2, eval); its tables read zero (random weights).
+demo-tiny: tiny
 	$(MAKE) demo-convert
 	$(MAKE) demo-merge
 	$(MAKE) demo-synth
 	$(MAKE) sft SFT_ARGS="data.sources.1.path=$(BUILD)/demo/synth/wds data.sources.1.format=energon"
 	$(MAKE) logits
 	$(MAKE) demo-eval
-	@echo "demo done: parents $(TINY) | torch_dist $(BUILD)/demo/{voxtral,devstral}-torch_dist |" \
+	@echo "demo-tiny done: parents $(TINY) | torch_dist $(BUILD)/demo/{voxtral,devstral}-torch_dist |" \
 	  "tokenizer map $(BUILD)/demo/tokenizer | merge $(BUILD)/demo/merge-linear-0.1 | spoken data $(BUILD)/demo/synth |" \
 	  "SFT checkpoints $(BUILD)/demo/sft (TensorBoard: $(BUILD)/demo/sft/tensorboard) | logits $(LOGITS_DIR) |" \
 	  "eval $(BUILD)/demo/eval/results | report $(BUILD)/demo/report/REPORT.md"

@@ -32,6 +32,7 @@ def test_the_shipped_recipe_loads():
         ("mixtures: ['100:0']\n", "mixtures: '100:0' is not TEXT:AUDIO"),
         ("[1, 2]\n", "expected a mapping"),
         ("eval_voice: espeak:en-us\n", "eval_voice 'espeak:en-us' is a training voice"),
+        ("lora_mixtures: ['50']\n", "mixtures: '50' is not TEXT:AUDIO"),
     ],
 )
 def test_bad_recipe_names_file_and_key(tmp_path, text, message):

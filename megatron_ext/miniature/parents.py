@@ -101,8 +101,11 @@ class MiniatureConfig:
     init_std: float = 0.05  # fresh matrices; GPT's 0.02 left the 128-wide model ignoring its context for longer
     instruction_clips: int = 400  # spoken coding instructions Voxtral-mini transcribes (tool-call train split)
     base: Stage = Stage(steps=40, lr=3e-3, seq_length=512, batch=8)
-    devstral: Stage = Stage(steps=120, lr=2e-3, seq_length=640, batch=8)
-    voxtral: Stage = Stage(steps=120, lr=2e-3, seq_length=512, batch=8)
+    # Small batches, many steps: per update the tiny models learn far more than per token. Devstral-mini's
+    # held-out exact match: 120 steps x 8 sequences 0%, 360 x 8 11%, 720 x 4 48% (five-tool prompts, compound
+    # identifiers); 800 x 4 93% as configured. Voxtral-mini's transcription loss drops sharply after ~250 steps.
+    devstral: Stage = Stage(steps=800, lr=2e-3, seq_length=256, batch=4)
+    voxtral: Stage = Stage(steps=400, lr=2e-3, seq_length=256, batch=8)
 
     @property
     def chunk_seconds(self) -> float:

@@ -74,6 +74,9 @@ class Recipe:
     nproc: int = 2
     max_new_tokens: int = 64
     sft_overrides: tuple[str, ...] = field(default_factory=tuple)
+    lora_mixtures: tuple[str, ...] = ()  # mixtures also fine-tuned with LoRA adapters instead of full SFT
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
 
 
 def load_recipe(path: Path, **overrides: Any) -> Recipe:
@@ -98,10 +101,11 @@ def load_recipe(path: Path, **overrides: Any) -> Recipe:
         **{k: Path(getattr(recipe, k)) for k in ("devstral", "voxtral", "output", "grid", "sft_config")},
         mixtures=tuple(str(m) for m in recipe.mixtures),
         sft_overrides=tuple(recipe.sft_overrides),
+        lora_mixtures=tuple(str(m) for m in recipe.lora_mixtures),
     )
     if recipe.eval_voice in DEFAULT_VOICES or recipe.eval_voice == recipe.synth_engine:
         raise RecipeError(f"{path}: eval_voice {recipe.eval_voice!r} is a training voice; pick an unseen one")
-    for mixture in recipe.mixtures:
+    for mixture in recipe.mixtures + recipe.lora_mixtures:
         parts = mixture.split(":")
         if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
             raise RecipeError(f"{path}: mixtures: {mixture!r} is not TEXT:AUDIO with two positive integers")
@@ -222,22 +226,25 @@ def grid_runs(merges: Path) -> list[Path]:
 
 
 # ---- SFT ---------------------------------------------------------------------------------------------------------
-def sft_name(mixture: str) -> str:
-    return "sft-" + mixture.replace(":", "-")
+def sft_name(mixture: str, lora: bool = False) -> str:
+    return ("sft-lora-" if lora else "sft-") + mixture.replace(":", "-")
 
 
-def build_sft(recipe: Recipe, merges: Path, data: Path, mixture: str) -> Path:
+def build_sft(recipe: Recipe, merges: Path, data: Path, mixture: str, lora: bool = False) -> Path:
     """SFT of the chosen merge on one text:audio mixture: the merge converted to torch_dist (named like the
-    grid run, so reports find the SFT's base), then tools/train.py under torchrun with the recipe's config."""
+    grid run, so reports find the SFT's base), then tools/train.py under torchrun with the recipe's config;
+    `lora`: LoRA adapters (recipe.lora_rank / lora_alpha, the default targets) instead of every weight."""
     base = merges / "runs" / recipe.sft_base
     if not (base / "config.json").is_file():
         raise RecipeError(f"sft_base {recipe.sft_base!r}: no such run in {recipe.grid}")
-    name = sft_name(mixture)
+    name = sft_name(mixture, lora)
+    lora_overrides = [f"model.lora={{rank: {recipe.lora_rank}, alpha: {recipe.lora_alpha}}}"] if lora else []
     key = {
         "stage": name,
         "base": dir_digest(base),
         "data": dir_digest(data),
         "config": recipe.sft_config.read_text(encoding="utf-8"),
+        "lora": lora_overrides,
         **_fields(recipe, "nproc", "sft_overrides"),
     }
 
@@ -255,6 +262,7 @@ def build_sft(recipe: Recipe, merges: Path, data: Path, mixture: str) -> Path:
             f"checkpoint.save_dir={out / name}",
             f"logging.tensorboard_dir={out / name / 'tensorboard'}",
             *recipe.sft_overrides,
+            *lora_overrides,
         ]
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1"]
         command += [f"--nproc-per-node={recipe.nproc}", str(ROOT / "tools" / "train.py"), "--config"]
@@ -267,8 +275,19 @@ def build_sft(recipe: Recipe, merges: Path, data: Path, mixture: str) -> Path:
 
 
 def sft_checkpoints(run: Path) -> list[Path]:
-    """The saved steps of an SFT run, oldest first."""
-    return sorted(run.glob("iter_*"))
+    """The saved steps of an SFT run, oldest first; a LoRA run's steps as HF exports with the adapters merged
+    into their base (written once, next to the run)."""
+    steps = sorted(run.glob("iter_*"))
+    if not steps or not (steps[0] / "lora").is_dir():
+        return steps
+    (base,) = (run.parent / "base").iterdir()  # build_sft's torch_dist start, the adapters' base
+    merged = []
+    for step in steps:
+        out = run.parent / "merged" / run.name / step.name
+        if not (out / "config.json").is_file():
+            convert(base, out, to="hf", lora=step / "lora", overwrite=True, progress=False)
+        merged.append(out)
+    return merged
 
 
 # ---- evaluation and report ---------------------------------------------------------------------------------------
@@ -302,7 +321,11 @@ def evaluate_all(recipe: Recipe, data: Path, merges: Path, sft_runs: list[Path])
         evaluate_checkpoint(recipe, run, data, results, audio=True, labels={"role": "merge"})
     for sft in sft_runs:
         for checkpoint in sft_checkpoints(sft):
-            evaluate_checkpoint(recipe, checkpoint, data, results, audio=True, labels={"role": "sft"})
+            labels, name = {"role": "sft"}, None
+            if checkpoint.parent.parent.name == "merged":  # a LoRA run's step, exported with its adapters merged
+                step = int(checkpoint.name.removeprefix("iter_"))
+                labels, name = {"role": "sft", "step": step, "lora_rank": recipe.lora_rank}, f"{sft.name}@{step}"
+            evaluate_checkpoint(recipe, checkpoint, data, results, audio=True, labels=labels, name=name)
     return results
 
 
@@ -315,6 +338,7 @@ def run_recipe(recipe: Recipe) -> Path:
     sft_data = build_sft_data(recipe)
     merges = build_merges(recipe)
     runs = [build_sft(recipe, merges, sft_data, m) for m in recipe.mixtures]
+    runs += [build_sft(recipe, merges, sft_data, m, lora=True) for m in recipe.lora_mixtures]
     results = evaluate_all(recipe, data, merges, runs)
     report = recipe.output / "report"
     build_report(results, report, tensorboard=[r / "tensorboard" for r in runs], synth=sft_data / "synth")
