@@ -17,6 +17,7 @@ from megatron_ext.audio.tts import EspeakTTS
 from megatron_ext.audio.waveform import encode_wav
 from megatron_ext.config import ConfigError, EncoderConfig
 from megatron_ext.data.chat import ChatEncoder, load_tokenizer
+from megatron_ext.miniature.data import speak_all
 from megatron_ext.miniature.parents import MANIFEST, MiniatureConfig, Stage, build_parents, cache_key, cached
 from megatron_ext.miniature.scoring import parsed_call
 from megatron_ext.miniature.tasks import tool_call_chat, tool_call_tasks
@@ -134,3 +135,11 @@ def test_rerun_with_the_same_key_reuses_the_output(tmp_path: Path) -> None:
     assert cached(out, cache_key(dataclasses.replace(CFG, seed=5))) is None
     (out / "devstral-mini-hf" / "config.json").unlink()
     assert cached(out, cache_key(CFG)) is None  # an incomplete output is not reused
+
+
+def test_speech_does_not_depend_on_the_number_of_tts_workers() -> None:
+    texts = ["Delete lib/cache.py.", "The cat sees a red ball.", "What is two plus three?"]
+    voices = ("espeak:en-us", "espeak:en-us+m3")
+    one, two = speak_all(texts, voices, workers=1), speak_all(texts, voices, workers=2)
+    assert one == two and len(set(one)) == 3
+    assert speak_all(texts[:1], voices[1:], workers=1) != one[:1]  # the second voice really is another voice

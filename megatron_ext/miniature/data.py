@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import base64
 import json
+import multiprocessing
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,21 +47,24 @@ def make_engine(voice: str) -> TTS:
     return EspeakTTS(name)
 
 
-class Speaker:
-    """Speaks texts round-robin over several voices (engines made once, on first use)."""
+_ENGINES: dict[str, TTS] = {}  # per process: each pool worker makes an engine once, on first use
 
-    def __init__(self, voices: Sequence[str]) -> None:
-        self.voices = list(voices)
-        self._engines: dict[str, TTS] = {}
-        self._next = 0
 
-    def wav_b64(self, text: str) -> str:
-        voice = self.voices[self._next % len(self.voices)]
-        self._next += 1
-        if voice not in self._engines:
-            self._engines[voice] = make_engine(voice)
-        samples = np.asarray(self._engines[voice].synthesize(text, None), dtype=np.float32)
-        return base64.b64encode(encode_wav(samples)).decode("ascii")
+def _wav_b64(job: tuple[str, str]) -> str:
+    """(voice, text) -> the spoken text as a base64 WAV."""
+    voice, text = job
+    if voice not in _ENGINES:
+        _ENGINES[voice] = make_engine(voice)
+    samples = np.asarray(_ENGINES[voice].synthesize(text, None), dtype=np.float32)
+    return base64.b64encode(encode_wav(samples)).decode("ascii")
+
+
+def speak_all(texts: Sequence[str], voices: Sequence[str], workers: int | None = None) -> list[str]:
+    """Every text spoken as a base64 WAV, the voices taken round-robin in order, over a process pool (one
+    worker per core by default; the clips do not depend on how they are spread)."""
+    jobs = [(voices[i % len(voices)], text) for i, text in enumerate(texts)]
+    with multiprocessing.get_context("spawn").Pool(workers or os.cpu_count() or 1) as pool:
+        return pool.map(_wav_b64, jobs, chunksize=16)
 
 
 def _audio_part(b64: str) -> dict[str, Any]:
@@ -71,14 +76,8 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
-def _transcription(speaker: Speaker, text: str) -> dict[str, Any]:
-    return {
-        "transcription": {
-            "input_audio": {"data": speaker.wav_b64(text), "format": "wav"},
-            "language": "en",
-            "text": text,
-        }
-    }
+def _transcription(wav: str, text: str) -> dict[str, Any]:
+    return {"transcription": {"input_audio": {"data": wav, "format": "wav"}, "language": "en", "text": text}}
 
 
 def write_data(
@@ -86,19 +85,22 @@ def write_data(
 ) -> dict[str, Path]:
     """Write every training and held-out file under `out`; returns name -> path. `instruction_clips`: how many
     tool-call train instructions Voxtral-mini also learns to transcribe."""
-    speaker = Speaker(voices)
     tools, asr, qa = tool_call_tasks(seed), transcription_tasks(seed), spoken_qa_tasks(seed)
-    speech = [_transcription(speaker, r["text"]) for r in asr.train for _ in range(clips_per_sentence)]
-    speech += [_transcription(speaker, r["instruction"]) for r in tools.train[:instruction_clips]]
+    texts = {
+        "asr": [r["text"] for r in asr.train for _ in range(clips_per_sentence)],
+        "instructions": [r["instruction"] for r in tools.train[:instruction_clips]],
+        "qa": [r["question"] for r in qa.train for _ in range(clips_per_sentence)],
+        "heldout_asr": [r["text"] for r in asr.heldout],
+        "heldout_qa": [r["question"] for r in qa.heldout],
+    }
+    spoken = iter(speak_all([t for group in texts.values() for t in group], voices))
+    wavs = {name: [next(spoken) for _ in group] for name, group in texts.items()}
+    speech = [_transcription(w, t) for w, t in zip(wavs["asr"], texts["asr"], strict=True)]
+    speech += [_transcription(w, t) for w, t in zip(wavs["instructions"], texts["instructions"], strict=True)]
+    answers = [r["answer"] for r in qa.train for _ in range(clips_per_sentence)]
     speech += [
-        {
-            "messages": [
-                {"role": "user", "content": [_audio_part(speaker.wav_b64(r["question"]))]},
-                {"role": "assistant", "content": r["answer"]},
-            ]
-        }
-        for r in qa.train
-        for _ in range(clips_per_sentence)
+        {"messages": [{"role": "user", "content": [_audio_part(w)]}, {"role": "assistant", "content": a}]}
+        for w, a in zip(wavs["qa"], answers, strict=True)
     ]
     files = {
         "base": (out / "base.jsonl", [{"text": t} for t in base_corpus(seed)]),
@@ -107,18 +109,16 @@ def write_data(
         "heldout_tool_calls": (out / "heldout" / "tool_calls.jsonl", tools.heldout),
         "heldout_asr": (
             out / "heldout" / "asr.jsonl",
-            [{"id": r["id"], "audio_b64": speaker.wav_b64(r["text"]), "text": r["text"]} for r in asr.heldout],
+            [
+                {"id": r["id"], "audio_b64": w, "text": r["text"]}
+                for r, w in zip(asr.heldout, wavs["heldout_asr"], strict=True)
+            ],
         ),
         "heldout_qa": (
             out / "heldout" / "qa.jsonl",
             [
-                {
-                    "id": r["id"],
-                    "audio_b64": speaker.wav_b64(r["question"]),
-                    "answers": [r["answer"].rstrip(".")],
-                    "question": r["question"],
-                }
-                for r in qa.heldout
+                {"id": r["id"], "audio_b64": w, "answers": [r["answer"].rstrip(".")], "question": r["question"]}
+                for r, w in zip(qa.heldout, wavs["heldout_qa"], strict=True)
             ],
         ),
     }
