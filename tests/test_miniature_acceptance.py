@@ -35,10 +35,7 @@ SFT_GAIN = 0.30  # "well above": spoken tool-call accuracy, SFT over its base me
 TYPED_KEPT = 0.10  # SFT keeps typed accuracy within 10 points of Devstral-mini's
 BROKEN = 0.20  # the broken variant's loss on the score it breaks
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.xfail(reason="issue 20 open: the miniature parents do not reach their targets yet", strict=False),
-]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +87,11 @@ def test_linear_alphas_trace_the_trade_off(run):
     assert last["librispeech"] <= first["librispeech"] - FAR
 
 
+@pytest.mark.xfail(
+    reason="issue 20: SFT keeps typed tool calls (100%) but recovers almost no spoken ones (3.3% after 160 steps; "
+    "README 'The miniature Devstral Audio')",
+    strict=False,
+)
 def test_sft_recovers_spoken_instructions_and_keeps_typed(run):
     recipe, scores, labels = run
     base = scores[recipe.sft_base]

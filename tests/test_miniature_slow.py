@@ -15,11 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="targets not reached yet with the default stage sizes: Devstral-mini held-out exact match measured 0.6% "
-    "(issue 20 closing note; README 'Miniature parents')",
-    strict=False,
-)
 def test_parents_learn_their_own_task() -> None:
     scores = build_parents(ROOT / "build" / "miniature" / "parents")["scores"]
     vox, dev = scores["voxtral"], scores["devstral"]

@@ -62,7 +62,10 @@ from megatron_ext.training.config import (
 MANIFEST = "MANIFEST.json"
 PARENTS = ("voxtral-mini-hf", "devstral-mini-hf")
 # The library code a parent depends on: a change to any of it invalidates the cache.
-KEYED_CODE = ("miniature", "training", "data", "models", "audio", "tokenizer", "checkpoint", "config.py")
+KEYED_CODE = (
+    *(f"miniature/{m}.py" for m in ("parents", "tasks", "data", "tokenizer", "scoring")),  # not the recipe
+    *("training", "data", "models", "audio", "tokenizer", "checkpoint", "config.py"),
+)
 AUDIO_TOKEN_ID = 24  # [AUDIO] in Voxtral's tokenizer (tekken_builder.VOXTRAL_SPECIALS)
 
 

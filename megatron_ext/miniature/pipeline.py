@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from megatron_ext.errors import ProjectError
 from megatron_ext.eval.generation import load_generator
 from megatron_ext.eval.report import build_report
 from megatron_ext.eval.runner import evaluate
-from megatron_ext.eval.store import write_jsonl
+from megatron_ext.eval.store import checkpoint_identity, read_records, write_jsonl
 from megatron_ext.eval.voice import voice_benchmark
 from megatron_ext.merge.grid import run_grid
 from megatron_ext.merge.methods import MergeParams
@@ -314,13 +314,17 @@ def evaluate_checkpoint(
 
 
 def evaluate_all(recipe: Recipe, data: Path, merges: Path, sft_runs: list[Path]) -> Path:
-    """Parents, every grid merge and every saved SFT step, into one results store."""
+    """Parents, every grid merge and every saved SFT step, into one results store; records of checkpoints that
+    are gone (an SFT stage rebuilt with other steps) are dropped, so the report shows only this run's."""
     results = recipe.output / "eval" / "results"
+    names = []
     for role, path in (("devstral", recipe.devstral), ("voxtral", recipe.voxtral)):
         labels = {"role": "parent", "display": PARENTS[role]}
         evaluate_checkpoint(recipe, path, data, results, audio=role == "voxtral", labels=labels, name=f"{role}-mini")
+        names.append(f"{role}-mini")
     for run in grid_runs(merges):
         evaluate_checkpoint(recipe, run, data, results, audio=True, labels={"role": "merge"})
+        names.append(checkpoint_identity(run)[0])
     for sft in sft_runs:
         for checkpoint in sft_checkpoints(sft):
             labels, name = {"role": "sft"}, None
@@ -328,6 +332,11 @@ def evaluate_all(recipe: Recipe, data: Path, merges: Path, sft_runs: list[Path])
                 step = int(checkpoint.name.removeprefix("iter_"))
                 labels, name = {"role": "sft", "step": step, "lora_rank": recipe.lora_rank}, f"{sft.name}@{step}"
             evaluate_checkpoint(recipe, checkpoint, data, results, audio=True, labels=labels, name=name)
+            names.append(name or checkpoint_identity(checkpoint)[0])
+    records = results / "records.jsonl"
+    kept = [asdict(r) for r in read_records(records) if r.checkpoint in names]
+    if len(kept) < len(read_records(records)):
+        write_jsonl(records, kept)
     return results
 
 
