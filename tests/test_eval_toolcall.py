@@ -10,7 +10,7 @@ import pytest
 
 from megatron_ext.audio.tts import EspeakTTS
 from megatron_ext.eval.benchmarks import BenchmarkFormatError, get_benchmark, load_samples
-from megatron_ext.eval.figures import pareto_checkpoints
+from megatron_ext.eval.figures import merge_tradeoff, pareto_checkpoints
 from megatron_ext.eval.prompts import build_prompt, load_tokenizer
 from megatron_ext.eval.store import Record
 from megatron_ext.eval.tables import (
@@ -148,3 +148,17 @@ def test_final_model_by_tool_calls_when_there_is_no_mmlu_audio():
         ]
     rows = [title for title, _ in final_comparison(group_checkpoints(records))]
     assert rows == ["Merged: linear-0.50", "+ SFT: sft@60"]
+
+
+def test_merge_tradeoff_figure_needs_typed_tool_calls_and_wer(tmp_path):
+    """The miniature's merge-grid figure: typed tool calls vs transcription, drawn only when both are scored."""
+    merges = {"linear-0.1": (1.0, 1.2), "linear-0.5": (0.1, 0.7), "linear-0.9": (0.0, 0.1)}
+    typed = [
+        Record(name, "toolcall_typed", "accuracy", value, True, 20, {"role": "merge", "alpha": float(name[-3:])})
+        for name, (value, _) in merges.items()
+    ]
+    assert merge_tradeoff(group_checkpoints(typed), tmp_path / "p.png") is None
+    heard = typed + [
+        Record(name, "librispeech", "wer", wer, False, 20, {"role": "merge"}) for name, (_, wer) in merges.items()
+    ]
+    assert merge_tradeoff(group_checkpoints(heard), tmp_path / "q.png") == tmp_path / "q.png"

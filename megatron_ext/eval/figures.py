@@ -203,3 +203,15 @@ def training_curves(runs: dict[str, dict[str, list[tuple[int, float]]]], path: P
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def merge_tradeoff(ckpts: list[Checkpoint], path: Path) -> Path | None:
+    """The merge grid's trade-off: typed tool-call accuracy vs transcription (100 - WER on LibriSpeech, floored
+    at 0) for the parents and every merge, colored by alpha; drawn when both are scored (the miniature)."""
+    points = [
+        (100 * c.value("toolcall_typed"), 100 * max(0.0, 1 - c.value("librispeech")), _alpha(c.labels), c.display)
+        for c in ckpts
+        if c.role in ("parent", "merge") and None not in (c.value("toolcall_typed"), c.value("librispeech"))
+    ]
+    labels = ("Tool call, typed instruction (%)", "Transcription, 100 - WER (%)")
+    return _scatter(points, "Merge grid: coding vs hearing", path, labels) if len(points) > 1 else None

@@ -16,6 +16,7 @@ FIGURES = {
     "parents_vs_merged.png": figures.parents_vs_merged,
     "pareto_configs.png": figures.pareto_configs,
     "pareto_checkpoints.png": figures.pareto_checkpoints,
+    "merge_tradeoff.png": figures.merge_tradeoff,
     "mmlu_audio_recovery.png": figures.mmlu_audio_recovery,
     "eval_curves.png": figures.eval_curves,
 }
