@@ -4,25 +4,15 @@ itself is marked `gpu`."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("cp_gpu_check", ROOT / "tools/cp_gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+from tool_scripts import tool_main
 
 
 def test_plan_spreads_the_chunks_over_the_cp_ranks(capsys) -> None:
-    assert _tool()(["--check"]) == 0
+    assert tool_main("cp_gpu_check")(["--check"]) == 0
     plan = json.loads(capsys.readouterr().out)
     ranks = plan["ranks"]
     assert [r["positions"] for r in ranks] == [65536, 65536]
@@ -33,7 +23,7 @@ def test_plan_spreads_the_chunks_over_the_cp_ranks(capsys) -> None:
 
 
 def test_cpu_dry_run_matches_cp1(capsys) -> None:
-    main = _tool()
+    main = tool_main("cp_gpu_check")
     assert main(["--cpu-dry-run", "--seq-length", "2048", "--docs", "2", "--chunks", "2"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [r["max_abs_vs_cp1"] for r in out["ranks"]] == [0.0, 0.0]
@@ -41,7 +31,7 @@ def test_cpu_dry_run_matches_cp1(capsys) -> None:
 
 
 def test_bad_inputs_are_one_line_errors(capsys) -> None:
-    main = _tool()
+    main = tool_main("cp_gpu_check")
     assert main(["--check", "--seq-length", "1001"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --seq-length 1001: needs a multiple of 2 x cp = 4") and err.count("\n") == 1
@@ -54,6 +44,6 @@ def test_bad_inputs_are_one_line_errors(capsys) -> None:
 
 @pytest.mark.gpu
 def test_cp2_chunk_distribution_on_one_gpu(capsys) -> None:
-    assert _tool()([]) == 0
+    assert tool_main("cp_gpu_check")([]) == 0
     out = json.loads(capsys.readouterr().out)
     assert all(r["te_index_equal"] for r in out["ranks"])

@@ -3,29 +3,19 @@ checked on CPU (the plan at the real shapes; the measured path with tiny shapes,
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from tool_scripts import tool_main
 
 from benchmarks.sft_per_rank import CommModel, per_rank, tiny_decoder, tp_rank_slice
 from megatron_ext.training.metrics import step_flops
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("sft_gpu_bench", ROOT / "tools/sft_gpu_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
 
 def test_plan_holds_one_tp4_rank_of_mistral_small(capsys) -> None:
     """--check at the real shapes: 8 q / 2 KV heads, ffn 8192, vocab 32768, hidden 5120; 1 GB per collective."""
-    assert _tool()(["--per-rank-tp", "4", "--check"]) == 0
+    assert tool_main("sft_gpu_bench")(["--per-rank-tp", "4", "--check"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["rank_shapes"] == {
         "layers": 8,
@@ -46,7 +36,7 @@ def test_plan_holds_one_tp4_rank_of_mistral_small(capsys) -> None:
 
 
 def test_bad_layouts_and_missing_cuda_are_one_line_errors(capsys) -> None:
-    main = _tool()
+    main = tool_main("sft_gpu_bench")
     assert main(["--per-rank-tp", "3"]) == 2
     assert "--per-rank-tp 3: needs --gpus (128) divisible by it" in capsys.readouterr().err
     assert main(["--per-rank-tp", "4", "--global-batch", "30"]) == 2

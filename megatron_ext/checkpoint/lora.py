@@ -22,7 +22,7 @@ from safetensors.torch import save
 from megatron_ext.checkpoint.atomic import CheckpointError
 from megatron_ext.checkpoint.lora_layout import TARGETS, adapted_weights, adapter_shapes
 from megatron_ext.checkpoint.megatron_lm import resolve
-from megatron_ext.checkpoint.metadata import META_FILE, sha256_file
+from megatron_ext.checkpoint.metadata import META_FILE, read_json_object, sha256_file
 from megatron_ext.checkpoint.safetensors_io import SafetensorsSource
 from megatron_ext.checkpoint.source import Source
 
@@ -91,12 +91,7 @@ def adapter_directory(path: Path) -> Path:
 def read_adapter_config(directory: Path) -> AdapterConfig:
     """Parse and check `adapter_config.json`; one CheckpointError naming the file and field."""
     path = directory / ADAPTER_CONFIG
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: holds a JSON {type(data).__name__}, not an object")
+    data = read_json_object(path)
     rank, alpha, targets = data.get("rank"), data.get("alpha"), data.get("targets")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise CheckpointError(f"{path}: rank must be an integer >= 1, got {rank!r}")

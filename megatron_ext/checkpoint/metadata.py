@@ -179,12 +179,7 @@ def read_meta(directory: Path, check_files: bool = True) -> CheckpointMeta:
     path = directory / META_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory}: no {META_FILE} (not a complete megatron_ext checkpoint)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: holds a JSON {type(data).__name__}, not an object")
+    data = read_json_object(path)
     if not data.get("complete"):
         raise CheckpointError(f"{path}: checkpoint is marked incomplete")
     if "rope" not in data.get("model", {}).get("decoder", {}):
@@ -225,3 +220,14 @@ def is_complete_checkpoint(directory: Path) -> bool:
     except CheckpointError:
         return False
     return True
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (our metadata, adapter configs); one CheckpointError naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(data).__name__}, not an object")
+    return data
