@@ -1,10 +1,12 @@
 """What the SFT tests share: the tiny Voxtral converted to torch_dist beside the tiny chat sets, the tiny CPU
-recipe's overrides for one run (each test file passes the settings it differs in), and a run's TensorBoard
-scalars."""
+recipe's overrides for one run (each test file passes the settings it differs in), an uninterrupted run beside
+an interrupted and resumed one, and a run's TensorBoard scalars."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from megatron_ext.checkpoint.convert import convert
 from megatron_ext.testing.tiny_chats import write_tiny_chats
@@ -14,6 +16,16 @@ def sft_env(tiny_dir: Path, root: Path) -> dict[str, Path]:
     """`root`, the start checkpoint `ckpt` and the chat files (`text`, `audio`, ...) under it."""
     convert(tiny_dir / "voxtral-hf", root / "voxtral-td", "megatron", progress=False)
     return {"root": root, "ckpt": root / "voxtral-td", **write_tiny_chats(root / "data", n_text=40, n_audio=10)}
+
+
+def full_and_resumed(cfg: Callable[..., Any], full: str, resumed: str) -> tuple[Any, Any]:
+    """An uninterrupted run `full`, and run `resumed` stopped after step 2 then resumed: their TrainResults.
+    `cfg(run, **overrides)` builds a run's TrainConfig."""
+    from megatron_ext.training.sft import train
+
+    first = train(cfg(full))
+    train(cfg(resumed, **{"training.exit_after_iters": 2}))
+    return first, train(cfg(resumed))
 
 
 def run_overrides(env: dict[str, Path], run: str, **settings: object) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sft_runs import run_overrides, sft_env
+from sft_runs import full_and_resumed, run_overrides, sft_env
 
 from megatron_ext.checkpoint.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from megatron_ext.checkpoint.lora_layout import adapter_shapes, trainable_count
@@ -37,12 +37,7 @@ def lora_cfg(env: dict[str, Path], run: str, **extra: object):
 @pytest.fixture(scope="module")
 def runs(env: dict[str, Path]):
     """A 4-step LoRA run, and the same run stopped after step 2 and resumed."""
-    from megatron_ext.training.sft import train
-
-    full = train(lora_cfg(env, "lora"))
-    train(lora_cfg(env, "lora-resumed", **{"training.exit_after_iters": 2}))
-    resumed = train(lora_cfg(env, "lora-resumed"))
-    return full, resumed
+    return full_and_resumed(lambda run, **extra: lora_cfg(env, run, **extra), "lora", "lora-resumed")
 
 
 # ---- configuration (no training) -------------------------------------------------------------------------

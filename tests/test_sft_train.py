@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sft_runs import read_scalars, sft_env
+from sft_runs import full_and_resumed, read_scalars, sft_env
 from sft_runs import run_overrides as overrides
 
 from megatron_ext.training.config import TrainConfigError, load_config
@@ -106,12 +106,7 @@ def test_startup_refusals(env: dict[str, Path], tmp_path: Path) -> None:
 # ---- training on the tiny model (one process) -----------------------------------------------------------
 @pytest.fixture(scope="module")
 def runs(env: dict[str, Path]):
-    from megatron_ext.training.sft import train
-
-    full = train(tiny_cfg(env, "full"))
-    train(tiny_cfg(env, "resumed", **{"training.exit_after_iters": 2}))
-    resumed = train(tiny_cfg(env, "resumed"))
-    return full, resumed
+    return full_and_resumed(lambda run, **extra: tiny_cfg(env, run, **extra), "full", "resumed")
 
 
 def test_resume_continues_exactly(runs) -> None:

@@ -334,8 +334,9 @@ def evaluate_all(recipe: Recipe, data: Path, merges: Path, sft_runs: list[Path])
             evaluate_checkpoint(recipe, checkpoint, data, results, audio=True, labels=labels, name=name)
             names.append(name or checkpoint_identity(checkpoint)[0])
     records = results / "records.jsonl"
-    kept = [asdict(r) for r in read_records(records) if r.checkpoint in names]
-    if len(kept) < len(read_records(records)):
+    stored = read_records(records)
+    kept = [asdict(r) for r in stored if r.checkpoint in names]
+    if len(kept) < len(stored):
         write_jsonl(records, kept)
     return results
 
