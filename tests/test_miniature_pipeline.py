@@ -20,7 +20,7 @@ RECIPE = ROOT / "examples" / "miniature" / "recipe.yaml"
 
 def test_the_shipped_recipe_loads():
     recipe = load_recipe(RECIPE)
-    assert recipe.mixtures == ("80:20", "50:50") and recipe.grid.is_file() and recipe.sft_config.is_file()
+    assert recipe.mixtures == ("50:50", "30:70") and recipe.grid.is_file() and recipe.sft_config.is_file()
     assert recipe.eval_voice not in DEFAULT_VOICES  # spoken evaluation in a voice no training data uses
 
 
