@@ -19,12 +19,13 @@ import torch
 
 from benchmarks.sft_gpu import slice_config
 from megatron_ext.audio.features import audio_tokens_per_chunk
-from megatron_ext.config import ConfigError, DecoderConfig, EncoderConfig, ModelConfig, RopeConfig
+from megatron_ext.config import ConfigError, DecoderConfig, ModelConfig, RopeConfig
 from megatron_ext.data.chat import EncodedDoc
 from megatron_ext.data.packing import collate, pack
 from megatron_ext.models.cp_audio import local_audio, partition_index
+from megatron_ext.testing.tiny_models import AUDIO_TOKEN_ID as AUDIO
+from megatron_ext.testing.tiny_models import TINY_ENCODER, VOCAB_SIZE
 
-AUDIO = 24
 PER_CHUNK = audio_tokens_per_chunk()  # 375
 
 
@@ -37,12 +38,11 @@ def tiny_config() -> ModelConfig:
         num_attention_heads=4,
         num_query_groups=2,
         kv_channels=16,
-        vocab_size=2048,
+        vocab_size=VOCAB_SIZE,
         max_position_embeddings=8192,
         rope=RopeConfig(theta=1e8),
     )
-    encoder = EncoderConfig(num_layers=2, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4)
-    return ModelConfig(decoder, encoder, AUDIO, 4, "voxtral")
+    return ModelConfig(decoder, TINY_ENCODER, AUDIO, 4, "voxtral")
 
 
 def packed_row(cp: int, seq_length: int, docs: int, chunks: int, vocab: int, seed: int = 0) -> dict[str, Any]:

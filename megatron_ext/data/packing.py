@@ -59,21 +59,20 @@ def pack(
     doc_lens, padded, chunks, mels, pos = [], [], [], [], 0
     for doc, src in zip(docs, source_ids, strict=True):
         n = len(doc) - 1
-        if pos + padded_length(n, doc_multiple) > seq_length:
-            raise ValueError(
-                f"documents need {pos + padded_length(n, doc_multiple)} positions, seq_length is {seq_length}"
-            )
+        slot = padded_length(n, doc_multiple)
+        if pos + slot > seq_length:
+            raise ValueError(f"documents need {pos + slot} positions, seq_length is {seq_length}")
         tokens[pos : pos + n] = doc.tokens[:-1]
         labels[pos : pos + n] = doc.tokens[1:]
         loss_mask[pos : pos + n] = doc.loss_mask[1:]
         position_ids[pos : pos + n] = np.arange(n)
         sources[pos : pos + n] = src
-        position_ids[pos + n : pos + padded_length(n, doc_multiple)] = np.arange(n, padded_length(n, doc_multiple))
+        position_ids[pos + n : pos + slot] = np.arange(n, slot)
         doc_lens.append(n)
-        padded.append(padded_length(n, doc_multiple))
+        padded.append(slot)
         chunks.extend(doc.audio_chunks)
         mels.extend(doc.mels)
-        pos += padded[-1]
+        pos += slot
     if pos < seq_length:
         doc_lens.append(seq_length - pos)
         padded.append(seq_length - pos)
