@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,11 @@ def test_a_killed_worker_stops_the_loader_instead_of_hanging(chats, encoder) -> 
     workers[0].send_signal(signal.SIGUSR1)  # SLURM's save signal reaching the whole process group: ignored
     _steps(data, 1)
     workers[0].kill()
+    # The pool learns of the death on its manager thread; until then the surviving worker may serve a few steps
+    # (seen: 3 steps in 1 s), so wait for the pool to know, at most 10 s, before asking for more.
+    deadline = time.monotonic() + 10
+    while not data.pool._broken and time.monotonic() < deadline:
+        time.sleep(0.05)
     with pytest.raises(BrokenProcessPool):
         _steps(data, 3)
     data.close()
